@@ -1,0 +1,1 @@
+//! Image conversion to zstd:chunked.

@@ -1,0 +1,21 @@
+//! zest: lazy pulling of zstd:chunked container images.
+//!
+//! The crate is layered; dependencies point downwards only:
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`cli`] | the `zest` command line (clap); the only place `anyhow` is used |
+//! | [`convert`] | turning an image's layers into zstd:chunked and publishing it |
+//! | [`registry`] | OCI distribution client: auth, manifests, blobs, range reads, push |
+//! | [`oci`] | OCI image-spec types and OCI image layouts on disk |
+//! | [`format`] | the zstd:chunked layer format: footer, TOC, validated layer model, writer |
+//! | [`digest`] | sha256 content digests |
+//!
+//! See `docs/ARCHITECTURE.md` for the map and the invariants.
+
+pub mod cli;
+pub mod convert;
+pub mod digest;
+pub mod format;
+pub mod oci;
+pub mod registry;
