@@ -57,6 +57,10 @@ const BLOCK: u64 = 4096;
 /// the bound keeps a stray huge file in the cache directory from being read into memory.
 pub const MAX_ENTRY_BYTES: u64 = 64 << 20;
 
+/// How often one insert evicts and finds the freed space taken by other writers
+/// before it gives up with [`InsertOutcome::NoRoom`].
+const MAX_EVICTION_ROUNDS: u32 = 8;
+
 /// What a chunk file of `len` bytes is charged against the budget.
 fn footprint(len: u64) -> u64 {
     len.max(1).div_ceil(BLOCK) * BLOCK
@@ -452,47 +456,59 @@ impl DiskCache {
     pub fn insert(&self, digest: &Digest, data: &[u8]) -> Result<InsertOutcome, CacheError> {
         let len = data.len() as u64;
         let charge = footprint(len);
-        let victims = {
-            let mut index = lock(&self.index);
-            if index.lru.get(digest).is_some() {
-                return Ok(InsertOutcome::AlreadyPresent);
-            }
-            if index.busy.contains_key(digest) {
-                return Ok(InsertOutcome::Busy);
-            }
-            if len > MAX_ENTRY_BYTES || charge > self.options.budget_bytes {
-                drop(index);
-                self.counters.rejected.fetch_add(1, Relaxed);
-                return Ok(InsertOutcome::TooLarge);
-            }
-            // Busy bytes cannot be evicted; if they leave no room, evicting would only
-            // throw chunks away for nothing.
-            if index.busy_bytes + charge > self.options.budget_bytes {
-                drop(index);
-                self.counters.rejected.fetch_add(1, Relaxed);
-                return Ok(InsertOutcome::NoRoom);
-            }
-            let mut victims = Vec::new();
-            while index.charged + charge > self.options.budget_bytes {
-                let Some((victim, e)) = index.lru.pop_lru() else {
+        // Space is reserved only once it is free on disk: victims are unlinked first and
+        // stay charged until then, so the budget holds at every instant. Another writer
+        // may take freed space before we come back; each round evicts more, and the
+        // bound turns pathological contention into a counted refusal, not a spin.
+        let mut rounds = 0;
+        loop {
+            let victims = {
+                let mut index = lock(&self.index);
+                if index.lru.get(digest).is_some() {
+                    return Ok(InsertOutcome::AlreadyPresent);
+                }
+                if index.busy.contains_key(digest) {
+                    return Ok(InsertOutcome::Busy);
+                }
+                if len > MAX_ENTRY_BYTES || charge > self.options.budget_bytes {
+                    drop(index);
+                    self.counters.rejected.fetch_add(1, Relaxed);
+                    return Ok(InsertOutcome::TooLarge);
+                }
+                // Busy bytes cannot be evicted; if they leave no room, evicting would
+                // only throw chunks away for nothing.
+                if index.busy_bytes + charge > self.options.budget_bytes
+                    || rounds >= MAX_EVICTION_ROUNDS
+                {
+                    drop(index);
+                    self.counters.rejected.fetch_add(1, Relaxed);
+                    return Ok(InsertOutcome::NoRoom);
+                }
+                if index.charged + charge <= self.options.budget_bytes {
+                    index.busy.insert(*digest, charge);
+                    index.busy_bytes += charge;
+                    index.charged += charge;
                     break;
-                };
-                // Still charged until its file is gone.
-                let c = footprint(e.len);
-                index.busy.insert(victim, c);
-                index.busy_bytes += c;
-                victims.push((victim, c));
-            }
-            index.busy.insert(*digest, charge);
-            index.busy_bytes += charge;
-            index.charged += charge;
-            victims
-        };
-        if !victims.is_empty() {
+                }
+                let mut victims = Vec::new();
+                let mut freeing = 0;
+                while index.charged - freeing + charge > self.options.budget_bytes {
+                    let Some((victim, e)) = index.lru.pop_lru() else {
+                        break;
+                    };
+                    let c = footprint(e.len);
+                    index.busy.insert(victim, c);
+                    index.busy_bytes += c;
+                    freeing += c;
+                    victims.push((victim, c));
+                }
+                victims
+            };
             self.counters
                 .evictions
                 .fetch_add(victims.len() as u64, Relaxed);
             self.unlink_busy(&victims);
+            rounds += 1;
         }
         let written = self.write_chunk(digest, data);
         let mut index = lock(&self.index);
