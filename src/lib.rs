@@ -5,6 +5,7 @@
 //! | module | concern |
 //! |---|---|
 //! | [`cli`] | the `zest` command line (clap); the only place `anyhow` is used |
+//! | [`cache`] | chunk cache of the read path: memory LRU + persistent disk store with a byte budget |
 //! | [`convert`] | turning an image's layers into zstd:chunked and publishing it |
 //! | [`registry`] | OCI distribution client: auth, manifests, blobs, range reads, push |
 //! | [`oci`] | OCI image-spec types and OCI image layouts on disk |
@@ -13,6 +14,7 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
 
+pub mod cache;
 pub mod cli;
 pub mod convert;
 pub mod digest;
