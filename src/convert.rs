@@ -26,8 +26,8 @@ use tokio::sync::OnceCell;
 use crate::digest::Digest;
 use crate::format::{write_chunked, FormatError, TocLocation, WriteOptions};
 use crate::oci::{
-    media_type, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerCompression,
-    ManifestKind, OciJsonError, Platform,
+    media_type, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerCompression, ManifestKind,
+    OciJsonError, Platform,
 };
 use crate::store::{ImageStore, StoreError};
 
@@ -287,20 +287,21 @@ impl Job<'_> {
         let mut manifests = Vec::with_capacity(wanted.len());
         for desc in &wanted {
             let fetched = self.src.manifest(desc).await?;
-            let manifest = ImageManifest::from_json(&fetched.bytes).map_err(|source| {
-                ConvertError::Json {
+            let manifest =
+                ImageManifest::from_json(&fetched.bytes).map_err(|source| ConvertError::Json {
                     what: format!("manifest {}", desc.digest),
                     image: self.src.to_string(),
                     source,
-                }
-            })?;
+                })?;
             manifests.push(manifest);
         }
         self.announce(&manifests);
 
         if let PlatformChoice::One(_) = self.opts.platforms {
             // A single platform becomes a plain image manifest under the tag.
-            let manifest = manifests.pop().ok_or_else(|| ConvertError::Worker("no manifest".into()))?;
+            let manifest = manifests
+                .pop()
+                .ok_or_else(|| ConvertError::Worker("no manifest".into()))?;
             let platform = wanted.first().and_then(|d| d.platform.clone());
             let desc = self.convert_manifest(manifest, true, platform).await?;
             return Ok((desc, 1));
@@ -319,7 +320,12 @@ impl Job<'_> {
         let count = out.manifests.len();
         let desc = self
             .dst
-            .put_manifest(media_type::OCI_INDEX, Bytes::from(out.to_json()), true, None)
+            .put_manifest(
+                media_type::OCI_INDEX,
+                Bytes::from(out.to_json()),
+                true,
+                None,
+            )
             .await?;
         Ok((desc, count))
     }
@@ -333,11 +339,12 @@ impl Job<'_> {
     ) -> Result<Descriptor, ConvertError> {
         let image = self.src.to_string();
         let config_bytes = self.src.blob_bytes(&manifest.config).await?;
-        let mut config = ImageConfig::from_json(&config_bytes).map_err(|source| ConvertError::Json {
-            what: format!("config {}", manifest.config.digest),
-            image: image.clone(),
-            source,
-        })?;
+        let mut config =
+            ImageConfig::from_json(&config_bytes).map_err(|source| ConvertError::Json {
+                what: format!("config {}", manifest.config.digest),
+                image: image.clone(),
+                source,
+            })?;
         let source_diff_ids = config.diff_ids().map_err(|source| ConvertError::Json {
             what: format!("config {}", manifest.config.digest),
             image: image.clone(),
@@ -414,7 +421,9 @@ impl Job<'_> {
                 })
                 .clone()
         };
-        cell.get_or_try_init(|| self.convert_layer(layer)).await.cloned()
+        cell.get_or_try_init(|| self.convert_layer(layer))
+            .await
+            .cloned()
     }
 
     fn finished_layers(&self) -> Vec<LayerReport> {
@@ -427,15 +436,19 @@ impl Job<'_> {
     }
 
     async fn convert_layer(&self, layer: Descriptor) -> Result<LayerReport, ConvertError> {
-        let compression = LayerCompression::from_media_type(&layer.media_type).ok_or_else(|| {
-            ConvertError::UnsupportedLayer {
-                layer: layer.digest,
-                media_type: layer.media_type.clone(),
-            }
-        })?;
+        let compression =
+            LayerCompression::from_media_type(&layer.media_type).ok_or_else(|| {
+                ConvertError::UnsupportedLayer {
+                    layer: layer.digest,
+                    media_type: layer.media_type.clone(),
+                }
+            })?;
 
         let already_chunked = compression == LayerCompression::Zstd
-            && matches!(TocLocation::from_annotations(&layer.annotations), Ok(Some(_)));
+            && matches!(
+                TocLocation::from_annotations(&layer.annotations),
+                Ok(Some(_))
+            );
         if already_chunked {
             return self.keep_layer(layer).await;
         }
@@ -454,7 +467,14 @@ impl Job<'_> {
         let progress = self.progress.clone();
         let digest = layer.digest;
         let summary = tokio::task::spawn_blocking(move || {
-            convert_file(&source_path, &digest, compression, &out_path, &write, progress)
+            convert_file(
+                &source_path,
+                &digest,
+                compression,
+                &out_path,
+                &write,
+                progress,
+            )
         })
         .await
         .map_err(|e| ConvertError::Worker(e.to_string()))??;
@@ -548,10 +568,11 @@ fn convert_file(
     };
     let out_file = std::fs::File::create(out).map_err(io("create", out))?;
     let mut writer = BufWriter::with_capacity(1 << 20, out_file);
-    let summary = write_chunked(tar, &mut writer, write).map_err(|source| ConvertError::Format {
-        layer: *digest,
-        source,
-    })?;
+    let summary =
+        write_chunked(tar, &mut writer, write).map_err(|source| ConvertError::Format {
+            layer: *digest,
+            source,
+        })?;
     let file = writer
         .into_inner()
         .map_err(|e| io("write", out)(e.into_error()))?;

@@ -139,7 +139,14 @@ mod tests {
         assert_eq!(s.parse::<Digest>().unwrap(), d);
         assert!(d.verifies(b"hello"));
         assert!(!d.verifies(b"hellO"));
-        for bad in ["", "sha256:", "sha512:00", "sha256:XYZ", &s.to_uppercase(), &s[..70]] {
+        for bad in [
+            "",
+            "sha256:",
+            "sha512:00",
+            "sha256:XYZ",
+            &s.to_uppercase(),
+            &s[..70],
+        ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
     }

@@ -4,8 +4,9 @@
 //!
 //! | module | concern |
 //! |---|---|
-//! | [`cli`] | the `zest` command line (clap); the only place `anyhow` is used |
+//! | `cli` (binary) | the `zest` command line (clap); the only place `anyhow` is used |
 //! | [`cache`] | chunk cache of the read path: memory LRU + persistent disk store with a byte budget |
+//! | [`store`] | one interface over a registry repository and an OCI layout |
 //! | [`convert`] | turning an image's layers into zstd:chunked and publishing it |
 //! | [`registry`] | OCI distribution client: auth, manifests, blobs, range reads, push |
 //! | [`oci`] | OCI image-spec types and OCI image layouts on disk |
@@ -15,9 +16,9 @@
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
 
 pub mod cache;
-pub mod cli;
 pub mod convert;
 pub mod digest;
 pub mod format;
 pub mod oci;
 pub mod registry;
+pub mod store;

@@ -1,3 +1,7 @@
+//! The `zest` binary: see [`cli`].
+
+mod cli;
+
 fn main() -> std::process::ExitCode {
-    zest::cli::main()
+    cli::main()
 }

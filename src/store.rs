@@ -135,7 +135,9 @@ impl ImageStore {
     /// The top-level manifest or index the reference names, verified.
     pub async fn root(&self) -> Result<FetchedManifest, StoreError> {
         match self {
-            ImageStore::Registry { client, reference } => Ok(client.get_manifest(reference).await?),
+            ImageStore::Registry { client, reference } => {
+                Ok(client.get_manifest(reference).await?)
+            }
             ImageStore::Layout { layout, tag, .. } => {
                 let desc = layout.resolve(tag.as_deref())?;
                 self.manifest(&desc).await

@@ -1,2 +1,66 @@
-//! The `zest` command line.
-pub fn main() -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! The `zest` command line: argument parsing (clap), logging set-up, and one module
+//! per subcommand. This is the binary's edge: library errors are turned into
+//! `anyhow` reports with context here, and nowhere else.
+
+mod convert;
+mod registry_args;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Lazy-pulling containerd snapshotter for zstd:chunked images.
+#[derive(Debug, Parser)]
+#[command(name = "zest", version, about, long_about = None)]
+struct Cli {
+    /// Log filter, in `tracing` env-filter syntax (e.g. `info`, `zest=debug`).
+    #[arg(long, global = true, env = "ZEST_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Convert an image to zstd:chunked and push it.
+    Convert(convert::ConvertArgs),
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("zest")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Convert(args) => convert::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
