@@ -5,6 +5,8 @@
 //! | module | concern |
 //! |---|---|
 //! | [`cli`] | the `zest` command line (clap); the only place `anyhow` is used |
+//! | [`fs`] | the lazy layer filesystem (FUSE), layer and image mounts (overlayfs) |
+//! | [`fetch`] | on-demand chunk fetcher: range requests, single flight, verification, prefetch |
 //! | [`cache`] | chunk cache of the read path: memory LRU + persistent disk store with a byte budget |
 //! | [`convert`] | turning an image's layers into zstd:chunked and publishing it |
 //! | [`registry`] | OCI distribution client: auth, manifests, blobs, range reads, push |
@@ -18,6 +20,8 @@ pub mod cache;
 pub mod cli;
 pub mod convert;
 pub mod digest;
+pub mod fetch;
 pub mod format;
+pub mod fs;
 pub mod oci;
 pub mod registry;
