@@ -42,7 +42,7 @@ use crate::cache::ChunkCache;
 use crate::digest::Digest;
 use crate::format::{Chunk, ChunkDecoder, EntryId, EntryKind, FormatError, LayerIndex};
 use inflight::{Claim, ClaimGuard, InFlight, Waiter};
-pub use source::{BlobSource, FileBlob, SourceError};
+pub use source::{BlobSource, FileBlob, RegistryBlob, SourceError};
 pub use stats::{FetchStats, FetchStatsSnapshot};
 
 /// Why a read could not be served. Cloned to every reader waiting on a chunk.

@@ -1,6 +1,7 @@
 //! Where a layer blob's bytes come from: a [`BlobSource`] answers byte-range
-//! reads of one blob. Implemented for a blob in a registry (repository and
-//! digest bound in) and for a local blob file (OCI layouts, benchmarks).
+//! reads of one blob. Implemented for a blob in a registry ([`RegistryBlob`]:
+//! repository and digest bound in) and for a local blob file ([`FileBlob`]: OCI
+//! layouts, benchmarks).
 
 use std::fmt;
 use std::ops::Range;
@@ -10,6 +11,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+
+use crate::digest::Digest;
+use crate::oci::Repository;
+use crate::registry::RegistryClient;
 
 /// Why a range read failed.
 #[derive(Debug, thiserror::Error)]
@@ -127,5 +132,73 @@ impl BlobSource for FileBlob {
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+}
+
+/// A layer blob in a registry, read with HTTP range requests.
+///
+/// The client already retries transport failures (with its own backoff and
+/// token refresh), so its errors are reported as permanent: the fetcher's own
+/// retries are kept for content that fails verification.
+#[derive(Debug, Clone)]
+pub struct RegistryBlob {
+    client: RegistryClient,
+    repo: Repository,
+    digest: Digest,
+    size: Option<u64>,
+}
+
+impl RegistryBlob {
+    /// The blob `digest` of `repo`; `size` from the layer descriptor, if known.
+    pub fn new(
+        client: RegistryClient,
+        repo: Repository,
+        digest: Digest,
+        size: Option<u64>,
+    ) -> Self {
+        RegistryBlob {
+            client,
+            repo,
+            digest,
+            size,
+        }
+    }
+
+    /// The blob of layer `layer` (digest and size from its descriptor).
+    pub fn for_layer(
+        client: RegistryClient,
+        repo: Repository,
+        layer: &crate::oci::Descriptor,
+    ) -> Self {
+        RegistryBlob::new(client, repo, layer.digest, Some(layer.size))
+    }
+
+    /// The blob's digest.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+}
+
+impl BlobSource for RegistryBlob {
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        Box::pin(async move {
+            self.client
+                .get_range(&self.repo, &self.digest, range.clone())
+                .await
+                .map_err(|e| SourceError::Permanent {
+                    blob: self.describe(),
+                    start: range.start,
+                    end: range.end,
+                    reason: e.to_string(),
+                })
+        })
+    }
+
+    fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    fn describe(&self) -> String {
+        format!("{}@{}", self.repo, self.digest)
     }
 }

@@ -1,6 +1,6 @@
 //! Unit tests of the fetcher over in-memory blobs.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap as HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

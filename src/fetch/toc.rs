@@ -8,13 +8,14 @@
 //! by the manifest; callers that require it set
 //! [`TocFetchOptions::require_digest`].
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{BlobSource, FetchError, SourceError};
+use super::{BlobSource, FetchConfig, FetchError, FetchLimits, Fetcher, SourceError};
+use crate::cache::ChunkCache;
 use crate::format::{parse_footer, FormatError, LayerIndex, TocLocation, FOOTER_FETCH_LEN};
 
 /// Options of [`fetch_layer_index`].
@@ -60,7 +61,7 @@ pub struct FetchedIndex {
 pub async fn fetch_layer_index(
     source: &dyn BlobSource,
     blob_size: u64,
-    annotations: &HashMap<String, String>,
+    annotations: &BTreeMap<String, String>,
     options: &TocFetchOptions,
 ) -> Result<FetchedIndex, FetchError> {
     let blob = source.describe();
@@ -156,4 +157,34 @@ async fn read(
         Some(e) => FetchError::Source(Arc::new(e)),
         None => FetchError::Cancelled,
     })
+}
+
+/// Fetches the TOC of the blob behind `source` and returns a [`Fetcher`] ready
+/// to serve the layer (tasks on the current tokio runtime).
+#[allow(clippy::too_many_arguments)]
+pub async fn open_layer(
+    source: Arc<dyn BlobSource>,
+    blob_size: u64,
+    annotations: &BTreeMap<String, String>,
+    cache: Arc<ChunkCache>,
+    limits: FetchLimits,
+    config: FetchConfig,
+    toc_options: &TocFetchOptions,
+) -> Result<Arc<Fetcher>, FetchError> {
+    let fetched = fetch_layer_index(source.as_ref(), blob_size, annotations, toc_options).await?;
+    tracing::debug!(
+        blob = %source.describe(),
+        entries = fetched.index.len(),
+        requests = fetched.requests,
+        authenticated = fetched.authenticated,
+        "layer index loaded"
+    );
+    Ok(Fetcher::new(
+        Arc::new(fetched.index),
+        source,
+        cache,
+        limits,
+        config,
+        tokio::runtime::Handle::current(),
+    ))
 }
