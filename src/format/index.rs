@@ -724,7 +724,9 @@ pub(crate) fn decompress_bounded(data: &[u8], declared: u64, what: &str) -> Resu
 }
 
 /// Normalizes a TOC name into a clean relative path ("" is the root).
-fn normalize(name: &str) -> std::result::Result<std::borrow::Cow<'_, str>, &'static str> {
+pub(crate) fn normalize(
+    name: &str,
+) -> std::result::Result<std::borrow::Cow<'_, str>, &'static str> {
     if name.len() > MAX_PATH_LEN {
         return Err("longer than 16 KiB");
     }

@@ -32,7 +32,10 @@ mod error;
 mod footer;
 mod index;
 mod read;
+mod tar;
+pub mod tarsplit;
 mod toc;
+mod writer;
 
 pub use error::FormatError;
 pub use footer::{
@@ -44,6 +47,7 @@ pub use index::{
     MAX_DATA_CHUNK_LEN, MAX_TOC_UNCOMPRESSED,
 };
 pub use read::{covering_range, ChunkDecoder};
+pub use writer::{write_chunked, WriteOptions, WriteSummary};
 
 /// Annotation keys of the current generation (`io.github.containers.zstd-chunked.`).
 pub mod annotations {

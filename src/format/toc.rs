@@ -190,7 +190,6 @@ pub(crate) fn parse_time(s: &str) -> Option<Timestamp> {
 
 /// Formats a timestamp as RFC 3339 in UTC (`None` outside years 0..=9999, which
 /// Go's encoder refuses too).
-#[allow(dead_code)] // used by the writer
 pub(crate) fn format_time(t: Timestamp) -> Option<String> {
     let dt = chrono::DateTime::from_timestamp(t.secs, t.nanos)?;
     use chrono::Datelike;
@@ -200,13 +199,11 @@ pub(crate) fn format_time(t: Timestamp) -> Option<String> {
     Some(dt.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
 }
 
-#[allow(dead_code)] // used by the writer
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
 /// One TOC entry as the writer emits it.
-#[allow(dead_code)] // used by the writer
 #[derive(Serialize, Default)]
 pub(crate) struct OutEntry<'a> {
     #[serde(rename = "type")]
