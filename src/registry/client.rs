@@ -703,7 +703,8 @@ impl RegistryClient {
                     return Err(Failure::Transient(req.ctx.timeout(req.timeout), None))
                 }
                 Ok(Err(e)) => {
-                    return Err(Failure::Transient(connect_error(ep, &req.url, &e), None))
+                    let e = e.without_url();
+                    return Err(Failure::Transient(connect_error(ep, &req.url, &e), None));
                 }
                 Ok(Ok(r)) => r,
             };
@@ -753,18 +754,35 @@ impl RegistryClient {
             let status = resp.status().as_u16();
             let headers = resp.headers().clone();
             let success = (200..300).contains(&status);
-            if success && content_length(&headers).is_some_and(|n| n > limit) {
+            // A HEAD answer's Content-Length describes the object, not this body.
+            let announced = if req.method == Method::HEAD {
+                None
+            } else {
+                content_length(&headers)
+            };
+            if success && announced.is_some_and(|n| n > limit) {
                 return Err(Failure::Fatal(req.ctx.too_large(limit)));
             }
-            let cap = if success { limit } else { MAX_ERROR_BODY };
-            let body =
-                read_body(resp, cap, req.timeout, req.kind, &self.inner.stats, req.ctx).await;
+            if !success {
+                let body = read_capped(resp, MAX_ERROR_BODY, req.timeout).await;
+                return Ok(Exchange {
+                    status,
+                    headers,
+                    body,
+                });
+            }
+            let body = read_body(
+                resp,
+                limit,
+                req.timeout,
+                req.kind,
+                &self.inner.stats,
+                req.ctx,
+            )
+            .await;
             let body = match body {
                 Ok(b) => b,
-                Err(BodyError::TooLong) if success => {
-                    return Err(Failure::Fatal(req.ctx.too_large(limit)))
-                }
-                Err(BodyError::TooLong) => Bytes::new(),
+                Err(BodyError::TooLong) => return Err(Failure::Fatal(req.ctx.too_large(limit))),
                 Err(BodyError::Failed(e)) => return Err(Failure::Transient(e, None)),
             };
             Ok(Exchange {
@@ -1104,7 +1122,8 @@ pub(crate) async fn read_body(
 }
 
 /// Reads at most `limit` bytes of an error or token body; failures give what arrived.
-async fn read_capped(mut resp: reqwest::Response, limit: u64, idle: Duration) -> Bytes {
+/// Not counted in the statistics, which count payload.
+pub(crate) async fn read_capped(mut resp: reqwest::Response, limit: u64, idle: Duration) -> Bytes {
     let mut buf = BytesMut::new();
     while let Ok(Ok(Some(chunk))) = tokio::time::timeout(idle, resp.chunk()).await {
         let room = limit.saturating_sub(buf.len() as u64) as usize;

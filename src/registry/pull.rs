@@ -525,16 +525,7 @@ impl RegistryClient {
                 }
             }
             _ => {
-                let body = super::client::read_body(
-                    resp,
-                    64 << 10,
-                    idle,
-                    RequestKind::Blob,
-                    &self.inner.stats,
-                    ctx,
-                )
-                .await
-                .unwrap_or_default();
+                let body = super::client::read_capped(resp, 64 << 10, idle).await;
                 return Err(Failure::Fatal(ctx.status_error(status, &body)));
             }
         };
@@ -701,6 +692,12 @@ impl RegistryClient {
                 let cr = header_str(&headers, "content-range");
                 match cr.and_then(parse_content_range) {
                     Some((a, b, _)) if a == range.start && b + 1 == range.end => {}
+                    // Servers clip a range running past the end to the blob's end.
+                    Some((a, b, Some(total)))
+                        if a == range.start && b + 1 == total && range.end > total =>
+                    {
+                        return Err(past_end(Some(total)));
+                    }
                     _ => {
                         return Err(Failure::Fatal(ctx.protocol(format!(
                             "asked for bytes {}-{}, got Content-Range {cr:?}",
@@ -733,16 +730,7 @@ impl RegistryClient {
                 return Err(past_end(size));
             }
             _ => {
-                let body = super::client::read_body(
-                    resp,
-                    64 << 10,
-                    timeout,
-                    RequestKind::Range,
-                    &self.inner.stats,
-                    ctx,
-                )
-                .await
-                .unwrap_or_default();
+                let body = super::client::read_capped(resp, 64 << 10, timeout).await;
                 return Err(Failure::Fatal(ctx.status_error(status, &body)));
             }
         };

@@ -22,7 +22,8 @@ pub enum RequestKind {
 }
 
 /// A snapshot of a client's counters. Requests count every HTTP request sent,
-/// retries included; bytes count response bodies received (uploads: bodies sent).
+/// retries included; bytes count payload: bodies of successful responses received
+/// (uploads: bodies sent), not error bodies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RegistryStats {
     /// Manifest requests.
