@@ -783,7 +783,6 @@ impl Fetcher {
                 reason: format!("zero chunk of {len} bytes does not match its digest {digest}"),
             });
         }
-        self.stats.add_chunks_verified(1);
         self.zeros_checked
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -27,7 +27,8 @@ pub struct FetchStatsSnapshot {
     pub bytes_fetched: u64,
     /// Reads that had to wait for the source (a chunk was in no cache tier).
     pub blocking_misses: u64,
-    /// Chunks decompressed and checked against their digest.
+    /// Fetched chunks decompressed and checked against their digest (zero
+    /// chunks, synthesized locally, are not counted).
     pub chunks_verified: u64,
     /// Chunks whose content did not match their digest (never served).
     pub verification_failures: u64,
