@@ -5,6 +5,8 @@
 //! | module | concern |
 //! |---|---|
 //! | `cli` (binary) | the `zest` command line (clap); the only place `anyhow` is used |
+//! | [`fs`] | the lazy layer filesystem (FUSE), layer and image mounts (overlayfs) |
+//! | [`fetch`] | on-demand chunk fetcher: range requests, single flight, verification, prefetch |
 //! | [`cache`] | chunk cache of the read path: memory LRU + persistent disk store with a byte budget |
 //! | [`store`] | one interface over a registry repository and an OCI layout |
 //! | [`convert`] | turning an image's layers into zstd:chunked and publishing it |
@@ -18,7 +20,9 @@
 pub mod cache;
 pub mod convert;
 pub mod digest;
+pub mod fetch;
 pub mod format;
+pub mod fs;
 pub mod oci;
 pub mod registry;
 pub mod store;

@@ -1,0 +1,402 @@
+//! The thin adapter between the kernel's FUSE protocol (through the `fuser`
+//! crate) and [`LayerFs`]. This is the only file that names `fuser`: changing
+//! the FUSE library means rewriting this file and nothing else.
+//!
+//! It mounts with `mount(2)` itself (we run as root, so no setuid helper is
+//! involved) and then runs a `fuser` session on the already-mounted `/dev/fuse`
+//! descriptor, on a few worker threads with one cloned descriptor each.
+//! Unmounting is done by the caller with `umount2(2)`; the workers end when the
+//! kernel tears the connection down.
+
+use std::ffi::{CString, OsStr};
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fuser::{
+    Config, Errno as FuseErrno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request, SessionACL,
+};
+
+use super::{Errno, LayerFs, NodeAttr, NodeKind, ReadReply, XattrAnswer};
+
+/// Kernel-side options of one FUSE mount.
+#[derive(Clone, Debug)]
+pub(crate) struct FuseMountConfig {
+    /// Worker threads serving kernel requests.
+    pub threads: usize,
+    /// Honour device nodes (off: `nodev`).
+    pub dev: bool,
+    /// Honour setuid/setgid bits (off: `nosuid`).
+    pub suid: bool,
+    /// Name shown as the mount source in `/proc/self/mountinfo`.
+    pub source: String,
+}
+
+/// A running FUSE session: the worker threads of one mounted layer.
+pub(crate) struct FuseSession {
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl FuseSession {
+    /// Waits for the workers to stop (they stop once the kernel connection is
+    /// gone, i.e. after a successful unmount), at most `timeout`. Returns
+    /// whether they stopped; if not, the thread is left detached.
+    pub(crate) fn join(&mut self, timeout: Duration) -> bool {
+        let Some(thread) = self.thread.take() else {
+            return true;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        while !thread.is_finished() {
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!("FUSE workers still running after unmount; leaving them detached");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
+            Err(_) => tracing::error!("FUSE session thread panicked"),
+        }
+        true
+    }
+}
+
+/// Mounts `fs` on `mountpoint` and starts serving it. On return the kernel has
+/// completed the FUSE handshake, so the mount is ready for use.
+pub(crate) fn start(
+    fs: Arc<LayerFs>,
+    mountpoint: &Path,
+    config: &FuseMountConfig,
+) -> io::Result<FuseSession> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let fd: OwnedFd = dev.into();
+
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut opts = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions,allow_other",
+        fd.as_raw_fd()
+    );
+    // Largest read the kernel may send us in one request; matches max_pages.
+    opts.push_str(",max_read=1048576");
+    let mut flags = libc::MS_RDONLY | libc::MS_NOATIME;
+    if !config.dev {
+        flags |= libc::MS_NODEV;
+    }
+    if !config.suid {
+        flags |= libc::MS_NOSUID;
+    }
+    let c_source = CString::new(config.source.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mount source has a NUL"))?;
+    let c_target = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mountpoint has a NUL"))?;
+    let c_fstype = c"fuse.zest";
+    let c_opts = CString::new(opts).map_err(|_| io::Error::other("mount options have a NUL"))?;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c_source.as_ptr(),
+            c_target.as_ptr(),
+            c_fstype.as_ptr(),
+            flags,
+            c_opts.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+
+    let mut fuse_config = Config::default();
+    fuse_config.acl = SessionACL::All;
+    fuse_config.n_threads = Some(config.threads.max(1));
+    fuse_config.clone_fd = true;
+    let adapter = FuseLayer { fs };
+    // The kernel queued FUSE_INIT at mount time; `from_fd` answers it.
+    let session = match fuser::Session::from_fd(adapter, fd, SessionACL::All, fuse_config) {
+        Ok(s) => s,
+        Err(e) => {
+            // SAFETY: c_target is a valid path string.
+            unsafe { libc::umount2(c_target.as_ptr(), libc::MNT_DETACH) };
+            return Err(e);
+        }
+    };
+    let thread = std::thread::Builder::new()
+        .name("zest-fuse".into())
+        .spawn(move || session.run());
+    match thread {
+        Ok(t) => Ok(FuseSession { thread: Some(t) }),
+        Err(e) => {
+            // SAFETY: c_target is a valid path string.
+            unsafe { libc::umount2(c_target.as_ptr(), libc::MNT_DETACH) };
+            Err(e)
+        }
+    }
+}
+
+/// The `fuser::Filesystem` face of a [`LayerFs`].
+struct FuseLayer {
+    fs: Arc<LayerFs>,
+}
+
+fn errno(e: Errno) -> FuseErrno {
+    FuseErrno::from_i32(e.0)
+}
+
+fn file_type(kind: NodeKind) -> FileType {
+    match kind {
+        NodeKind::Directory => FileType::Directory,
+        NodeKind::RegularFile => FileType::RegularFile,
+        NodeKind::Symlink => FileType::Symlink,
+        NodeKind::CharDevice => FileType::CharDevice,
+        NodeKind::BlockDevice => FileType::BlockDevice,
+        NodeKind::NamedPipe => FileType::NamedPipe,
+    }
+}
+
+fn file_attr(a: &NodeAttr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+impl ReadReply for ReplyData {
+    fn data(self, data: &[u8]) {
+        ReplyData::data(self, data);
+    }
+    fn error(self, err: Errno) {
+        ReplyData::error(self, errno(err));
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, answer: Result<XattrAnswer, Errno>) {
+    match answer {
+        Ok(XattrAnswer::Size(n)) => reply.size(n),
+        Ok(XattrAnswer::Data(v)) => reply.data(&v),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+impl Filesystem for FuseLayer {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Metadata never changes: let the kernel batch lookups with readdir and
+        // cache symlink targets; parallel lookups in one directory are safe.
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        // Ask for the largest readahead the kernel allows: sequential readers then
+        // send big requests, which map to fewer, larger chunk fetches.
+        if let Err(max) = config.set_max_readahead(u32::MAX) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            Ok(a) => reply.entry(&self.fs.entry_ttl(), &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&self.fs.attr_ttl(), &file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(target) => reply.data(target),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        match self.fs.open(ino.0, write) {
+            Ok(o) => {
+                let mut f = FopenFlags::empty();
+                if o.keep_cache {
+                    f |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(o.fh), f);
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.fs.read(ino.0, offset, size, reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(ino.0) {
+            Ok(()) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let res = self.fs.readdir(ino.0, offset, |e| {
+            reply.add(
+                INodeNo(e.ino),
+                e.next_offset,
+                file_type(e.kind),
+                OsStr::from_bytes(e.name),
+            )
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let ttl = self.fs.entry_ttl();
+        let res = self.fs.readdirplus(ino.0, offset, |e, attr| {
+            reply.add(
+                INodeNo(e.ino),
+                e.next_offset,
+                OsStr::from_bytes(e.name),
+                &ttl,
+                &file_attr(attr),
+                Generation(0),
+            )
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        reply.statfs(s.blocks, 0, 0, s.files, 0, s.bsize, s.namelen, s.bsize);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, self.fs.getxattr(ino.0, name.as_bytes(), size));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, self.fs.listxattr(ino.0, size));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are done by the kernel (default_permissions); this is
+        // only reached for existence checks.
+        match self.fs.getattr(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno(Errno::EROFS));
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno(Errno::EROFS));
+    }
+}

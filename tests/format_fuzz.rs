@@ -1,0 +1,341 @@
+//! Deterministic mutation testing of every parser in `zest::format`: seeded
+//! random edits of a valid footer, TOC (JSON and compressed), annotations,
+//! tar-split and input tar. The property is "no panic, and anything accepted
+//! still satisfies the model's invariants". Complements the cargo-fuzz targets
+//! in `fuzz/`, and runs in the normal test suite with a fixed seed so failures
+//! reproduce.
+
+use std::collections::BTreeMap;
+
+use zest::format::{
+    parse_footer, tarsplit, write_chunked, ChunkDecoder, EntryId, EntryKind, Extent, LayerIndex,
+    TocLocation, WriteOptions,
+};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+const SPLICES: &[&str] = &[
+    "..",
+    "/",
+    "./",
+    "\\u0000",
+    "-1",
+    "1e30",
+    "18446744073709551615",
+    "null",
+    "\"\"",
+    "[]",
+    "{}",
+    "\"chunk\"",
+    "\"hardlink\"",
+    "\"zeros\"",
+    ".wh.",
+    ".wh..wh..opq",
+    "sha256:",
+    "0",
+    "99999999999",
+    ",",
+    ":",
+    "\"",
+    "\\",
+];
+
+fn mutate(rng: &mut Rng, data: &mut Vec<u8>) {
+    let edits = 1 + rng.below(4);
+    for _ in 0..edits {
+        if data.is_empty() {
+            data.push(rng.next() as u8);
+            continue;
+        }
+        let at = rng.below(data.len());
+        match rng.below(6) {
+            0 => data[at] ^= 1 << rng.below(8),
+            1 => data[at] = rng.next() as u8,
+            2 => {
+                let end = (at + 1 + rng.below(16)).min(data.len());
+                data.drain(at..end);
+            }
+            3 => {
+                let s = SPLICES[rng.below(SPLICES.len())].as_bytes();
+                data.splice(at..at, s.iter().copied());
+            }
+            4 => {
+                // Duplicate a slice elsewhere (repeats entries, fields, digits).
+                let len = rng.below(64).min(data.len() - at);
+                let piece = data[at..at + len].to_vec();
+                let to = rng.below(data.len());
+                data.splice(to..to, piece);
+            }
+            _ => {
+                if data[at].is_ascii_digit() {
+                    data[at] = b'0' + rng.below(10) as u8;
+                } else {
+                    let set = b"0123456789/.\"{}[],:";
+                    data[at] = set[rng.below(set.len())];
+                }
+            }
+        }
+    }
+}
+
+/// A small but feature-complete layer from the writer.
+fn seed_layer() -> (Vec<u8>, Vec<u8>) {
+    use tar::EntryType as T;
+    let mut b = tar::Builder::new(Vec::new());
+    let add =
+        |b: &mut tar::Builder<Vec<u8>>, kind: T, path: &str, data: &[u8], link: Option<&str>| {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(kind);
+            h.set_mode(0o4755);
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_700_000_000);
+            h.set_uid(1);
+            h.set_gid(2);
+            match link {
+                Some(l) => b.append_link(&mut h, path, l).unwrap(),
+                None => b.append_data(&mut h, path, data).unwrap(),
+            }
+        };
+    add(&mut b, T::Directory, "d/", b"", None);
+    let mut big = Vec::new();
+    for i in 0..40_000u32 {
+        big.extend_from_slice(&(i.wrapping_mul(2_654_435_761)).to_le_bytes()[..2]);
+    }
+    big.extend(vec![0u8; 3000]);
+    add(&mut b, T::Regular, "d/big", &big, None);
+    add(&mut b, T::Regular, "d/small", b"hello", None);
+    add(&mut b, T::Symlink, "d/link", b"", Some("small"));
+    add(&mut b, T::Link, "d/hard", b"", Some("d/small"));
+    add(&mut b, T::Regular, "d/.wh.gone", b"", None);
+    add(&mut b, T::Regular, "e/.wh..wh..opq", b"", None);
+    b.append_pax_extensions([("SCHILY.xattr.user.x", &b"y"[..])])
+        .unwrap();
+    add(&mut b, T::Fifo, "e/fifo", b"", None);
+    let tar = b.into_inner().unwrap();
+    let mut blob = Vec::new();
+    let opts = WriteOptions {
+        min_chunk: 1024,
+        avg_chunk: 4096,
+        max_chunk: 16384,
+        ..WriteOptions::default()
+    };
+    write_chunked(&tar[..], &mut blob, &opts).unwrap();
+    (tar, blob)
+}
+
+/// Uses the whole read API of an accepted index and checks its invariants.
+fn exercise(idx: &LayerIndex, data_end: u64) {
+    let mut stack = vec![idx.root()];
+    let mut visited = 0usize;
+    while let Some(d) = stack.pop() {
+        visited += 1;
+        assert!(visited <= idx.len() + 1, "directory cycle");
+        let kids: Vec<_> = idx.children(d).collect();
+        for w in kids.windows(2) {
+            assert!(w[0].name < w[1].name, "children not sorted/unique");
+        }
+        for c in kids {
+            assert_eq!(idx.lookup(d, c.name), Some(c.id));
+            let e = idx.entry(c.id);
+            let _ = (
+                e.path(),
+                e.st_mode(),
+                e.nlink(),
+                e.rdev(),
+                e.link_target(),
+                e.digest(),
+                e.atime(),
+            );
+            let _ = e.xattrs().count();
+            if e.kind() == EntryKind::Dir && !c.name.is_empty() && e.parent() == d {
+                stack.push(c.id);
+            }
+            let chunks = e.chunks();
+            let mut off = 0;
+            for ch in chunks {
+                assert_eq!(ch.file_offset, off);
+                assert!(ch.len > 0);
+                assert!(ch.compressed_range().end <= data_end);
+                off += ch.len;
+            }
+            if e.kind() == EntryKind::Reg {
+                assert_eq!(off, e.size());
+                let _ = idx.chunk_range_for(c.id, e.size() / 2, 1 + e.size() / 3);
+            }
+        }
+    }
+    for f in idx.files_in_blob_order() {
+        assert_eq!(idx.entry(f).kind(), EntryKind::Reg);
+    }
+    let _ = idx.entry_for_ino(u64::MAX);
+    let _ = idx.entry(EntryId::ROOT);
+    let _ = idx.resolve_path("d/../x");
+}
+
+#[test]
+fn mutated_tocs_never_panic() {
+    let (_, blob) = seed_layer();
+    let footer = parse_footer(&blob[blob.len() - 64..], blob.len() as u64).unwrap();
+    let loc = footer.location();
+    let toc_bytes = &blob[loc.toc_range().start as usize..loc.toc_range().end as usize];
+    let json = zstd::stream::decode_all(toc_bytes).unwrap();
+    let blob_size = blob.len() as u64;
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut accepted = 0;
+    for _ in 0..12_000 {
+        let mut j = json.clone();
+        mutate(&mut rng, &mut j);
+        let z = zstd::bulk::compress(&j, 1).unwrap();
+        let mut l = loc;
+        l.toc = Extent {
+            offset: loc.toc.offset,
+            compressed_len: z.len() as u64,
+            uncompressed_len: j.len() as u64,
+        };
+        // Keep the claimed position inside the blob so decoding gets past bounds checks.
+        let size = blob_size.max(l.toc.offset + z.len() as u64 + 200);
+        if let Ok(idx) = LayerIndex::decode(&z, &l, size) {
+            accepted += 1;
+            exercise(&idx, l.data_end());
+        }
+    }
+    eprintln!("accepted {accepted} of 12000 mutated TOCs");
+    // Some mutations are harmless (e.g. inside a digest-free name); most are not.
+    assert!(accepted > 0 && accepted < 12_000, "accepted {accepted}");
+}
+
+#[test]
+fn mutated_footers_compressed_tocs_and_garbage_never_panic() {
+    let (_, blob) = seed_layer();
+    let size = blob.len() as u64;
+    let footer = parse_footer(&blob[blob.len() - 64..], size).unwrap();
+    let loc = footer.location();
+    let toc_bytes = blob[loc.toc_range().start as usize..loc.toc_range().end as usize].to_vec();
+    let mut rng = Rng(0x5eed_1234_abcd_0002);
+    for _ in 0..4000 {
+        let mut tail = blob[blob.len() - 72..].to_vec();
+        mutate(&mut rng, &mut tail);
+        if let Ok(f) = parse_footer(&tail, size) {
+            f.location().check_bounds(size).unwrap();
+            assert!(f.toc.range().end <= size);
+        }
+        let mut z = toc_bytes.clone();
+        mutate(&mut rng, &mut z);
+        let mut l = loc;
+        l.toc.compressed_len = z.len() as u64;
+        if let Ok(idx) = LayerIndex::decode(&z, &l, size + 100) {
+            exercise(&idx, l.data_end());
+        }
+        // Pure garbage everywhere.
+        let n = rng.below(200);
+        let garbage: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+        let _ = parse_footer(&garbage, rng.next() % 1000);
+        let _ = LayerIndex::from_json(&garbage, &loc, zest::digest::Digest::of(&garbage));
+        let mut l2 = loc;
+        l2.toc.compressed_len = garbage.len() as u64;
+        let _ = LayerIndex::decode(&garbage, &l2, size + 1000);
+    }
+}
+
+#[test]
+fn mutated_annotations_and_tar_splits_never_panic() {
+    let (tar, blob) = seed_layer();
+    let mut out = Vec::new();
+    let s = write_chunked(&tar[..], &mut out, &WriteOptions::default()).unwrap();
+    let ts = s.tar_split;
+    let lines = tarsplit::decompress(
+        &out[ts.offset as usize..(ts.offset + ts.compressed_len) as usize],
+        &ts,
+    )
+    .unwrap();
+    let mut rng = Rng(0x5eed_1234_abcd_0003);
+    for _ in 0..3000 {
+        let mut ann: BTreeMap<String, String> = s.annotations.clone();
+        for v in ann.values_mut() {
+            if rng.below(2) == 0 {
+                let mut b = v.clone().into_bytes();
+                mutate(&mut rng, &mut b);
+                *v = String::from_utf8_lossy(&b).into_owned();
+            }
+        }
+        if let Ok(Some(loc)) = TocLocation::from_annotations(&ann) {
+            let _ = loc.check_bounds(blob.len() as u64);
+            let _ = loc.toc_in_tail(&blob, 0);
+        }
+        let mut l = lines.clone();
+        mutate(&mut rng, &mut l);
+        for e in tarsplit::entries(&l) {
+            let _ = e;
+        }
+        let mut sink = Vec::new();
+        let _ = tarsplit::reassemble(
+            &l,
+            |_, size, w| {
+                let _ = w.write_all(&vec![0u8; size.min(1 << 16) as usize]);
+                Ok(())
+            },
+            &mut sink,
+        );
+    }
+}
+
+#[test]
+fn mutated_input_tars_never_panic_and_round_trip_when_accepted() {
+    let (tar, _) = seed_layer();
+    let mut rng = Rng(0x5eed_1234_abcd_0004);
+    let mut dec = ChunkDecoder::new().unwrap();
+    let mut accepted = 0;
+    for _ in 0..1500 {
+        let mut t = tar.clone();
+        // Mutate mostly the header area so the tar stays recognizable.
+        let keep = t.split_off(rng.below(t.len()).min(4096));
+        mutate(&mut rng, &mut t);
+        t.extend(keep);
+        let mut blob = Vec::new();
+        let opts = WriteOptions {
+            min_chunk: 1024,
+            avg_chunk: 4096,
+            max_chunk: 16384,
+            ..WriteOptions::default()
+        };
+        let Ok(s) = write_chunked(&t[..], &mut blob, &opts) else {
+            continue;
+        };
+        accepted += 1;
+        assert_eq!(zstd::stream::decode_all(&blob[..]).unwrap(), t);
+        let loc = TocLocation::from_annotations(&s.annotations)
+            .unwrap()
+            .unwrap();
+        let r = loc.toc_range();
+        // The writer passes names through untouched, so its TOC must always
+        // be accepted by the reader.
+        let idx = LayerIndex::decode(
+            &blob[r.start as usize..r.end as usize],
+            &loc,
+            blob.len() as u64,
+        )
+        .unwrap_or_else(|e| panic!("writer produced a TOC the reader rejects: {e}"));
+        exercise(&idx, loc.data_end());
+        for f in idx.files_in_blob_order().collect::<Vec<_>>() {
+            for c in idx.entry(f).chunks() {
+                let cr = c.compressed_range();
+                dec.decode(c, &blob[cr.start as usize..cr.end as usize])
+                    .unwrap();
+            }
+        }
+    }
+    eprintln!("accepted {accepted} of 1500 mutated tars");
+    assert!(accepted > 0, "no mutated tar was accepted");
+}
