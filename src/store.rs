@@ -7,13 +7,17 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::digest::Digest;
+use crate::fetch::{BlobSource, FileBlob, RegistryBlob};
 use crate::oci::layout::{LayoutError, LayoutRef, OciLayout};
-use crate::oci::{Descriptor, Reference, ReferenceError};
-use crate::registry::{BlobSource, FetchedManifest, RegistryClient, RegistryError};
+use crate::oci::{
+    Descriptor, ImageManifest, ManifestKind, OciJsonError, Platform, Reference, ReferenceError,
+};
+use crate::registry::{BlobSource as Upload, FetchedManifest, RegistryClient, RegistryError};
 
 /// Largest manifest, index or config read into memory.
 pub const MAX_JSON_BLOB: u64 = 16 << 20;
@@ -68,6 +72,26 @@ pub enum StoreError {
     /// An OCI layout operation failed.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// A manifest or index is not valid JSON of its type.
+    #[error("manifest {digest} of {image}: {source}")]
+    Json {
+        /// The manifest.
+        digest: Digest,
+        /// Image.
+        image: String,
+        /// Cause.
+        source: OciJsonError,
+    },
+    /// An index has no manifest for the platform asked for.
+    #[error("{image} has no manifest for platform {platform}; it has: {available}")]
+    NoPlatform {
+        /// Image.
+        image: String,
+        /// Requested platform.
+        platform: Platform,
+        /// What the index offers.
+        available: String,
+    },
     /// A blob of the layout could not be copied.
     #[error("copying blob {digest} of {image}: {source}")]
     Io {
@@ -248,7 +272,7 @@ impl ImageStore {
                     .push_blob(
                         &reference.repository,
                         digest,
-                        BlobSource::File(path.to_path_buf()),
+                        Upload::File(path.to_path_buf()),
                         from,
                     )
                     .await?;
@@ -331,6 +355,82 @@ impl ImageStore {
             }
         }
         Ok(desc)
+    }
+}
+
+/// One platform's image manifest, resolved from a reference.
+#[derive(Debug, Clone)]
+pub struct ResolvedManifest {
+    /// Descriptor of the image manifest (digest verified).
+    pub descriptor: Descriptor,
+    /// The manifest, parsed.
+    pub manifest: ImageManifest,
+    /// The index the reference named, when it named one.
+    pub index: Option<Descriptor>,
+}
+
+impl ImageStore {
+    /// The image manifest for `platform`: the reference's own manifest, or the
+    /// index entry that best matches the platform.
+    pub async fn resolve(&self, platform: &Platform) -> Result<ResolvedManifest, StoreError> {
+        let root = self.root().await?;
+        let json_err = |digest, source| StoreError::Json {
+            digest,
+            image: self.to_string(),
+            source,
+        };
+        match ManifestKind::parse(&root.media_type, &root.bytes)
+            .map_err(|e| json_err(root.digest, e))?
+        {
+            ManifestKind::Image(manifest) => Ok(ResolvedManifest {
+                descriptor: root.descriptor(),
+                manifest,
+                index: None,
+            }),
+            ManifestKind::Index(index) => {
+                let Some(desc) = index.select(platform).cloned() else {
+                    let available = index
+                        .manifests
+                        .iter()
+                        .filter_map(|d| d.platform.as_ref().map(ToString::to_string))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    return Err(StoreError::NoPlatform {
+                        image: self.to_string(),
+                        platform: platform.clone(),
+                        available,
+                    });
+                };
+                let fetched = self.manifest(&desc).await?;
+                let manifest = ImageManifest::from_json(&fetched.bytes)
+                    .map_err(|e| json_err(fetched.digest, e))?;
+                Ok(ResolvedManifest {
+                    descriptor: desc,
+                    manifest,
+                    index: Some(root.descriptor()),
+                })
+            }
+        }
+    }
+
+    /// Range reads of layer `layer`'s blob, for the lazy read path.
+    pub fn layer_source(&self, layer: &Descriptor) -> Result<Arc<dyn BlobSource>, StoreError> {
+        match self {
+            ImageStore::Registry { client, reference } => Ok(Arc::new(RegistryBlob::for_layer(
+                client.clone(),
+                reference.repository.clone(),
+                layer,
+            ))),
+            ImageStore::Layout { layout, .. } => {
+                let path = layout.blob_path(&layer.digest);
+                let blob = FileBlob::open(&path).map_err(|source| StoreError::Io {
+                    digest: layer.digest,
+                    image: self.to_string(),
+                    source,
+                })?;
+                Ok(Arc::new(blob))
+            }
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! `anyhow` reports with context here, and nowhere else.
 
 mod convert;
+mod inspect;
 mod registry_args;
 
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Convert an image to zstd:chunked and push it.
     Convert(convert::ConvertArgs),
+    /// Show an image's layers and, for zstd:chunked layers, their table of contents.
+    Inspect(inspect::InspectArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -45,6 +48,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Convert(args) => convert::run(args).await,
+            Command::Inspect(args) => inspect::run(args).await,
         }
     });
     match result {
