@@ -5,6 +5,7 @@
 //! | module | concern |
 //! |---|---|
 //! | [`cli`] | the `zest` command line (clap); the only place `anyhow` is used |
+//! | [`snapshotter`] | the containerd proxy snapshotter service: snapshot metadata, mounts, gRPC on a unix socket |
 //! | [`convert`] | turning an image's layers into zstd:chunked and publishing it |
 //! | [`registry`] | OCI distribution client: auth, manifests, blobs, range reads, push |
 //! | [`oci`] | OCI image-spec types and OCI image layouts on disk |
@@ -19,3 +20,4 @@ pub mod digest;
 pub mod format;
 pub mod oci;
 pub mod registry;
+pub mod snapshotter;
