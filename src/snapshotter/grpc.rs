@@ -114,7 +114,7 @@ impl Snapshots for SnapshotService {
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let ns = namespace(&request);
         let r = request.into_inner();
-        tracing::debug!(namespace = %ns, key = %r.key, parent = %r.parent, "prepare");
+        tracing::debug!(namespace = %ns, key = %r.key, parent = %r.parent, labels = ?r.labels, "prepare");
         let result = self
             .store
             .prepare(&r.key, parent(r.parent).as_deref(), labels(r.labels))

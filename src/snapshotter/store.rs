@@ -178,6 +178,15 @@ impl SnapshotStore {
         check_key(key)?;
         let labels = normalize_labels(labels)?;
         match RemoteLayerRequest::from_labels(parent, &labels) {
+            // An image layer being unpacked by a client that sends no labels at all
+            // (containerd 1.6's `ctr images pull`): say so, it cannot be lazy.
+            Ok(None) if is_unpack_key(key) => self.record_fallback(
+                key,
+                &FallbackReason::new(
+                    FallbackReason::MISSING_LABELS,
+                    format!("the client sent no {LABEL_SNAPSHOT_REF} label for this layer; lazy pulling needs a client that passes the layer labels (CRI, or zest's own pull)"),
+                ),
+            ),
             Ok(None) => {}
             Ok(Some(request)) => match self.try_remote(key, request).await? {
                 RemoteOutcome::Committed(chain_id) => {
@@ -679,6 +688,18 @@ fn check_key(key: &str) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+/// Whether `key` has the shape of containerd's unpack keys,
+/// `[<namespace>/<n>/]extract-<random> <chain ID>`.
+fn is_unpack_key(key: &str) -> bool {
+    key.rsplit_once(' ').is_some_and(|(head, chain_id)| {
+        chain_id.parse::<crate::digest::Digest>().is_ok()
+            && head
+                .rsplit('/')
+                .next()
+                .is_some_and(|last| last.starts_with("extract-"))
+    })
+}
+
 /// Whether an existing committed snapshot is the layer a remote request asks for:
 /// containerd then finds it by label and parent.
 fn same_layer(existing: &Record, request: &RemoteLayerRequest) -> bool {
@@ -786,5 +807,22 @@ impl Inner {
             source: "overlay".to_owned(),
             options,
         }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpack_keys() {
+        let chain = format!("sha256:{}", "ab".repeat(32));
+        assert!(is_unpack_key(&format!(
+            "default/12/extract-123-abc {chain}"
+        )));
+        assert!(is_unpack_key(&format!("extract-1 {chain}")));
+        assert!(!is_unpack_key(&format!("default/12/container {chain}")));
+        assert!(!is_unpack_key("default/12/extract-1 sha256:short"));
+        assert!(!is_unpack_key("default/12/extract-1"));
     }
 }
