@@ -115,6 +115,13 @@ impl SnapshotterConfig {
                 "snapshotter.socket and snapshotter.state_dir must be absolute paths".to_owned(),
             ));
         }
+        // Overlay mount options are separated by ',' and lower directories by ':'.
+        let state_dir = self.state_dir.to_string_lossy();
+        if state_dir.contains([',', ':']) {
+            return Err(ConfigError::Invalid(format!(
+                "snapshotter.state_dir {state_dir:?} contains ',' or ':', which overlay mount options cannot express"
+            )));
+        }
         Ok(())
     }
 }
@@ -173,6 +180,30 @@ mod tests {
     }
 
     #[test]
+    fn serve_args_override_the_file() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("config.toml");
+        std::fs::write(
+            &file,
+            "[snapshotter]\nsocket = \"/a.sock\"\nstate_dir = \"/s\"\n",
+        )?;
+        let args = ServeArgs {
+            config: Some(file),
+            socket: None,
+            state_dir: Some(PathBuf::from("/override")),
+        };
+        let config = args.config()?;
+        assert_eq!(config.socket, PathBuf::from("/a.sock"));
+        assert_eq!(config.state_dir, PathBuf::from("/override"));
+        let missing = ServeArgs {
+            config: Some(dir.path().join("absent.toml")),
+            ..ServeArgs::default()
+        };
+        assert!(matches!(missing.config(), Err(ConfigError::Read { .. })));
+        Ok(())
+    }
+
+    #[test]
     fn sections_and_typos() -> Result<(), ConfigError> {
         let text = "[registry]\nanything = 1\n[snapshotter]\nsocket = \"/tmp/z.sock\"\nsocket_mode = 0o600\n";
         let config = SnapshotterConfig::from_toml(text, Path::new("t.toml"))?;
@@ -184,6 +215,10 @@ mod tests {
         assert!(matches!(err, Err(ConfigError::Parse { .. })), "{err:?}");
         let relative = "[snapshotter]\nstate_dir = \"var/lib\"\n";
         assert!(SnapshotterConfig::from_toml(relative, Path::new("t.toml")).is_err());
+        let colon = "[snapshotter]\nstate_dir = \"/var/lib/a:b\"\n";
+        assert!(SnapshotterConfig::from_toml(colon, Path::new("t.toml")).is_err());
+        let mode = "[snapshotter]\nsocket_mode = 0o1777\n";
+        assert!(SnapshotterConfig::from_toml(mode, Path::new("t.toml")).is_err());
         Ok(())
     }
 }

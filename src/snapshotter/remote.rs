@@ -191,8 +191,9 @@ pub trait RemoteLayerProvider: Send + Sync + 'static {
     ) -> Result<RemoteMounted, FallbackReason>;
 
     /// Re-establishes the mount of a stored remote layer after a restart of the
-    /// service, if it is not mounted any more. Called in the background at startup;
-    /// the default does nothing.
+    /// service, if it is not mounted any more. `target_dir` may still hold a dead
+    /// mount of the previous run (served by a process that is gone): detach it before
+    /// mounting again. Called in the background at startup; the default does nothing.
     async fn restore(&self, _layer: &RemoteLayer, _target_dir: &Path) -> Result<(), RemoteError> {
         Ok(())
     }

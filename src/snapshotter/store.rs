@@ -111,6 +111,9 @@ enum RemoteOutcome {
     Committed(String),
     /// Pull normally.
     Fallback(FallbackReason),
+    /// The request is invalid (parent missing or not committed): the normal path
+    /// reports the precise error; nothing to count.
+    Invalid,
 }
 
 impl SnapshotStore {
@@ -195,6 +198,7 @@ impl SnapshotStore {
                     )))
                 }
                 RemoteOutcome::Fallback(reason) => self.record_fallback(key, &reason),
+                RemoteOutcome::Invalid => {}
             },
             Err(reason) => self.record_fallback(key, &reason),
         }
@@ -315,11 +319,7 @@ impl SnapshotStore {
             });
         }
         if !parent_ok {
-            // The normal path reports the precise error for the parent.
-            return Ok(RemoteOutcome::Fallback(FallbackReason::new(
-                FallbackReason::CONFLICT,
-                "parent is missing or not committed",
-            )));
+            return Ok(RemoteOutcome::Invalid);
         }
 
         let id = self.blocking(|inner| inner.meta.reserve_id()).await?;

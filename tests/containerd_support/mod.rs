@@ -377,15 +377,12 @@ disabled_plugins = [
 [plugins."io.containerd.gc.v1.scheduler"]
   deletion_threshold = 1
   schedule_delay = "0ms"
-[proxy_plugins.zest]
-  type = "snapshot"
-  address = "{zest}"
-"#,
+{packaged}"#,
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             address = address.display(),
             opt = dir.join("opt").display(),
-            zest = zest_socket.display(),
+            packaged = packaged_containerd_config(zest_socket)?,
         );
         std::fs::write(&config, text)?;
         let log_file = std::fs::File::create(&log)?;
@@ -459,6 +456,24 @@ disabled_plugins = [
         }
         Ok(out.stdout)
     }
+}
+
+/// The snippet shipped in `packaging/containerd-config.toml` (so the tests prove it
+/// works), pointed at `zest_socket`, without its `version` line.
+fn packaged_containerd_config(zest_socket: &Path) -> TestResult<String> {
+    let packaged = include_str!("../../packaging/containerd-config.toml");
+    let default_socket = zest::snapshotter::DEFAULT_SOCKET;
+    if !packaged.contains(default_socket) {
+        return Err(fail(format!(
+            "packaging/containerd-config.toml does not use the default socket {default_socket}"
+        )));
+    }
+    Ok(packaged
+        .lines()
+        .filter(|line| line.trim() != "version = 2")
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(default_socket, &zest_socket.display().to_string()))
 }
 
 impl Drop for Containerd {
