@@ -684,8 +684,68 @@ async fn restart_keeps_metadata_and_cleans_orphans() -> TestResult {
     );
     // Ids are not reused after a restart.
     let next = prepare(&mut c, "next", "", HashMap::new()).await?;
-    assert!(next.iter().all(|m| !m.source.contains("/snapshots/1/")));
+    assert_eq!(
+        only(&next)?.source,
+        format!("{}/snapshots/3/fs", state_dir.display())
+    );
     assert_eq!(list(&mut c, &[]).await?, ["base-c", "next", "work"]);
+    drop(c);
+    service.stop().await?;
+
+    // A crash between a directory's rename into place and its metadata commit leaves
+    // a directory under the next id; without a cleanup at start, the next prepare
+    // must replace it rather than fail or inherit its content.
+    std::fs::create_dir_all(state_dir.join("snapshots/4/fs"))?;
+    std::fs::write(
+        state_dir.join("snapshots/4/fs/stale"),
+        b"from before the crash",
+    )?;
+    let config = SnapshotterConfig {
+        cleanup_on_start: false,
+        ..ZestService::config(dir.path())
+    };
+    let service = ZestService::start_with(config, Arc::new(NoRemoteLayers)).await?;
+    let mut c = service.client().await?;
+    let fresh = prepare(&mut c, "fresh", "", HashMap::new()).await?;
+    let fresh_fs = PathBuf::from(&only(&fresh)?.source);
+    assert_eq!(fresh_fs, state_dir.join("snapshots/4/fs"));
+    assert_eq!(
+        std::fs::read_dir(&fresh_fs)?.count(),
+        0,
+        "stale content inherited"
+    );
+    service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests() -> TestResult {
+    let dir = TestDir::new()?;
+    let (service, c) = start(&dir).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..32 {
+        let mut c1 = c.clone();
+        tasks.spawn(async move {
+            let key = format!("k{i}");
+            prepare(&mut c1, &key, "", HashMap::new()).await?;
+            commit(&mut c1, &format!("c{i}"), &key, HashMap::new()).await?;
+            view(&mut c1, &format!("v{i}"), &format!("c{i}")).await?;
+            Ok::<_, Status>(())
+        });
+        // Cleanup racing with creation must not delete anything in use.
+        let mut c2 = c.clone();
+        tasks.spawn(async move { cleanup(&mut c2).await });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    let mut c = c;
+    assert_eq!(list(&mut c, &["kind==committed"]).await?.len(), 32);
+    assert_eq!(list(&mut c, &["kind==view"]).await?.len(), 32);
+    assert_eq!(snapshot_dirs(&service.state_dir)?.len(), 64);
+    for i in 0..32 {
+        let m = mounts(&mut c, &format!("v{i}")).await?;
+        assert!(Path::new(&only(&m)?.source).is_dir());
+    }
     service.stop().await
 }
 
