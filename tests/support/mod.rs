@@ -1,0 +1,278 @@
+//! Shared helpers for integration tests (`mod support;` in each test file).
+//!
+//! - [`Registry`]: a real Distribution registry (`/usr/bin/docker-registry`) on a free
+//!   127.0.0.1 port, with its own storage, config and logs in a temporary directory,
+//!   optionally behind htpasswd Basic auth; killed (only that process) on drop.
+//! - [`require_tool`]: a missing system tool fails the test under `CI=true` and skips
+//!   it loudly elsewhere.
+//! - [`image`]: small real images built in Rust (ustar layers, gzip, OCI layout).
+//! - [`fake_http`]: a loopback HTTP/1.1 server scripted per request, for registry
+//!   behaviour a real registry will not show (truncation, retries, token flows).
+#![allow(dead_code)]
+
+pub mod fake_http;
+pub mod image;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use zest::registry::{DockerConfigSource, PlainHttp, RegistryClient, RegistryConfig, RetryPolicy};
+
+/// Path of the registry binary (Debian package `docker-registry`).
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// Whether `name` (a command on PATH or an absolute path) exists. When it does not:
+/// panics under `CI=true` (a CI run must not silently skip), else prints a loud
+/// message and returns `false` so the caller can skip.
+pub fn require_tool(name: &str) -> bool {
+    let found = if name.contains('/') {
+        Path::new(name).is_file()
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+            .unwrap_or(false)
+    };
+    if found {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("required tool {name:?} is missing (CI=true, so this test fails instead of skipping); install it (see the CI setup script)");
+    }
+    eprintln!("\n!!!!! SKIPPING TEST: required tool {name:?} is not installed !!!!!\n");
+    false
+}
+
+/// Registry authentication mode.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// Anonymous read and write.
+    None,
+    /// htpasswd (bcrypt) Basic auth with one user.
+    Basic { user: String, pass: String },
+}
+
+/// A running `docker-registry` on 127.0.0.1.
+pub struct Registry {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on 127.0.0.1");
+    l.local_addr().expect("local address").port()
+}
+
+/// Whether something answers HTTP on 127.0.0.1:port/v2/ (any status).
+fn answers(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    ) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let req = format!("GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    matches!(s.read(&mut buf), Ok(n) if n >= 9 && buf.starts_with(b"HTTP/1."))
+}
+
+impl Registry {
+    /// Starts a registry, waiting (at most 10 s) until `/v2/` answers. Panics with the
+    /// registry's log if it does not come up. Callers check
+    /// `require_tool(REGISTRY_BIN)` first.
+    pub fn start(auth: Auth) -> Registry {
+        let mut last_log = String::new();
+        // The free port may be taken between probing and binding: try a few.
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let port = free_port();
+            let auth_section = match &auth {
+                Auth::None => String::new(),
+                Auth::Basic { user, pass } => {
+                    let out = Command::new("htpasswd")
+                        .args(["-Bbn", user, pass])
+                        .output()
+                        .expect("run htpasswd (package apache2-utils)");
+                    assert!(out.status.success(), "htpasswd failed: {out:?}");
+                    let path = dir.path().join("htpasswd");
+                    std::fs::write(&path, &out.stdout).expect("write htpasswd file");
+                    format!(
+                        "auth:\n  htpasswd:\n    realm: zest-test\n    path: {}\n",
+                        path.display()
+                    )
+                }
+            };
+            let config = format!(
+                "version: 0.1\n\
+                 log:\n  level: warn\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n  \
+                 maintenance:\n    uploadpurging:\n      enabled: false\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: zest-test-secret-{port}\n\
+                 {auth_section}",
+                root = dir.path().join("data").display(),
+            );
+            let config_path = dir.path().join("config.yml");
+            std::fs::write(&config_path, config).expect("write registry config");
+            let stdout =
+                std::fs::File::create(dir.path().join("access.log")).expect("create access log");
+            let stderr = std::fs::File::create(dir.path().join("registry.log"))
+                .expect("create registry log");
+            let mut cmd = Command::new(REGISTRY_BIN);
+            cmd.arg("serve")
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr);
+            // Environment variables override the config file; make sure none leak in.
+            for (k, _) in std::env::vars_os() {
+                if k.to_string_lossy().starts_with("REGISTRY_") {
+                    cmd.env_remove(k);
+                }
+            }
+            let child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {REGISTRY_BIN}: {e}"));
+            let mut reg = Registry { child, dir, port };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if answers(port) {
+                    return reg;
+                }
+                if let Ok(Some(_)) = reg.child.try_wait() {
+                    break; // exited: probably the port was taken
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            last_log = reg.log();
+            // Drop kills it and removes its directory.
+        }
+        panic!("docker-registry did not answer on 127.0.0.1 within 10 s; its log:\n{last_log}");
+    }
+
+    /// `127.0.0.1:<port>`, the registry part of image references.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The temporary directory holding config, storage and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The registry's own log (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// The access log (stdout), one combined-log-format line per request.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
+    /// Requests in the access log with `method`, a path containing `path_part`, and
+    /// `status` (any status if `None`).
+    pub fn count_requests(&self, method: &str, path_part: &str, status: Option<u16>) -> usize {
+        // The access log is written asynchronously by the registry: give it a moment.
+        std::thread::sleep(Duration::from_millis(100));
+        self.access_log()
+            .lines()
+            .filter(|l| {
+                let Some(req) = l.split('"').nth(1) else {
+                    return false;
+                };
+                let mut parts = req.split(' ');
+                let (m, p) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let st = l
+                    .split('"')
+                    .nth(2)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|s| s.parse::<u16>().ok());
+                m == method && p.contains(path_part) && status.is_none_or(|s| st == Some(s))
+            })
+            .count()
+    }
+
+    /// Range GETs (answered 206) of blob `digest`.
+    pub fn range_gets(&self, digest: &str) -> usize {
+        self.count_requests("GET", &format!("/blobs/{digest}"), Some(206))
+    }
+
+    /// A client for this registry over plain HTTP, without credentials or host
+    /// files, with fast retries (tests must not sleep long).
+    pub fn client(&self) -> RegistryClient {
+        RegistryClient::new(self.client_config()).expect("registry client")
+    }
+
+    /// The configuration [`Registry::client`] uses, for tests that adjust it.
+    pub fn client_config(&self) -> RegistryConfig {
+        test_client_config(PlainHttp::Hosts(vec![self.host()]))
+    }
+
+    /// Writes a Docker `config.json` with `user:pass` for this registry, returning
+    /// its path.
+    pub fn write_docker_config(&self, user: &str, pass: &str) -> PathBuf {
+        write_docker_config(self.dir.path(), &self.host(), user, pass)
+    }
+}
+
+/// A client configuration for tests: plain HTTP as given, no host files, no
+/// credentials, quick retries and timeouts.
+pub fn test_client_config(plain_http: PlainHttp) -> RegistryConfig {
+    RegistryConfig {
+        hosts_dir: None,
+        plain_http,
+        docker_config: DockerConfigSource::Disabled,
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(20),
+        range_timeout: Duration::from_secs(20),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+            max_retry_after: Duration::from_secs(2),
+        },
+        ..RegistryConfig::default()
+    }
+}
+
+/// Writes `<dir>/docker/config.json` with Basic credentials for `host`.
+pub fn write_docker_config(dir: &Path, host: &str, user: &str, pass: &str) -> PathBuf {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let d = dir.join("docker");
+    std::fs::create_dir_all(&d).expect("create docker config dir");
+    let path = d.join("config.json");
+    let text = format!(r#"{{"auths": {{"{host}": {{"auth": "{auth}"}}}}}}"#);
+    std::fs::write(&path, text).expect("write docker config.json");
+    path
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // Exactly the process this value started.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
