@@ -5,6 +5,7 @@
 //! | module | concern |
 //! |---|---|
 //! | `cli` (binary) | the `zest` command line (clap); the only place `anyhow` is used |
+//! | [`snapshotter`] | the containerd proxy snapshotter service: snapshot metadata, mounts, gRPC on a unix socket |
 //! | [`fs`] | the lazy layer filesystem (FUSE), layer and image mounts (overlayfs) |
 //! | [`fetch`] | on-demand chunk fetcher: range requests, single flight, verification, prefetch |
 //! | [`cache`] | chunk cache of the read path: memory LRU + persistent disk store with a byte budget |
@@ -25,4 +26,5 @@ pub mod format;
 pub mod fs;
 pub mod oci;
 pub mod registry;
+pub mod snapshotter;
 pub mod store;

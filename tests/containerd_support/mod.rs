@@ -1,0 +1,615 @@
+//! Helpers for tests that run zest's snapshotter against real components: the service
+//! in-process on a socket in a temporary directory, a gRPC client for it, a private
+//! containerd, a loopback docker-registry, and a small busybox image built with umoci.
+//!
+//! Every process started here is owned by a guard that kills it (by pid) when dropped;
+//! every wait is bounded; every mount left below a test directory is detached before
+//! the directory is deleted.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+use zest::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
+use zest::snapshotter::{
+    RemoteLayerProvider, ServeError, Server, ShutdownMode, SnapshotStore, SnapshotterConfig,
+};
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Builds an error for a test failure with a message.
+pub fn fail(message: impl Into<String>) -> Box<dyn std::error::Error + Send + Sync> {
+    message.into().into()
+}
+
+/// Whether every tool in `tools` is installed. Missing tools fail the test under
+/// `CI=true` and skip it (loudly) elsewhere: returns `Ok(false)` to skip.
+pub fn require_tools(test: &str, tools: &[&str]) -> TestResult<bool> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| which(tool).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    let message = format!(
+        "{test}: missing system tools {missing:?} (install them with scripts/install-deps)"
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        return Err(fail(message));
+    }
+    eprintln!("\n!!! SKIPPING {message}\n");
+    Ok(false)
+}
+
+/// Finds a program in PATH or the usual sbin directories.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+}
+
+/// PATH for the processes we start, including sbin (runc lives in /usr/sbin).
+pub fn child_path() -> String {
+    let current = std::env::var("PATH").unwrap_or_default();
+    format!("{current}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+}
+
+/// Polls `check` until it returns `Some`, at most for `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> TestResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(format!(
+                "timed out after {limit:?} waiting for {what}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Mount points at or below `root`, from this process's mount table.
+pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// Detaches every mount below `root` (deepest first).
+pub fn unmount_under(root: &Path) {
+    for mount_point in mounts_under(root) {
+        if let Ok(c_path) = std::ffi::CString::new(mount_point.as_os_str().as_encoded_bytes()) {
+            // SAFETY: valid NUL-terminated path for the duration of the call.
+            unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// A temporary directory whose mounts are detached before it is deleted, so that a
+/// failing test never deletes files through a leftover mount.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestDir {
+    pub fn new() -> TestResult<Self> {
+        // Short paths: unix socket paths are limited to 108 bytes.
+        let dir = tempfile::Builder::new().prefix("zt").tempdir_in("/tmp")?;
+        Ok(TestDir { dir: Some(dir) })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .map_or(Path::new("/nonexistent"), |d| d.path())
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        unmount_under(self.path());
+        if let Some(dir) = self.dir.take() {
+            if !mounts_under(dir.path()).is_empty() {
+                // Never delete through a mount: leak the directory instead.
+                eprintln!(
+                    "leaving {} in place: mounts remain below it",
+                    dir.path().display()
+                );
+                let _ = dir.keep();
+            }
+        }
+    }
+}
+
+/// A child process killed (by its pid) when the guard is dropped.
+pub struct ProcessGuard {
+    name: String,
+    child: Child,
+}
+
+impl ProcessGuard {
+    pub fn spawn(name: &str, command: &mut Command) -> TestResult<Self> {
+        let child = command
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail(format!("cannot start {name}: {e}")))?;
+        Ok(ProcessGuard {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Fails if the process has exited.
+    pub fn check_running(&mut self) -> TestResult {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => Err(fail(format!("{} exited early: {status}", self.name))),
+        }
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Kills processes whose command line contains `marker` (a path unique to one test,
+/// e.g. its containerd socket): the shims containerd started for that test.
+pub fn kill_processes_mentioning(marker: &str) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let me = std::process::id();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid as u32 == me {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(marker) {
+            // SAFETY: plain kill(2) on a pid read from /proc.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Output of a command run to completion.
+#[derive(Debug)]
+pub struct Output {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs a command with a time limit.
+pub async fn run(program: &str, args: &[&str], limit: Duration) -> TestResult<Output> {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env("PATH", child_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(limit, command.output())
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "{program} {args:?} did not finish within {limit:?}"
+            ))
+        })?
+        .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
+    Ok(Output {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub async fn run_ok(program: &str, args: &[&str], limit: Duration) -> TestResult<String> {
+    let out = run(program, args, limit).await?;
+    if !out.success {
+        return Err(fail(format!(
+            "{program} {args:?} failed:\nstdout: {}\nstderr: {}",
+            out.stdout, out.stderr
+        )));
+    }
+    Ok(out.stdout)
+}
+
+/// zest's snapshotter running in this process on `<dir>/zest.sock` with its state in
+/// `<dir>/state`.
+pub struct ZestService {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub store: SnapshotStore,
+    stop: Option<tokio::sync::oneshot::Sender<ShutdownMode>>,
+    task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
+}
+
+impl ZestService {
+    pub fn config(dir: &Path) -> SnapshotterConfig {
+        SnapshotterConfig {
+            socket: dir.join("zest.sock"),
+            state_dir: dir.join("state"),
+            ..SnapshotterConfig::default()
+        }
+    }
+
+    pub async fn start(dir: &Path, provider: Arc<dyn RemoteLayerProvider>) -> TestResult<Self> {
+        Self::start_with(Self::config(dir), provider).await
+    }
+
+    pub async fn start_with(
+        config: SnapshotterConfig,
+        provider: Arc<dyn RemoteLayerProvider>,
+    ) -> TestResult<Self> {
+        // The service's log goes to the test's captured output (shown on failure).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("zest=debug")),
+            )
+            .with_test_writer()
+            .try_init();
+        let server = Server::bind(&config, provider).await?;
+        let store = server.store().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(
+            server.run(async move { stopped.await.unwrap_or(ShutdownMode::Terminate) }),
+        );
+        Ok(ZestService {
+            socket: config.socket,
+            state_dir: config.state_dir,
+            store,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// A gRPC client connected to the service.
+    pub async fn client(&self) -> TestResult<SnapshotsClient<tonic::transport::Channel>> {
+        connect(&self.socket).await
+    }
+
+    /// Stops the service gracefully (as on SIGTERM) and waits for it.
+    pub async fn stop(mut self) -> TestResult {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(ShutdownMode::Terminate);
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .map_err(|_| fail("snapshotter did not stop within 20s"))???;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ZestService {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Connects a snapshot API client to a unix socket.
+pub async fn connect(socket: &Path) -> TestResult<SnapshotsClient<tonic::transport::Channel>> {
+    let socket = socket.to_path_buf();
+    // The URI is required by the API but unused: the connector dials the socket.
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(SnapshotsClient::new(channel))
+}
+
+/// A private containerd 1.6/1.7 with zest as proxy snapshotter `zest`, its root,
+/// state and sockets inside `dir`, no CRI, and garbage collection after every
+/// deletion.
+pub struct Containerd {
+    pub address: PathBuf,
+    pub namespace: String,
+    process: Option<ProcessGuard>,
+    log: PathBuf,
+}
+
+impl Containerd {
+    pub async fn start(dir: &Path, zest_socket: &Path) -> TestResult<Self> {
+        let address = dir.join("containerd.sock");
+        let config = dir.join("containerd.toml");
+        let log = dir.join("containerd.log");
+        let text = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.aufs",
+]
+[grpc]
+  address = "{address}"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.gc.v1.scheduler"]
+  deletion_threshold = 1
+  schedule_delay = "0ms"
+{packaged}"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            address = address.display(),
+            opt = dir.join("opt").display(),
+            packaged = packaged_containerd_config(zest_socket)?,
+        );
+        std::fs::write(&config, text)?;
+        let log_file = std::fs::File::create(&log)?;
+        let mut command = Command::new("containerd");
+        command
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", child_path())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let process = ProcessGuard::spawn("containerd", &mut command)?;
+        let mut containerd = Containerd {
+            address,
+            namespace: "zest-test".to_owned(),
+            process: Some(process),
+            log,
+        };
+        let address = containerd.address.display().to_string();
+        let ready = wait_for("containerd to answer", Duration::from_secs(30), || {
+            let address = address.clone();
+            async move {
+                let out = run(
+                    "ctr",
+                    &["--address", &address, "version"],
+                    Duration::from_secs(10),
+                )
+                .await
+                .ok()?;
+                out.success.then_some(())
+            }
+        })
+        .await;
+        if let Err(e) = ready {
+            if let Some(p) = containerd.process.as_mut() {
+                p.check_running()?;
+            }
+            return Err(fail(format!(
+                "{e}\ncontainerd log:\n{}",
+                containerd.log_tail()
+            )));
+        }
+        Ok(containerd)
+    }
+
+    /// The last lines of containerd's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Runs `ctr --address .. -n <namespace> <args>`.
+    pub async fn ctr(&self, args: &[&str]) -> TestResult<Output> {
+        let address = self.address.display().to_string();
+        let mut full = vec!["--address", &address, "--namespace", &self.namespace];
+        full.extend_from_slice(args);
+        run("ctr", &full, Duration::from_secs(120)).await
+    }
+
+    /// Runs a ctr command that must succeed; returns stdout.
+    pub async fn ctr_ok(&self, args: &[&str]) -> TestResult<String> {
+        let out = self.ctr(args).await?;
+        if !out.success {
+            return Err(fail(format!(
+                "ctr {args:?} failed:\nstdout: {}\nstderr: {}\ncontainerd log:\n{}",
+                out.stdout,
+                out.stderr,
+                self.log_tail()
+            )));
+        }
+        Ok(out.stdout)
+    }
+}
+
+/// The snippet shipped in `packaging/containerd-config.toml` (so the tests prove it
+/// works), pointed at `zest_socket`, without its `version` line.
+fn packaged_containerd_config(zest_socket: &Path) -> TestResult<String> {
+    let packaged = include_str!("../../packaging/containerd-config.toml");
+    let default_socket = zest::snapshotter::DEFAULT_SOCKET;
+    if !packaged.contains(default_socket) {
+        return Err(fail(format!(
+            "packaging/containerd-config.toml does not use the default socket {default_socket}"
+        )));
+    }
+    Ok(packaged
+        .lines()
+        .filter(|line| line.trim() != "version = 2")
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(default_socket, &zest_socket.display().to_string()))
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        // Shims of this containerd carry its socket path on their command line.
+        kill_processes_mentioning(&self.address.display().to_string());
+    }
+}
+
+/// A docker-registry (distribution) listening on a free loopback port.
+pub struct Registry {
+    pub host: String,
+    _process: ProcessGuard,
+}
+
+impl Registry {
+    pub async fn start(dir: &Path) -> TestResult<Self> {
+        let storage = dir.join("registry");
+        std::fs::create_dir_all(&storage)?;
+        // Try a few ports: another process may grab the one we picked.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let config = dir.join("registry.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                    storage.display()
+                ),
+            )?;
+            let mut command = Command::new("docker-registry");
+            command
+                .arg("serve")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let mut process = ProcessGuard::spawn("docker-registry", &mut command)?;
+            let host = format!("127.0.0.1:{port}");
+            let up = wait_for("registry to listen", Duration::from_secs(15), || {
+                let host = host.clone();
+                async move { tokio::net::TcpStream::connect(&host).await.ok().map(|_| ()) }
+            })
+            .await;
+            if up.is_ok() && process.check_running().is_ok() {
+                return Ok(Registry {
+                    host,
+                    _process: process,
+                });
+            }
+        }
+        Err(fail("docker-registry did not start on any of 5 ports"))
+    }
+}
+
+/// Builds a two-layer OCI image with umoci: busybox (static) with `echo`, `sh` and
+/// `cat`, then a second layer adding `/etc/zest-hello`. Returns the layout directory;
+/// the image's tag is `latest`.
+pub async fn build_busybox_image(dir: &Path) -> TestResult<PathBuf> {
+    let layout = dir.join("oci");
+    let bundle = dir.join("bundle");
+    let image = format!("{}:latest", layout.display());
+    let busybox = which("busybox").ok_or_else(|| fail("busybox not found"))?;
+    let limit = Duration::from_secs(120);
+    run_ok(
+        "umoci",
+        &["init", "--layout", &layout.display().to_string()],
+        limit,
+    )
+    .await?;
+    run_ok("umoci", &["new", "--image", &image], limit).await?;
+    run_ok(
+        "umoci",
+        &["unpack", "--image", &image, &bundle.display().to_string()],
+        limit,
+    )
+    .await?;
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin"))?;
+    std::fs::copy(&busybox, rootfs.join("bin/busybox"))?;
+    for applet in ["echo", "sh", "cat", "ls"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
+    }
+    run_ok(
+        "umoci",
+        &["repack", "--image", &image, &bundle.display().to_string()],
+        limit,
+    )
+    .await?;
+    // A repack diffs against the bundle's original unpack, so unpack again for a
+    // second, separate layer.
+    let bundle2 = dir.join("bundle2");
+    run_ok(
+        "umoci",
+        &["unpack", "--image", &image, &bundle2.display().to_string()],
+        limit,
+    )
+    .await?;
+    let rootfs2 = bundle2.join("rootfs");
+    std::fs::create_dir_all(rootfs2.join("etc"))?;
+    std::fs::write(
+        rootfs2.join("etc/zest-hello"),
+        "hello from the second layer\n",
+    )?;
+    run_ok(
+        "umoci",
+        &["repack", "--image", &image, &bundle2.display().to_string()],
+        limit,
+    )
+    .await?;
+    run_ok(
+        "umoci",
+        &["config", "--image", &image, "--config.cmd", "/bin/sh"],
+        limit,
+    )
+    .await?;
+    Ok(layout)
+}
+
+/// Pushes `layout:latest` to `registry` as `repo:tag` over plain HTTP.
+pub async fn push_image(layout: &Path, registry: &Registry, repo_tag: &str) -> TestResult<String> {
+    let reference = format!("{}/{repo_tag}", registry.host);
+    run_ok(
+        "skopeo",
+        &[
+            "--insecure-policy",
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:latest", layout.display()),
+            &format!("docker://{reference}"),
+        ],
+        Duration::from_secs(120),
+    )
+    .await?;
+    Ok(reference)
+}
