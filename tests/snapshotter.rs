@@ -10,7 +10,7 @@
 //!     `--snapshotter zest`, run a container, remove the image, and check that
 //!     garbage collection leaves no snapshot, directory or mount behind.
 
-mod containerd_support;
+mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
@@ -19,10 +19,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use containerd_support::{
-    build_busybox_image, fail, mounts_under, push_image, require_tools, Containerd, Registry,
+use support::containerd::{
+    build_busybox_image, fail, mounts_under, push_image, require_tools, wait_for, Containerd,
     TestDir, TestResult, ZestService,
 };
+use support::{Auth, Registry};
 use tonic::{Code, Status};
 use zest::snapshotter::proto::snapshots as pb;
 use zest::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
@@ -1136,10 +1137,7 @@ async fn ctr_script(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctr_snapshots_behave_like_overlayfs() -> TestResult {
-    if !require_tools(
-        "ctr_snapshots_behave_like_overlayfs",
-        &["containerd", "ctr"],
-    )? {
+    if !require_tools(&["containerd", "ctr"]) {
         return Ok(());
     }
     let dir = TestDir::new()?;
@@ -1179,16 +1177,15 @@ async fn ctr_snapshots_behave_like_overlayfs() -> TestResult {
     // snapshotter dirty again and the next collection catches up.
     let mut collected = Err(fail("not attempted"));
     for round in 0..5 {
-        collected =
-            containerd_support::wait_for("garbage collection", Duration::from_secs(6), || {
-                let mut c = c.clone();
-                let overlay_empty = overlay_dirs().is_empty();
-                async move {
-                    let zest = list(&mut c, &[]).await.ok()?;
-                    (zest.is_empty() && overlay_empty).then_some(())
-                }
-            })
-            .await;
+        collected = wait_for("garbage collection", Duration::from_secs(6), || {
+            let mut c = c.clone();
+            let overlay_empty = overlay_dirs().is_empty();
+            async move {
+                let zest = list(&mut c, &[]).await.ok()?;
+                (zest.is_empty() && overlay_empty).then_some(())
+            }
+        })
+        .await;
         if collected.is_ok() {
             break;
         }
@@ -1232,11 +1229,11 @@ async fn pull_and_run_through_zest() -> TestResult {
         "skopeo",
         "busybox",
     ];
-    if !require_tools("pull_and_run_through_zest", &tools)? {
+    if !require_tools(&tools) {
         return Ok(());
     }
     let dir = TestDir::new()?;
-    let registry = Registry::start(dir.path()).await?;
+    let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
     let layout = build_busybox_image(dir.path()).await?;
     let image = push_image(&layout, &registry, "zest-test/busybox:1").await?;
     let service = ZestService::start(dir.path(), Arc::new(NoRemoteLayers)).await?;
@@ -1296,7 +1293,7 @@ async fn pull_and_run_through_zest() -> TestResult {
     containerd
         .ctr_ok(&["images", "rm", "--sync", &image])
         .await?;
-    containerd_support::wait_for(
+    wait_for(
         "garbage collection of the image's snapshots",
         Duration::from_secs(30),
         || {

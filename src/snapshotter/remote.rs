@@ -183,7 +183,9 @@ pub enum ShutdownMode {
 pub trait RemoteLayerProvider: Send + Sync + 'static {
     /// Mounts the layer at `target_dir` (an existing empty directory). On `Err` the
     /// directory must be left unmounted; the layer is then pulled normally and the
-    /// reason is logged and counted.
+    /// reason is logged and counted. A request without `layer_digest` comes from a
+    /// client that did not pass the layer labels: answer
+    /// [`FallbackReason::MISSING_LABELS`].
     async fn try_mount(
         &self,
         request: &RemoteLayerRequest,

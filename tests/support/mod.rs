@@ -8,8 +8,10 @@
 //! - [`image`]: small real images built in Rust (ustar layers, gzip, OCI layout).
 //! - [`fake_http`]: a loopback HTTP/1.1 server scripted per request, for registry
 //!   behaviour a real registry will not show (truncation, retries, token flows).
+//! - [`containerd`]: zest's snapshotter in-process, a private containerd, umoci images.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod fake_http;
 pub mod image;
 

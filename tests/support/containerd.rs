@@ -1,12 +1,11 @@
 //! Helpers for tests that run zest's snapshotter against real components: the service
 //! in-process on a socket in a temporary directory, a gRPC client for it, a private
-//! containerd, a loopback docker-registry, and a small busybox image built with umoci.
+//! containerd, and a small busybox image built with umoci and pushed with skopeo to
+//! the loopback [`Registry`](super::Registry).
 //!
 //! Every process started here is owned by a guard that kills it (by pid) when dropped;
 //! every wait is bounded; every mount left below a test directory is detached before
 //! the directory is deleted.
-
-#![allow(dead_code)] // each test binary uses a different subset
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -27,25 +26,14 @@ pub fn fail(message: impl Into<String>) -> Box<dyn std::error::Error + Send + Sy
     message.into().into()
 }
 
-/// Whether every tool in `tools` is installed. Missing tools fail the test under
-/// `CI=true` and skip it (loudly) elsewhere: returns `Ok(false)` to skip.
-pub fn require_tools(test: &str, tools: &[&str]) -> TestResult<bool> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|tool| which(tool).is_none())
-        .collect();
-    if missing.is_empty() {
-        return Ok(true);
-    }
-    let message = format!(
-        "{test}: missing system tools {missing:?} (install them with scripts/install-deps)"
-    );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        return Err(fail(message));
-    }
-    eprintln!("\n!!! SKIPPING {message}\n");
-    Ok(false)
+/// Whether every tool in `tools` is installed (see [`super::require_tool`]: a
+/// missing tool fails under `CI=true` and skips loudly elsewhere). Tools are also
+/// looked for in the sbin directories, which a non-login PATH may lack.
+pub fn require_tools(tools: &[&str]) -> bool {
+    tools.iter().all(|tool| match which(tool) {
+        Some(path) => super::require_tool(&path.display().to_string()),
+        None => super::require_tool(tool),
+    })
 }
 
 /// Finds a program in PATH or the usual sbin directories.
@@ -484,54 +472,6 @@ impl Drop for Containerd {
     }
 }
 
-/// A docker-registry (distribution) listening on a free loopback port.
-pub struct Registry {
-    pub host: String,
-    _process: ProcessGuard,
-}
-
-impl Registry {
-    pub async fn start(dir: &Path) -> TestResult<Self> {
-        let storage = dir.join("registry");
-        std::fs::create_dir_all(&storage)?;
-        // Try a few ports: another process may grab the one we picked.
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            let config = dir.join("registry.yml");
-            std::fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                    storage.display()
-                ),
-            )?;
-            let mut command = Command::new("docker-registry");
-            command
-                .arg("serve")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            let mut process = ProcessGuard::spawn("docker-registry", &mut command)?;
-            let host = format!("127.0.0.1:{port}");
-            let up = wait_for("registry to listen", Duration::from_secs(15), || {
-                let host = host.clone();
-                async move { tokio::net::TcpStream::connect(&host).await.ok().map(|_| ()) }
-            })
-            .await;
-            if up.is_ok() && process.check_running().is_ok() {
-                return Ok(Registry {
-                    host,
-                    _process: process,
-                });
-            }
-        }
-        Err(fail("docker-registry did not start on any of 5 ports"))
-    }
-}
-
 /// Builds a two-layer OCI image with umoci: busybox (static) with `echo`, `sh` and
 /// `cat`, then a second layer adding `/etc/zest-hello`. Returns the layout directory;
 /// the image's tag is `latest`.
@@ -596,9 +536,14 @@ pub async fn build_busybox_image(dir: &Path) -> TestResult<PathBuf> {
     Ok(layout)
 }
 
-/// Pushes `layout:latest` to `registry` as `repo:tag` over plain HTTP.
-pub async fn push_image(layout: &Path, registry: &Registry, repo_tag: &str) -> TestResult<String> {
-    let reference = format!("{}/{repo_tag}", registry.host);
+/// Pushes `layout:latest` to `registry` as `repo:tag` over plain HTTP; returns the
+/// image reference.
+pub async fn push_image(
+    layout: &Path,
+    registry: &super::Registry,
+    repo_tag: &str,
+) -> TestResult<String> {
+    let reference = format!("127.0.0.1:{}/{repo_tag}", registry.port);
     run_ok(
         "skopeo",
         &[
