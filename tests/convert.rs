@@ -503,3 +503,63 @@ fn cli_converts_and_inspects() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cli/missing"), "{stderr}");
 }
+
+/// Interop: an image written by `zest convert` is pulled and run by containerd's
+/// ordinary path (its own overlayfs snapshotter, no zest involved), so converted
+/// images stay valid for every runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converted_image_runs_through_containerds_ordinary_pull() {
+    use support::containerd::{require_tools, Containerd, TestDir};
+    if !support::require_tool(REGISTRY_BIN) || !require_tools(&["containerd", "ctr", "runc"]) {
+        return;
+    }
+    let registry = Registry::start(Auth::None);
+    let dir = TestDir::new().unwrap();
+    let Some(_) = source_image(&dir.path().join("oci")) else {
+        return;
+    };
+    let client = registry.client();
+    let src = ImageStore::open(
+        &format!("oci:{}:src", dir.path().join("oci").display())
+            .parse()
+            .unwrap(),
+        &client,
+    )
+    .unwrap();
+    let image = format!("{}/interop/busybox:chunked", registry.host());
+    let dst = ImageStore::open(&image.parse().unwrap(), &client).unwrap();
+    convert(
+        &src,
+        &dst,
+        &options(dir.path(), PlatformChoice::One(Platform::host())),
+        Arc::new(NoProgress),
+    )
+    .await
+    .expect("convert");
+
+    let containerd = Containerd::start(dir.path(), &dir.path().join("unused-zest.sock"))
+        .await
+        .expect("start containerd");
+    containerd
+        .ctr_ok(&["images", "pull", "--plain-http", &image])
+        .await
+        .expect("ctr images pull of a zest-converted image");
+    let out = containerd
+        .ctr_ok(&[
+            "run",
+            "--rm",
+            &image,
+            "zest-interop",
+            "/bin/sh",
+            "-c",
+            "cat /data/hello.txt; sha256sum /data/random.bin",
+        ])
+        .await
+        .expect("ctr run");
+    assert!(out.contains("hello from zest"), "{out}");
+    let random = support::pseudo_random(1 << 20, 1);
+    assert!(
+        out.contains(&Digest::of(&random).hex()),
+        "file bytes inside the container: {out}"
+    );
+}
