@@ -1158,3 +1158,78 @@ fn corrupted_range_responses_never_reach_the_reader() {
     drop(proxy);
     assert!(env.leftover_mounts().is_empty());
 }
+
+#[test]
+fn prefetch_fetches_the_startup_files_in_few_requests_at_mount() {
+    let Some(env) = env() else { return };
+    let src = env.path("prefetch-src");
+    let startup: Vec<String> = (0..4).map(|i| format!("app/start{i}")).collect();
+    for (i, p) in startup.iter().enumerate() {
+        write(&src.join(p), &pseudo_random(1 << 20, 200 + i as u64));
+    }
+    for i in 0..8 {
+        write(
+            &src.join(format!("other/f{i}")),
+            &pseudo_random(1 << 20, 300 + i),
+        );
+    }
+    // The startup files go first in the tar, as a profiled conversion writes them.
+    let mut list = vec![".".to_string(), "./app".into()];
+    list.extend(startup.iter().map(|p| format!("./{p}")));
+    list.push("./other".into());
+    list.extend((0..8).map(|i| format!("./other/f{i}")));
+    let list_file = env.dir.path().join("order.txt");
+    std::fs::write(&list_file, list.join("\n") + "\n").expect("write list");
+    let tar = env.dir.path().join("prefetch.tar");
+    run(Command::new("tar")
+        .args(["--numeric-owner", "--format=posix", "--no-recursion"])
+        .arg("-cpf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg("-T")
+        .arg(&list_file));
+    let repo = env.repo("lazyfs/prefetch");
+    let opts = WriteOptions {
+        prioritized: startup.clone(),
+        ..WriteOptions::default()
+    };
+    let desc = env.push_layer(&repo, &tar, &opts);
+    let cache = cache_at(&env.path("cache"), 128 << 20, 256 << 20);
+    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
+    let extent = fetcher
+        .index()
+        .prefetch_extent()
+        .expect("the layer has a prefetch extent");
+    assert!(
+        extent.end >= 4 << 20,
+        "extent {extent:?} covers the startup files"
+    );
+    let mut m = env.mount(Arc::clone(&fetcher), "mnt");
+    assert!(
+        m.wait_prefetch(Duration::from_secs(60)),
+        "prefetch did not finish"
+    );
+    let s = fetcher.stats();
+    assert!(s.prefetch_bytes >= 4 << 20, "{s:?}");
+    let max_requests = extent.end.div_ceil(fetcher.config().prefetch_request_bytes) + 1;
+    assert!(
+        s.range_requests <= max_requests,
+        "prefetch took {} requests: {s:?}",
+        s.range_requests
+    );
+    let after_prefetch = range_gets(&env, &desc);
+    // The startup files are served without any request or wait.
+    for (i, p) in startup.iter().enumerate() {
+        let got = std::fs::read(m.mountpoint().join(p)).expect("read");
+        assert!(got == pseudo_random(1 << 20, 200 + i as u64), "{p}");
+    }
+    assert_eq!(range_gets(&env, &desc), after_prefetch);
+    assert_eq!(fetcher.stats().blocking_misses, 0);
+    // Other files are still lazy.
+    let got = std::fs::read(m.mountpoint().join("other/f5")).expect("read");
+    assert!(got == pseudo_random(1 << 20, 305));
+    assert!(fetcher.stats().blocking_misses > 0);
+    assert!(range_gets(&env, &desc) > after_prefetch);
+    m.unmount().expect("unmount");
+}
