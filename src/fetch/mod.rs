@@ -11,7 +11,8 @@
 //!   the next files in blob order) are merged into one range request of at most
 //!   [`FetchConfig::max_request_bytes`]; a read also fetches up to
 //!   [`FetchConfig::readahead_bytes`] of the following chunks that are cached
-//!   nowhere;
+//!   nowhere, a window that doubles (up to [`FetchConfig::max_readahead_bytes`])
+//!   while a file is read sequentially;
 //! - at most [`FetchLimits`] requests per registry run at once; prefetch and
 //!   background fetch use a separate, lower-priority pool and pause while
 //!   on-demand reads wait;
@@ -28,7 +29,7 @@ pub mod stats;
 pub mod toc;
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -99,6 +100,9 @@ pub struct FetchConfig {
     pub max_gap_bytes: u64,
     /// Compressed bytes of following, uncached chunks fetched with a read.
     pub readahead_bytes: u64,
+    /// Largest read-ahead window, reached by doubling while a file's misses
+    /// move forward sequentially.
+    pub max_readahead_bytes: u64,
     /// Largest request of prefetch and background fetch.
     pub prefetch_request_bytes: u64,
     /// Attempts per range (first try included).
@@ -117,6 +121,7 @@ impl Default for FetchConfig {
             max_request_bytes: 4 << 20,
             max_gap_bytes: 64 << 10,
             readahead_bytes: 1 << 20,
+            max_readahead_bytes: 8 << 20,
             prefetch_request_bytes: 8 << 20,
             attempts: 4,
             request_timeout: Duration::from_secs(30),
@@ -229,7 +234,12 @@ pub struct Fetcher {
     order: BlobOrder,
     /// Digests of zero chunks already checked (zeros are synthesized, never fetched).
     zeros_checked: Mutex<HashSet<(Digest, u64)>>,
+    /// Per file: offset of the last miss and the current read-ahead window.
+    sequential: Mutex<HashMap<EntryId, (u64, u64)>>,
 }
+
+/// Files tracked for sequential detection before the table is reset (bounds memory).
+const MAX_TRACKED_FILES: usize = 4096;
 
 impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -297,6 +307,7 @@ impl Fetcher {
             stats: FetchStats::default(),
             order,
             zeros_checked: Mutex::new(HashSet::new()),
+            sequential: Mutex::new(HashMap::new()),
         })
     }
 
@@ -428,7 +439,8 @@ impl Fetcher {
                 .iter()
                 .filter_map(|&i| chunks.get(i).map(|c| self.chunk_index(c)))
                 .collect();
-            let waiters = self.fetch_chunks(&wanted, true);
+            let window = self.readahead_window(id, offset);
+            let waiters = self.fetch_chunks(&wanted, window);
             for (&i, w) in missing.iter().zip(waiters) {
                 let data = w.wait().await?;
                 if let Some(slot) = pieces.get_mut(i) {
@@ -443,10 +455,39 @@ impl Fetcher {
         assemble(range, chunks, &pieces)
     }
 
+    /// The read-ahead budget for a miss at `offset` of file `id`: the base
+    /// window, doubled for each miss that moves forward close to the previous
+    /// one (a sequential reader), reset by a jump.
+    fn readahead_window(&self, id: EntryId, offset: u64) -> u64 {
+        let base = self.config.readahead_bytes;
+        if base == 0 {
+            return 0;
+        }
+        let max = self.config.max_readahead_bytes.max(base);
+        let mut seq = self
+            .sequential
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seq.len() >= MAX_TRACKED_FILES {
+            seq.clear();
+        }
+        let (last, window) = seq.get(&id).copied().unwrap_or((u64::MAX, base));
+        let next =
+            if offset > last && offset - last <= window.saturating_mul(2).saturating_add(base) {
+                window.saturating_mul(2).min(max)
+            } else if offset == last {
+                window
+            } else {
+                base
+            };
+        seq.insert(id, (offset, next));
+        next
+    }
+
     /// Starts fetching the chunks `wanted` (indices into `all_chunks()`, in read
-    /// order), plus read-ahead when `readahead`; returns one waiter per wanted
-    /// chunk, in the same order.
-    fn fetch_chunks(self: &Arc<Self>, wanted: &[usize], readahead: bool) -> Vec<Waiter> {
+    /// order), plus up to `readahead` compressed bytes of following uncached
+    /// chunks; returns one waiter per wanted chunk, in the same order.
+    fn fetch_chunks(self: &Arc<Self>, wanted: &[usize], readahead: u64) -> Vec<Waiter> {
         let all = self.index.all_chunks();
         let mut owned: Vec<Owned> = Vec::new();
         let mut waiters = Vec::with_capacity(wanted.len());
@@ -470,13 +511,13 @@ impl Fetcher {
                 }
             }
         }
-        if readahead && !owned.is_empty() {
+        if readahead > 0 && !owned.is_empty() {
             let last = wanted
                 .iter()
                 .filter_map(|&i| self.blob_pos(i))
                 .max()
                 .unwrap_or(0);
-            self.claim_readahead(last, &mut owned);
+            self.claim_readahead(last, readahead, &mut owned);
         }
         if !owned.is_empty() {
             for run in group_runs(
@@ -495,12 +536,8 @@ impl Fetcher {
     }
 
     /// Claims chunks following blob position `after` that are cached nowhere,
-    /// up to `readahead_bytes` of compressed data.
-    fn claim_readahead(&self, after: usize, owned: &mut Vec<Owned>) {
-        let budget = self.config.readahead_bytes;
-        if budget == 0 {
-            return;
-        }
+    /// up to `budget` bytes of compressed data.
+    fn claim_readahead(&self, after: usize, budget: u64, owned: &mut Vec<Owned>) {
         let all = self.index.all_chunks();
         let mut taken = 0u64;
         // Bounded walk: at most this many positions are examined.

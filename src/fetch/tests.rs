@@ -470,3 +470,33 @@ async fn on_demand_reads_overtake_background_fetch() {
         assert_eq!(&f.read_from_memory(id, 0, 40_000).unwrap()[..], &d[..]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_window_grows_for_sequential_misses_and_resets_on_jumps() {
+    let a = pattern(1000, 30);
+    let (f, _src) = fetcher_for(
+        &[TestFile {
+            name: "a",
+            data: &a,
+            chunk: 500,
+        }],
+        fast_config(),
+    );
+    let id = id_of(&f, "a");
+    let base = f.config().readahead_bytes;
+    let max = f.config().max_readahead_bytes;
+    assert_eq!(f.readahead_window(id, 0), base);
+    assert_eq!(f.readahead_window(id, base), 2 * base);
+    assert_eq!(f.readahead_window(id, 3 * base), 4 * base);
+    let mut off = 3 * base;
+    for _ in 0..10 {
+        off += 4 * base;
+        assert!(f.readahead_window(id, off) <= max);
+    }
+    assert_eq!(f.readahead_window(id, off + base), max);
+    // A jump backwards resets the window.
+    assert_eq!(f.readahead_window(id, 0), base);
+    // Another file has its own window.
+    let other = f.index().root();
+    assert_eq!(f.readahead_window(other, 5 * base), base);
+}
