@@ -414,31 +414,50 @@ impl Fetcher {
     ) -> Result<Bytes, FetchError> {
         let (range, chunks) = self.plan(id, offset, len)?;
         let mut pieces: Vec<Option<Piece>> = Vec::with_capacity(chunks.len());
-        let mut missing = Vec::new();
+        let mut lookups = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
             if c.zeros {
                 self.check_zeros(c).await?;
                 pieces.push(Some(Piece::Zeros));
-                continue;
+            } else if let Some(b) = self.cache.memory().get(&c.digest) {
+                self.stats.add_memory_hits(1);
+                pieces.push(Some(Piece::Data(b)));
+            } else {
+                pieces.push(None);
+                lookups.push(i);
             }
-            match self.cache.get_async(&c.digest).await {
+        }
+        // The disk tier, all chunks of the read at once (reads and hashing run
+        // on the blocking pool).
+        let found = futures::future::join_all(
+            lookups
+                .iter()
+                .filter_map(|&i| chunks.get(i))
+                .map(|c| self.cache.get_async(&c.digest)),
+        )
+        .await;
+        let mut missing = Vec::new();
+        for (&i, f) in lookups.iter().zip(found) {
+            match f {
                 Some(b) => {
                     self.stats.add_disk_hits(1);
-                    pieces.push(Some(Piece::Data(b)));
+                    if let Some(slot) = pieces.get_mut(i) {
+                        *slot = Some(Piece::Data(b));
+                    }
                 }
-                None => {
-                    pieces.push(None);
-                    missing.push(i);
-                }
+                None => missing.push(i),
             }
         }
         if !missing.is_empty() {
             self.stats.add_blocking_misses(1);
             let _waiting = self.limits.waiting_guard();
-            let wanted: Vec<usize> = missing
-                .iter()
-                .filter_map(|&i| chunks.get(i).map(|c| self.chunk_index(c)))
-                .collect();
+            let mut wanted = Vec::with_capacity(missing.len());
+            for &i in &missing {
+                let idx = chunks.get(i).and_then(|c| self.chunk_index(c));
+                wanted.push(
+                    idx.ok_or_else(|| FetchError::Internal("chunk not in the layer index".into()))?,
+                );
+            }
             let window = self.readahead_window(id, offset);
             let waiters = self.fetch_chunks(&wanted, window);
             for (&i, w) in missing.iter().zip(waiters) {
@@ -448,10 +467,12 @@ impl Fetcher {
                 }
             }
         }
+        // Every piece is filled by now; a gap would be a bug, and is an error,
+        // never zeros.
         let pieces: Vec<Piece> = pieces
             .into_iter()
-            .map(|p| p.unwrap_or(Piece::Zeros))
-            .collect();
+            .map(|p| p.ok_or_else(|| FetchError::Internal("chunk missing after fetch".into())))
+            .collect::<Result<_, _>>()?;
         assemble(range, chunks, &pieces)
     }
 
@@ -773,10 +794,13 @@ impl Fetcher {
         fetched
     }
 
-    /// Index into `all_chunks()` of a chunk borrowed from it.
-    fn chunk_index(&self, c: &Chunk) -> usize {
-        let base = self.index.all_chunks().as_ptr() as usize;
-        (c as *const Chunk as usize - base) / std::mem::size_of::<Chunk>()
+    /// Index into `all_chunks()` of a chunk borrowed from it (the index hands
+    /// out sub-slices of that table); `None` for any other reference.
+    fn chunk_index(&self, c: &Chunk) -> Option<usize> {
+        let all = self.index.all_chunks();
+        let offset = (c as *const Chunk as usize).checked_sub(all.as_ptr() as usize)?;
+        let idx = offset / std::mem::size_of::<Chunk>();
+        all.get(idx).filter(|x| std::ptr::eq(*x, c)).map(|_| idx)
     }
 
     /// Blob position of chunk `idx`.
