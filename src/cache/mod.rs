@@ -36,7 +36,7 @@ mod disk;
 mod hash;
 mod memory;
 
-pub use disk::{DiskCache, DiskOptions, DiskStats, InsertOutcome, MAX_ENTRY_BYTES};
+pub use disk::{DiskCache, DiskOptions, DiskStats, DiskUsage, InsertOutcome, MAX_ENTRY_BYTES};
 pub use memory::{MemoryCache, MemoryStats, ENTRY_OVERHEAD};
 
 use std::path::PathBuf;
