@@ -1001,12 +1001,15 @@ fn disk_cache_stays_under_budget_while_reading_more() {
         let got = std::fs::read(m.mountpoint().join(format!("data/f{i:03}"))).expect("read");
         assert!(got == pseudo_random(1 << 20, 100 + i), "file {i} content");
         cache.flush();
-        let (used, chunks) = cache.disk().expect("disk tier").usage();
+        let u = cache.disk().expect("disk tier").usage();
+        assert_eq!(u.budget_bytes, budget);
         assert!(
-            used <= budget,
-            "disk cache holds {used} bytes ({chunks} chunks), over the {budget}-byte budget"
+            u.bytes <= budget,
+            "disk cache holds {} bytes ({} chunks), over the {budget}-byte budget",
+            u.bytes,
+            u.entries
         );
-        assert!(chunks > 0);
+        assert!(u.entries > 0);
     }
     // What is really on disk, too.
     let on_disk: u64 = walk(&cache_dir)
