@@ -241,6 +241,9 @@ pub struct Fetcher {
 /// Files tracked for sequential detection before the table is reset (bounds memory).
 const MAX_TRACKED_FILES: usize = 4096;
 
+/// Times a read claims a chunk whose fetch was abandoned before giving up.
+const MAX_CLAIM_ROUNDS: u32 = 3;
+
 impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fetcher")
@@ -451,20 +454,35 @@ impl Fetcher {
         if !missing.is_empty() {
             self.stats.add_blocking_misses(1);
             let _waiting = self.limits.waiting_guard();
-            let mut wanted = Vec::with_capacity(missing.len());
-            for &i in &missing {
-                let idx = chunks.get(i).and_then(|c| self.chunk_index(c));
-                wanted.push(
-                    idx.ok_or_else(|| FetchError::Internal("chunk not in the layer index".into()))?,
-                );
-            }
             let window = self.readahead_window(id, offset);
-            let waiters = self.fetch_chunks(&wanted, window);
-            for (&i, w) in missing.iter().zip(waiters) {
-                let data = w.wait().await?;
-                if let Some(slot) = pieces.get_mut(i) {
-                    *slot = Some(Piece::Data(data));
+            // A fetch we waited on may be abandoned (its task stopped, e.g. a
+            // prefetch at unmount): claim those chunks again, a bounded number
+            // of times.
+            let mut round = 0;
+            while !missing.is_empty() {
+                round += 1;
+                let mut wanted = Vec::with_capacity(missing.len());
+                for &i in &missing {
+                    let idx = chunks.get(i).and_then(|c| self.chunk_index(c));
+                    wanted.push(idx.ok_or_else(|| {
+                        FetchError::Internal("chunk not in the layer index".into())
+                    })?);
                 }
+                let readahead = if round == 1 { window } else { 0 };
+                let waiters = self.fetch_chunks(&wanted, readahead);
+                let mut again = Vec::new();
+                for (&i, w) in missing.iter().zip(waiters) {
+                    match w.wait().await {
+                        Ok(data) => {
+                            if let Some(slot) = pieces.get_mut(i) {
+                                *slot = Some(Piece::Data(data));
+                            }
+                        }
+                        Err(FetchError::Cancelled) if round < MAX_CLAIM_ROUNDS => again.push(i),
+                        Err(e) => return Err(e),
+                    }
+                }
+                missing = again;
             }
         }
         // Every piece is filled by now; a gap would be a bug, and is an error,
@@ -524,7 +542,12 @@ impl Fetcher {
             match self.inflight.claim(c.digest) {
                 Claim::Owner(guard) => {
                     waiters.push(guard.subscribe());
-                    owned.push(Owned { idx, guard });
+                    // A fetch may have completed between the cache lookup and
+                    // the claim: no need to fetch again.
+                    match self.cache.memory().get(&c.digest) {
+                        Some(b) => guard.complete(Ok(b)),
+                        None => owned.push(Owned { idx, guard }),
+                    }
                 }
                 Claim::Waiter(w) => {
                     self.stats.add_deduplicated_waits(1);
@@ -573,8 +596,15 @@ impl Fetcher {
                 continue;
             }
             if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
-                taken += u64::from(c.compressed_len);
-                owned.push(Owned { idx, guard });
+                // Re-check after claiming (a fetch may just have finished);
+                // complete rather than drop: dropping reports a failure.
+                match self.cache.memory().get(&c.digest) {
+                    Some(b) => guard.complete(Ok(b)),
+                    None => {
+                        taken += u64::from(c.compressed_len);
+                        owned.push(Owned { idx, guard });
+                    }
+                }
             }
         }
     }
@@ -768,8 +798,13 @@ impl Fetcher {
                 }
                 pos += 1;
                 if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
-                    run_end = r.end;
-                    owned_push(&mut run, idx, guard);
+                    match self.cache.memory().get(&c.digest) {
+                        Some(b) => guard.complete(Ok(b)),
+                        None => {
+                            run_end = r.end;
+                            run.push(Owned { idx, guard });
+                        }
+                    }
                 }
             }
             if run.is_empty() {
@@ -850,10 +885,6 @@ impl Fetcher {
             .insert((digest, len));
         Ok(())
     }
-}
-
-fn owned_push(run: &mut Vec<Owned>, idx: usize, guard: ClaimGuard) {
-    run.push(Owned { idx, guard });
 }
 
 /// sha256 of `len` zero bytes, hashed in pieces (zero chunks may be huge).

@@ -500,3 +500,37 @@ async fn readahead_window_grows_for_sequential_misses_and_resets_on_jumps() {
     let other = f.index().root();
     assert_eq!(f.readahead_window(other, 5 * base), base);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_reclaims_chunks_of_an_abandoned_fetch() {
+    let a = pattern(20_000, 40);
+    let (f, src) = fetcher_for(
+        &[TestFile {
+            name: "a",
+            data: &a,
+            chunk: 5000,
+        }],
+        fast_config(),
+    );
+    src.delay_ms.store(300, Ordering::SeqCst);
+    let end = f.index().location().data_end();
+    // A background fetch claims everything, then is stopped mid-request.
+    let bg = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move { f.fetch_background(0..end, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reader = {
+        let f = Arc::clone(&f);
+        let id = id_of(&f, "a");
+        tokio::spawn(async move { f.read(id, 0, 20_000).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    bg.abort();
+    src.delay_ms.store(0, Ordering::SeqCst);
+    let got = reader
+        .await
+        .unwrap()
+        .expect("the reader fetches again instead of failing");
+    assert_eq!(&got[..], &a[..]);
+}
