@@ -84,7 +84,7 @@ fn disk_budget_holds_while_inserting_far_more_than_the_budget() {
             bytes <= budget,
             "after insert {i}: {bytes} bytes on disk > budget {budget}"
         );
-        assert!(cache.usage().0 <= budget);
+        assert!(cache.usage().bytes <= budget);
     }
     assert!(
         total_inserted > 5 * budget,
@@ -313,7 +313,7 @@ fn concurrent_inserts_and_gets_of_many_chunks_stay_correct() {
                         assert_eq!(&got, data, "wrong bytes served for chunk {i}");
                         served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                    assert!(cache.usage().0 <= budget);
+                    assert!(cache.usage().bytes <= budget);
                 }
             }));
         }
@@ -539,4 +539,76 @@ fn chunk_cache_under_concurrent_use_serves_only_correct_bytes() {
     );
     assert_eq!(disk.entries, on_disk(dir.path()).1);
     assert!(on_disk(dir.path()).0 <= 600 * 1024);
+}
+
+/// Whether a system tool runs; missing is a failure under CI and a loud skip elsewhere.
+fn tool_available(name: &str) -> bool {
+    let ok = std::process::Command::new(name)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{name} is required under CI (install util-linux)"
+        );
+        eprintln!("SKIPPED: {name} not found; this test needs it (util-linux)");
+    }
+    ok
+}
+
+#[test]
+fn the_lock_excludes_another_process() {
+    use std::io::BufRead;
+    if !tool_available("flock") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    drop(DiskCache::open(dir.path(), 1 << 20).unwrap());
+    let lock_path = dir.path().join("lock");
+    // A shell that takes the lock, says so, and becomes `sleep` (same pid, still
+    // holding the descriptor), so killing our child releases the lock.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec 9<>"$1" && flock -x 9 && echo locked && exec sleep 30"#)
+        .arg("sh")
+        .arg(&lock_path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(10));
+    let result = DiskCache::open(dir.path(), 1 << 20);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(ready.unwrap().trim(), "locked");
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CacheError::Locked {
+                holder_pid: None,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("another process"), "{msg}");
+    assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    // The holder is gone (reaped), so its lock is too.
+    let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(
+        fs::read_to_string(&lock_path).unwrap().trim(),
+        std::process::id().to_string()
+    );
+    drop(cache);
 }

@@ -27,7 +27,7 @@ use zest::digest::Digest;
 use zest::fetch::toc::{open_layer, TocFetchOptions};
 use zest::fetch::{BlobSource, FetchConfig, FetchLimits, Fetcher, RegistryBlob};
 use zest::format::{write_chunked, WriteOptions};
-use zest::fs::{ImageMount, LayerMount, MountOptions};
+use zest::fs::{ImageMount, LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
 use zest::oci::{media_type, Descriptor, Repository};
 use zest::registry::{PlainHttp, RegistryClient};
 
@@ -1001,12 +1001,15 @@ fn disk_cache_stays_under_budget_while_reading_more() {
         let got = std::fs::read(m.mountpoint().join(format!("data/f{i:03}"))).expect("read");
         assert!(got == pseudo_random(1 << 20, 100 + i), "file {i} content");
         cache.flush();
-        let (used, chunks) = cache.disk().expect("disk tier").usage();
+        let u = cache.disk().expect("disk tier").usage();
+        assert_eq!(u.budget_bytes, budget);
         assert!(
-            used <= budget,
-            "disk cache holds {used} bytes ({chunks} chunks), over the {budget}-byte budget"
+            u.bytes <= budget,
+            "disk cache holds {} bytes ({} chunks), over the {budget}-byte budget",
+            u.bytes,
+            u.entries
         );
-        assert!(chunks > 0);
+        assert!(u.entries > 0);
     }
     // What is really on disk, too.
     let on_disk: u64 = walk(&cache_dir)
@@ -1157,4 +1160,205 @@ fn corrupted_range_responses_never_reach_the_reader() {
     m.unmount().expect("unmount");
     drop(proxy);
     assert!(env.leftover_mounts().is_empty());
+}
+
+#[test]
+fn prefetch_fetches_the_startup_files_in_few_requests_at_mount() {
+    let Some(env) = env() else { return };
+    let src = env.path("prefetch-src");
+    let startup: Vec<String> = (0..4).map(|i| format!("app/start{i}")).collect();
+    for (i, p) in startup.iter().enumerate() {
+        write(&src.join(p), &pseudo_random(1 << 20, 200 + i as u64));
+    }
+    for i in 0..8 {
+        write(
+            &src.join(format!("other/f{i}")),
+            &pseudo_random(1 << 20, 300 + i),
+        );
+    }
+    // The startup files go first in the tar, as a profiled conversion writes them.
+    let mut list = vec![".".to_string(), "./app".into()];
+    list.extend(startup.iter().map(|p| format!("./{p}")));
+    list.push("./other".into());
+    list.extend((0..8).map(|i| format!("./other/f{i}")));
+    let list_file = env.dir.path().join("order.txt");
+    std::fs::write(&list_file, list.join("\n") + "\n").expect("write list");
+    let tar = env.dir.path().join("prefetch.tar");
+    run(Command::new("tar")
+        .args(["--numeric-owner", "--format=posix", "--no-recursion"])
+        .arg("-cpf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg("-T")
+        .arg(&list_file));
+    let repo = env.repo("lazyfs/prefetch");
+    let opts = WriteOptions {
+        prioritized: startup.clone(),
+        ..WriteOptions::default()
+    };
+    let desc = env.push_layer(&repo, &tar, &opts);
+    let cache = cache_at(&env.path("cache"), 128 << 20, 256 << 20);
+    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
+    let extent = fetcher
+        .index()
+        .prefetch_extent()
+        .expect("the layer has a prefetch extent");
+    assert!(
+        extent.end >= 4 << 20,
+        "extent {extent:?} covers the startup files"
+    );
+    let mut m = env.mount(Arc::clone(&fetcher), "mnt");
+    assert!(
+        m.wait_prefetch(Duration::from_secs(60)),
+        "prefetch did not finish"
+    );
+    let s = fetcher.stats();
+    assert!(s.prefetch_bytes >= 4 << 20, "{s:?}");
+    let max_requests = extent.end.div_ceil(fetcher.config().prefetch_request_bytes) + 1;
+    assert!(
+        s.range_requests <= max_requests,
+        "prefetch took {} requests: {s:?}",
+        s.range_requests
+    );
+    let after_prefetch = range_gets(&env, &desc);
+    // The startup files are served without any request or wait.
+    for (i, p) in startup.iter().enumerate() {
+        let got = std::fs::read(m.mountpoint().join(p)).expect("read");
+        assert!(got == pseudo_random(1 << 20, 200 + i as u64), "{p}");
+    }
+    assert_eq!(range_gets(&env, &desc), after_prefetch);
+    assert_eq!(fetcher.stats().blocking_misses, 0);
+    // Other files are still lazy.
+    let got = std::fs::read(m.mountpoint().join("other/f5")).expect("read");
+    assert!(got == pseudo_random(1 << 20, 305));
+    assert!(fetcher.stats().blocking_misses > 0);
+    assert!(range_gets(&env, &desc) > after_prefetch);
+    m.unmount().expect("unmount");
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn fully_cached_files_are_served_by_passthrough_also_under_overlay() {
+    let Some(env) = env() else { return };
+    let tar = data_layer(&env, "pt", 2, 600_000);
+    let tar2 = data_layer(&env, "pt-top", 0, 0);
+    let repo = env.repo("lazyfs/passthrough");
+    let desc = env.push_layer(&repo, &tar, &WriteOptions::default());
+    let desc2 = env.push_layer(&repo, &tar2, &WriteOptions::default());
+    let cache = cache_at(&env.path("cache"), 64 << 20, 256 << 20);
+    let store =
+        PassthroughStore::open(&env.dir.path().join("passthrough"), 64 << 20, 1).expect("store");
+    let options = MountOptions {
+        fs: LayerFsOptions {
+            passthrough: Some(Arc::clone(&store)),
+            ..LayerFsOptions::default()
+        },
+        ..MountOptions::default()
+    };
+    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
+    let m = LayerMount::mount(Arc::clone(&fetcher), &env.path("mnt"), &options).expect("mount");
+    if !m.fs().passthrough_active() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "kernel without FUSE passthrough"
+        );
+        eprintln!(
+            "\n!!!!! SKIPPING passthrough test: the kernel did not accept FUSE passthrough !!!!!\n"
+        );
+        return;
+    }
+    let p = m.mountpoint().join("data/f000");
+    let want = pseudo_random(600_000, 100);
+    // First open: not cached, served through FUSE reads. Keep it open.
+    let mut h1 = std::fs::File::open(&p).expect("open");
+    let mut got = Vec::new();
+    h1.read_to_end(&mut got).expect("read");
+    assert!(got == want);
+    assert!(m.fs().stats().reads > 0);
+    // Closing a handle of the now fully cached file stores it for passthrough.
+    let h2 = std::fs::File::open(&p).expect("second open");
+    drop(h2);
+    wait_for("the file to be stored", Duration::from_secs(20), || {
+        store.len() == 1
+    });
+    assert_eq!(store.used(), 600_000);
+    // h1 is still open in page-cache mode: the kernel refuses (EIO) a
+    // passthrough open of the same inode now, so this one must stay cached.
+    let mut h3 = std::fs::File::open(&p).expect("open while a cached handle is open");
+    let mut got = Vec::new();
+    h3.read_to_end(&mut got)
+        .expect("read while a cached handle is open");
+    assert!(got == want);
+    assert_eq!(m.fs().stats().passthrough_opens, 0);
+    drop(h3);
+    drop(h1);
+    // The kernel releases handles asynchronously after close.
+    wait_for(
+        "the handles to be released",
+        Duration::from_secs(10),
+        || m.fs().stats().open_files == 0,
+    );
+
+    drop_page_cache(&p);
+    let reads_before = m.fs().stats().reads;
+    let got = std::fs::read(&p).expect("read by passthrough");
+    assert!(got == want, "passthrough content");
+    let st = m.fs().stats();
+    assert!(st.passthrough_opens >= 1, "{st:?}");
+    assert_eq!(
+        st.reads, reads_before,
+        "passthrough reads must not reach the daemon"
+    );
+    // mmap works too.
+    {
+        let f = std::fs::File::open(&p).expect("open");
+        use std::os::fd::AsRawFd;
+        // SAFETY: read-only private mapping of an open file of that length.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                600_000,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        // SAFETY: the mapping is 600_000 readable bytes.
+        let mapped = unsafe { std::slice::from_raw_parts(ptr as *const u8, 600_000) };
+        assert!(mapped == &want[..]);
+        // SAFETY: unmapping what was mapped.
+        unsafe { libc::munmap(ptr, 600_000) };
+    }
+
+    // An overlay stacked on passthrough-enabled layers mounts and reads.
+    let fetcher2 = env.fetcher(env.registry_source(&repo, &desc2), &desc2, &cache);
+    let m2 = LayerMount::mount(fetcher2, &env.path("mnt2"), &options).expect("mount top");
+    let fs1 = Arc::clone(m.fs());
+    let mut image = ImageMount::mount(vec![m, m2], &env.path("rootfs"))
+        .expect("overlay over passthrough layers");
+    let before = fs1.stats();
+    let got = std::fs::read(image.target().join("data/f000")).expect("read through overlay");
+    assert!(got == want);
+    let after = fs1.stats();
+    assert!(
+        after.passthrough_opens > before.passthrough_opens,
+        "{after:?}"
+    );
+    assert_eq!(after.reads, before.reads);
+    image.unmount().expect("unmount");
+    assert!(
+        env.leftover_mounts().is_empty(),
+        "{:?}",
+        env.leftover_mounts()
+    );
 }

@@ -38,6 +38,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -79,6 +80,9 @@ pub struct DiskOptions {
     /// A hit re-stamps the file's mtime when it is older than this, so that a restart
     /// restores the recency order; `None` never touches files.
     pub touch_interval: Option<Duration>,
+    /// The most `*_async` reads and writes running on tokio's blocking pool at once;
+    /// more wait their turn, so a burst of misses cannot spawn hundreds of threads.
+    pub async_io_limit: usize,
 }
 
 impl DiskOptions {
@@ -88,6 +92,7 @@ impl DiskOptions {
             budget_bytes,
             sync_writes: false,
             touch_interval: Some(Duration::from_secs(60)),
+            async_io_limit: 16,
         }
     }
 }
@@ -106,6 +111,18 @@ pub enum InsertOutcome {
     /// Everything evictable is already gone and writes in progress hold the rest of
     /// the budget; not stored.
     NoRoom,
+}
+
+/// How much a [`DiskCache`] holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Bytes charged against the budget: indexed chunks (length rounded up to 4 KiB)
+    /// plus writes and deletions in progress.
+    pub bytes: u64,
+    /// Chunks indexed.
+    pub entries: u64,
+    /// The budget.
+    pub budget_bytes: u64,
 }
 
 /// Counters and usage of a [`DiskCache`] at one instant.
@@ -150,8 +167,9 @@ pub struct DiskCache {
     counters: Counters,
     tmp_seq: AtomicU64,
     temp_files_removed: u64,
+    async_io: tokio::sync::Semaphore,
     /// Holds the flock on `<root>/lock` until the cache is dropped.
-    _lock: File,
+    lock_file: File,
 }
 
 #[derive(Clone, Copy)]
@@ -275,6 +293,7 @@ impl DiskCache {
             temp_files_removed,
             "chunk cache opened"
         );
+        let async_io = tokio::sync::Semaphore::new(options.async_io_limit.max(1));
         Ok(DiskCache {
             root,
             chunks_dir,
@@ -284,7 +303,8 @@ impl DiskCache {
             counters,
             tmp_seq: AtomicU64::new(0),
             temp_files_removed,
-            _lock: lock_file,
+            async_io,
+            lock_file,
         })
     }
 
@@ -319,6 +339,8 @@ impl DiskCache {
     /// in the index returns at once without leaving the calling task.
     pub async fn get_async(self: &Arc<Self>, digest: Digest) -> Option<Bytes> {
         let entry = self.lookup(&digest)?;
+        // The semaphore is never closed, so acquiring only fails if it were.
+        let _permit = self.async_io.acquire().await.ok()?;
         let this = Arc::clone(self);
         match tokio::task::spawn_blocking(move || this.read_entry(&digest, entry)).await {
             Ok(found) => found,
@@ -369,12 +391,20 @@ impl DiskCache {
     }
 
     fn read_verified(&self, path: &Path, digest: &Digest, len: u64) -> Result<Bytes, ReadFailure> {
-        let file = match File::open(path) {
+        // No symlinks, and a FIFO planted in the directory must not block the open.
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadFailure::Vanished),
             Err(e) => return Err(ReadFailure::Io(e)),
         };
         let meta = file.metadata().map_err(ReadFailure::Io)?;
+        if !meta.is_file() {
+            return Err(ReadFailure::Corrupt("not a regular file".into()));
+        }
         if meta.len() != len {
             return Err(ReadFailure::Corrupt(format!(
                 "{} bytes on disk, {len} expected",
@@ -538,6 +568,11 @@ impl DiskCache {
         digest: Digest,
         data: Bytes,
     ) -> Result<InsertOutcome, CacheError> {
+        let _permit = self
+            .async_io
+            .acquire()
+            .await
+            .map_err(|e| CacheError::Task(e.to_string()))?;
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || this.insert(&digest, &data))
             .await
@@ -613,15 +648,19 @@ impl DiskCache {
         Ok(())
     }
 
-    /// Bytes charged and chunks indexed.
-    pub fn usage(&self) -> (u64, u64) {
+    /// What the cache holds now.
+    pub fn usage(&self) -> DiskUsage {
         let index = lock(&self.index);
-        (index.charged, index.lru.len() as u64)
+        DiskUsage {
+            bytes: index.charged,
+            entries: index.lru.len() as u64,
+            budget_bytes: self.options.budget_bytes,
+        }
     }
 
     /// A snapshot of the counters and usage.
     pub fn stats(&self) -> DiskStats {
-        let (bytes, entries) = self.usage();
+        let DiskUsage { bytes, entries, .. } = self.usage();
         let c = &self.counters;
         DiskStats {
             hits: c.hits.load(Relaxed),
@@ -643,6 +682,14 @@ impl DiskCache {
     pub fn digests_lru_first(&self) -> Vec<Digest> {
         let index = lock(&self.index);
         index.lru.iter().rev().map(|(d, _)| *d).collect()
+    }
+}
+
+impl Drop for DiskCache {
+    /// Clears our pid from the lock file (the flock itself goes with the descriptor), so
+    /// a later holder that records nothing is not reported under our stale pid.
+    fn drop(&mut self) {
+        let _ = self.lock_file.set_len(0);
     }
 }
 
@@ -811,10 +858,10 @@ mod tests {
         let hex = d.hex();
         let path = dir.path().join("chunks/sha256").join(&hex[..2]).join(&hex);
         assert_eq!(fs::read(&path).unwrap(), data);
-        assert_eq!(cache.usage(), (4096, 1));
+        assert_eq!((cache.usage().bytes, cache.usage().entries), (4096, 1));
         assert!(cache.remove(&d));
         assert!(!path.exists());
-        assert_eq!(cache.usage(), (0, 0));
+        assert_eq!((cache.usage().bytes, cache.usage().entries), (0, 0));
         let s = cache.stats();
         assert_eq!((s.hits, s.misses, s.inserts), (1, 1, 1));
     }
@@ -835,7 +882,7 @@ mod tests {
         fs::write(shard.join(d.hex()), b"x").unwrap();
         fs::write(dir.path().join("chunks/sha256/zz"), b"junk").unwrap();
         let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(cache.usage(), (0, 0));
+        assert_eq!((cache.usage().bytes, cache.usage().entries), (0, 0));
         assert!(!shard.join("not-a-digest").exists());
         assert!(!shard.join(d.hex()).exists());
         assert!(!dir.path().join("chunks/sha256/zz").exists());
@@ -851,11 +898,37 @@ mod tests {
         cache.insert(&d, &data).unwrap();
         fs::remove_file(cache.chunk_path(&d)).unwrap();
         assert!(cache.get(&d).is_none());
-        assert_eq!(cache.usage(), (0, 0));
+        assert_eq!((cache.usage().bytes, cache.usage().entries), (0, 0));
         assert_eq!(cache.stats().vanished, 1);
         // And it can be stored again.
         assert_eq!(cache.insert(&d, &data).unwrap(), InsertOutcome::Stored);
         assert_eq!(cache.get(&d).as_deref(), Some(&data[..]));
+    }
+
+    #[test]
+    fn a_fifo_or_symlink_in_place_of_a_chunk_is_rejected_without_blocking() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, b) = (b"fifo chunk".to_vec(), b"link chunk".to_vec());
+        let (da, db) = (Digest::of(&a), Digest::of(&b));
+        cache.insert(&da, &a).unwrap();
+        cache.insert(&db, &b).unwrap();
+        // Same length as the chunk, so only the file type gives it away.
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, &b).unwrap();
+        fs::remove_file(cache.chunk_path(&db)).unwrap();
+        std::os::unix::fs::symlink(&target, cache.chunk_path(&db)).unwrap();
+        let fifo = cache.chunk_path(&da);
+        fs::remove_file(&fifo).unwrap();
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // An open without O_NONBLOCK would hang here forever.
+        assert!(cache.get(&da).is_none());
+        assert!(cache.get(&db).is_none());
+        assert!(!fifo.exists() && fs::symlink_metadata(cache.chunk_path(&db)).is_err());
+        assert_eq!(cache.stats().entries, 0);
     }
 
     #[test]

@@ -14,6 +14,25 @@
 //! Content addressing makes a chunk shared by layers or images stored once, and makes
 //! the cache self-checking: the key is the checksum.
 //!
+//! ```
+//! use bytes::Bytes;
+//! use zest::cache::{CacheConfig, ChunkCache};
+//! use zest::digest::Digest;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let cache = ChunkCache::open(&CacheConfig {
+//!     disk_root: dir.path().to_path_buf(),
+//!     ..CacheConfig::default()
+//! })?;
+//! let data = Bytes::from_static(b"decompressed chunk");
+//! let digest = Digest::of(&data); // the read path verifies fetched data like this
+//! cache.insert(digest, data.clone());
+//! assert_eq!(cache.get(&digest), Some(data));
+//! cache.flush(); // wait for the background disk write (shutdown, tests)
+//! assert!(cache.disk().is_some_and(|d| d.contains(&digest)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Precondition and trust
 //!
 //! Callers insert only bytes they have verified against the digest (the fetch path
@@ -25,18 +44,49 @@
 //!
 //! Both tiers hold their byte bound after every call returns, not eventually: the
 //! memory tier evicts before returning from `insert`; the disk tier reserves space
-//! (evicting least recently used chunks) before it writes. A chunk larger than a
-//! tier's whole budget is not stored in that tier.
+//! (evicting least recently used chunks, and waiting for their unlink) before it
+//! writes. A chunk larger than a tier's whole budget is not stored in that tier.
 //!
 //! Values are charged by `len()`. A `Bytes` that slices a larger buffer keeps the whole
 //! buffer alive, so insert chunks that own their allocation (`Bytes::from(Vec)`), not
 //! views into a decompressed multi-chunk range.
+//!
+//! # Lifetime of cached data
+//!
+//! The disk cache belongs to the daemon's cache directory, not to a mount or an image:
+//! unmounting a layer or removing a snapshot deletes nothing, and a restart (or a
+//! crash) reuses every chunk present, with the recency order kept through file mtimes.
+//! Chunks leave the disk only by LRU eviction under the budget, by failing
+//! verification, or by [`DiskCache::remove`]. The budget counts chunk files (rounded up
+//! to 4 KiB) and writes in progress; the 256 shard directories and the lock file add
+//! about 1 MiB on top.
+//!
+//! On disk: `<root>/lock`, `<root>/tmp/`, and `<root>/chunks/sha256/<2 hex>/<64 hex>`
+//! (see [`DiskCache`]). Deleting the whole directory while no daemon runs is always
+//! safe.
+//!
+//! # Threads and blocking
+//!
+//! `MemoryCache` and the index of `DiskCache` are behind mutexes that guard only map
+//! operations; hashing, file IO and freeing evicted buffers happen outside them. Disk
+//! reads and writes are blocking: async callers use [`ChunkCache::get_async`] and
+//! [`DiskCache::get_async`]/[`DiskCache::insert_async`], which run the IO on tokio's
+//! blocking pool with a bounded number in flight
+//! ([`DiskOptions::async_io_limit`]). The facade's disk writes run on one dedicated
+//! thread fed by a queue bounded in bytes ([`CacheConfig::write_queue_bytes`]).
+//!
+//! # Metrics
+//!
+//! [`ChunkCache::stats`] returns a [`CacheStats`] snapshot: per tier hits, misses,
+//! inserts, evictions and bytes; on disk also corruptions, vanished files, IO errors
+//! and refused inserts; and the writer's queued, written, skipped, dropped and failed
+//! writes. All counters are monotonic except the byte, entry and pending gauges.
 
 mod disk;
 mod hash;
 mod memory;
 
-pub use disk::{DiskCache, DiskOptions, DiskStats, InsertOutcome, MAX_ENTRY_BYTES};
+pub use disk::{DiskCache, DiskOptions, DiskStats, DiskUsage, InsertOutcome, MAX_ENTRY_BYTES};
 pub use memory::{MemoryCache, MemoryStats, ENTRY_OVERHEAD};
 
 use std::path::PathBuf;

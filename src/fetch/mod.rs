@@ -11,7 +11,8 @@
 //!   the next files in blob order) are merged into one range request of at most
 //!   [`FetchConfig::max_request_bytes`]; a read also fetches up to
 //!   [`FetchConfig::readahead_bytes`] of the following chunks that are cached
-//!   nowhere;
+//!   nowhere, a window that doubles (up to [`FetchConfig::max_readahead_bytes`])
+//!   while a file is read sequentially;
 //! - at most [`FetchLimits`] requests per registry run at once; prefetch and
 //!   background fetch use a separate, lower-priority pool and pause while
 //!   on-demand reads wait;
@@ -28,7 +29,7 @@ pub mod stats;
 pub mod toc;
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -99,6 +100,9 @@ pub struct FetchConfig {
     pub max_gap_bytes: u64,
     /// Compressed bytes of following, uncached chunks fetched with a read.
     pub readahead_bytes: u64,
+    /// Largest read-ahead window, reached by doubling while a file's misses
+    /// move forward sequentially.
+    pub max_readahead_bytes: u64,
     /// Largest request of prefetch and background fetch.
     pub prefetch_request_bytes: u64,
     /// Attempts per range (first try included).
@@ -117,6 +121,7 @@ impl Default for FetchConfig {
             max_request_bytes: 4 << 20,
             max_gap_bytes: 64 << 10,
             readahead_bytes: 1 << 20,
+            max_readahead_bytes: 8 << 20,
             prefetch_request_bytes: 8 << 20,
             attempts: 4,
             request_timeout: Duration::from_secs(30),
@@ -229,7 +234,15 @@ pub struct Fetcher {
     order: BlobOrder,
     /// Digests of zero chunks already checked (zeros are synthesized, never fetched).
     zeros_checked: Mutex<HashSet<(Digest, u64)>>,
+    /// Per file: offset of the last miss and the current read-ahead window.
+    sequential: Mutex<HashMap<EntryId, (u64, u64)>>,
 }
+
+/// Files tracked for sequential detection before the table is reset (bounds memory).
+const MAX_TRACKED_FILES: usize = 4096;
+
+/// Times a read claims a chunk whose fetch was abandoned before giving up.
+const MAX_CLAIM_ROUNDS: u32 = 3;
 
 impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -297,6 +310,7 @@ impl Fetcher {
             stats: FetchStats::default(),
             order,
             zeros_checked: Mutex::new(HashSet::new()),
+            sequential: Mutex::new(HashMap::new()),
         })
     }
 
@@ -403,50 +417,116 @@ impl Fetcher {
     ) -> Result<Bytes, FetchError> {
         let (range, chunks) = self.plan(id, offset, len)?;
         let mut pieces: Vec<Option<Piece>> = Vec::with_capacity(chunks.len());
-        let mut missing = Vec::new();
+        let mut lookups = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
             if c.zeros {
                 self.check_zeros(c).await?;
                 pieces.push(Some(Piece::Zeros));
-                continue;
+            } else if let Some(b) = self.cache.memory().get(&c.digest) {
+                self.stats.add_memory_hits(1);
+                pieces.push(Some(Piece::Data(b)));
+            } else {
+                pieces.push(None);
+                lookups.push(i);
             }
-            match self.cache.get_async(&c.digest).await {
+        }
+        // The disk tier, all chunks of the read at once (reads and hashing run
+        // on the blocking pool).
+        let found = futures::future::join_all(
+            lookups
+                .iter()
+                .filter_map(|&i| chunks.get(i))
+                .map(|c| self.cache.get_async(&c.digest)),
+        )
+        .await;
+        let mut missing = Vec::new();
+        for (&i, f) in lookups.iter().zip(found) {
+            match f {
                 Some(b) => {
                     self.stats.add_disk_hits(1);
-                    pieces.push(Some(Piece::Data(b)));
+                    if let Some(slot) = pieces.get_mut(i) {
+                        *slot = Some(Piece::Data(b));
+                    }
                 }
-                None => {
-                    pieces.push(None);
-                    missing.push(i);
-                }
+                None => missing.push(i),
             }
         }
         if !missing.is_empty() {
             self.stats.add_blocking_misses(1);
             let _waiting = self.limits.waiting_guard();
-            let wanted: Vec<usize> = missing
-                .iter()
-                .filter_map(|&i| chunks.get(i).map(|c| self.chunk_index(c)))
-                .collect();
-            let waiters = self.fetch_chunks(&wanted, true);
-            for (&i, w) in missing.iter().zip(waiters) {
-                let data = w.wait().await?;
-                if let Some(slot) = pieces.get_mut(i) {
-                    *slot = Some(Piece::Data(data));
+            let window = self.readahead_window(id, offset);
+            // A fetch we waited on may be abandoned (its task stopped, e.g. a
+            // prefetch at unmount): claim those chunks again, a bounded number
+            // of times.
+            let mut round = 0;
+            while !missing.is_empty() {
+                round += 1;
+                let mut wanted = Vec::with_capacity(missing.len());
+                for &i in &missing {
+                    let idx = chunks.get(i).and_then(|c| self.chunk_index(c));
+                    wanted.push(idx.ok_or_else(|| {
+                        FetchError::Internal("chunk not in the layer index".into())
+                    })?);
                 }
+                let readahead = if round == 1 { window } else { 0 };
+                let waiters = self.fetch_chunks(&wanted, readahead);
+                let mut again = Vec::new();
+                for (&i, w) in missing.iter().zip(waiters) {
+                    match w.wait().await {
+                        Ok(data) => {
+                            if let Some(slot) = pieces.get_mut(i) {
+                                *slot = Some(Piece::Data(data));
+                            }
+                        }
+                        Err(FetchError::Cancelled) if round < MAX_CLAIM_ROUNDS => again.push(i),
+                        Err(e) => return Err(e),
+                    }
+                }
+                missing = again;
             }
         }
+        // Every piece is filled by now; a gap would be a bug, and is an error,
+        // never zeros.
         let pieces: Vec<Piece> = pieces
             .into_iter()
-            .map(|p| p.unwrap_or(Piece::Zeros))
-            .collect();
+            .map(|p| p.ok_or_else(|| FetchError::Internal("chunk missing after fetch".into())))
+            .collect::<Result<_, _>>()?;
         assemble(range, chunks, &pieces)
     }
 
+    /// The read-ahead budget for a miss at `offset` of file `id`: the base
+    /// window, doubled for each miss that moves forward close to the previous
+    /// one (a sequential reader), reset by a jump.
+    fn readahead_window(&self, id: EntryId, offset: u64) -> u64 {
+        let base = self.config.readahead_bytes;
+        if base == 0 {
+            return 0;
+        }
+        let max = self.config.max_readahead_bytes.max(base);
+        let mut seq = self
+            .sequential
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seq.len() >= MAX_TRACKED_FILES {
+            seq.clear();
+        }
+        let (last, window) = seq.get(&id).copied().unwrap_or((u64::MAX, base));
+        let next =
+            if offset > last && offset - last <= window.saturating_mul(2).saturating_add(base) {
+                window.saturating_mul(2).min(max)
+            } else if offset == last {
+                window
+            } else {
+                base
+            };
+        seq.insert(id, (offset, next));
+        next
+    }
+
     /// Starts fetching the chunks `wanted` (indices into `all_chunks()`, in read
-    /// order), plus read-ahead when `readahead`; returns one waiter per wanted
-    /// chunk, in the same order.
-    fn fetch_chunks(self: &Arc<Self>, wanted: &[usize], readahead: bool) -> Vec<Waiter> {
+    /// order), plus up to `readahead` compressed bytes of following uncached
+    /// chunks; returns one waiter per wanted chunk, in the same order.
+    fn fetch_chunks(self: &Arc<Self>, wanted: &[usize], readahead: u64) -> Vec<Waiter> {
         let all = self.index.all_chunks();
         let mut owned: Vec<Owned> = Vec::new();
         let mut waiters = Vec::with_capacity(wanted.len());
@@ -462,7 +542,12 @@ impl Fetcher {
             match self.inflight.claim(c.digest) {
                 Claim::Owner(guard) => {
                     waiters.push(guard.subscribe());
-                    owned.push(Owned { idx, guard });
+                    // A fetch may have completed between the cache lookup and
+                    // the claim: no need to fetch again.
+                    match self.cache.memory().get(&c.digest) {
+                        Some(b) => guard.complete(Ok(b)),
+                        None => owned.push(Owned { idx, guard }),
+                    }
                 }
                 Claim::Waiter(w) => {
                     self.stats.add_deduplicated_waits(1);
@@ -470,13 +555,13 @@ impl Fetcher {
                 }
             }
         }
-        if readahead && !owned.is_empty() {
+        if readahead > 0 && !owned.is_empty() {
             let last = wanted
                 .iter()
                 .filter_map(|&i| self.blob_pos(i))
                 .max()
                 .unwrap_or(0);
-            self.claim_readahead(last, &mut owned);
+            self.claim_readahead(last, readahead, &mut owned);
         }
         if !owned.is_empty() {
             for run in group_runs(
@@ -495,12 +580,8 @@ impl Fetcher {
     }
 
     /// Claims chunks following blob position `after` that are cached nowhere,
-    /// up to `readahead_bytes` of compressed data.
-    fn claim_readahead(&self, after: usize, owned: &mut Vec<Owned>) {
-        let budget = self.config.readahead_bytes;
-        if budget == 0 {
-            return;
-        }
+    /// up to `budget` bytes of compressed data.
+    fn claim_readahead(&self, after: usize, budget: u64, owned: &mut Vec<Owned>) {
         let all = self.index.all_chunks();
         let mut taken = 0u64;
         // Bounded walk: at most this many positions are examined.
@@ -515,8 +596,15 @@ impl Fetcher {
                 continue;
             }
             if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
-                taken += u64::from(c.compressed_len);
-                owned.push(Owned { idx, guard });
+                // Re-check after claiming (a fetch may just have finished);
+                // complete rather than drop: dropping reports a failure.
+                match self.cache.memory().get(&c.digest) {
+                    Some(b) => guard.complete(Ok(b)),
+                    None => {
+                        taken += u64::from(c.compressed_len);
+                        owned.push(Owned { idx, guard });
+                    }
+                }
             }
         }
     }
@@ -710,8 +798,13 @@ impl Fetcher {
                 }
                 pos += 1;
                 if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
-                    run_end = r.end;
-                    owned_push(&mut run, idx, guard);
+                    match self.cache.memory().get(&c.digest) {
+                        Some(b) => guard.complete(Ok(b)),
+                        None => {
+                            run_end = r.end;
+                            run.push(Owned { idx, guard });
+                        }
+                    }
                 }
             }
             if run.is_empty() {
@@ -736,10 +829,13 @@ impl Fetcher {
         fetched
     }
 
-    /// Index into `all_chunks()` of a chunk borrowed from it.
-    fn chunk_index(&self, c: &Chunk) -> usize {
-        let base = self.index.all_chunks().as_ptr() as usize;
-        (c as *const Chunk as usize - base) / std::mem::size_of::<Chunk>()
+    /// Index into `all_chunks()` of a chunk borrowed from it (the index hands
+    /// out sub-slices of that table); `None` for any other reference.
+    fn chunk_index(&self, c: &Chunk) -> Option<usize> {
+        let all = self.index.all_chunks();
+        let offset = (c as *const Chunk as usize).checked_sub(all.as_ptr() as usize)?;
+        let idx = offset / std::mem::size_of::<Chunk>();
+        all.get(idx).filter(|x| std::ptr::eq(*x, c)).map(|_| idx)
     }
 
     /// Blob position of chunk `idx`.
@@ -789,10 +885,6 @@ impl Fetcher {
             .insert((digest, len));
         Ok(())
     }
-}
-
-fn owned_push(run: &mut Vec<Owned>, idx: usize, guard: ClaimGuard) {
-    run.push(Owned { idx, guard });
 }
 
 /// sha256 of `len` zero bytes, hashed in pieces (zero chunks may be huge).

@@ -23,6 +23,9 @@ struct MemBlob {
     /// Corrupt only the first this-many answers (then answer correctly).
     corrupt_first: AtomicU64,
     delay_ms: AtomicU64,
+    /// Requests starting at or after this offset take `slow_ms` instead.
+    slow_from: AtomicU64,
+    slow_ms: AtomicU64,
     ranges: Mutex<Vec<Range<u64>>>,
 }
 
@@ -30,6 +33,7 @@ impl MemBlob {
     fn new(bytes: Vec<u8>) -> Arc<MemBlob> {
         Arc::new(MemBlob {
             bytes,
+            slow_from: AtomicU64::new(u64::MAX),
             ..Default::default()
         })
     }
@@ -40,7 +44,11 @@ impl BlobSource for MemBlob {
         Box::pin(async move {
             let n = self.requests.fetch_add(1, Ordering::SeqCst);
             self.ranges.lock().unwrap().push(range.clone());
-            let delay = self.delay_ms.load(Ordering::SeqCst);
+            let delay = if range.start >= self.slow_from.load(Ordering::SeqCst) {
+                self.slow_ms.load(Ordering::SeqCst)
+            } else {
+                self.delay_ms.load(Ordering::SeqCst)
+            };
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
@@ -400,4 +408,129 @@ fn runs_split_at_gaps_and_size() {
     // An extent larger than the cap is a run of its own.
     assert_eq!(split_runs(&[e(0, 500), e(500, 510)], 5, 100), vec![0, 1]);
     assert!(split_runs(&[], 5, 100).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_demand_reads_overtake_background_fetch() {
+    let files: Vec<Vec<u8>> = (0..24).map(|i| pattern(40_000, 20 + i as u8)).collect();
+    let names: Vec<String> = (0..24).map(|i| format!("f{i:02}")).collect();
+    let tf: Vec<TestFile<'_>> = files
+        .iter()
+        .zip(&names)
+        .map(|(d, n)| TestFile {
+            name: n,
+            data: d,
+            chunk: 10_000,
+        })
+        .collect();
+    let config = FetchConfig {
+        prefetch_request_bytes: 40_000,
+        readahead_bytes: 0,
+        ..fast_config()
+    };
+    let (f, src) = fetcher_for(&tf, config);
+    src.delay_ms.store(20, Ordering::SeqCst);
+    let end = f.index().location().data_end();
+    let bg = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move { f.fetch_background(0..end, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(70)).await;
+    let before = src.requests.load(Ordering::SeqCst) as usize;
+    assert!(before < 20, "background fetch should still be running");
+    let last = id_of(&f, "f23");
+    let want = f.index().entry(last).chunks()[0].compressed_offset;
+    // The read's request is slow (200 ms): an unpaused background fetch would
+    // issue several requests meanwhile.
+    src.slow_from.store(want, Ordering::SeqCst);
+    src.slow_ms.store(200, Ordering::SeqCst);
+    let got = f.read(last, 0, 40_000).await.unwrap();
+    assert_eq!(&got[..], &files[23][..]);
+    let after = src.requests.load(Ordering::SeqCst) as usize;
+    src.slow_from.store(u64::MAX, Ordering::SeqCst);
+    // The read's request went out at once (its own permit pool), and at most
+    // the background request already past its pause point ran alongside.
+    let ranges = src.ranges.lock().unwrap().clone();
+    let pos = ranges
+        .iter()
+        .position(|r| r.start <= want && want < r.end)
+        .unwrap();
+    assert!(
+        pos <= before + 1,
+        "read request at position {pos}, {before} requests before it started"
+    );
+    assert!(
+        after <= before + 2,
+        "background fetch kept going while a read waited: {before} -> {after}"
+    );
+    bg.await.unwrap();
+    // Background fetch completes and skips what the read fetched.
+    for (i, d) in files.iter().enumerate() {
+        let id = id_of(&f, &names[i]);
+        assert_eq!(&f.read_from_memory(id, 0, 40_000).unwrap()[..], &d[..]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_window_grows_for_sequential_misses_and_resets_on_jumps() {
+    let a = pattern(1000, 30);
+    let (f, _src) = fetcher_for(
+        &[TestFile {
+            name: "a",
+            data: &a,
+            chunk: 500,
+        }],
+        fast_config(),
+    );
+    let id = id_of(&f, "a");
+    let base = f.config().readahead_bytes;
+    let max = f.config().max_readahead_bytes;
+    assert_eq!(f.readahead_window(id, 0), base);
+    assert_eq!(f.readahead_window(id, base), 2 * base);
+    assert_eq!(f.readahead_window(id, 3 * base), 4 * base);
+    let mut off = 3 * base;
+    for _ in 0..10 {
+        off += 4 * base;
+        assert!(f.readahead_window(id, off) <= max);
+    }
+    assert_eq!(f.readahead_window(id, off + base), max);
+    // A jump backwards resets the window.
+    assert_eq!(f.readahead_window(id, 0), base);
+    // Another file has its own window.
+    let other = f.index().root();
+    assert_eq!(f.readahead_window(other, 5 * base), base);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_reclaims_chunks_of_an_abandoned_fetch() {
+    let a = pattern(20_000, 40);
+    let (f, src) = fetcher_for(
+        &[TestFile {
+            name: "a",
+            data: &a,
+            chunk: 5000,
+        }],
+        fast_config(),
+    );
+    src.delay_ms.store(300, Ordering::SeqCst);
+    let end = f.index().location().data_end();
+    // A background fetch claims everything, then is stopped mid-request.
+    let bg = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move { f.fetch_background(0..end, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reader = {
+        let f = Arc::clone(&f);
+        let id = id_of(&f, "a");
+        tokio::spawn(async move { f.read(id, 0, 20_000).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    bg.abort();
+    src.delay_ms.store(0, Ordering::SeqCst);
+    let got = reader
+        .await
+        .unwrap()
+        .expect("the reader fetches again instead of failing");
+    assert_eq!(&got[..], &a[..]);
 }

@@ -8,21 +8,22 @@
 //! Unmounting is done by the caller with `umount2(2)`; the workers end when the
 //! kernel tears the connection down.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuser::{
-    Config, Errno as FuseErrno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request, SessionACL,
+    BackingId, Config, Errno as FuseErrno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request, SessionACL,
 };
 
 use super::{Errno, LayerFs, NodeAttr, NodeKind, ReadReply, XattrAnswer};
@@ -122,7 +123,10 @@ pub(crate) fn start(
     fuse_config.acl = SessionACL::All;
     fuse_config.n_threads = Some(config.threads.max(1));
     fuse_config.clone_fd = true;
-    let adapter = FuseLayer { fs };
+    let adapter = FuseLayer {
+        fs,
+        opens: Mutex::new(HashMap::new()),
+    };
     // The kernel queued FUSE_INIT at mount time; `from_fd` answers it.
     let session = match fuser::Session::from_fd(adapter, fd, SessionACL::All, fuse_config) {
         Ok(s) => s,
@@ -148,6 +152,18 @@ pub(crate) fn start(
 /// The `fuser::Filesystem` face of a [`LayerFs`].
 struct FuseLayer {
     fs: Arc<LayerFs>,
+    /// Open handles per inode and how they are served. The kernel refuses (EIO
+    /// to the user) an inode opened both through the page cache and by
+    /// passthrough at once, and wants one backing id per inode for all handles.
+    opens: Mutex<HashMap<u64, OpenMode>>,
+}
+
+/// How the open handles of one inode are served.
+enum OpenMode {
+    /// Through FUSE reads and the page cache; this many handles.
+    Cached(usize),
+    /// By passthrough to a backing file; this many handles.
+    Passthrough(BackingId, usize),
 }
 
 fn errno(e: Errno) -> FuseErrno {
@@ -217,6 +233,16 @@ impl Filesystem for FuseLayer {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.set_max_background(64);
+        if self.fs.wants_passthrough()
+            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        {
+            // Depth 1: the backing files live on a plain filesystem, and an
+            // overlay can still be stacked on this mount (containerd does).
+            if config.set_max_stack_depth(1).is_ok() {
+                self.fs.set_passthrough_active(true);
+            }
+        }
         Ok(())
     }
 
@@ -243,16 +269,40 @@ impl Filesystem for FuseLayer {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
-        match self.fs.open(ino.0, write) {
-            Ok(o) => {
-                let mut f = FopenFlags::empty();
-                if o.keep_cache {
-                    f |= FopenFlags::FOPEN_KEEP_CACHE;
-                }
-                reply.opened(FileHandle(o.fh), f);
-            }
-            Err(e) => reply.error(errno(e)),
+        let o = match self.fs.open(ino.0, write) {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let mut f = FopenFlags::empty();
+        if o.keep_cache {
+            f |= FopenFlags::FOPEN_KEEP_CACHE;
         }
+        let mut opens = self.opens.lock().unwrap_or_else(PoisonError::into_inner);
+        match opens.get_mut(&ino.0) {
+            Some(OpenMode::Passthrough(id, n)) => {
+                *n += 1;
+                self.fs.count_passthrough_open();
+                return reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id);
+            }
+            Some(OpenMode::Cached(n)) => {
+                *n += 1;
+                return reply.opened(FileHandle(o.fh), f);
+            }
+            None => {}
+        }
+        if let Some(file) = o.backing {
+            match reply.open_backing(&file) {
+                Ok(id) => {
+                    self.fs.count_passthrough_open();
+                    reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
+                    opens.insert(ino.0, OpenMode::Passthrough(id, 1));
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "passthrough refused; serving through FUSE"),
+            }
+        }
+        opens.insert(ino.0, OpenMode::Cached(1));
+        reply.opened(FileHandle(o.fh), f);
     }
 
     fn read(
@@ -272,7 +322,7 @@ impl Filesystem for FuseLayer {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -280,6 +330,21 @@ impl Filesystem for FuseLayer {
         reply: ReplyEmpty,
     ) {
         reply.ok();
+        {
+            let mut opens = self.opens.lock().unwrap_or_else(PoisonError::into_inner);
+            let last = match opens.get_mut(&ino.0) {
+                Some(OpenMode::Cached(n)) | Some(OpenMode::Passthrough(_, n)) => {
+                    *n = n.saturating_sub(1);
+                    *n == 0
+                }
+                None => false,
+            };
+            if last {
+                // Drops the backing id (closing it in the kernel) if any.
+                opens.remove(&ino.0);
+            }
+        }
+        self.fs.release(ino.0);
     }
 
     fn flush(

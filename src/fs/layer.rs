@@ -8,9 +8,11 @@
 //! found in a layer's TOC are hidden: a layer must not be able to steer
 //! overlayfs (redirects, metacopy) from inside the image.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::passthrough::PassthroughStore;
 use super::{DirEntry, Errno, NodeAttr, NodeKind, OpenAnswer, ReadReply, StatFs, XattrAnswer};
 use crate::fetch::Fetcher;
 use crate::format::{EntryId, EntryKind, EntryRef, LayerIndex, Timestamp};
@@ -39,6 +41,9 @@ pub struct LayerFsOptions {
     pub attr_ttl: Duration,
     /// The opaque directory marker to present.
     pub opaque_xattr: OpaqueXattr,
+    /// Serve fully cached files by FUSE passthrough from this store, where the
+    /// kernel supports it (Linux 6.9+); `None` (default) = off.
+    pub passthrough: Option<Arc<PassthroughStore>>,
 }
 
 impl Default for LayerFsOptions {
@@ -47,8 +52,21 @@ impl Default for LayerFsOptions {
             entry_ttl: Duration::from_secs(24 * 3600),
             attr_ttl: Duration::from_secs(24 * 3600),
             opaque_xattr: OpaqueXattr::Trusted,
+            passthrough: None,
         }
     }
+}
+
+/// Counters of a [`LayerFs`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerFsStats {
+    /// Read requests that reached the filesystem.
+    pub reads: u64,
+    /// Opens answered with a passthrough backing file.
+    pub passthrough_opens: u64,
+    /// File handles open now (released by the kernel asynchronously after the
+    /// last close).
+    pub open_files: u64,
 }
 
 /// Block size reported by `stat` and `statfs`.
@@ -60,6 +78,10 @@ pub struct LayerFs {
     index: Arc<LayerIndex>,
     options: LayerFsOptions,
     total_blocks: u64,
+    passthrough_active: AtomicBool,
+    reads: AtomicU64,
+    passthrough_opens: AtomicU64,
+    open_files: AtomicU64,
 }
 
 impl std::fmt::Debug for LayerFs {
@@ -114,7 +136,41 @@ impl LayerFs {
             index,
             options,
             total_blocks,
+            passthrough_active: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
+            passthrough_opens: AtomicU64::new(0),
+            open_files: AtomicU64::new(0),
         }
+    }
+
+    /// Whether passthrough is configured (the adapter then asks the kernel).
+    pub fn wants_passthrough(&self) -> bool {
+        self.options.passthrough.is_some()
+    }
+
+    /// Records whether the kernel accepted passthrough for this mount.
+    pub fn set_passthrough_active(&self, active: bool) {
+        self.passthrough_active.store(active, Ordering::Relaxed);
+    }
+
+    /// Whether opens may be answered with a backing file.
+    pub fn passthrough_active(&self) -> bool {
+        self.passthrough_active.load(Ordering::Relaxed)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> LayerFsStats {
+        LayerFsStats {
+            reads: self.reads.load(Ordering::Relaxed),
+            passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
+            open_files: self.open_files.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts an open answered with a backing file (called by the adapter once
+    /// the kernel took it).
+    pub fn count_passthrough_open(&self) {
+        self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The layer's fetcher.
@@ -219,18 +275,42 @@ impl LayerFs {
         self.index.entry(id).link_target().ok_or(Errno::EINVAL)
     }
 
-    /// Opens file `ino` (read-only).
+    /// Opens file `ino` (read-only). Every successful open must be matched by
+    /// one [`release`](Self::release).
     pub fn open(&self, ino: u64, write: bool) -> Result<OpenAnswer, Errno> {
         let id = self.id(ino)?;
         if write {
             return Err(Errno::EROFS);
         }
-        match self.index.entry(id).kind() {
-            EntryKind::Dir => Err(Errno::EISDIR),
-            _ => Ok(OpenAnswer {
-                fh: 0,
-                keep_cache: true,
-            }),
+        let kind = self.index.entry(id).kind();
+        if kind == EntryKind::Dir {
+            return Err(Errno::EISDIR);
+        }
+        let backing = match (&self.options.passthrough, kind) {
+            (Some(store), EntryKind::Reg) if self.passthrough_active() => {
+                store.open_file(&self.fetcher, id)
+            }
+            _ => None,
+        };
+        self.open_files.fetch_add(1, Ordering::Relaxed);
+        Ok(OpenAnswer {
+            fh: 0,
+            keep_cache: true,
+            backing,
+        })
+    }
+
+    /// A file handle of `ino` was closed: a file now fully cached is stored for
+    /// passthrough (in the background).
+    pub fn release(&self, ino: u64) {
+        let _ = self
+            .open_files
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if !self.passthrough_active() {
+            return;
+        }
+        if let (Some(store), Ok(id)) = (&self.options.passthrough, self.id(ino)) {
+            store.consider(&self.fetcher, id);
         }
     }
 
@@ -382,6 +462,7 @@ impl LayerFs {
     /// fetcher's runtime, so the calling (FUSE worker) thread never waits for
     /// the network or the disk.
     pub fn read(&self, ino: u64, offset: u64, size: u32, reply: impl ReadReply) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let id = match self.id(ino) {
             Ok(id) => id,
             Err(e) => return reply.error(e),

@@ -28,11 +28,13 @@
 mod fuse_adapter;
 pub mod layer;
 pub mod mount;
+pub mod passthrough;
 
 use std::time::SystemTime;
 
-pub use layer::{LayerFs, LayerFsOptions, OpaqueXattr};
+pub use layer::{LayerFs, LayerFsOptions, LayerFsStats, OpaqueXattr};
 pub use mount::{ImageMount, LayerMount, MountError, MountOptions};
+pub use passthrough::PassthroughStore;
 
 /// An error number answered to the kernel (a positive `errno` value).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,12 +133,15 @@ pub enum XattrAnswer {
 }
 
 /// How an opened file is to be served.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct OpenAnswer {
     /// File handle to hand to the kernel.
     pub fh: u64,
     /// Keep the page cache across opens: the layer never changes.
     pub keep_cache: bool,
+    /// A local file with the whole, verified content, for FUSE passthrough
+    /// (only when passthrough was negotiated with the kernel).
+    pub backing: Option<std::fs::File>,
 }
 
 /// Receives the outcome of a read, possibly on another thread and later.

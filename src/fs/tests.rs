@@ -152,7 +152,7 @@ fn logic_presents_an_overlay_lower_dir() {
     .unwrap();
     assert_eq!(n, 3);
     assert_eq!(fs.readdir(etc.ino + 1000, 0, |_| false), Err(Errno::ENOENT));
-    assert_eq!(fs.open(big.ino, true), Err(Errno::EROFS));
+    assert!(matches!(fs.open(big.ino, true), Err(Errno::EROFS)));
     assert_eq!(fs.readlink(big.ino), Err(Errno::EINVAL));
 }
 
