@@ -4,7 +4,9 @@
 
 mod convert;
 mod inspect;
+mod mount;
 mod registry_args;
+mod size;
 
 use std::process::ExitCode;
 
@@ -28,6 +30,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Show an image's layers and, for zstd:chunked layers, their table of contents.
     Inspect(inspect::InspectArgs),
+    /// Mount an image read-only, fetching files as they are read.
+    Mount(mount::MountArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -49,6 +53,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Convert(args) => convert::run(args).await,
             Command::Inspect(args) => inspect::run(args).await,
+            Command::Mount(args) => mount::run(args).await,
         }
     });
     match result {
