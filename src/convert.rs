@@ -121,7 +121,7 @@ impl ConvertReport {
 pub enum ConvertError {
     /// Reading the source or writing the destination failed.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(Box<StoreError>),
     /// A manifest, index or config is not valid JSON of its type.
     #[error("{what} of {image}: {source}")]
     Json {
@@ -153,8 +153,8 @@ pub enum ConvertError {
     NoPlatform {
         /// Image.
         image: String,
-        /// Requested platform.
-        platform: Platform,
+        /// Requested platform (`os/arch[/variant]`).
+        platform: String,
         /// What the index offers.
         available: String,
     },
@@ -193,6 +193,12 @@ pub enum ConvertError {
     /// A worker thread failed.
     #[error("conversion worker failed: {0}")]
     Worker(String),
+}
+
+impl From<StoreError> for ConvertError {
+    fn from(e: StoreError) -> Self {
+        ConvertError::Store(Box::new(e))
+    }
 }
 
 /// Converts the image in `src` and writes it to `dst`.
@@ -277,7 +283,7 @@ impl Job<'_> {
                         .join(", ");
                     return Err(ConvertError::NoPlatform {
                         image: self.src.to_string(),
-                        platform: p.clone(),
+                        platform: p.to_string(),
                         available,
                     });
                 }

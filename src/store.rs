@@ -66,12 +66,12 @@ impl std::fmt::Display for ImageRef {
 /// Failure to read or write an image.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A registry operation failed.
+    /// A registry operation failed (boxed: registry errors carry a lot of context).
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    Registry(Box<RegistryError>),
     /// An OCI layout operation failed.
     #[error(transparent)]
-    Layout(#[from] LayoutError),
+    Layout(Box<LayoutError>),
     /// A manifest or index is not valid JSON of its type.
     #[error("manifest {digest} of {image}: {source}")]
     Json {
@@ -87,8 +87,8 @@ pub enum StoreError {
     NoPlatform {
         /// Image.
         image: String,
-        /// Requested platform.
-        platform: Platform,
+        /// Requested platform (`os/arch[/variant]`).
+        platform: String,
         /// What the index offers.
         available: String,
     },
@@ -102,6 +102,18 @@ pub enum StoreError {
         /// Cause.
         source: std::io::Error,
     },
+}
+
+impl From<RegistryError> for StoreError {
+    fn from(e: RegistryError) -> Self {
+        StoreError::Registry(Box::new(e))
+    }
+}
+
+impl From<LayoutError> for StoreError {
+    fn from(e: LayoutError) -> Self {
+        StoreError::Layout(Box::new(e))
+    }
 }
 
 /// An opened image location: where to read the top manifest and blobs from, or
@@ -397,7 +409,7 @@ impl ImageStore {
                         .join(", ");
                     return Err(StoreError::NoPlatform {
                         image: self.to_string(),
-                        platform: platform.clone(),
+                        platform: platform.to_string(),
                         available,
                     });
                 };
