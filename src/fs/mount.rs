@@ -296,6 +296,21 @@ impl ImageMount {
                 // check_overlay_path guarantees UTF-8 without separators.
                 opts.push_str(&p.to_string_lossy());
             }
+            // The kernel takes mount options as one page.
+            if opts.len() >= 4096 {
+                return Err(MountError::Overlay {
+                    path: target.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{} layers need {} bytes of overlay options, over the kernel's 4095; \
+                             mount the layers on shorter paths",
+                            layers.len(),
+                            opts.len()
+                        ),
+                    ),
+                });
+            }
             mount_overlay(&target, &opts).map_err(overlay_err)?;
         }
         Ok(ImageMount {
