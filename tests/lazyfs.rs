@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use zest::cache::{CacheConfig, ChunkCache};
 use zest::digest::Digest;
-use zest::fetch::toc::{open_layer, TocFetchOptions};
+use zest::fetch::toc::{open_layer, open_registry_layers, TocFetchOptions};
 use zest::fetch::{BlobSource, FetchConfig, FetchLimits, Fetcher, RegistryBlob};
 use zest::format::{write_chunked, WriteOptions};
 use zest::fs::{ImageMount, LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
@@ -761,14 +761,31 @@ fn overlay_of_layers_matches_layers_applied_in_order() {
 
     let repo = env.repo("lazyfs/overlay");
     let cache = cache_at(&env.path("cache"), 64 << 20, 256 << 20);
-    let mut layers = Vec::new();
-    for (i, t) in tars.iter().enumerate() {
-        let desc = env.push_layer(&repo, t, &WriteOptions::default());
-        let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
-        layers.push(env.mount(fetcher, &format!("layer{i}")));
-    }
+    let descs: Vec<Descriptor> = tars
+        .iter()
+        .map(|t| env.push_layer(&repo, t, &WriteOptions::default()))
+        .collect();
+    let fetchers = env
+        .rt
+        .block_on(open_registry_layers(
+            &env.client,
+            &repo,
+            &descs,
+            &cache,
+            &FetchLimits::default(),
+            &fast_fetch(),
+            &TocFetchOptions::default(),
+        ))
+        .expect("open image layers");
     let target = env.path("rootfs");
-    let mut image = ImageMount::mount(layers, &target).expect("overlay mount");
+    let mut image = ImageMount::mount_fetchers(
+        fetchers,
+        &env.path("layers"),
+        &target,
+        &MountOptions::default(),
+    )
+    .expect("overlay mount");
+    assert_eq!(image.layers().len(), 3);
     let root = image.target().to_path_buf();
 
     let got = walk(&root);

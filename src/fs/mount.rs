@@ -320,6 +320,28 @@ impl ImageMount {
         })
     }
 
+    /// Mounts each layer served by `fetchers` (bottom layer first) on a
+    /// directory `layers_dir/<n>` (created if needed) and stacks them on
+    /// `target`. Blocking, like [`LayerMount::mount`].
+    pub fn mount_fetchers(
+        fetchers: Vec<Arc<Fetcher>>,
+        layers_dir: &Path,
+        target: &Path,
+        options: &MountOptions,
+    ) -> Result<ImageMount, MountError> {
+        let mut layers = Vec::with_capacity(fetchers.len());
+        for (i, f) in fetchers.into_iter().enumerate() {
+            let dir = layers_dir.join(i.to_string());
+            std::fs::create_dir_all(&dir).map_err(|source| MountError::Fuse {
+                path: dir.clone(),
+                source,
+            })?;
+            // On failure the layers mounted so far are dropped: unmounted.
+            layers.push(LayerMount::mount(f, &dir, options)?);
+        }
+        ImageMount::mount(layers, target)
+    }
+
     /// Where the image is mounted.
     pub fn target(&self) -> &Path {
         &self.target
