@@ -867,6 +867,10 @@ fn reads_are_lazy_cached_and_survive_a_restart() {
 
     // One small file: one request, a small one (read-ahead is bounded).
     let small = m.mountpoint().join("small.txt");
+    let inodes: Vec<u64> = paths
+        .iter()
+        .map(|p| std::fs::symlink_metadata(m.mountpoint().join(p)).expect("stat").ino())
+        .collect();
     assert_eq!(std::fs::read(&small).expect("read"), b"a small file\n");
     assert_eq!(
         range_gets(&env, &desc),
@@ -900,6 +904,12 @@ fn reads_are_lazy_cached_and_survive_a_restart() {
     let cache = cache_at(&cache_dir, 64 << 20, 256 << 20);
     let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
     let mut m = env.mount(Arc::clone(&fetcher), "mnt2");
+    // Inode numbers are a function of the layer: the same after a remount.
+    let again: Vec<u64> = paths
+        .iter()
+        .map(|p| std::fs::symlink_metadata(m.mountpoint().join(p)).expect("stat").ino())
+        .collect();
+    assert_eq!(again, inodes);
     let toc_requests = 1;
     assert!(std::fs::read(m.mountpoint().join("data/f003")).expect("read") == want);
     assert_eq!(
