@@ -322,7 +322,9 @@ fn main() {
         let local = bench.path("local").join("big.bin");
         std::fs::write(&local, &data).expect("write local copy");
         // Flushed, so dropping its page cache really drops it.
-        std::fs::File::open(&local).and_then(|f| f.sync_all()).expect("sync local copy");
+        std::fs::File::open(&local)
+            .and_then(|f| f.sync_all())
+            .expect("sync local copy");
     }
     let local = bench.dir.path().join("local/big.bin");
     let tar = bench.tar_of(&src, "big.tar");

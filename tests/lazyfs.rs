@@ -869,7 +869,11 @@ fn reads_are_lazy_cached_and_survive_a_restart() {
     let small = m.mountpoint().join("small.txt");
     let inodes: Vec<u64> = paths
         .iter()
-        .map(|p| std::fs::symlink_metadata(m.mountpoint().join(p)).expect("stat").ino())
+        .map(|p| {
+            std::fs::symlink_metadata(m.mountpoint().join(p))
+                .expect("stat")
+                .ino()
+        })
         .collect();
     assert_eq!(std::fs::read(&small).expect("read"), b"a small file\n");
     assert_eq!(
@@ -907,7 +911,11 @@ fn reads_are_lazy_cached_and_survive_a_restart() {
     // Inode numbers are a function of the layer: the same after a remount.
     let again: Vec<u64> = paths
         .iter()
-        .map(|p| std::fs::symlink_metadata(m.mountpoint().join(p)).expect("stat").ino())
+        .map(|p| {
+            std::fs::symlink_metadata(m.mountpoint().join(p))
+                .expect("stat")
+                .ino()
+        })
         .collect();
     assert_eq!(again, inodes);
     let toc_requests = 1;
