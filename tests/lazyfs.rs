@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use zest::cache::{CacheConfig, ChunkCache};
 use zest::digest::Digest;
-use zest::fetch::toc::{open_layer, TocFetchOptions};
+use zest::fetch::toc::{open_layer, open_registry_layers, TocFetchOptions};
 use zest::fetch::{BlobSource, FetchConfig, FetchLimits, Fetcher, RegistryBlob};
 use zest::format::{write_chunked, WriteOptions};
 use zest::fs::{ImageMount, LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
@@ -761,14 +761,31 @@ fn overlay_of_layers_matches_layers_applied_in_order() {
 
     let repo = env.repo("lazyfs/overlay");
     let cache = cache_at(&env.path("cache"), 64 << 20, 256 << 20);
-    let mut layers = Vec::new();
-    for (i, t) in tars.iter().enumerate() {
-        let desc = env.push_layer(&repo, t, &WriteOptions::default());
-        let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
-        layers.push(env.mount(fetcher, &format!("layer{i}")));
-    }
+    let descs: Vec<Descriptor> = tars
+        .iter()
+        .map(|t| env.push_layer(&repo, t, &WriteOptions::default()))
+        .collect();
+    let fetchers = env
+        .rt
+        .block_on(open_registry_layers(
+            &env.client,
+            &repo,
+            &descs,
+            &cache,
+            &FetchLimits::default(),
+            &fast_fetch(),
+            &TocFetchOptions::default(),
+        ))
+        .expect("open image layers");
     let target = env.path("rootfs");
-    let mut image = ImageMount::mount(layers, &target).expect("overlay mount");
+    let mut image = ImageMount::mount_fetchers(
+        fetchers,
+        &env.path("layers"),
+        &target,
+        &MountOptions::default(),
+    )
+    .expect("overlay mount");
+    assert_eq!(image.layers().len(), 3);
     let root = image.target().to_path_buf();
 
     let got = walk(&root);
@@ -850,6 +867,14 @@ fn reads_are_lazy_cached_and_survive_a_restart() {
 
     // One small file: one request, a small one (read-ahead is bounded).
     let small = m.mountpoint().join("small.txt");
+    let inodes: Vec<u64> = paths
+        .iter()
+        .map(|p| {
+            std::fs::symlink_metadata(m.mountpoint().join(p))
+                .expect("stat")
+                .ino()
+        })
+        .collect();
     assert_eq!(std::fs::read(&small).expect("read"), b"a small file\n");
     assert_eq!(
         range_gets(&env, &desc),
@@ -883,6 +908,16 @@ fn reads_are_lazy_cached_and_survive_a_restart() {
     let cache = cache_at(&cache_dir, 64 << 20, 256 << 20);
     let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
     let mut m = env.mount(Arc::clone(&fetcher), "mnt2");
+    // Inode numbers are a function of the layer: the same after a remount.
+    let again: Vec<u64> = paths
+        .iter()
+        .map(|p| {
+            std::fs::symlink_metadata(m.mountpoint().join(p))
+                .expect("stat")
+                .ino()
+        })
+        .collect();
+    assert_eq!(again, inodes);
     let toc_requests = 1;
     assert!(std::fs::read(m.mountpoint().join("data/f003")).expect("read") == want);
     assert_eq!(

@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{BlobSource, FetchConfig, FetchError, FetchLimits, Fetcher, SourceError};
+use super::{BlobSource, FetchConfig, FetchError, FetchLimits, Fetcher, RegistryBlob, SourceError};
 use crate::cache::ChunkCache;
 use crate::format::{parse_footer, FormatError, LayerIndex, TocLocation, FOOTER_FETCH_LEN};
+use crate::oci::{Descriptor, Repository};
+use crate::registry::RegistryClient;
 
 /// Options of [`fetch_layer_index`].
 #[derive(Clone, Debug)]
@@ -187,4 +189,33 @@ pub async fn open_layer(
         config,
         tokio::runtime::Handle::current(),
     ))
+}
+
+/// Opens every layer of an image (descriptors bottom layer first) from a
+/// registry: the TOCs are fetched concurrently, one request per layer when
+/// the descriptors carry zstd:chunked annotations. Fetchers share `limits`
+/// (one registry) and `cache`.
+pub async fn open_registry_layers(
+    client: &RegistryClient,
+    repo: &Repository,
+    layers: &[Descriptor],
+    cache: &Arc<ChunkCache>,
+    limits: &FetchLimits,
+    config: &FetchConfig,
+    toc_options: &TocFetchOptions,
+) -> Result<Vec<Arc<Fetcher>>, FetchError> {
+    let opens = layers.iter().map(|layer| {
+        let source: Arc<dyn BlobSource> =
+            Arc::new(RegistryBlob::for_layer(client.clone(), repo.clone(), layer));
+        open_layer(
+            source,
+            layer.size,
+            &layer.annotations,
+            Arc::clone(cache),
+            limits.clone(),
+            config.clone(),
+            toc_options,
+        )
+    });
+    futures::future::try_join_all(opens).await
 }

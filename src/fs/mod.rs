@@ -14,6 +14,8 @@
 //!   kernel requests to [`LayerFs`] calls and back.
 //! - [`mount`]: mounting a layer ([`LayerMount`]) and stacking layers with
 //!   overlayfs ([`ImageMount`]); every mount is undone on drop.
+//! - [`passthrough`]: FUSE passthrough of fully cached files (Linux 6.9+),
+//!   optional.
 //!
 //! Invariants:
 //! - Metadata is answered from the in-memory [`LayerIndex`](crate::format::LayerIndex)

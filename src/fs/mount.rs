@@ -296,6 +296,21 @@ impl ImageMount {
                 // check_overlay_path guarantees UTF-8 without separators.
                 opts.push_str(&p.to_string_lossy());
             }
+            // The kernel takes mount options as one page.
+            if opts.len() >= 4096 {
+                return Err(MountError::Overlay {
+                    path: target.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{} layers need {} bytes of overlay options, over the kernel's 4095; \
+                             mount the layers on shorter paths",
+                            layers.len(),
+                            opts.len()
+                        ),
+                    ),
+                });
+            }
             mount_overlay(&target, &opts).map_err(overlay_err)?;
         }
         Ok(ImageMount {
@@ -303,6 +318,28 @@ impl ImageMount {
             mounted: true,
             layers,
         })
+    }
+
+    /// Mounts each layer served by `fetchers` (bottom layer first) on a
+    /// directory `layers_dir/<n>` (created if needed) and stacks them on
+    /// `target`. Blocking, like [`LayerMount::mount`].
+    pub fn mount_fetchers(
+        fetchers: Vec<Arc<Fetcher>>,
+        layers_dir: &Path,
+        target: &Path,
+        options: &MountOptions,
+    ) -> Result<ImageMount, MountError> {
+        let mut layers = Vec::with_capacity(fetchers.len());
+        for (i, f) in fetchers.into_iter().enumerate() {
+            let dir = layers_dir.join(i.to_string());
+            std::fs::create_dir_all(&dir).map_err(|source| MountError::Fuse {
+                path: dir.clone(),
+                source,
+            })?;
+            // On failure the layers mounted so far are dropped: unmounted.
+            layers.push(LayerMount::mount(f, &dir, options)?);
+        }
+        ImageMount::mount(layers, target)
     }
 
     /// Where the image is mounted.
