@@ -164,18 +164,14 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("mounting the layer on {}", target.display()))?;
             return Ok(Mounted::Layer(m));
         }
-        let mut mounts = Vec::new();
-        for (i, fetcher) in fetchers_for_mount.into_iter().enumerate() {
-            let dir = layer_root_path.join(i.to_string());
-            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            mounts.push(
-                LayerMount::mount(fetcher, &dir, &options)
-                    .with_context(|| format!("mounting layer {i} on {}", dir.display()))?,
-            );
-        }
-        let image = ImageMount::mount(mounts, &target).with_context(|| {
-            format!("stacking the layers with overlayfs on {}", target.display())
-        })?;
+        let image =
+            ImageMount::mount_fetchers(fetchers_for_mount, &layer_root_path, &target, &options)
+                .with_context(|| {
+                    format!(
+                        "mounting the layers and stacking them on {}",
+                        target.display()
+                    )
+                })?;
         Ok(Mounted::Image(image))
     })
     .await
