@@ -38,8 +38,8 @@ pub const MAX_TOC_UNCOMPRESSED: u64 = 150 << 20;
 /// memory. Zero chunks may be larger (they are synthesized, never buffered whole).
 pub const MAX_DATA_CHUNK_LEN: u64 = 256 << 20;
 
-/// Longest entry name (bytes) accepted.
-const MAX_PATH_LEN: usize = 16 << 10;
+/// Longest entry name (bytes) accepted (Linux PATH_MAX).
+const MAX_PATH_LEN: usize = 4096;
 /// Longest path component (Linux NAME_MAX).
 const MAX_COMPONENT_LEN: usize = 255;
 /// Linux limits for extended attributes.
@@ -162,12 +162,15 @@ pub struct Chunk {
 impl Chunk {
     /// The blob byte range to fetch for this chunk.
     pub fn compressed_range(&self) -> Range<u64> {
-        self.compressed_offset..self.compressed_offset + u64::from(self.compressed_len)
+        self.compressed_offset
+            ..self
+                .compressed_offset
+                .saturating_add(u64::from(self.compressed_len))
     }
 
     /// The file byte range this chunk provides.
     pub fn file_range(&self) -> Range<u64> {
-        self.file_offset..self.file_offset + self.len
+        self.file_offset..self.file_offset.saturating_add(self.len)
     }
 }
 
@@ -728,7 +731,7 @@ pub(crate) fn normalize(
     name: &str,
 ) -> std::result::Result<std::borrow::Cow<'_, str>, &'static str> {
     if name.len() > MAX_PATH_LEN {
-        return Err("longer than 16 KiB");
+        return Err("longer than 4096 bytes");
     }
     if name.contains('\0') {
         return Err("contains a NUL byte");
@@ -796,7 +799,11 @@ struct Builder {
     xattrs: Vec<XattrRec>,
     times: Vec<TimesRec>,
     file_digests: Vec<(u32, Digest)>,
-    paths: HashMap<Box<str>, u32>,
+    /// `(parent index, name as listed)` -> entry index. Keyed per component so
+    /// memory stays proportional to the names, whatever the path depths.
+    names: HashMap<(u32, Box<str>), u32>,
+    /// The directory most recently resolved (entries come grouped by directory).
+    last_dir: (String, u32),
     hardlinks: Vec<(u32, Box<str>)>,
     /// Every non-empty compressed extent: (start, end, entry index or u32::MAX).
     extents: Vec<(u64, u64, u32)>,
@@ -859,7 +866,8 @@ impl Builder {
             xattrs: Vec::new(),
             times: Vec::new(),
             file_digests: Vec::new(),
-            paths: HashMap::new(),
+            names: HashMap::new(),
+            last_dir: (String::new(), 0),
             hardlinks: Vec::new(),
             extents: Vec::new(),
             pending: None,
@@ -908,48 +916,50 @@ impl Builder {
         Ok(idx)
     }
 
-    /// The directory at `path`, creating missing ones (0755, root-owned).
+    /// The entry at a normalized `path`, if listed (or synthesized).
+    fn find(&self, path: &str) -> Option<u32> {
+        let mut cur = 0u32;
+        for comp in path.split('/').filter(|c| !c.is_empty()) {
+            cur = *self.names.get(&(cur, Box::<str>::from(comp)))?;
+        }
+        Some(cur)
+    }
+
+    /// The directory at a normalized `path`, creating missing ones (0755,
+    /// root-owned). Iterative: depth is attacker-controlled (but bounded by
+    /// the path length limit).
     fn ensure_dir(&mut self, path: &str, child: &str) -> Result<u32> {
         if path.is_empty() {
             return Ok(0);
         }
-        let not_dir = |parent: &str| FormatError::ParentNotDirectory {
-            name: trunc(child),
-            parent: trunc(parent),
-        };
-        if let Some(&i) = self.paths.get(path) {
-            return if self.entries[i as usize].kind == K_DIR {
-                Ok(i)
-            } else {
-                Err(not_dir(path))
+        if self.last_dir.0 == path {
+            return Ok(self.last_dir.1);
+        }
+        let mut cur = 0u32;
+        let mut end = 0usize;
+        for comp in path.split('/') {
+            end += comp.len() + usize::from(end > 0);
+            let key = (cur, Box::<str>::from(comp));
+            cur = match self.names.get(&key) {
+                Some(&idx) if self.entries[idx as usize].kind == K_DIR => idx,
+                Some(_) => {
+                    return Err(FormatError::ParentNotDirectory {
+                        name: trunc(child),
+                        parent: trunc(&path[..end.min(path.len())]),
+                    })
+                }
+                None => {
+                    let idx = self.new_entry(comp, cur, K_DIR)?;
+                    let e = &mut self.entries[idx as usize];
+                    e.mode = 0o755;
+                    e.flags = F_SYNTHESIZED;
+                    self.names.insert(key, idx);
+                    idx
+                }
             };
         }
-        // Walk up to the deepest existing ancestor, then create downwards
-        // (iterative: depth is attacker-controlled).
-        let mut missing = vec![path];
-        let mut parent = 0u32;
-        let mut p = path;
-        while let Some(i) = p.rfind('/') {
-            p = &p[..i];
-            if let Some(&idx) = self.paths.get(p) {
-                if self.entries[idx as usize].kind != K_DIR {
-                    return Err(not_dir(p));
-                }
-                parent = idx;
-                break;
-            }
-            missing.push(p);
-        }
-        for p in missing.into_iter().rev() {
-            let (_, base) = split_parent(p);
-            let idx = self.new_entry(base, parent, K_DIR)?;
-            let e = &mut self.entries[idx as usize];
-            e.mode = 0o755;
-            e.flags = F_SYNTHESIZED;
-            self.paths.insert(p.into(), idx);
-            parent = idx;
-        }
-        Ok(parent)
+        self.last_dir = (path.to_owned(), cur);
+        Ok(cur)
     }
 
     fn add(&mut self, raw: RawEntry<'_>) -> Result<()> {
@@ -1024,7 +1034,8 @@ impl Builder {
             return Ok(());
         }
         let parent = self.ensure_dir(parent_path, &name)?;
-        if let Some(&existing) = self.paths.get(name.as_ref()) {
+        let key = (parent, Box::<str>::from(base));
+        if let Some(&existing) = self.names.get(&key) {
             let e = &self.entries[existing as usize];
             if e.kind == K_DIR && kind == K_DIR {
                 // A directory listed twice (or after a descendant): later metadata
@@ -1036,7 +1047,7 @@ impl Builder {
             return Err(FormatError::DuplicateEntry { name: trunc(&name) });
         }
         let idx = self.new_entry(display, parent, entry_kind)?;
-        self.paths.insert(name.as_ref().into(), idx);
+        self.names.insert(key, idx);
         match entry_kind {
             K_HARDLINK => {
                 let target = raw.link_name.as_deref().unwrap_or_default();
@@ -1349,9 +1360,8 @@ impl Builder {
                 target: trunc(&target),
                 reason,
             };
-            let &t = self
-                .paths
-                .get(&target)
+            let t = self
+                .find(&target)
                 .ok_or_else(|| bad("target does not exist"))?;
             match self.entries[t as usize].kind {
                 K_HARDLINK => {
