@@ -588,6 +588,19 @@ fn writer_rejects_unrepresentable_tars() {
     // Truncated content, bad checksum, garbage.
     let t = one("file");
     assert!(write_chunked(&t[..512 + 1][..512], Vec::new(), &WriteOptions::default()).is_err());
+    // Content cut short: header says 200 KiB, 50 KiB follow (found by fuzzing:
+    // this used to loop forever waiting for data that never came).
+    let mut b = tar::Builder::new(Vec::new());
+    let big = noise(5, 200 << 10);
+    let mut h = header(T::Regular, 0o644, big.len() as u64);
+    b.append_data(&mut h, "big", &big[..]).unwrap();
+    let full = b.into_inner().unwrap();
+    let r = write_chunked(
+        &full[..512 + (50 << 10)],
+        Vec::new(),
+        &WriteOptions::default(),
+    );
+    assert!(matches!(r, Err(FormatError::InvalidTar { .. })), "{r:?}");
     let mut corrupt = t.clone();
     corrupt[0] ^= 1;
     assert!(matches!(

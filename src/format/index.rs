@@ -38,8 +38,8 @@ pub const MAX_TOC_UNCOMPRESSED: u64 = 150 << 20;
 /// memory. Zero chunks may be larger (they are synthesized, never buffered whole).
 pub const MAX_DATA_CHUNK_LEN: u64 = 256 << 20;
 
-/// Longest entry name (bytes) accepted.
-const MAX_PATH_LEN: usize = 16 << 10;
+/// Longest entry name (bytes) accepted (Linux PATH_MAX).
+const MAX_PATH_LEN: usize = 4096;
 /// Longest path component (Linux NAME_MAX).
 const MAX_COMPONENT_LEN: usize = 255;
 /// Linux limits for extended attributes.
@@ -162,12 +162,15 @@ pub struct Chunk {
 impl Chunk {
     /// The blob byte range to fetch for this chunk.
     pub fn compressed_range(&self) -> Range<u64> {
-        self.compressed_offset..self.compressed_offset + u64::from(self.compressed_len)
+        self.compressed_offset
+            ..self
+                .compressed_offset
+                .saturating_add(u64::from(self.compressed_len))
     }
 
     /// The file byte range this chunk provides.
     pub fn file_range(&self) -> Range<u64> {
-        self.file_offset..self.file_offset + self.len
+        self.file_offset..self.file_offset.saturating_add(self.len)
     }
 }
 
@@ -702,22 +705,39 @@ impl<'a> Iterator for Xattrs<'a> {
 /// Decompresses `data`, requiring exactly `declared` bytes of output and never
 /// producing more than `declared + 1`.
 pub(crate) fn decompress_bounded(data: &[u8], declared: u64, what: &str) -> Result<Vec<u8>> {
-    use std::io::Read;
     let err = |source| FormatError::Decompress {
         what: what.to_owned(),
         source,
     };
-    let dec = zstd::stream::read::Decoder::with_buffer(data).map_err(err)?;
-    // Grow on demand rather than trusting the declared size for the allocation.
-    let mut out = Vec::with_capacity(declared.min(16 << 20) as usize);
-    dec.take(declared.saturating_add(1))
-        .read_to_end(&mut out)
-        .map_err(err)?;
-    if out.len() as u64 != declared {
+    let cap = usize::try_from(declared).map_err(|_| FormatError::SizeMismatch {
+        what: what.to_owned(),
+        declared,
+        actual: 0,
+    })?;
+    // Capacity is reserved, not touched: pages are only committed as zstd writes
+    // them, so a small frame claiming a large size costs address space only.
+    // Output beyond the capacity is an error from zstd, never a reallocation.
+    let mut out = Vec::with_capacity(cap);
+    let mut dctx = zstd::bulk::Decompressor::new().map_err(err)?;
+    let n = match dctx.decompress_to_buffer(data, &mut out) {
+        Ok(n) => n,
+        // Say "too big" rather than "corrupt" when the frame header says so.
+        Err(e) => {
+            return Err(match zstd::zstd_safe::get_frame_content_size(data) {
+                Ok(Some(size)) if size > declared => FormatError::SizeMismatch {
+                    what: what.to_owned(),
+                    declared,
+                    actual: size,
+                },
+                _ => err(e),
+            })
+        }
+    };
+    if n as u64 != declared {
         return Err(FormatError::SizeMismatch {
             what: what.to_owned(),
             declared,
-            actual: out.len() as u64,
+            actual: n as u64,
         });
     }
     Ok(out)
@@ -728,13 +748,23 @@ pub(crate) fn normalize(
     name: &str,
 ) -> std::result::Result<std::borrow::Cow<'_, str>, &'static str> {
     if name.len() > MAX_PATH_LEN {
-        return Err("longer than 16 KiB");
+        return Err("longer than 4096 bytes");
     }
     if name.contains('\0') {
         return Err("contains a NUL byte");
     }
     if name.starts_with('/') {
         return Err("absolute path");
+    }
+    // Common shapes (`./a/b`, `a/b/`) are clean once trimmed: borrow, don't copy.
+    let mut trimmed = name;
+    while let Some(rest) = trimmed.strip_prefix("./") {
+        trimmed = rest;
+    }
+    let trimmed = trimmed.trim_end_matches('/');
+    let name = if trimmed == "." { "" } else { trimmed };
+    if name.is_empty() {
+        return Ok(std::borrow::Cow::Borrowed(""));
     }
     let mut clean = true;
     let mut out_len = 0usize;
@@ -796,7 +826,12 @@ struct Builder {
     xattrs: Vec<XattrRec>,
     times: Vec<TimesRec>,
     file_digests: Vec<(u32, Digest)>,
-    paths: HashMap<Box<str>, u32>,
+    /// `(parent index, name)` -> index, for directories only (files are found
+    /// through the sorted dirents once built). Keyed per component so memory
+    /// stays proportional to the names, whatever the path depths.
+    dirs: HashMap<(u32, Box<str>), u32>,
+    /// The directory most recently resolved (entries come grouped by directory).
+    last_dir: (String, u32),
     hardlinks: Vec<(u32, Box<str>)>,
     /// Every non-empty compressed extent: (start, end, entry index or u32::MAX).
     extents: Vec<(u64, u64, u32)>,
@@ -812,11 +847,45 @@ struct Builder {
 }
 
 fn parse_digest(name: &str, field: &'static str, v: &str) -> Result<Digest> {
-    v.parse().map_err(|_| FormatError::InvalidDigest {
+    fast_digest(v).ok_or_else(|| FormatError::InvalidDigest {
         name: trunc(name),
         field,
         value: trunc(v),
     })
+}
+
+/// `sha256:` + 64 lowercase hex digits, parsed with a lookup table: digests are
+/// the bulk of a TOC, so this is on the hot path of decoding.
+fn fast_digest(v: &str) -> Option<Digest> {
+    const INVALID: u8 = 0xff;
+    const fn table() -> [u8; 256] {
+        let mut t = [INVALID; 256];
+        let mut i = 0;
+        while i < 10 {
+            t[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            t[b'a' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        t
+    }
+    static HEX: [u8; 256] = table();
+    let hex = v.strip_prefix("sha256:")?.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let (hi, lo) = (HEX[pair[0] as usize], HEX[pair[1] as usize]);
+        if hi == INVALID || lo == INVALID {
+            return None;
+        }
+        *o = hi << 4 | lo;
+    }
+    Some(Digest::from_bytes(out))
 }
 
 fn parse_opt_digest(
@@ -859,7 +928,8 @@ impl Builder {
             xattrs: Vec::new(),
             times: Vec::new(),
             file_digests: Vec::new(),
-            paths: HashMap::new(),
+            dirs: HashMap::new(),
+            last_dir: (String::new(), 0),
             hardlinks: Vec::new(),
             extents: Vec::new(),
             pending: None,
@@ -908,48 +978,37 @@ impl Builder {
         Ok(idx)
     }
 
-    /// The directory at `path`, creating missing ones (0755, root-owned).
-    fn ensure_dir(&mut self, path: &str, child: &str) -> Result<u32> {
+    /// The directory at a normalized `path`, creating missing ones (0755,
+    /// root-owned). Iterative: depth is attacker-controlled (but bounded by
+    /// the path length limit).
+    fn ensure_dir(&mut self, path: &str) -> Result<u32> {
         if path.is_empty() {
             return Ok(0);
         }
-        let not_dir = |parent: &str| FormatError::ParentNotDirectory {
-            name: trunc(child),
-            parent: trunc(parent),
-        };
-        if let Some(&i) = self.paths.get(path) {
-            return if self.entries[i as usize].kind == K_DIR {
-                Ok(i)
-            } else {
-                Err(not_dir(path))
+        if self.last_dir.0 == path {
+            return Ok(self.last_dir.1);
+        }
+        let mut cur = 0u32;
+        for comp in path.split('/') {
+            let key = (cur, Box::<str>::from(comp));
+            cur = match self.dirs.get(&key) {
+                Some(&idx) => idx,
+                // A non-directory of this name, if any, is caught as a
+                // conflict when the directory listing is built.
+                None => {
+                    let idx = self.new_entry(comp, cur, K_DIR)?;
+                    let e = &mut self.entries[idx as usize];
+                    e.mode = 0o755;
+                    e.flags = F_SYNTHESIZED;
+                    self.dirs.insert(key, idx);
+                    idx
+                }
             };
         }
-        // Walk up to the deepest existing ancestor, then create downwards
-        // (iterative: depth is attacker-controlled).
-        let mut missing = vec![path];
-        let mut parent = 0u32;
-        let mut p = path;
-        while let Some(i) = p.rfind('/') {
-            p = &p[..i];
-            if let Some(&idx) = self.paths.get(p) {
-                if self.entries[idx as usize].kind != K_DIR {
-                    return Err(not_dir(p));
-                }
-                parent = idx;
-                break;
-            }
-            missing.push(p);
-        }
-        for p in missing.into_iter().rev() {
-            let (_, base) = split_parent(p);
-            let idx = self.new_entry(base, parent, K_DIR)?;
-            let e = &mut self.entries[idx as usize];
-            e.mode = 0o755;
-            e.flags = F_SYNTHESIZED;
-            self.paths.insert(p.into(), idx);
-            parent = idx;
-        }
-        Ok(parent)
+        self.last_dir.0.clear();
+        self.last_dir.0.push_str(path);
+        self.last_dir.1 = cur;
+        Ok(cur)
     }
 
     fn add(&mut self, raw: RawEntry<'_>) -> Result<()> {
@@ -1004,7 +1063,7 @@ impl Builder {
         let mut hidden = false;
         if let Some(rest) = base.strip_prefix(WHITEOUT_PREFIX) {
             if base == OPAQUE_MARKER {
-                let dir = self.ensure_dir(parent_path, &name)?;
+                let dir = self.ensure_dir(parent_path)?;
                 self.entries[dir as usize].flags |= F_OPAQUE;
                 hidden = true;
             } else if base.starts_with(WHITEOUT_META_PREFIX) {
@@ -1023,20 +1082,22 @@ impl Builder {
             }
             return Ok(());
         }
-        let parent = self.ensure_dir(parent_path, &name)?;
-        if let Some(&existing) = self.paths.get(name.as_ref()) {
-            let e = &self.entries[existing as usize];
-            if e.kind == K_DIR && kind == K_DIR {
+        let parent = self.ensure_dir(parent_path)?;
+        if entry_kind == K_DIR {
+            let key = (parent, Box::<str>::from(base));
+            if let Some(&existing) = self.dirs.get(&key) {
                 // A directory listed twice (or after a descendant): later metadata
                 // wins, as when extracting a tar.
                 self.entries[existing as usize].flags &= !F_SYNTHESIZED;
                 self.reset.insert(existing, self.raw_count as u32);
                 return self.set_metadata(existing, &raw, &name);
             }
-            return Err(FormatError::DuplicateEntry { name: trunc(&name) });
+            let idx = self.new_entry(display, parent, entry_kind)?;
+            self.dirs.insert(key, idx);
+            return self.set_metadata(idx, &raw, &name);
         }
+        // Other duplicates are found when the directory listing is sorted.
         let idx = self.new_entry(display, parent, entry_kind)?;
-        self.paths.insert(name.as_ref().into(), idx);
         match entry_kind {
             K_HARDLINK => {
                 let target = raw.link_name.as_deref().unwrap_or_default();
@@ -1342,30 +1403,6 @@ impl Builder {
             tracing::debug!("TOC has a tar-split position but no tarSplitDigest");
         }
 
-        // Hard links: one level, to an existing non-directory, non-link entry.
-        for (idx, target) in std::mem::take(&mut self.hardlinks) {
-            let bad = |reason| FormatError::BadHardLink {
-                name: trunc(&self.path_of(idx)),
-                target: trunc(&target),
-                reason,
-            };
-            let &t = self
-                .paths
-                .get(&target)
-                .ok_or_else(|| bad("target does not exist"))?;
-            match self.entries[t as usize].kind {
-                K_HARDLINK => {
-                    return Err(bad("target is itself a hard link (chains are not allowed)"))
-                }
-                K_DIR => return Err(bad("target is a directory")),
-                K_WHITEOUT => return Err(bad("target is a whiteout")),
-                _ => {}
-            }
-            self.entries[idx as usize].a = t;
-            let te = &mut self.entries[t as usize];
-            te.nlink = te.nlink.saturating_add(1);
-        }
-
         // Compressed extents must not overlap (two files sharing bytes would let a
         // TOC alias data; podman never writes that).
         self.extents.sort_unstable();
@@ -1394,6 +1431,7 @@ impl Builder {
             location,
         };
         index.build_dirents()?;
+        index.resolve_hardlinks(std::mem::take(&mut self.hardlinks))?;
         let reset = std::mem::take(&mut self.reset);
         let current = |entry: u32, ord: u32| reset.get(&entry).is_none_or(|&o| ord >= o);
         index.times.retain(|t| current(t.entry, t.ord));
@@ -1468,10 +1506,62 @@ impl Builder {
 }
 
 impl LayerIndex {
+    /// The raw record at a normalized path (hard links not followed).
+    fn find_raw(&self, path: &str) -> Option<u32> {
+        let mut cur = 0u32;
+        for comp in path.split('/').filter(|c| !c.is_empty()) {
+            let slice = self.dirent_slice(EntryId(cur));
+            let pos = slice
+                .binary_search_by(|&i| self.name_of(i).cmp(comp.as_bytes()))
+                .ok()?;
+            cur = slice[pos];
+        }
+        Some(cur)
+    }
+
+    /// Points each hard link at its target: one level, to an existing
+    /// non-directory, non-link, non-whiteout entry.
+    fn resolve_hardlinks(&mut self, links: Vec<(u32, Box<str>)>) -> Result<()> {
+        for (idx, target) in links {
+            let bad = |reason| FormatError::BadHardLink {
+                name: trunc(&self.entry_path(idx)),
+                target: trunc(&target),
+                reason,
+            };
+            let t = self
+                .find_raw(&target)
+                .ok_or_else(|| bad("target does not exist"))?;
+            match self.entries[t as usize].kind {
+                K_HARDLINK => {
+                    return Err(bad("target is itself a hard link (chains are not allowed)"))
+                }
+                K_DIR => return Err(bad("target is a directory")),
+                K_WHITEOUT => return Err(bad("target is a whiteout")),
+                _ => {}
+            }
+            self.entries[idx as usize].a = t;
+            let te = &mut self.entries[t as usize];
+            te.nlink = te.nlink.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    /// Path of a raw record (no hard-link resolution), for messages.
+    fn entry_path(&self, idx: u32) -> String {
+        EntryRef {
+            index: self,
+            id: idx,
+            e: self.rec(idx),
+        }
+        .path()
+    }
+
     /// Sorts all names into per-directory slices and computes directory ranges.
     fn build_dirents(&mut self) -> Result<()> {
         let mut d: Vec<u32> = (1..self.entries.len() as u32).collect();
-        d.sort_unstable_by(|&x, &y| {
+        // Stable (adaptive) sort: TOCs list each directory's entries mostly in
+        // name order already, so this is close to linear.
+        d.sort_by(|&x, &y| {
             let (ex, ey) = (&self.entries[x as usize], &self.entries[y as usize]);
             ex.parent.cmp(&ey.parent).then_with(|| {
                 self.span(ex.name_off, ex.name_len)
@@ -1490,9 +1580,17 @@ impl LayerIndex {
                         }
                         (false, true) => continue,
                         _ => {
-                            return Err(FormatError::DuplicateEntry {
-                                name: trunc(&self.entry(EntryId(i)).path()),
-                            })
+                            let name = trunc(&self.entry_path(i));
+                            // A file where a descendant implied a directory.
+                            let synthesized = |e: &Entry| e.flags & F_SYNTHESIZED != 0;
+                            return Err(if synthesized(ep) || synthesized(ei) {
+                                FormatError::ParentNotDirectory {
+                                    name: format!("{name}/..."),
+                                    parent: name,
+                                }
+                            } else {
+                                FormatError::DuplicateEntry { name }
+                            });
                         }
                     }
                 }

@@ -542,7 +542,7 @@ fn a_zip_bomb_is_bounded() {
     let (mut loc, size) = location_for(&z, 30, None);
     assert!(matches!(
         LayerIndex::decode(&z, &loc, size),
-        Err(FormatError::SizeMismatch { actual: 31, .. })
+        Err(FormatError::SizeMismatch { .. })
     ));
     loc.toc.uncompressed_len = json.len() as u64;
     assert!(LayerIndex::decode(&z, &loc, size).is_ok());

@@ -180,11 +180,99 @@ where
 
 /// Parses an RFC 3339 timestamp as written by Go's `time.Time` JSON encoding.
 pub(crate) fn parse_time(s: &str) -> Option<Timestamp> {
-    let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
+    // Hand-rolled fast path (every TOC entry has a modtime); unusual forms such
+    // as leap seconds go through chrono.
+    fast_time(s.as_bytes()).or_else(|| {
+        let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
+        Some(Timestamp {
+            secs: t.timestamp(),
+            // chrono encodes a leap second as nanos >= 1e9; POSIX has no such thing.
+            nanos: t.timestamp_subsec_nanos().min(999_999_999),
+        })
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`.
+fn fast_time(b: &[u8]) -> Option<Timestamp> {
+    fn num(b: &[u8]) -> Option<i64> {
+        b.iter().try_fold(0i64, |acc, &c| {
+            c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+        })
+    }
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (num(&b[0..4])?, num(&b[5..7])?, num(&b[8..10])?);
+    let (hour, min, sec) = (num(&b[11..13])?, num(&b[14..16])?, num(&b[17..19])?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > month_days[(month - 1) as usize]
+        || hour > 23
+        || min > 59
+        || sec > 59
+    {
+        return None;
+    }
+    let mut rest = &b[19..];
+    let mut nanos: u32 = 0;
+    if let Some((&b'.', frac)) = rest.split_first() {
+        let digits = frac.iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        for (i, &c) in frac[..digits].iter().take(9).enumerate() {
+            nanos += u32::from(c - b'0') * 10u32.pow(8 - i as u32);
+        }
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let (h, m) = (num(&[*h1, *h2])?, num(&[*m1, *m2])?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let o = h * 3600 + m * 60;
+            if *sign == b'-' {
+                -o
+            } else {
+                o
+            }
+        }
+        _ => return None,
+    };
+    // Days since the epoch for a proleptic Gregorian date (Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
     Some(Timestamp {
-        secs: t.timestamp(),
-        // chrono encodes a leap second as nanos >= 1e9; POSIX has no such thing.
-        nanos: t.timestamp_subsec_nanos().min(999_999_999),
+        secs: days * 86_400 + hour * 3600 + min * 60 + sec - offset,
+        nanos,
     })
 }
 
@@ -267,6 +355,38 @@ mod tests {
             assert_eq!(parse_time(&format_time(t).unwrap()).unwrap(), t);
         }
         assert!(parse_time("yesterday").is_none());
+        assert!(parse_time("2023-02-29T00:00:00Z").is_none());
+        assert!(parse_time("2023-01-01T00:00:00.Z").is_none());
+        // Leap second: accepted through the slow path.
+        assert!(parse_time("2016-12-31T23:59:60Z").is_some());
+    }
+
+    #[test]
+    fn fast_time_parser_agrees_with_chrono() {
+        let mut x: u64 = 0x1234_5678_9abc_def0;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let secs = (x % 315_000_000_000) as i64 - 62_000_000_000;
+            let nanos = ((x >> 40) % 1_000_000_000) as u32;
+            let dt = chrono::DateTime::from_timestamp(secs, nanos).unwrap();
+            let offset =
+                chrono::FixedOffset::east_opt(((x >> 20) % 86_000) as i32 - 43_000).unwrap();
+            for s in [
+                dt.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+                dt.with_timezone(&offset)
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
+                dt.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ] {
+                let c = chrono::DateTime::parse_from_rfc3339(&s).unwrap();
+                let want = Timestamp {
+                    secs: c.timestamp(),
+                    nanos: c.timestamp_subsec_nanos(),
+                };
+                assert_eq!(fast_time(s.as_bytes()), Some(want), "{s}");
+            }
+        }
         assert!(format_time(Timestamp {
             secs: i64::MAX / 2,
             nanos: 0

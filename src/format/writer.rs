@@ -211,7 +211,7 @@ impl<R: Read, W: Write> Writer<R, W> {
                     let want = usize::try_from(remaining).unwrap_or(usize::MAX);
                     self.input.fill(want)?;
                     let avail = self.input.data().len().min(want);
-                    if avail == 0 {
+                    if avail == 0 || (self.input.eof && (avail as u64) < remaining) {
                         return Err(FormatError::InvalidTar {
                             offset: self.input.offset,
                             reason: format!(
@@ -223,6 +223,15 @@ impl<R: Read, W: Write> Writer<R, W> {
                     let window = &self.input.data()[..avail];
                     let last = avail as u64 == remaining;
                     let used = self.chunker.process(window, last, &mut state, &mut sink)?;
+                    // A non-final window is a full buffer (at least twice the
+                    // maximum chunk), so the chunker always makes progress; guard
+                    // the loop anyway rather than trust that reasoning blindly.
+                    if used == 0 && !last {
+                        return Err(FormatError::InvalidTar {
+                            offset: self.input.offset,
+                            reason: "internal error: chunker made no progress".into(),
+                        });
+                    }
                     self.input.consume(used);
                     remaining -= used as u64;
                 }
