@@ -553,6 +553,7 @@ async fn range_answered_with_whole_blob_reads_only_what_is_needed() {
         },
         content_length: None,
         truncate_at: None,
+        delay: None,
     })
     .await;
     let client = fake_client(&server);
@@ -723,6 +724,17 @@ async fn token_registry() -> TokenRegistry {
     let h2 = host.clone();
     let server = FakeServer::start(move |req| {
         let gen = g.load(Ordering::SeqCst);
+        if req.path_only() == "/token" && req.method == "POST" {
+            // OAuth2 refresh-token grant (identity tokens).
+            tr.lock().unwrap().push(req.clone());
+            if req.form("grant_type") != ["refresh_token"] || req.form("refresh_token") != ["refresh-me"] {
+                return Response::error(401, "DENIED", "bad refresh token");
+            }
+            let scopes = req.form("scope").join(" ");
+            return Response::new(200)
+                .header("Content-Type", "application/json")
+                .body(format!(r#"{{"access_token":"tok-{gen}-{}","expires_in":300}}"#, scopes.replace(' ', "+")));
+        }
         if req.path_only() == "/token" {
             tr.lock().unwrap().push(req.clone());
             let scopes = req.query("scope").join(" ");
@@ -987,4 +999,114 @@ async fn failed_upload_is_restarted() {
     assert_eq!(stored.lock().unwrap().as_deref(), Some(&data[..]));
     let methods: Vec<String> = server.requests().iter().map(|r| r.method.clone()).collect();
     assert_eq!(methods, ["HEAD", "POST", "PUT", "HEAD", "POST", "PUT"]);
+}
+
+#[tokio::test]
+async fn parallel_requests_share_one_token_request() {
+    let t = token_registry().await;
+    let client = fake_client(&t.server);
+    let repo = fake_repo(&t.server);
+    let d = Digest::of(b"blob");
+    // Cold: every request meets a 401, but only one asks the token service.
+    let reads = (0..8u64).map(|i| client.get_range(&repo, &d, i..i + 1));
+    for r in futures::future::join_all(reads).await {
+        assert_eq!(&r.unwrap()[..], b"t");
+    }
+    assert_eq!(t.token_requests.lock().unwrap().len(), 1);
+    // Warm scheme, new scope: again one token request for all.
+    let other = repo_named(&t.server, "test/parallel");
+    let reads = (0..8u64).map(|i| client.get_range(&other, &d, i..i + 1));
+    for r in futures::future::join_all(reads).await {
+        r.unwrap();
+    }
+    assert_eq!(t.token_requests.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn identity_token_is_exchanged_with_a_refresh_grant() {
+    let t = token_registry().await;
+    let mut creds = DockerCredentials::empty();
+    creds.insert(
+        &t.server.host(),
+        Credential::IdentityToken {
+            username: "<token>".into(),
+            token: "refresh-me".into(),
+        },
+    );
+    let client = RegistryClient::with_credentials(
+        test_client_config(PlainHttp::Hosts(vec![t.server.host()])),
+        creds,
+    )
+    .unwrap();
+    client
+        .get_range(&fake_repo(&t.server), &Digest::of(b"b"), 0..2)
+        .await
+        .unwrap();
+    {
+        // Scoped: the server's handler needs this lock for later requests.
+        let tr = t.token_requests.lock().unwrap();
+        assert_eq!(tr.len(), 1);
+        assert_eq!(tr[0].method, "POST");
+        assert_eq!(tr[0].form("service"), vec!["fake-registry"]);
+        assert_eq!(tr[0].form("scope"), vec!["repository:test/app:pull"]);
+    }
+
+    // A refresh token the service refuses gives an authentication error, not a loop.
+    let mut creds = DockerCredentials::empty();
+    creds.insert(
+        &t.server.host(),
+        Credential::IdentityToken {
+            username: "<token>".into(),
+            token: "stale".into(),
+        },
+    );
+    let client = RegistryClient::with_credentials(
+        test_client_config(PlainHttp::Hosts(vec![t.server.host()])),
+        creds,
+    )
+    .unwrap();
+    let err = client
+        .get_range(&fake_repo(&t.server), &Digest::of(b"b"), 0..2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::Auth { .. }) && err.to_string().contains("DENIED"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn slow_answers_time_out_and_are_retried() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let server = FakeServer::start(move |req| {
+        let (a, b) = requested_range(req).expect("a range request");
+        let mut r = Response::new(206)
+            .header("Content-Range", &format!("bytes {a}-{b}/100"))
+            .body(vec![b's'; (b - a + 1) as usize]);
+        // The first answer, and every answer for the "stuck" repository, is late.
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 || req.path_only().contains("/stuck/") {
+            r.delay = Some(Duration::from_secs(3));
+        }
+        r
+    })
+    .await;
+    let mut cfg = test_client_config(PlainHttp::Hosts(vec![server.host()]));
+    cfg.range_timeout = Duration::from_millis(300);
+    let client = RegistryClient::new(cfg).unwrap();
+    let d = Digest::of(b"blob");
+    assert_eq!(
+        &client
+            .get_range(&fake_repo(&server), &d, 0..3)
+            .await
+            .unwrap()[..],
+        b"sss"
+    );
+    assert_eq!(client.stats().retries, 1);
+    let err = client
+        .get_range(&repo_named(&server, "stuck/app"), &d, 0..3)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Timeout { .. }), "{err}");
+    assert!(err.to_string().contains("stuck/app"), "{err}");
 }

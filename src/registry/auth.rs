@@ -10,7 +10,7 @@
 //! registry itself is plain HTTP.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -153,12 +153,16 @@ pub(crate) struct IssuedToken {
     pub lifetime: Duration,
 }
 
+/// Serialises token requests for one (host, scope).
+type FetchLock = Arc<tokio::sync::Mutex<()>>;
+
 /// Shared authentication state of a client.
 #[derive(Debug, Default)]
 pub(crate) struct AuthState {
     pub creds: DockerCredentials,
     schemes: Mutex<HashMap<String, HostScheme>>,
     tokens: Mutex<HashMap<(String, String), CachedToken>>,
+    fetching: Mutex<HashMap<(String, String), FetchLock>>,
 }
 
 /// The header value for HTTP Basic.
@@ -215,6 +219,19 @@ impl AuthState {
                 refresh_at,
             },
         );
+    }
+
+    /// The lock serialising token requests for (host, scope).
+    pub fn fetch_lock(&self, host: &str, scope: &str) -> FetchLock {
+        let mut locks = lock(&self.fetching);
+        if locks.len() >= 1024 {
+            // Forget locks nobody is holding or waiting for.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks
+            .entry((host.to_string(), scope.to_string()))
+            .or_default()
+            .clone()
     }
 
     pub fn drop_token(&self, host: &str, scope: &str) {

@@ -860,6 +860,13 @@ impl RegistryClient {
                 if let Some(t) = auth.cached_token(&ep.host, scope) {
                     return Ok(Some(format!("Bearer {t}")));
                 }
+                // One token request per (host, scope) at a time: parallel reads
+                // wait for it instead of each asking the token service.
+                let lock = auth.fetch_lock(&ep.host, scope);
+                let _guard = lock.lock().await;
+                if let Some(t) = auth.cached_token(&ep.host, scope) {
+                    return Ok(Some(format!("Bearer {t}")));
+                }
                 let token = self
                     .fetch_token(ep, &realm, service.as_deref(), scope, ctx)
                     .await?;
@@ -899,6 +906,14 @@ impl RegistryClient {
                     service: service.clone(),
                 },
             );
+            let lock = auth.fetch_lock(&ep.host, scope);
+            let _guard = lock.lock().await;
+            if let Some(t) = auth.cached_token(&ep.host, scope) {
+                if sent != Some(format!("Bearer {t}").as_str()) {
+                    // Another request already replaced the token this one carried.
+                    return Ok(true);
+                }
+            }
             auth.drop_token(&ep.host, scope);
             // The challenge may name a scope we did not ask for (e.g. for a mount).
             let mut scopes = scope.to_string();

@@ -40,15 +40,24 @@ impl Request {
         self.path.split('?').next().unwrap_or("")
     }
 
-    /// The value of query parameter `name`.
+    /// The values of query parameter `name`.
     pub fn query(&self, name: &str) -> Vec<String> {
         let q = self.path.split_once('?').map(|(_, q)| q).unwrap_or("");
-        q.split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .filter(|(k, _)| *k == name)
-            .map(|(_, v)| percent_decode(v))
-            .collect()
+        url_params(q, name)
     }
+
+    /// The values of field `name` of a form-encoded body.
+    pub fn form(&self, name: &str) -> Vec<String> {
+        url_params(&String::from_utf8_lossy(&self.body), name)
+    }
+}
+
+fn url_params(q: &str, name: &str) -> Vec<String> {
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(v))
+        .collect()
 }
 
 fn percent_decode(s: &str) -> String {
@@ -114,6 +123,8 @@ pub struct Response {
     pub content_length: Option<u64>,
     /// Send only this many body bytes, then close the connection.
     pub truncate_at: Option<u64>,
+    /// Wait this long before answering.
+    pub delay: Option<Duration>,
 }
 
 impl Response {
@@ -125,6 +136,7 @@ impl Response {
             body: Body::Bytes(Vec::new()),
             content_length: None,
             truncate_at: None,
+            delay: None,
         }
     }
 
@@ -286,6 +298,9 @@ async fn serve_conn(
     let mut buf = Vec::new();
     while let Some(req) = read_request(&mut sock, &mut buf).await? {
         let resp = handler(&req);
+        if let Some(d) = resp.delay {
+            tokio::time::sleep(d).await;
+        }
         let is_head = req.method == "HEAD";
         if let Ok(mut r) = requests.lock() {
             r.push(req);
