@@ -714,6 +714,9 @@ pub(crate) fn decompress_bounded(data: &[u8], declared: u64, what: &str) -> Resu
         declared,
         actual: 0,
     })?;
+    if cap > ONE_SHOT_LIMIT {
+        return decompress_streaming(data, declared, what);
+    }
     // Capacity is reserved, not touched: pages are only committed as zstd writes
     // them, so a small frame claiming a large size costs address space only.
     // Output beyond the capacity is an error from zstd, never a reallocation.
@@ -738,6 +741,31 @@ pub(crate) fn decompress_bounded(data: &[u8], declared: u64, what: &str) -> Resu
             what: what.to_owned(),
             declared,
             actual: n as u64,
+        });
+    }
+    Ok(out)
+}
+
+/// Above this declared size, decompression grows its buffer as data arrives
+/// instead of reserving the declared size up front.
+const ONE_SHOT_LIMIT: usize = 64 << 20;
+
+fn decompress_streaming(data: &[u8], declared: u64, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let err = |source| FormatError::Decompress {
+        what: what.to_owned(),
+        source,
+    };
+    let dec = zstd::stream::read::Decoder::with_buffer(data).map_err(err)?;
+    let mut out = Vec::with_capacity(ONE_SHOT_LIMIT);
+    dec.take(declared.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(err)?;
+    if out.len() as u64 != declared {
+        return Err(FormatError::SizeMismatch {
+            what: what.to_owned(),
+            declared,
+            actual: out.len() as u64,
         });
     }
     Ok(out)

@@ -546,6 +546,15 @@ fn a_zip_bomb_is_bounded() {
     ));
     loc.toc.uncompressed_len = json.len() as u64;
     assert!(LayerIndex::decode(&z, &loc, size).is_ok());
+    // The streaming path (large declared sizes) is bounded too.
+    assert!(matches!(
+        decompress_bounded(&z, (100 << 20) - 1, "test"),
+        Err(FormatError::SizeMismatch { .. })
+    ));
+    assert_eq!(
+        decompress_bounded(&z, 100 << 20, "test").unwrap().len(),
+        100 << 20
+    );
 }
 
 #[test]
