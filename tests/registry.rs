@@ -1110,3 +1110,144 @@ async fn slow_answers_time_out_and_are_retried() {
     assert!(matches!(err, RegistryError::Timeout { .. }), "{err}");
     assert!(err.to_string().contains("stuck/app"), "{err}");
 }
+
+// ---- Interoperability with independent tools ----
+
+fn run(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn gunzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(data)
+        .read_to_end(&mut out)
+        .expect("valid gzip");
+    out
+}
+
+/// The test image helper writes layouts umoci unpacks, skopeo copies into a registry
+/// as OCI and as Docker v2 images, and this client reads back; what this client
+/// pushes, skopeo reads.
+#[tokio::test]
+async fn interoperates_with_umoci_and_skopeo() {
+    let Some(reg) = start_registry(Auth::None) else {
+        return;
+    };
+    if !require_tool("umoci") || !require_tool("skopeo") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let Some(image) = support::image::busybox_image(&layout, "v1") else {
+        return;
+    };
+
+    // umoci validates and unpacks the layout.
+    let bundle = tmp.path().join("bundle");
+    run(std::process::Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:v1", layout.display()))
+        .arg(&bundle));
+    let rootfs = bundle.join("rootfs");
+    assert_eq!(
+        std::fs::read(rootfs.join("bin/busybox")).unwrap(),
+        std::fs::read("/usr/bin/busybox").unwrap()
+    );
+    assert_eq!(
+        std::fs::read_link(rootfs.join("bin/sh")).unwrap(),
+        std::path::Path::new("busybox")
+    );
+    assert_eq!(
+        std::fs::read(rootfs.join("data/random.bin")).unwrap(),
+        pseudo_random(1 << 20, 1)
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("data/link")).unwrap(),
+        "hello from zest\n"
+    );
+
+    // skopeo copies it to the registry in both formats; this client reads both.
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    let client = reg.client();
+    for (format, manifest_type, layer_type) in [
+        ("oci", media_type::OCI_MANIFEST, media_type::OCI_LAYER_GZIP),
+        (
+            "v2s2",
+            media_type::DOCKER_MANIFEST,
+            media_type::DOCKER_LAYER_GZIP,
+        ),
+    ] {
+        let dest = format!("{}/interop/{format}:v1", reg.host());
+        run(std::process::Command::new("skopeo")
+            .arg("--policy")
+            .arg(&policy)
+            .args([
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--format",
+                format,
+            ])
+            .arg(format!("oci:{}:v1", layout.display()))
+            .arg(format!("docker://{dest}")));
+        let reference: Reference = dest.parse().unwrap();
+        let resolved = client
+            .resolve_image(&reference, &Platform::host())
+            .await
+            .unwrap();
+        assert_eq!(resolved.manifest.media_type, manifest_type, "{format}");
+        let cfg = client
+            .get_blob_bytes(
+                &reference.repository,
+                &resolved.image.config.digest,
+                1 << 20,
+            )
+            .await
+            .unwrap();
+        let diff_ids = ImageConfig::from_json(&cfg).unwrap().diff_ids().unwrap();
+        assert_eq!(resolved.image.layers.len(), image.layers.len());
+        for ((desc, ours), diff_id) in resolved
+            .image
+            .layers
+            .iter()
+            .zip(&image.layers)
+            .zip(&diff_ids)
+        {
+            assert_eq!(desc.media_type, layer_type);
+            assert_eq!(
+                LayerCompression::from_media_type(&desc.media_type),
+                Some(LayerCompression::Gzip)
+            );
+            let blob = client
+                .get_blob_bytes(&reference.repository, &desc.digest, 64 << 20)
+                .await
+                .unwrap();
+            let tar = gunzip(&blob);
+            assert_eq!(Digest::of(&tar), *diff_id);
+            assert_eq!(tar, ours.tar);
+        }
+    }
+
+    // What this client pushes, skopeo reads byte for byte.
+    let ours: Reference = format!("{}/interop/ours:v1", reg.host()).parse().unwrap();
+    let digest = push_image(&client, &image, &ours).await;
+    let out = run(std::process::Command::new("skopeo")
+        .arg("--policy")
+        .arg(&policy)
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{ours}")));
+    assert_eq!(Digest::of(&out.stdout), digest);
+}
