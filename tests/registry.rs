@@ -27,6 +27,9 @@ fn start_registry(auth: Auth) -> Option<Registry> {
     if !require_tool(REGISTRY_BIN) {
         return None;
     }
+    if matches!(auth, Auth::Basic { .. }) && !require_tool("htpasswd") {
+        return None;
+    }
     Some(Registry::start(auth))
 }
 
@@ -1250,4 +1253,72 @@ async fn interoperates_with_umoci_and_skopeo() {
         .args(["inspect", "--raw", "--tls-verify=false"])
         .arg(format!("docker://{ours}")));
     assert_eq!(Digest::of(&out.stdout), digest);
+}
+
+#[tokio::test]
+async fn tls_registry_with_ca_files_and_skip_verify() {
+    if !require_tool(REGISTRY_BIN) || !require_tool("openssl") {
+        return;
+    }
+    let reg = Registry::start_tls(Auth::None);
+    let ca = reg.ca.clone().expect("TLS registry has a CA");
+    let repo = repo(&reg.host(), "test/tls");
+    let data = Bytes::from(pseudo_random(4096, 12));
+    let d = Digest::of(&data);
+
+    // Not trusted by default: a clear error naming the fix.
+    let plain = RegistryClient::new(test_client_config(PlainHttp::Never)).unwrap();
+    let err = plain
+        .push_blob_bytes(&repo, data.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::Connect { .. }) && err.to_string().contains("not trusted"),
+        "{err}"
+    );
+
+    // Trusted through the extra CA file.
+    let mut cfg = test_client_config(PlainHttp::Never);
+    cfg.extra_ca_file = Some(ca.clone());
+    let client = RegistryClient::new(cfg).unwrap();
+    client.push_blob_bytes(&repo, data.clone()).await.unwrap();
+    assert_eq!(
+        &client.get_range(&repo, &d, 1..3).await.unwrap()[..],
+        &data[1..3]
+    );
+
+    // Trusted through a hosts.toml `ca` relative to the file, then through skip_verify.
+    for setting in [
+        "ca = \"ca.pem\"".to_string(),
+        "skip_verify = true".to_string(),
+    ] {
+        let hosts = tempfile::tempdir().unwrap();
+        let dir = hosts.path().join(reg.host());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&ca, dir.join("ca.pem")).unwrap();
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!("server = \"https://{}\"\n{setting}\n", reg.host()),
+        )
+        .unwrap();
+        let mut cfg = test_client_config(PlainHttp::Never);
+        cfg.hosts_dir = Some(hosts.path().to_path_buf());
+        let client = RegistryClient::new(cfg).unwrap();
+        assert_eq!(
+            client.get_blob_bytes(&repo, &d, 1 << 20).await.unwrap(),
+            data,
+            "{setting}"
+        );
+    }
+
+    // A CA file that is not PEM is a configuration error at start.
+    let tmp = tempfile::tempdir().unwrap();
+    let junk = tmp.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let mut cfg = test_client_config(PlainHttp::Never);
+    cfg.extra_ca_file = Some(junk);
+    assert!(matches!(
+        RegistryClient::new(cfg),
+        Err(RegistryError::Config { .. })
+    ));
 }
