@@ -27,6 +27,9 @@ fn start_registry(auth: Auth) -> Option<Registry> {
     if !require_tool(REGISTRY_BIN) {
         return None;
     }
+    if matches!(auth, Auth::Basic { .. }) && !require_tool("htpasswd") {
+        return None;
+    }
     Some(Registry::start(auth))
 }
 
@@ -1109,4 +1112,213 @@ async fn slow_answers_time_out_and_are_retried() {
         .unwrap_err();
     assert!(matches!(err, RegistryError::Timeout { .. }), "{err}");
     assert!(err.to_string().contains("stuck/app"), "{err}");
+}
+
+// ---- Interoperability with independent tools ----
+
+fn run(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn gunzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(data)
+        .read_to_end(&mut out)
+        .expect("valid gzip");
+    out
+}
+
+/// The test image helper writes layouts umoci unpacks, skopeo copies into a registry
+/// as OCI and as Docker v2 images, and this client reads back; what this client
+/// pushes, skopeo reads.
+#[tokio::test]
+async fn interoperates_with_umoci_and_skopeo() {
+    let Some(reg) = start_registry(Auth::None) else {
+        return;
+    };
+    if !require_tool("umoci") || !require_tool("skopeo") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let Some(image) = support::image::busybox_image(&layout, "v1") else {
+        return;
+    };
+
+    // umoci validates and unpacks the layout.
+    let bundle = tmp.path().join("bundle");
+    run(std::process::Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:v1", layout.display()))
+        .arg(&bundle));
+    let rootfs = bundle.join("rootfs");
+    assert_eq!(
+        std::fs::read(rootfs.join("bin/busybox")).unwrap(),
+        std::fs::read("/usr/bin/busybox").unwrap()
+    );
+    assert_eq!(
+        std::fs::read_link(rootfs.join("bin/sh")).unwrap(),
+        std::path::Path::new("busybox")
+    );
+    assert_eq!(
+        std::fs::read(rootfs.join("data/random.bin")).unwrap(),
+        pseudo_random(1 << 20, 1)
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("data/link")).unwrap(),
+        "hello from zest\n"
+    );
+
+    // skopeo copies it to the registry in both formats; this client reads both.
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    let client = reg.client();
+    for (format, manifest_type, layer_type) in [
+        ("oci", media_type::OCI_MANIFEST, media_type::OCI_LAYER_GZIP),
+        (
+            "v2s2",
+            media_type::DOCKER_MANIFEST,
+            media_type::DOCKER_LAYER_GZIP,
+        ),
+    ] {
+        let dest = format!("{}/interop/{format}:v1", reg.host());
+        run(std::process::Command::new("skopeo")
+            .arg("--policy")
+            .arg(&policy)
+            .args([
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--format",
+                format,
+            ])
+            .arg(format!("oci:{}:v1", layout.display()))
+            .arg(format!("docker://{dest}")));
+        let reference: Reference = dest.parse().unwrap();
+        let resolved = client
+            .resolve_image(&reference, &Platform::host())
+            .await
+            .unwrap();
+        assert_eq!(resolved.manifest.media_type, manifest_type, "{format}");
+        let cfg = client
+            .get_blob_bytes(
+                &reference.repository,
+                &resolved.image.config.digest,
+                1 << 20,
+            )
+            .await
+            .unwrap();
+        let diff_ids = ImageConfig::from_json(&cfg).unwrap().diff_ids().unwrap();
+        assert_eq!(resolved.image.layers.len(), image.layers.len());
+        for ((desc, ours), diff_id) in resolved
+            .image
+            .layers
+            .iter()
+            .zip(&image.layers)
+            .zip(&diff_ids)
+        {
+            assert_eq!(desc.media_type, layer_type);
+            assert_eq!(
+                LayerCompression::from_media_type(&desc.media_type),
+                Some(LayerCompression::Gzip)
+            );
+            let blob = client
+                .get_blob_bytes(&reference.repository, &desc.digest, 64 << 20)
+                .await
+                .unwrap();
+            let tar = gunzip(&blob);
+            assert_eq!(Digest::of(&tar), *diff_id);
+            assert_eq!(tar, ours.tar);
+        }
+    }
+
+    // What this client pushes, skopeo reads byte for byte.
+    let ours: Reference = format!("{}/interop/ours:v1", reg.host()).parse().unwrap();
+    let digest = push_image(&client, &image, &ours).await;
+    let out = run(std::process::Command::new("skopeo")
+        .arg("--policy")
+        .arg(&policy)
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{ours}")));
+    assert_eq!(Digest::of(&out.stdout), digest);
+}
+
+#[tokio::test]
+async fn tls_registry_with_ca_files_and_skip_verify() {
+    if !require_tool(REGISTRY_BIN) || !require_tool("openssl") {
+        return;
+    }
+    let reg = Registry::start_tls(Auth::None);
+    let ca = reg.ca.clone().expect("TLS registry has a CA");
+    let repo = repo(&reg.host(), "test/tls");
+    let data = Bytes::from(pseudo_random(4096, 12));
+    let d = Digest::of(&data);
+
+    // Not trusted by default: a clear error naming the fix.
+    let plain = RegistryClient::new(test_client_config(PlainHttp::Never)).unwrap();
+    let err = plain
+        .push_blob_bytes(&repo, data.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::Connect { .. }) && err.to_string().contains("not trusted"),
+        "{err}"
+    );
+
+    // Trusted through the extra CA file.
+    let mut cfg = test_client_config(PlainHttp::Never);
+    cfg.extra_ca_file = Some(ca.clone());
+    let client = RegistryClient::new(cfg).unwrap();
+    client.push_blob_bytes(&repo, data.clone()).await.unwrap();
+    assert_eq!(
+        &client.get_range(&repo, &d, 1..3).await.unwrap()[..],
+        &data[1..3]
+    );
+
+    // Trusted through a hosts.toml `ca` relative to the file, then through skip_verify.
+    for setting in [
+        "ca = \"ca.pem\"".to_string(),
+        "skip_verify = true".to_string(),
+    ] {
+        let hosts = tempfile::tempdir().unwrap();
+        let dir = hosts.path().join(reg.host());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&ca, dir.join("ca.pem")).unwrap();
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!("server = \"https://{}\"\n{setting}\n", reg.host()),
+        )
+        .unwrap();
+        let mut cfg = test_client_config(PlainHttp::Never);
+        cfg.hosts_dir = Some(hosts.path().to_path_buf());
+        let client = RegistryClient::new(cfg).unwrap();
+        assert_eq!(
+            client.get_blob_bytes(&repo, &d, 1 << 20).await.unwrap(),
+            data,
+            "{setting}"
+        );
+    }
+
+    // A CA file that is not PEM is a configuration error at start.
+    let tmp = tempfile::tempdir().unwrap();
+    let junk = tmp.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let mut cfg = test_client_config(PlainHttp::Never);
+    cfg.extra_ca_file = Some(junk);
+    assert!(matches!(
+        RegistryClient::new(cfg),
+        Err(RegistryError::Config { .. })
+    ));
 }

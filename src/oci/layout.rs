@@ -282,11 +282,15 @@ impl OciLayout {
         atomic_write(&self.index_path(), &index.to_json())
     }
 
-    /// Stores `data` as a blob and returns its digest. Existing blobs are not rewritten.
+    /// Stores `data` as a blob and returns its digest. An existing blob of the right
+    /// size is kept (content is checked on every read); one of another size, left by
+    /// corruption, is replaced.
     pub fn write_blob(&self, data: &[u8]) -> Result<Digest, LayoutError> {
         let digest = Digest::of(data);
         let path = self.blob_path(&digest);
-        if !path.is_file() {
+        let present =
+            fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == data.len() as u64);
+        if !present {
             atomic_write(&path, data)?;
         }
         Ok(digest)
@@ -538,6 +542,10 @@ mod tests {
             Err(LayoutError::BlobNotFound { .. })
         ));
 
+        // A truncated blob is replaced by a new write.
+        fs::write(layout.blob_path(&d), b"hel").unwrap();
+        layout.write_blob(b"hello").unwrap();
+        assert_eq!(layout.read_blob(&d, 100).unwrap(), b"hello");
         // Corruption is detected on both read paths.
         fs::write(layout.blob_path(&d), b"HELLO").unwrap();
         assert!(matches!(

@@ -697,10 +697,12 @@ impl RegistryClient {
                     .body(self.build_body(&req.body));
             }
             self.inner.stats.request(req.kind);
-            let resp = match tokio::time::timeout(req.timeout, rb.send()).await {
-                Err(_) => return Err(Failure::Transient(req.ctx.timeout(req.timeout), None)),
+            // Sending a body takes time of its own: allow it at least 1 MiB/s.
+            let timeout = req.timeout + Duration::from_secs(req.body.len() >> 20);
+            let resp = match tokio::time::timeout(timeout, rb.send()).await {
+                Err(_) => return Err(Failure::Transient(req.ctx.timeout(timeout), None)),
                 Ok(Err(e)) if e.is_timeout() => {
-                    return Err(Failure::Transient(req.ctx.timeout(req.timeout), None))
+                    return Err(Failure::Transient(req.ctx.timeout(timeout), None))
                 }
                 Ok(Err(e)) => {
                     let e = e.without_url();

@@ -62,6 +62,79 @@ pub struct Registry {
     dir: tempfile::TempDir,
     /// The port it listens on.
     pub port: u16,
+    /// With TLS: the PEM file of the CA that signed its certificate.
+    pub ca: Option<PathBuf>,
+}
+
+/// Makes a test CA and a server certificate for 127.0.0.1 signed by it in `dir`
+/// (openssl CLI); returns (CA, certificate, key) paths.
+pub fn make_tls_material(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca_key, ca) = (dir.join("ca.key"), dir.join("ca.pem"));
+    let (key, csr, cert) = (
+        dir.join("server.key"),
+        dir.join("server.csr"),
+        dir.join("server.pem"),
+    );
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write extensions file");
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |x: &'static str| std::ffi::OsStr::new(x);
+    let ec = [
+        s("-newkey"),
+        s("ec"),
+        s("-pkeyopt"),
+        s("ec_paramgen_curve:prime256v1"),
+        s("-nodes"),
+    ];
+    let mut ca_args = vec![
+        s("req"),
+        s("-x509"),
+        s("-days"),
+        s("2"),
+        s("-subj"),
+        s("/CN=zest test CA"),
+    ];
+    ca_args.extend(ec);
+    ca_args.extend([s("-keyout"), ca_key.as_os_str(), s("-out"), ca.as_os_str()]);
+    openssl(&ca_args);
+    let mut csr_args = vec![s("req"), s("-subj"), s("/CN=127.0.0.1")];
+    csr_args.extend(ec);
+    csr_args.extend([s("-keyout"), key.as_os_str(), s("-out"), csr.as_os_str()]);
+    openssl(&csr_args);
+    openssl(&[
+        s("x509"),
+        s("-req"),
+        s("-days"),
+        s("2"),
+        s("-set_serial"),
+        s("7"),
+        s("-in"),
+        csr.as_os_str(),
+        s("-CA"),
+        ca.as_os_str(),
+        s("-CAkey"),
+        ca_key.as_os_str(),
+        s("-extfile"),
+        ext.as_os_str(),
+        s("-out"),
+        cert.as_os_str(),
+    ]);
+    (ca, cert, key)
 }
 
 fn free_port() -> u16 {
@@ -91,6 +164,16 @@ impl Registry {
     /// registry's log if it does not come up. Callers check
     /// `require_tool(REGISTRY_BIN)` first.
     pub fn start(auth: Auth) -> Registry {
+        Self::start_with(auth, false)
+    }
+
+    /// Like [`Registry::start`], serving HTTPS with a certificate from a fresh test CA
+    /// ([`Registry::ca`]). Callers check `require_tool("openssl")` first.
+    pub fn start_tls(auth: Auth) -> Registry {
+        Self::start_with(auth, true)
+    }
+
+    fn start_with(auth: Auth, tls: bool) -> Registry {
         let mut last_log = String::new();
         // The free port may be taken between probing and binding: try a few.
         for _ in 0..3 {
@@ -112,13 +195,26 @@ impl Registry {
                     )
                 }
             };
+            let (tls_section, ca) = if tls {
+                let (ca, cert, key) = make_tls_material(dir.path());
+                (
+                    format!(
+                        "  tls:\n    certificate: {}\n    key: {}\n",
+                        cert.display(),
+                        key.display()
+                    ),
+                    Some(ca),
+                )
+            } else {
+                (String::new(), None)
+            };
             let config = format!(
                 "version: 0.1\n\
                  log:\n  level: warn\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n  \
                  maintenance:\n    uploadpurging:\n      enabled: false\n\
                  http:\n  addr: 127.0.0.1:{port}\n  secret: zest-test-secret-{port}\n\
-                 {auth_section}",
+                 {tls_section}{auth_section}",
                 root = dir.path().join("data").display(),
             );
             let config_path = dir.path().join("config.yml");
@@ -142,7 +238,12 @@ impl Registry {
             let child = cmd
                 .spawn()
                 .unwrap_or_else(|e| panic!("start {REGISTRY_BIN}: {e}"));
-            let mut reg = Registry { child, dir, port };
+            let mut reg = Registry {
+                child,
+                dir,
+                port,
+                ca,
+            };
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if answers(port) {
