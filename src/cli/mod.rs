@@ -4,6 +4,7 @@
 
 mod convert;
 mod inspect;
+mod pull;
 mod registry_args;
 
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Show an image's layers and, for zstd:chunked layers, their table of contents.
     Inspect(inspect::InspectArgs),
+    /// Pull an image into containerd, mounting zstd:chunked layers lazily.
+    Pull(pull::PullArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -49,6 +52,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Convert(args) => convert::run(args).await,
             Command::Inspect(args) => inspect::run(args).await,
+            Command::Pull(args) => pull::run(args).await,
         }
     });
     match result {
