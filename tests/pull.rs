@@ -205,7 +205,10 @@ async fn convert_to_registry(
 ) -> TestResult<Reference> {
     let client = registry.client();
     let source = ImageStore::open(
-        &ImageRef::Layout(LayoutRef::parse(&format!("oci:{}:{tag}", layout.display()))?),
+        &ImageRef::Layout(LayoutRef::parse(&format!(
+            "oci:{}:{tag}",
+            layout.display()
+        ))?),
         &client,
     )?;
     let reference: Reference = destination.parse()?;
@@ -255,7 +258,12 @@ async fn assert_lazy(env: &Env, stdout: &str, manifest: &ImageManifest) -> TestR
         .count();
     assert_eq!(remote, layers, "zest's remote snapshots");
     for layer in &manifest.layers {
-        assert_eq!(env.full_gets(&layer.digest), 0, "full GET of {}", layer.digest);
+        assert_eq!(
+            env.full_gets(&layer.digest),
+            0,
+            "full GET of {}",
+            layer.digest
+        );
     }
     Ok(())
 }
@@ -286,7 +294,9 @@ async fn converted_image_is_pulled_lazily_and_runs() -> TestResult {
     let listed = env.containerd.ctr_ok(&["images", "ls", "-q"]).await?;
     assert!(listed.lines().any(|l| l == image), "{listed}");
 
-    let out = env.ctr_run(&image, "lazy-echo", &["/bin/echo", "hello"]).await?;
+    let out = env
+        .ctr_run(&image, "lazy-echo", &["/bin/echo", "hello"])
+        .await?;
     assert_eq!(out.trim(), "hello");
     let out = env
         .ctr_run(&image, "lazy-cat", &["/bin/cat", "/data/hello.txt"])
@@ -294,7 +304,12 @@ async fn converted_image_is_pulled_lazily_and_runs() -> TestResult {
     assert_eq!(out.trim(), "hello from zest");
     // Running read the files by range request, never a whole layer.
     for layer in &manifest.layers {
-        assert_eq!(env.full_gets(&layer.digest), 0, "full GET of {}", layer.digest);
+        assert_eq!(
+            env.full_gets(&layer.digest),
+            0,
+            "full GET of {}",
+            layer.digest
+        );
     }
     assert!(
         manifest
@@ -335,24 +350,30 @@ async fn skopeo_zstd_chunked_image_is_pulled_lazily_and_runs() -> TestResult {
     .await?;
     let manifest = manifest(&env.registry, &image).await?;
     assert!(
-        manifest
-            .layers
-            .iter()
-            .all(|l| l.annotations.contains_key("io.github.containers.zstd-chunked.manifest-checksum")),
+        manifest.layers.iter().all(|l| l
+            .annotations
+            .contains_key("io.github.containers.zstd-chunked.manifest-checksum")),
         "skopeo did not write zstd:chunked layers: {:?}",
         manifest.layers
     );
 
     let stdout = env.zest_pull(&image).await?;
     assert_lazy(&env, &stdout, &manifest).await?;
-    let out = env.ctr_run(&image, "skopeo-echo", &["/bin/echo", "hello"]).await?;
+    let out = env
+        .ctr_run(&image, "skopeo-echo", &["/bin/echo", "hello"])
+        .await?;
     assert_eq!(out.trim(), "hello");
     let out = env
         .ctr_run(&image, "skopeo-cat", &["/bin/cat", "/etc/zest-hello"])
         .await?;
     assert_eq!(out.trim(), "hello from the second layer");
     for layer in &manifest.layers {
-        assert_eq!(env.full_gets(&layer.digest), 0, "full GET of {}", layer.digest);
+        assert_eq!(
+            env.full_gets(&layer.digest),
+            0,
+            "full GET of {}",
+            layer.digest
+        );
     }
     Ok(())
 }
@@ -373,7 +394,9 @@ async fn gzip_image_falls_back_to_download_and_apply() -> TestResult {
     for layer in &built.layers {
         assert_eq!(env.full_gets(&layer.descriptor.digest), 1);
     }
-    let out = env.ctr_run(&image, "gzip-echo", &["/bin/echo", "hello"]).await?;
+    let out = env
+        .ctr_run(&image, "gzip-echo", &["/bin/echo", "hello"])
+        .await?;
     assert_eq!(out.trim(), "hello");
 
     // What the pull left matches containerd's own unpacker.
@@ -418,7 +441,10 @@ async fn gzip_image_falls_back_to_download_and_apply() -> TestResult {
         .await?
         .ok_or_else(|| fail("no image record"))?;
     assert_eq!(target.digest, manifest_digest.to_string());
-    assert!(client.list_leases().await?.is_empty(), "the pull's lease is left");
+    assert!(
+        client.list_leases().await?.is_empty(),
+        "the pull's lease is left"
+    );
     // The layers were committed under their chain IDs.
     let snapshots = env.zest_snapshots().await?;
     assert_eq!(snapshots.len(), 2, "{snapshots:?}");
@@ -453,9 +479,8 @@ async fn two_containers_run_at_once_from_one_image() -> TestResult {
     // Each writes its own name to the same path, waits for the other to do the
     // same, and reads back its own: both run at once on the same layers, each with
     // its own writable layer.
-    let script = |name: &str| {
-        format!("echo {name} > /tmp/who && sleep 1 && cat /tmp/who /data/hello.txt")
-    };
+    let script =
+        |name: &str| format!("echo {name} > /tmp/who && sleep 1 && cat /tmp/who /data/hello.txt");
     let (a, b) = (script("first"), script("second"));
     let (args_a, args_b) = (["/bin/sh", "-c", a.as_str()], ["/bin/sh", "-c", b.as_str()]);
     let (out_a, out_b) = tokio::join!(
@@ -490,7 +515,10 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
         )
         .await?;
     }
-    let (m1, m2) = (manifest(&env.registry, &one).await?, manifest(&env.registry, &two).await?);
+    let (m1, m2) = (
+        manifest(&env.registry, &one).await?,
+        manifest(&env.registry, &two).await?,
+    );
     assert_eq!(m1.layers[0].digest, m2.layers[0].digest, "same base layer");
     assert_ne!(m1.layers[1].digest, m2.layers[1].digest);
 
@@ -498,7 +526,11 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
     assert_lazy(&env, &stdout, &m1).await?;
     let stdout = env.zest_pull(&two).await?;
     assert_eq!(outcome_counts(&stdout)?, (1, 0, 1), "{stdout}");
-    assert_eq!(env.zest_snapshots().await?.len(), 3, "base, one's and two's data layers");
+    assert_eq!(
+        env.zest_snapshots().await?.len(),
+        3,
+        "base, one's and two's data layers"
+    );
     for (image, id) in [(&one, "shared-one"), (&two, "shared-two")] {
         let out = env.ctr_run(image, id, &["/bin/echo", "hello"]).await?;
         assert_eq!(out.trim(), "hello");
@@ -508,11 +540,21 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
     env.containerd
         .ctr_ok(&["images", "rm", "--sync", &one])
         .await?;
-    wait_for("GC of the first image's own layer", Duration::from_secs(30), || async {
-        env.zest_snapshots().await.ok().filter(|s| s.len() == 2).map(drop)
-    })
+    wait_for(
+        "GC of the first image's own layer",
+        Duration::from_secs(30),
+        || async {
+            env.zest_snapshots()
+                .await
+                .ok()
+                .filter(|s| s.len() == 2)
+                .map(drop)
+        },
+    )
     .await?;
-    let out = env.ctr_run(&two, "shared-again", &["/bin/cat", "/data/hello.txt"]).await?;
+    let out = env
+        .ctr_run(&two, "shared-again", &["/bin/cat", "/data/hello.txt"])
+        .await?;
     assert_eq!(out.trim(), "hello from zest");
 
     // Removing the other leaves nothing of zest's: no snapshot, no directory, no
@@ -521,10 +563,19 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
         .ctr_ok(&["images", "rm", "--sync", &two])
         .await?;
     wait_for("GC of every snapshot", Duration::from_secs(30), || async {
-        env.zest_snapshots().await.ok().filter(|s| s.is_empty()).map(drop)
+        env.zest_snapshots()
+            .await
+            .ok()
+            .filter(|s| s.is_empty())
+            .map(drop)
     })
     .await
-    .map_err(|e| fail(format!("{e}\ncontainerd log:\n{}", env.containerd.log_tail())))?;
+    .map_err(|e| {
+        fail(format!(
+            "{e}\ncontainerd log:\n{}",
+            env.containerd.log_tail()
+        ))
+    })?;
     assert_eq!(env.snapshot_dirs()?, Vec::<String>::new());
     let mounts = mounts_under(&env.service.state_dir);
     assert!(mounts.is_empty(), "{mounts:?}");
