@@ -897,3 +897,46 @@ impl ContentWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_are_checked() {
+        assert!(header_value("namespace", "k8s.io").is_ok());
+        for bad in ["", "with space", "new\nline", "naïve"] {
+            assert!(
+                matches!(
+                    header_value("namespace", bad),
+                    Err(ContainerdError::InvalidArgument { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_is_a_clear_connect_error() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let socket = dir.path().join("containerd.sock");
+        let err = ContainerdClient::connect(&socket, DEFAULT_NAMESPACE)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("connecting to a missing socket succeeded"));
+        assert!(matches!(err, ContainerdError::Connect { .. }), "{err:?}");
+        assert!(err.to_string().contains("is containerd running"), "{err}");
+    }
+
+    #[test]
+    fn descriptors_convert_to_containerds_form() {
+        let mut desc = Descriptor::new("application/x", Digest::of(b"x"), 42);
+        desc.annotations.insert("a".into(), "b".into());
+        let pb = pb_descriptor(&desc).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pb.digest, desc.digest.to_string());
+        assert_eq!(pb.size, 42);
+        assert_eq!(pb.annotations.get("a").map(String::as_str), Some("b"));
+        desc.size = u64::MAX;
+        assert!(pb_descriptor(&desc).is_err());
+    }
+}

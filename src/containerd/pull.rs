@@ -909,3 +909,59 @@ impl Puller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_image_spec() {
+        let a = Digest::of(b"a");
+        let b = Digest::of(b"b");
+        let c = Digest::of(b"c");
+        let ab = Digest::of(format!("{a} {b}").as_bytes());
+        let abc = Digest::of(format!("{ab} {c}").as_bytes());
+        assert_eq!(chain_ids(&[]), Vec::<Digest>::new());
+        assert_eq!(chain_ids(&[a]), vec![a]);
+        assert_eq!(chain_ids(&[a, b, c]), vec![a, ab, abc]);
+    }
+
+    #[test]
+    fn image_layers_label_is_cut_at_whole_digests_within_the_limit() {
+        let layers: Vec<Digest> = (0..200u32).map(|i| Digest::of(&i.to_le_bytes())).collect();
+        let full = image_layers_label(&layers[..3], 1);
+        assert_eq!(full, format!("{},{}", layers[1], layers[2]));
+        assert_eq!(image_layers_label(&layers[..3], 3), "");
+
+        let cut = image_layers_label(&layers, 5);
+        assert!(LABEL_IMAGE_LAYERS.len() + cut.len() < MAX_LABEL_SIZE);
+        let items: Vec<&str> = cut.split(',').collect();
+        // 71 bytes per digest plus a comma: as many as fit, in order from layer 5.
+        let per_item = layers[0].to_string().len() + 1;
+        assert_eq!(
+            items.len(),
+            (MAX_LABEL_SIZE - 1 - LABEL_IMAGE_LAYERS.len() + 1) / per_item
+        );
+        for (item, layer) in items.iter().zip(&layers[5..]) {
+            assert_eq!(*item, layer.to_string());
+        }
+    }
+
+    #[test]
+    fn unpack_keys_are_unique_and_name_the_chain() {
+        let a = unpack_key("sha256:x");
+        let b = unpack_key("sha256:x");
+        assert_ne!(a, b);
+        assert!(a.starts_with("extract-") && a.ends_with(" sha256:x"), "{a}");
+    }
+
+    #[test]
+    fn only_gzip_and_plain_layers_are_never_lazy() {
+        let d = |media_type: &str| Descriptor::new(media_type, Digest::of(b"x"), 1);
+        assert!(never_lazy(&d(crate::oci::media_type::OCI_LAYER_GZIP)));
+        assert!(never_lazy(&d(crate::oci::media_type::DOCKER_LAYER_GZIP)));
+        assert!(never_lazy(&d(crate::oci::media_type::OCI_LAYER_TAR)));
+        assert!(!never_lazy(&d(crate::oci::media_type::OCI_LAYER_ZSTD)));
+        assert!(!never_lazy(&d("application/x-unknown")));
+    }
+}
