@@ -1,20 +1,47 @@
-//! Generates the Rust code for containerd's snapshot API from `proto/` at build time.
+//! Generates the Rust code for containerd's APIs from `proto/` at build time.
 //!
 //! `protox` compiles the `.proto` files in pure Rust, so no system `protoc` is needed;
-//! the well-known Google types come from `prost-types`.
+//! the well-known Google types come from `prost-types`. Three sets, each in `OUT_DIR`:
+//!
+//! - the snapshot API (server and client: zest serves it) with `containerd.types`
+//!   (`Mount`, `Descriptor`), included by `zest::snapshotter::proto`;
+//! - containerd's content, images, leases and diff services (client only: `zest pull`
+//!   calls them), included by `zest::containerd::proto`; they refer to the
+//!   `containerd.types` generated above instead of generating their own copy;
+//! - the Kubernetes CRI image service (client only), from `tests/proto/`, included by
+//!   the integration tests alone.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = [
+    let snapshots = [
         "proto/api/services/snapshots/v1/snapshots.proto",
         "proto/api/types/mount.proto",
+        "proto/api/types/descriptor.proto",
     ];
-    for proto in protos {
+    let services = [
+        "proto/api/services/content/v1/content.proto",
+        "proto/api/services/images/v1/images.proto",
+        "proto/api/services/leases/v1/leases.proto",
+        "proto/api/services/diff/v1/diff.proto",
+    ];
+    let cri = ["tests/proto/runtime/v1/api.proto"];
+    for proto in snapshots.iter().chain(&services).chain(&cri) {
         println!("cargo:rerun-if-changed={proto}");
     }
-    let descriptors = protox::compile(protos, ["proto"])?;
+
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_fds(descriptors)?;
+        .compile_fds(protox::compile(snapshots, ["proto"])?)?;
+
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .extern_path(".containerd.types", "crate::snapshotter::proto::types")
+        .compile_fds(protox::compile(services, ["proto"])?)?;
+
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_fds(protox::compile(cri, ["tests/proto"])?)?;
     Ok(())
 }

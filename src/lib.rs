@@ -5,6 +5,7 @@
 //! | module | concern |
 //! |---|---|
 //! | `cli` (binary) | the `zest` command line (clap); the only place `anyhow` is used |
+//! | [`containerd`] | a client for containerd's API; `zest pull`, the lazy pull that drives containerd like its own unpacker with the lazy-pull labels |
 //! | [`snapshotter`] | the containerd proxy snapshotter service: snapshot metadata, mounts, gRPC on a unix socket |
 //! | [`fs`] | the lazy layer filesystem (FUSE), layer and image mounts (overlayfs) |
 //! | [`fetch`] | on-demand chunk fetcher: range requests, single flight, verification, prefetch |
@@ -19,6 +20,7 @@
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
 
 pub mod cache;
+pub mod containerd;
 pub mod convert;
 pub mod digest;
 pub mod fetch;

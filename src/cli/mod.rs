@@ -5,6 +5,7 @@
 mod convert;
 mod inspect;
 mod mount;
+mod pull;
 mod registry_args;
 mod size;
 
@@ -32,6 +33,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Mount an image read-only, fetching files as they are read.
     Mount(mount::MountArgs),
+    /// Pull an image into containerd, mounting zstd:chunked layers lazily.
+    Pull(pull::PullArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -54,6 +57,7 @@ pub fn main() -> ExitCode {
             Command::Convert(args) => convert::run(args).await,
             Command::Inspect(args) => inspect::run(args).await,
             Command::Mount(args) => mount::run(args).await,
+            Command::Pull(args) => pull::run(args).await,
         }
     });
     match result {

@@ -317,6 +317,11 @@ impl Drop for ZestService {
 
 /// Connects a snapshot API client to a unix socket.
 pub async fn connect(socket: &Path) -> TestResult<SnapshotsClient<tonic::transport::Channel>> {
+    Ok(SnapshotsClient::new(unix_channel(socket).await?))
+}
+
+/// A gRPC channel to a unix socket (for any generated client).
+pub async fn unix_channel(socket: &Path) -> TestResult<tonic::transport::Channel> {
     let socket = socket.to_path_buf();
     // The URI is required by the API but unused: the connector dials the socket.
     let channel = tonic::transport::Endpoint::try_from("http://localhost")?
@@ -329,12 +334,12 @@ pub async fn connect(socket: &Path) -> TestResult<SnapshotsClient<tonic::transpo
             }
         }))
         .await?;
-    Ok(SnapshotsClient::new(channel))
+    Ok(channel)
 }
 
 /// A private containerd 1.6/1.7 with zest as proxy snapshotter `zest`, its root,
-/// state and sockets inside `dir`, no CRI, and garbage collection after every
-/// deletion.
+/// state and sockets inside `dir`, no CRI (unless started with
+/// [`Containerd::start_with_cri`]), and garbage collection after every deletion.
 pub struct Containerd {
     pub address: PathBuf,
     pub namespace: String,
@@ -344,15 +349,38 @@ pub struct Containerd {
 
 impl Containerd {
     pub async fn start(dir: &Path, zest_socket: &Path) -> TestResult<Self> {
+        Self::launch(dir, zest_socket, None).await
+    }
+
+    /// Starts containerd with its CRI plugin enabled (the packaged snippet makes zest
+    /// CRI's snapshotter), plus `cri_config`: more TOML for the test, e.g. a registry
+    /// `config_path`. CRI's streaming server listens on a random loopback port.
+    pub async fn start_with_cri(
+        dir: &Path,
+        zest_socket: &Path,
+        cri_config: &str,
+    ) -> TestResult<Self> {
+        Self::launch(dir, zest_socket, Some(cri_config)).await
+    }
+
+    async fn launch(dir: &Path, zest_socket: &Path, cri: Option<&str>) -> TestResult<Self> {
         let address = dir.join("containerd.sock");
         let config = dir.join("containerd.toml");
         let log = dir.join("containerd.log");
+        let (disabled_cri, cri_config) = match cri {
+            None => ("\n  \"io.containerd.grpc.v1.cri\",", String::new()),
+            Some(extra) => (
+                "",
+                format!(
+                    "[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n{extra}\n"
+                ),
+            ),
+        };
         let text = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+disabled_plugins = [{disabled_cri}
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -365,7 +393,7 @@ disabled_plugins = [
 [plugins."io.containerd.gc.v1.scheduler"]
   deletion_threshold = 1
   schedule_delay = "0ms"
-{packaged}"#,
+{cri_config}{packaged}"#,
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             address = address.display(),

@@ -1,0 +1,244 @@
+//! Kubernetes' path: a private containerd with its CRI plugin configured as zest's
+//! packaging says (`snapshotter = "zest"`, `disable_snapshot_annotations = false`)
+//! pulls a zstd:chunked image when asked over CRI (`runtime.v1.ImageService`, the
+//! call the kubelet makes), and the pull is lazy: zest mounts every layer from the
+//! registry, which sees range requests only. The image is then reported by CRI, runs,
+//! and is collected after CRI removes it.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::containerd::{
+    fail, mounts_under, require_tools, unix_channel, wait_for, Containerd, TestDir, TestResult,
+    ZestService,
+};
+use support::image::{build_image, busybox_layer_tar, data_layer_tar};
+use support::{Auth, Registry};
+use zest::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
+use zest::format::WriteOptions;
+use zest::oci::layout::LayoutRef;
+use zest::oci::{ImageManifest, LayerCompression, Platform, Reference};
+use zest::snapshotter::proto::snapshots as pb;
+use zest::snapshotter::{RemoteLayerProvider, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_REMOTE};
+use zest::store::{ImageRef, ImageStore};
+
+/// The CRI image service, generated at build time from `tests/proto/`.
+#[allow(clippy::all, clippy::pedantic)]
+mod runtime {
+    tonic::include_proto!("runtime.v1");
+}
+
+use runtime::image_service_client::ImageServiceClient;
+
+/// The namespace CRI keeps Kubernetes' images and containers in.
+const CRI_NAMESPACE: &str = "k8s.io";
+
+/// The provider zest's service runs with: the lazy one.
+fn lazy_provider(_dir: &Path) -> Arc<dyn RemoteLayerProvider> {
+    Arc::new(zest::snapshotter::NoRemoteLayers)
+}
+
+fn spec(image: &str) -> runtime::ImageSpec {
+    runtime::ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// Snapshots in zest's store.
+async fn zest_snapshots(service: &ZestService) -> TestResult<Vec<pb::Info>> {
+    let mut client = service.client().await?;
+    let mut stream = client
+        .list(pb::ListSnapshotsRequest {
+            snapshotter: "zest".into(),
+            filters: Vec::new(),
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(batch) = stream.message().await? {
+        out.extend(batch.info);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
+    if !require_tools(&["containerd", "ctr", "runc", "docker-registry", "busybox"]) {
+        return Ok(());
+    }
+    let Some(base) = busybox_layer_tar() else {
+        return Ok(());
+    };
+    let dir = TestDir::new()?;
+    let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
+    let host = registry.host();
+
+    // A busybox + data image, converted by zest to zstd:chunked in the registry.
+    let layout = dir.path().join("oci");
+    build_image(
+        &layout,
+        "src",
+        vec![base, data_layer_tar(7)],
+        LayerCompression::Gzip,
+        &Platform::host(),
+        &["/bin/sh"],
+    );
+    let image = format!("{host}/zest/cri:chunked");
+    let client = registry.client();
+    let reference: Reference = image.parse()?;
+    convert(
+        &ImageStore::open(
+            &ImageRef::Layout(LayoutRef::parse(&format!("oci:{}:src", layout.display()))?),
+            &client,
+        )?,
+        &ImageStore::open(&ImageRef::Registry(reference.clone()), &client)?,
+        &ConvertOptions {
+            platforms: PlatformChoice::One(Platform::host()),
+            parallelism: 2,
+            write: WriteOptions::default(),
+            work_dir: dir.path().to_path_buf(),
+        },
+        Arc::new(NoProgress),
+    )
+    .await?;
+    let fetched = client.get_manifest(&reference).await?;
+    let manifest = ImageManifest::from_json(&fetched.bytes)?;
+
+    // CRI reaches the plain-HTTP registry through a containerd hosts.toml.
+    let certs = dir.path().join("certs.d");
+    std::fs::create_dir_all(certs.join(&host))?;
+    std::fs::write(
+        certs.join(&host).join("hosts.toml"),
+        format!(
+            "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )?;
+    let service = ZestService::start(dir.path(), lazy_provider(dir.path())).await?;
+    let mut containerd = Containerd::start_with_cri(
+        dir.path(),
+        &service.socket,
+        &format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"",
+            certs.display()
+        ),
+    )
+    .await?;
+    containerd.namespace = CRI_NAMESPACE.to_owned();
+    let mut cri = ImageServiceClient::new(unix_channel(&containerd.address).await?);
+
+    // The kubelet's pull.
+    let pulled = tokio::time::timeout(
+        Duration::from_secs(180),
+        cri.pull_image(runtime::PullImageRequest {
+            image: Some(spec(&image)),
+        }),
+    )
+    .await
+    .map_err(|_| fail("CRI PullImage did not finish within 180 s"))?
+    .map_err(|e| {
+        fail(format!(
+            "CRI PullImage: {e}\ncontainerd log:\n{}",
+            containerd.log_tail()
+        ))
+    })?
+    .into_inner();
+    assert_eq!(pulled.image_ref, manifest.config.digest.to_string());
+
+    // Lazy: zest mounted every layer from the registry, with the labels CRI passed.
+    let snapshots = zest_snapshots(&service).await?;
+    let remote: Vec<&pb::Info> = snapshots
+        .iter()
+        .filter(|s| s.labels.contains_key(LABEL_REMOTE))
+        .collect();
+    assert_eq!(remote.len(), manifest.layers.len(), "{snapshots:#?}");
+    for layer in &manifest.layers {
+        let digest = layer.digest.to_string();
+        assert!(
+            remote
+                .iter()
+                .any(|s| s.labels.get(LABEL_LAYER_DIGEST) == Some(&digest)
+                    && s.labels.get(LABEL_IMAGE_REF) == Some(&image)),
+            "no remote snapshot for layer {digest}: {remote:#?}"
+        );
+        assert_eq!(
+            registry.count_requests("GET", &format!("/blobs/{digest}"), Some(200)),
+            0,
+            "layer {digest} was downloaded in full"
+        );
+    }
+
+    // CRI reports the image.
+    let status = cri
+        .image_status(runtime::ImageStatusRequest {
+            image: Some(spec(&image)),
+            verbose: false,
+        })
+        .await?
+        .into_inner();
+    let reported = status
+        .image
+        .ok_or_else(|| fail("ImageStatus does not know the image"))?;
+    assert_eq!(reported.id, manifest.config.digest.to_string());
+    assert!(reported.repo_tags.contains(&image), "{reported:?}");
+    let listed = cri
+        .list_images(runtime::ListImagesRequest::default())
+        .await?
+        .into_inner();
+    assert!(listed.images.iter().any(|i| i.id == reported.id));
+
+    // A container from it runs (started with ctr in CRI's namespace; no pod needed).
+    let out = containerd
+        .ctr_ok(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "zest",
+            &image,
+            "cri-echo",
+            "/bin/cat",
+            "/data/hello.txt",
+        ])
+        .await?;
+    assert_eq!(out.trim(), "hello from zest");
+    for layer in &manifest.layers {
+        assert_eq!(
+            registry.count_requests("GET", &format!("/blobs/{}", layer.digest), Some(200)),
+            0
+        );
+    }
+
+    // Removing it over CRI lets the garbage collector take every snapshot and mount.
+    cri.remove_image(runtime::RemoveImageRequest {
+        image: Some(spec(&image)),
+    })
+    .await?;
+    let gone = cri
+        .image_status(runtime::ImageStatusRequest {
+            image: Some(spec(&image)),
+            verbose: false,
+        })
+        .await?
+        .into_inner();
+    assert!(gone.image.is_none(), "{gone:?}");
+    wait_for(
+        "GC of the image's snapshots",
+        Duration::from_secs(30),
+        || async {
+            zest_snapshots(&service)
+                .await
+                .ok()
+                .filter(|s| s.is_empty())
+                .map(drop)
+        },
+    )
+    .await
+    .map_err(|e| fail(format!("{e}\ncontainerd log:\n{}", containerd.log_tail())))?;
+    let mounts = mounts_under(&service.state_dir);
+    assert!(mounts.is_empty(), "{mounts:?}");
+    drop(containerd);
+    service.stop().await
+}
