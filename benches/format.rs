@@ -50,7 +50,7 @@ fn text(rng: &mut Rng, vocab: &[Vec<u8>], len: usize) -> Vec<u8> {
             3 => b',',
             _ => b' ',
         });
-        if (r >> 24) % 24 == 0 {
+        if (r >> 24).is_multiple_of(24) {
             out.extend(std::iter::repeat_n(b' ', 4 * ((r >> 32) % 4) as usize));
         }
     }
@@ -78,7 +78,7 @@ fn binary(rng: &mut Rng, len: usize) -> Vec<u8> {
             }
             14 => out.extend(std::iter::repeat_n(0u8, 1 + (r >> 8) as usize % 16)),
             _ => {
-                if (r >> 8) % 64 == 0 {
+                if (r >> 8).is_multiple_of(64) {
                     out.extend(std::iter::repeat_n(0u8, 1024 + (r >> 16) as usize % 4096));
                 }
             }
@@ -109,7 +109,7 @@ fn synthetic_tar() -> Vec<u8> {
             75..=96 => 8_000 + (r >> 8) as usize % 120_000,
             _ => 128_000 + (r >> 8) as usize % 4_000_000,
         };
-        let data = if (r >> 40) % 2 == 0 {
+        let data = if (r >> 40).is_multiple_of(2) {
             text(&mut rng, &vocab, size)
         } else {
             binary(&mut rng, size)
@@ -172,7 +172,7 @@ fn synthetic_toc(n: usize) -> Vec<u8> {
     let mut written = 0usize;
     let mut dir = 0usize;
     while written < n {
-        if written % 40 == 0 {
+        if written.is_multiple_of(40) {
             dir += 1;
             if written > 0 {
                 out.push(b',');
@@ -190,7 +190,7 @@ fn synthetic_toc(n: usize) -> Vec<u8> {
         out.push(b',');
         let r = rng.next();
         let name = format!("usr/share/pkg{}/sub{}/file-{written}.py", dir / 10, dir);
-        if r % 20 == 0 {
+        if r.is_multiple_of(20) {
             write!(
                 out,
                 r#"{{"type":"symlink","name":"{name}","linkName":"../target","mode":511}}"#
