@@ -22,7 +22,7 @@ use zest::oci::{LayerCompression, Platform};
 use zest::store::{ImageRef, ImageStore};
 
 use super::registry_args::RegistryArgs;
-use super::size::ByteSize;
+use zest::snapshotter::ByteSize;
 
 /// Arguments of `zest mount`.
 #[derive(Debug, Args)]

@@ -1,0 +1,797 @@
+//! Lazy pulling end to end: zest's snapshotter with the [`LazyLayerProvider`] behind a
+//! real containerd, images converted to zstd:chunked in a real registry, layers
+//! mounted through FUSE and read through overlayfs.
+//!
+//! The test drives containerd's snapshot API (on containerd's own socket) the way
+//! containerd's unpacker does for CRI: one `Prepare("extract-<random> <chainID>")` per
+//! layer, with the layer labels, expecting ALREADY_EXISTS for every lazy layer. Then it
+//! prepares container snapshots on top, mounts them, reads files and runs a container
+//! on them, and checks in the registry's access log that no layer blob was ever
+//! downloaded whole. It restarts the service (the layers come back from the stored
+//! TOCs and the warm chunk cache, with no range request), and restarts it again with
+//! the registry down (the socket answers at once, the layer that needs the registry
+//! is refused until the registry is back, then mounts by itself).
+
+mod support;
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::containerd::{
+    connect, fail, require_tools, wait_for, Containerd, TestDir, TestResult, ZestService,
+};
+use support::image::{build_image, busybox_layer_tar, data_layer_tar, gzip};
+use support::{Auth, Registry};
+use tonic::Code;
+use zest::cache::{CacheConfig, ChunkCache};
+use zest::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
+use zest::digest::Digest;
+use zest::format::WriteOptions;
+use zest::oci::{media_type, Descriptor, ImageManifest, LayerCompression, Platform, Reference};
+use zest::registry::RegistryClient;
+use zest::snapshotter::metrics::Metrics;
+use zest::snapshotter::proto::snapshots as pb;
+use zest::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
+use zest::snapshotter::proto::types::Mount as PbMount;
+use zest::snapshotter::{
+    FallbackReason, LazyConfig, LazyLayerProvider, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF,
+    LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF,
+};
+use zest::store::{ImageRef, ImageStore};
+
+const NAMESPACE: &str = "zest-test";
+const LEASE: &str = "zest-lazy-test";
+
+/// An image as the test knows it: reference, manifest digest, layers with diff_ids.
+#[derive(Clone, Debug)]
+struct Image {
+    reference: String,
+    manifest: Digest,
+    layers: Vec<Descriptor>,
+    diff_ids: Vec<Digest>,
+}
+
+impl Image {
+    /// Chain IDs of the layers, bottom first.
+    fn chain_ids(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for diff_id in &self.diff_ids {
+            let chain = match out.last() {
+                None => diff_id.to_string(),
+                Some(parent) => Digest::of(format!("{parent} {diff_id}").as_bytes()).to_string(),
+            };
+            out.push(chain);
+        }
+        out
+    }
+
+    fn top(&self) -> TestResult<String> {
+        self.chain_ids()
+            .last()
+            .cloned()
+            .ok_or_else(|| fail("image without layers"))
+    }
+}
+
+/// containerd's snapshot API on containerd's socket, for snapshotter `zest`, in the
+/// test namespace, under a lease (so that garbage collection keeps what we create).
+#[derive(Clone)]
+struct Snapshots {
+    client: SnapshotsClient<tonic::transport::Channel>,
+}
+
+impl Snapshots {
+    fn request<T>(message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let metadata = request.metadata_mut();
+        metadata.insert(
+            "containerd-namespace",
+            tonic::metadata::MetadataValue::from_static(NAMESPACE),
+        );
+        metadata.insert(
+            "containerd-lease",
+            tonic::metadata::MetadataValue::from_static(LEASE),
+        );
+        request.set_timeout(Duration::from_secs(60));
+        request
+    }
+
+    async fn prepare(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<PbMount>, tonic::Status> {
+        self.client
+            .prepare(Self::request(pb::PrepareSnapshotRequest {
+                snapshotter: "zest".into(),
+                key: key.into(),
+                parent: parent.into(),
+                labels,
+            }))
+            .await
+            .map(|r| r.into_inner().mounts)
+    }
+
+    async fn view(&mut self, key: &str, parent: &str) -> Result<Vec<PbMount>, tonic::Status> {
+        self.client
+            .view(Self::request(pb::ViewSnapshotRequest {
+                snapshotter: "zest".into(),
+                key: key.into(),
+                parent: parent.into(),
+                labels: HashMap::new(),
+            }))
+            .await
+            .map(|r| r.into_inner().mounts)
+    }
+
+    async fn stat(&mut self, key: &str) -> Result<pb::Info, tonic::Status> {
+        self.client
+            .stat(Self::request(pb::StatSnapshotRequest {
+                snapshotter: "zest".into(),
+                key: key.into(),
+            }))
+            .await
+            .and_then(|r| {
+                r.into_inner()
+                    .info
+                    .ok_or_else(|| tonic::Status::internal("stat without info"))
+            })
+    }
+
+    async fn remove(&mut self, key: &str) -> Result<(), tonic::Status> {
+        self.client
+            .remove(Self::request(pb::RemoveSnapshotRequest {
+                snapshotter: "zest".into(),
+                key: key.into(),
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    async fn list(&mut self) -> Result<Vec<pb::Info>, tonic::Status> {
+        let mut stream = self
+            .client
+            .list(Self::request(pb::ListSnapshotsRequest {
+                snapshotter: "zest".into(),
+                filters: Vec::new(),
+            }))
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(batch) = stream.message().await? {
+            out.extend(batch.info);
+        }
+        Ok(out)
+    }
+}
+
+/// The labels CRI puts on the prepare of layer `index` of `image`.
+fn layer_labels(image: &Image, index: usize) -> TestResult<HashMap<String, String>> {
+    let chain = image
+        .chain_ids()
+        .get(index)
+        .cloned()
+        .ok_or_else(|| fail("layer index"))?;
+    let layer = image.layers.get(index).ok_or_else(|| fail("layer index"))?;
+    let following: Vec<String> = image
+        .layers
+        .iter()
+        .skip(index)
+        .map(|l| l.digest.to_string())
+        .collect();
+    Ok(HashMap::from([
+        (LABEL_SNAPSHOT_REF.to_owned(), chain),
+        (LABEL_IMAGE_REF.to_owned(), image.reference.clone()),
+        (LABEL_MANIFEST_DIGEST.to_owned(), image.manifest.to_string()),
+        (LABEL_LAYER_DIGEST.to_owned(), layer.digest.to_string()),
+        (LABEL_IMAGE_LAYERS.to_owned(), following.join(",")),
+    ]))
+}
+
+/// What the unpacker's prepare of one layer led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Unpacked {
+    /// ALREADY_EXISTS: the layer is a (lazy) snapshot under its chain ID.
+    Remote,
+    /// Mounts were returned: containerd would download and apply the layer.
+    Fallback,
+}
+
+/// Prepares every layer of `image` in order like containerd's unpacker with CRI's
+/// labels. Fallback layers are not applied: their extraction snapshot is removed
+/// and the remaining layers are not prepared.
+async fn unpack(snapshots: &mut Snapshots, image: &Image) -> TestResult<Vec<Unpacked>> {
+    let chains = image.chain_ids();
+    let mut out = Vec::new();
+    for (index, chain) in chains.iter().enumerate() {
+        let parent = if index == 0 {
+            String::new()
+        } else {
+            chains.get(index - 1).cloned().unwrap_or_default()
+        };
+        let key = format!("extract-{:016x} {chain}", rand::random::<u64>());
+        match snapshots
+            .prepare(&key, &parent, layer_labels(image, index)?)
+            .await
+        {
+            Err(status) if status.code() == Code::AlreadyExists => {
+                let info = snapshots.stat(chain).await?;
+                assert_eq!(info.kind, pb::Kind::Committed as i32, "{info:?}");
+                assert_eq!(info.parent, parent);
+                out.push(Unpacked::Remote);
+            }
+            Ok(_) => {
+                snapshots.remove(&key).await?;
+                out.push(Unpacked::Fallback);
+                break;
+            }
+            Err(status) => {
+                return Err(fail(format!(
+                    "prepare of layer {index} of {}: {status}",
+                    image.reference
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Mounts `mounts` at `target` with mount(2), as containerd would.
+fn mount_at(mounts: &[PbMount], target: &Path) -> TestResult {
+    let [m] = mounts else {
+        return Err(fail(format!("expected one mount, got {mounts:?}")));
+    };
+    let c = |s: &str| CString::new(s).map_err(|e| fail(e.to_string()));
+    let target_c = c(&target.display().to_string())?;
+    let (source, fstype, flags, data) = if m.r#type == "bind" {
+        (
+            c(&m.source)?,
+            c("none")?,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )
+    } else {
+        (
+            c(&m.source)?,
+            c(&m.r#type)?,
+            0,
+            Some(c(&m.options.join(","))?),
+        )
+    };
+    let data_ptr = data
+        .as_ref()
+        .map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
+    // SAFETY: valid NUL-terminated strings (or null) for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target_c.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data_ptr,
+        )
+    };
+    if rc != 0 {
+        return Err(fail(format!(
+            "mount {m:?} at {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+fn unmount(target: &Path) -> TestResult {
+    let c = CString::new(target.display().to_string())?;
+    // SAFETY: valid path string.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        return Err(fail(format!(
+            "umount {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Prepares a container snapshot on `parent` through containerd and mounts it at a
+/// new directory.
+async fn container_rootfs(
+    snapshots: &mut Snapshots,
+    dir: &Path,
+    key: &str,
+    parent: &str,
+) -> TestResult<PathBuf> {
+    let mounts = snapshots.prepare(key, parent, HashMap::new()).await?;
+    let target = dir.join(key);
+    std::fs::create_dir_all(&target)?;
+    mount_at(&mounts, &target)?;
+    Ok(target)
+}
+
+/// Reads a file off the async workers (the FUSE server of this process needs them).
+async fn read(path: PathBuf) -> TestResult<Vec<u8>> {
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || std::fs::read(&p))
+        .await?
+        .map_err(|e| fail(format!("read {}: {e}", path.display())))
+}
+
+/// Pushes a manifest for `layers` (blobs already in the repository) with a matching
+/// config; returns the image.
+async fn push_manifest(
+    client: &RegistryClient,
+    reference: &Reference,
+    layers: Vec<(Descriptor, Digest)>,
+) -> TestResult<Image> {
+    let platform = Platform::host();
+    let diff_ids: Vec<String> = layers.iter().map(|(_, d)| d.to_string()).collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": platform.architecture,
+        "os": platform.os,
+        "config": {"Entrypoint": ["/bin/sh"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))?;
+    let repo = &reference.repository;
+    client
+        .push_blob_bytes(repo, Bytes::from(config.clone()))
+        .await?;
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(media_type::OCI_MANIFEST.to_owned()),
+        artifact_type: None,
+        config: Descriptor::for_bytes(media_type::OCI_CONFIG, &config),
+        layers: layers.iter().map(|(l, _)| l.clone()).collect(),
+        subject: None,
+        annotations: Default::default(),
+        extra: Default::default(),
+    };
+    let digest = client
+        .push_manifest(
+            repo,
+            &reference.manifest_ref(),
+            media_type::OCI_MANIFEST,
+            Bytes::from(manifest.to_json()),
+        )
+        .await?;
+    Ok(Image {
+        reference: reference.to_string(),
+        manifest: digest,
+        layers: layers.iter().map(|(l, _)| l.clone()).collect(),
+        diff_ids: layers.iter().map(|(_, d)| *d).collect(),
+    })
+}
+
+/// Builds `tars` as a gzip image in an OCI layout and converts it to zstd:chunked
+/// into `reference`.
+async fn convert_image(
+    client: &RegistryClient,
+    work: &Path,
+    reference: &Reference,
+    tars: Vec<Vec<u8>>,
+) -> TestResult<Image> {
+    let layout = work.join(format!("oci-{:08x}", rand::random::<u32>()));
+    let built = build_image(
+        &layout,
+        "src",
+        tars,
+        LayerCompression::Gzip,
+        &Platform::host(),
+        &["/bin/sh"],
+    );
+    let src = ImageStore::open(
+        &format!("oci:{}:src", layout.display()).parse::<ImageRef>()?,
+        client,
+    )?;
+    let dst = ImageStore::open(&ImageRef::Registry(reference.clone()), client)?;
+    let options = ConvertOptions {
+        platforms: PlatformChoice::One(Platform::host()),
+        parallelism: 2,
+        write: WriteOptions::default(),
+        work_dir: work.to_path_buf(),
+    };
+    convert(&src, &dst, &options, Arc::new(NoProgress)).await?;
+    let fetched = client.get_manifest(reference).await?;
+    let manifest = ImageManifest::from_json(&fetched.bytes)?;
+    for layer in &manifest.layers {
+        assert!(
+            layer
+                .annotations
+                .keys()
+                .any(|k| k.contains("zstd-chunked.manifest-checksum")),
+            "converted layer {} has no zstd:chunked annotations",
+            layer.digest
+        );
+    }
+    Ok(Image {
+        reference: reference.to_string(),
+        manifest: fetched.digest,
+        layers: manifest.layers,
+        diff_ids: built.layers.iter().map(|l| l.diff_id).collect(),
+    })
+}
+
+/// Opens the chunk cache of the state directory, waiting for a previous instance of
+/// this process to let go of its lock (its last references drop asynchronously).
+async fn open_cache(state: &Path) -> TestResult<Arc<ChunkCache>> {
+    let config = CacheConfig {
+        memory_bytes: 64 << 20,
+        disk_bytes: 1 << 30,
+        disk_root: state.join("cache"),
+        ..CacheConfig::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = config.clone();
+        match tokio::task::spawn_blocking(move || ChunkCache::open(&c)).await? {
+            Ok(cache) => return Ok(Arc::new(cache)),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "chunk cache still locked; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn provider(registry: &Registry, state: &Path) -> TestResult<Arc<LazyLayerProvider>> {
+    let mut config = LazyConfig::new(state.join("tocs"));
+    config.mount_timeout = Duration::from_secs(20);
+    config.check_timeout = Duration::from_secs(5);
+    config.restore_max_backoff = Duration::from_secs(1);
+    Ok(LazyLayerProvider::new(
+        registry.client(),
+        open_cache(state).await?,
+        config,
+    )?)
+}
+
+/// A client of containerd's snapshot API.
+async fn containerd_snapshots(containerd: &Containerd) -> TestResult<Snapshots> {
+    Ok(Snapshots {
+        client: connect(&containerd.address).await?,
+    })
+}
+
+/// Full-blob GETs (status 200) of `digest` in the access log.
+fn full_gets(registry: &Registry, digest: &Digest) -> usize {
+    registry.count_requests("GET", &format!("/blobs/{digest}"), Some(200))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lazy_pull_through_containerd() -> TestResult {
+    let tools = [
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "busybox",
+        "fusermount3",
+    ];
+    if !require_tools(&tools) {
+        return Ok(());
+    }
+    let Some(busybox_tar) = busybox_layer_tar() else {
+        return Ok(());
+    };
+    let busybox_bin = std::fs::read("/usr/bin/busybox")?;
+    let dir = TestDir::new()?;
+    let mut registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
+    let client = registry.client();
+    let repo = |tag: &str| -> TestResult<Reference> {
+        Ok(format!("{}/zest/img:{tag}", registry.host()).parse()?)
+    };
+
+    // Images, all in one repository:
+    //   a: busybox base + data(1), converted to zstd:chunked;
+    //   b: the same base + data(2) (a second chain sharing the base layer);
+    //   c: a's data(1) layer alone (the same layer in another chain);
+    //   d: the same base + a gzip layer (falls back to a normal pull).
+    let a = convert_image(
+        &client,
+        dir.path(),
+        &repo("a")?,
+        vec![busybox_tar.clone(), data_layer_tar(1)],
+    )
+    .await?;
+    let b_src = convert_image(
+        &client,
+        dir.path(),
+        &repo("b-src")?,
+        vec![data_layer_tar(2)],
+    )
+    .await?;
+    let (base, data1, data2) = (
+        a.layers[0].clone(),
+        a.layers[1].clone(),
+        b_src.layers[0].clone(),
+    );
+    let b = push_manifest(
+        &client,
+        &repo("b")?,
+        vec![
+            (base.clone(), a.diff_ids[0]),
+            (data2.clone(), b_src.diff_ids[0]),
+        ],
+    )
+    .await?;
+    let c = push_manifest(&client, &repo("c")?, vec![(data1.clone(), a.diff_ids[1])]).await?;
+    let data3 = data_layer_tar(3);
+    let gzip_blob = Bytes::from(gzip(&data3));
+    let gzip_digest = client
+        .push_blob_bytes(&repo("d")?.repository, gzip_blob.clone())
+        .await?;
+    let gzip_layer = Descriptor::new(
+        media_type::OCI_LAYER_GZIP,
+        gzip_digest,
+        gzip_blob.len() as u64,
+    );
+    let d = push_manifest(
+        &client,
+        &repo("d")?,
+        vec![
+            (base.clone(), a.diff_ids[0]),
+            (gzip_layer, Digest::of(&data3)),
+        ],
+    )
+    .await?;
+
+    // The service and containerd.
+    let state = dir.path().join("state");
+    let lazy = provider(&registry, &state).await?;
+    let service = ZestService::start(dir.path(), lazy.clone()).await?;
+    let containerd = Containerd::start(dir.path(), &service.socket).await?;
+    containerd
+        .ctr_ok(&["leases", "create", "--id", LEASE, "--expires", "0"])
+        .await?;
+    let mut snapshots = containerd_snapshots(&containerd).await?;
+
+    // Image a: both layers lazy; one manifest fetch and one TOC request per layer
+    // (the second layer's TOC is prefetched while the first one mounts).
+    assert_eq!(unpack(&mut snapshots, &a).await?, vec![Unpacked::Remote; 2]);
+    let stats = lazy.stats();
+    assert_eq!(stats.mounted, 2);
+    assert_eq!(stats.manifest_fetches_total, 1);
+    assert_eq!(stats.toc_fetches_total, 2);
+    assert_eq!(registry.range_gets(&base.digest.to_string()), 1);
+    assert_eq!(registry.range_gets(&data1.digest.to_string()), 1);
+
+    // A container on image a: files read through overlayfs over the FUSE layers are
+    // the source bytes.
+    let rootfs_a = container_rootfs(&mut snapshots, dir.path(), "ctr-a", &a.top()?).await?;
+    assert_eq!(read(rootfs_a.join("bin/busybox")).await?, busybox_bin);
+    assert_eq!(
+        read(rootfs_a.join("data/random.bin")).await?,
+        support::pseudo_random(1 << 20, 1)
+    );
+    assert_eq!(
+        read(rootfs_a.join("data/hello.txt")).await?,
+        b"hello from zest\n"
+    );
+    // A real container runs from it (runc through containerd).
+    let out = containerd
+        .ctr_ok(&[
+            "run",
+            "--rm",
+            "--rootfs",
+            &rootfs_a.display().to_string(),
+            "lazy-a",
+            "/bin/sh",
+            "-c",
+            "cat /data/nested/deeper/file.txt && ls /data | wc -l",
+        ])
+        .await?;
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["deep", "6"],
+        "{out}"
+    );
+    let after_a = lazy.stats();
+    assert!(after_a.fetch.range_requests > 0);
+    assert_eq!(after_a.fetch.verification_failures, 0);
+
+    // Image b shares the base layer: it is not prepared again, its TOC not fetched
+    // again; only data(2) is new.
+    let base_gets = registry.range_gets(&base.digest.to_string());
+    assert_eq!(unpack(&mut snapshots, &b).await?, vec![Unpacked::Remote; 2]);
+    assert_eq!(registry.range_gets(&base.digest.to_string()), base_gets);
+    let stats = lazy.stats();
+    assert_eq!(stats.mounted, 3);
+    assert_eq!(stats.toc_fetches_total, 3);
+
+    // Image c uses a's data(1) layer in another chain: a mount of its own on the
+    // shared fetcher, no TOC request, and what a's container read is in the cache.
+    let data1_gets = registry.range_gets(&data1.digest.to_string());
+    assert_eq!(unpack(&mut snapshots, &c).await?, vec![Unpacked::Remote]);
+    let stats = lazy.stats();
+    assert_eq!(stats.mounted, 4);
+    assert_eq!(stats.layers, 3, "one index per distinct layer");
+    assert_eq!(stats.toc_fetches_total, 3);
+    let view_c = dir.path().join("view-c");
+    std::fs::create_dir_all(&view_c)?;
+    mount_at(&snapshots.view("view-c", &c.top()?).await?, &view_c)?;
+    assert_eq!(
+        read(view_c.join("data/random.bin")).await?,
+        support::pseudo_random(1 << 20, 1)
+    );
+    assert_eq!(registry.range_gets(&data1.digest.to_string()), data1_gets);
+    unmount(&view_c)?;
+
+    // Image d's gzip layer falls back to a normal pull, counted by reason.
+    assert_eq!(
+        unpack(&mut snapshots, &d).await?,
+        vec![Unpacked::Remote, Unpacked::Fallback]
+    );
+    assert_eq!(
+        service
+            .store
+            .fallback_counts()
+            .get(FallbackReason::NOT_CHUNKED),
+        Some(&1)
+    );
+    let text = Metrics::new(service.store.clone(), Some(lazy.clone())).render();
+    assert!(
+        text.contains("zest_fallbacks_total{reason=\"not-chunked\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("zest_lazy_mounted_layers 4"), "{text}");
+
+    // No lazy layer blob was ever downloaded whole: only range requests.
+    for layer in [&base, &data1, &data2] {
+        assert_eq!(full_gets(&registry, &layer.digest), 0, "{}", layer.digest);
+        assert!(registry.range_gets(&layer.digest.to_string()) >= 1);
+    }
+
+    // Restart (as on SIGTERM): the layers are mounted again from the stored TOCs
+    // and read from the warm chunk cache, without a single range request.
+    unmount(&rootfs_a)?;
+    let ranges_before = registry.count_requests("GET", "/blobs/", Some(206));
+    service.stop().await?;
+    drop(lazy);
+    let lazy = provider(&registry, &state).await?;
+    let service = ZestService::start(dir.path(), lazy.clone()).await?;
+    wait_for(
+        "the four lazy layers to be mounted again",
+        Duration::from_secs(30),
+        || {
+            let lazy = lazy.clone();
+            async move { (lazy.stats().mounted == 4).then_some(()) }
+        },
+    )
+    .await?;
+    let stats = lazy.stats();
+    assert_eq!(stats.restores_total, 4);
+    assert_eq!(stats.toc_local_loads_total, 3);
+    assert_eq!(stats.toc_fetches_total, 0);
+    let rootfs_a2 = wait_for(
+        "containerd to reach the restarted zest",
+        Duration::from_secs(30),
+        || {
+            let mut snapshots = snapshots.clone();
+            let dir = dir.path().to_path_buf();
+            let top = a.top().unwrap_or_default();
+            async move {
+                container_rootfs(&mut snapshots, &dir, "ctr-a2", &top)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await?;
+    assert_eq!(read(rootfs_a2.join("bin/busybox")).await?, busybox_bin);
+    assert_eq!(
+        read(rootfs_a2.join("data/random.bin")).await?,
+        support::pseudo_random(1 << 20, 1)
+    );
+    assert_eq!(
+        registry.count_requests("GET", "/blobs/", Some(206)),
+        ranges_before,
+        "a restart with a warm cache fetched chunks again"
+    );
+    assert!(lazy.stats().cache.hits() > 0);
+    unmount(&rootfs_a2)?;
+
+    // Restart with the registry down and b's data(2) TOC gone from the store: the
+    // socket answers at once, the layers whose TOC is stored mount without the
+    // registry, b's top layer is refused until the registry is back, then mounts.
+    service.stop().await?;
+    drop(lazy);
+    std::fs::remove_file(
+        state
+            .join("tocs")
+            .join(format!("{}.toc", data2.digest.hex())),
+    )?;
+    registry.stop();
+    let lazy = provider(&registry, &state).await?;
+    let started = Instant::now();
+    let service = ZestService::start(dir.path(), lazy.clone()).await?;
+    let mut direct = service.client().await?;
+    let listed = direct
+        .list(pb::ListSnapshotsRequest {
+            snapshotter: "zest".into(),
+            filters: Vec::new(),
+        })
+        .await?;
+    drop(listed);
+    let info = direct
+        .stat(pb::StatSnapshotRequest {
+            snapshotter: "zest".into(),
+            key: b.top()?,
+        })
+        .await?;
+    assert!(info.into_inner().info.is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the socket was not answering promptly with the registry down: {:?}",
+        started.elapsed()
+    );
+    wait_for(
+        "the layers with stored TOCs to mount",
+        Duration::from_secs(30),
+        || {
+            let lazy = lazy.clone();
+            async move { (lazy.stats().mounted == 3).then_some(()) }
+        },
+    )
+    .await?;
+    assert_eq!(lazy.stats().restoring, 1);
+    let refused = wait_for(
+        "containerd to reach the restarted zest",
+        Duration::from_secs(30),
+        || {
+            let mut snapshots = snapshots.clone();
+            let top = b.top().unwrap_or_default();
+            async move {
+                match snapshots.prepare("ctr-b", &top, HashMap::new()).await {
+                    Err(status)
+                        if status.code() == Code::Unavailable
+                            && status.message().contains("not mounted yet") =>
+                    {
+                        Some(Ok(()))
+                    }
+                    Err(status) if status.code() == Code::Unavailable => None,
+                    Err(status) => Some(Err(fail(format!("unexpected error: {status}")))),
+                    Ok(_) => Some(Err(fail("a container got a layer that is not mounted"))),
+                }
+            }
+        },
+    )
+    .await?;
+    refused?;
+    assert!(lazy.stats().restore_failures_total >= 1);
+    let registry = tokio::task::spawn_blocking(move || {
+        registry.restart();
+        registry
+    })
+    .await?;
+    wait_for(
+        "b's top layer to mount once the registry is back",
+        Duration::from_secs(30),
+        || {
+            let lazy = lazy.clone();
+            async move { (lazy.stats().mounted == 4).then_some(()) }
+        },
+    )
+    .await?;
+    let rootfs_b = container_rootfs(&mut snapshots, dir.path(), "ctr-b", &b.top()?).await?;
+    assert_eq!(
+        read(rootfs_b.join("data/random.bin")).await?,
+        support::pseudo_random(1 << 20, 2)
+    );
+    assert_eq!(read(rootfs_b.join("bin/busybox")).await?, busybox_bin);
+    unmount(&rootfs_b)?;
+    for layer in [&base, &data1, &data2] {
+        assert_eq!(full_gets(&registry, &layer.digest), 0, "{}", layer.digest);
+    }
+    let listed = snapshots.list().await?;
+    assert!(listed.len() >= 6, "{listed:?}");
+
+    drop(containerd);
+    service.stop().await?;
+    Ok(())
+}
