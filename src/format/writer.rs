@@ -172,6 +172,15 @@ impl<R: Read, W: Write> Writer<R, W> {
                 offset: h.offset,
                 reason: format!("entry {:?}: {reason}", trunc(&h.name)),
             })?;
+            if clean.is_empty() && h.kind != Kind::Dir {
+                return Err(FormatError::InvalidTar {
+                    offset: h.offset,
+                    reason: format!(
+                        "entry {:?} names the root but is not a directory",
+                        trunc(&h.name)
+                    ),
+                });
+            }
             // tar-split refuses duplicate paths; so must we.
             if !self.seen.insert(clean.to_string()) {
                 return Err(FormatError::InvalidTar {
