@@ -791,6 +791,35 @@ async fn lazy_pull_through_containerd() -> TestResult {
     let listed = snapshots.list().await?;
     assert!(listed.len() >= 6, "{listed:?}");
 
+    // Removing snapshots (containerd's garbage collection removes them from zest)
+    // releases their mounts; a stored TOC goes with the last snapshot of its layer.
+    let tocs = state.join("tocs");
+    let toc_of = |d: &Descriptor| tocs.join(format!("{}.toc", d.digest.hex()));
+    snapshots.remove("ctr-b").await?;
+    snapshots.remove("view-c").await?;
+    snapshots.remove(&c.top()?).await?;
+    wait_for("c's layer to be unmounted", Duration::from_secs(30), || {
+        let lazy = lazy.clone();
+        async move { (lazy.stats().mounted == 3).then_some(()) }
+    })
+    .await?;
+    assert!(toc_of(&data1).exists(), "data(1) is still used by image a");
+    snapshots.remove(&b.top()?).await?;
+    wait_for(
+        "b's top layer to be unmounted",
+        Duration::from_secs(30),
+        || {
+            let lazy = lazy.clone();
+            async move { (lazy.stats().mounted == 2).then_some(()) }
+        },
+    )
+    .await?;
+    assert!(
+        !toc_of(&data2).exists(),
+        "the TOC of a removed layer was kept"
+    );
+    assert!(toc_of(&base).exists());
+
     drop(containerd);
     service.stop().await?;
     Ok(())
