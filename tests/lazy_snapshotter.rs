@@ -791,7 +791,216 @@ async fn lazy_pull_through_containerd() -> TestResult {
     let listed = snapshots.list().await?;
     assert!(listed.len() >= 6, "{listed:?}");
 
+    // Removing snapshots (containerd's garbage collection removes them from zest)
+    // releases their mounts; a stored TOC goes with the last snapshot of its layer.
+    let tocs = state.join("tocs");
+    let toc_of = |d: &Descriptor| tocs.join(format!("{}.toc", d.digest.hex()));
+    snapshots.remove("ctr-b").await?;
+    snapshots.remove("view-c").await?;
+    snapshots.remove(&c.top()?).await?;
+    wait_for("c's layer to be unmounted", Duration::from_secs(30), || {
+        let lazy = lazy.clone();
+        async move { (lazy.stats().mounted == 3).then_some(()) }
+    })
+    .await?;
+    assert!(toc_of(&data1).exists(), "data(1) is still used by image a");
+    snapshots.remove(&b.top()?).await?;
+    wait_for(
+        "b's top layer to be unmounted",
+        Duration::from_secs(30),
+        || {
+            let lazy = lazy.clone();
+            async move { (lazy.stats().mounted == 2).then_some(()) }
+        },
+    )
+    .await?;
+    assert!(
+        !toc_of(&data2).exists(),
+        "the TOC of a removed layer was kept"
+    );
+    assert!(toc_of(&base).exists());
+
     drop(containerd);
     service.stop().await?;
+    Ok(())
+}
+
+/// `zest serve` as a process: the configuration file wires the registry options,
+/// the cache and the metrics endpoint; a lazy layer serves reads; SIGTERM stops it
+/// cleanly and the next start mounts the layer again, SIGINT too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zest_serve_binary() -> TestResult {
+    if !require_tools(&["docker-registry", "fusermount3"]) {
+        return Ok(());
+    }
+    let dir = TestDir::new()?;
+    let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
+    let client = registry.client();
+    let reference: Reference = format!("{}/zest/serve:1", registry.host()).parse()?;
+    let image = convert_image(&client, dir.path(), &reference, vec![data_layer_tar(7)]).await?;
+    let layer = image
+        .layers
+        .first()
+        .cloned()
+        .ok_or_else(|| fail("no layer"))?;
+
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let socket = dir.path().join("zest.sock");
+    let state = dir.path().join("state");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[snapshotter]\nsocket = \"{}\"\nstate_dir = \"{}\"\nmetrics_address = \"127.0.0.1:{metrics_port}\"\n\
+             [registry]\nplain_http_hosts = [\"{}\"]\nanonymous = true\nhosts_dir = \"{}\"\n\
+             [cache]\nmemory_size = \"32MiB\"\ndisk_size = \"256MiB\"\n\
+             [lazy]\ncheck_interval_secs = 1\n",
+            socket.display(),
+            state.display(),
+            registry.host(),
+            dir.path().join("certs.d").display(),
+        ),
+    )?;
+    let start = |log: &str| -> TestResult<std::process::Child> {
+        let log = std::fs::File::create(dir.path().join(log))?;
+        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_zest"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("ZEST_LOG", "zest=debug")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?)
+    };
+    let scrape = move || async move {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+            .await
+            .ok()?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: zest\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.ok()?;
+        Some(text)
+    };
+    let stop = |child: &mut std::process::Child, signal: i32| -> TestResult {
+        let pid = i32::try_from(child.id())?;
+        // SAFETY: kill(2) on the pid of the child this test started.
+        unsafe { libc::kill(pid, signal) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    return Err(fail(format!("zest serve exited with {status}")));
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        Err(fail("zest serve did not stop within 20 s"))
+    };
+    let log = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+
+    let mut child = start("serve-1.log")?;
+    let text = wait_for("the metrics endpoint", Duration::from_secs(30), scrape)
+        .await
+        .map_err(|e| fail(format!("{e}\n{}", log("serve-1.log"))))?;
+    assert!(text.contains("zest_lazy_enabled 1"), "{text}");
+    let mut direct = wait_for("the socket", Duration::from_secs(30), || {
+        let socket = socket.clone();
+        async move { connect(&socket).await.ok() }
+    })
+    .await?;
+    let chain = image.top()?;
+    let status = direct
+        .prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "zest".into(),
+            key: format!("extract-1 {chain}"),
+            parent: String::new(),
+            labels: layer_labels(&image, 0)?,
+        })
+        .await;
+    match status {
+        Err(s) if s.code() == Code::AlreadyExists => {}
+        other => {
+            return Err(fail(format!(
+                "expected ALREADY_EXISTS, got {other:?}\n{}",
+                log("serve-1.log")
+            )))
+        }
+    }
+    let view = direct
+        .view(pb::ViewSnapshotRequest {
+            snapshotter: "zest".into(),
+            key: "view".into(),
+            parent: chain.clone(),
+            labels: HashMap::new(),
+        })
+        .await?
+        .into_inner()
+        .mounts;
+    let target = dir.path().join("view");
+    std::fs::create_dir_all(&target)?;
+    mount_at(&view, &target)?;
+    let expected = support::pseudo_random(1 << 20, 7);
+    assert_eq!(read(target.join("data/random.bin")).await?, expected);
+    unmount(&target)?;
+    let text = scrape()
+        .await
+        .ok_or_else(|| fail("metrics endpoint gone"))?;
+    for expected in [
+        "zest_lazy_mounted_layers 1",
+        "zest_toc_fetches_total 1",
+        "zest_manifest_fetches_total 1",
+        "zest_fetch_verification_failures_total 0",
+    ] {
+        assert!(text.contains(expected), "{expected} missing:\n{text}");
+    }
+    assert!(
+        !text.contains("zest_fetch_range_requests_total 0\n"),
+        "{text}"
+    );
+    stop(&mut child, libc::SIGTERM)?;
+    assert!(
+        support::containerd::mounts_under(&state).is_empty(),
+        "mounts left after SIGTERM: {:?}",
+        support::containerd::mounts_under(&state)
+    );
+
+    // Next start: the layer is mounted again from the stored TOC, reads come from the
+    // disk cache; SIGINT stops it.
+    let ranges = registry.range_gets(&layer.digest.to_string());
+    let mut child = start("serve-2.log")?;
+    wait_for(
+        "the layer to be mounted again",
+        Duration::from_secs(30),
+        || async move {
+            scrape()
+                .await
+                .filter(|t| t.contains("zest_lazy_mounted_layers 1"))
+        },
+    )
+    .await
+    .map_err(|e| fail(format!("{e}\n{}", log("serve-2.log"))))?;
+    let mut direct = connect(&socket).await?;
+    let view = direct
+        .mounts(pb::MountsRequest {
+            snapshotter: "zest".into(),
+            key: "view".into(),
+        })
+        .await?
+        .into_inner()
+        .mounts;
+    mount_at(&view, &target)?;
+    assert_eq!(read(target.join("data/random.bin")).await?, expected);
+    unmount(&target)?;
+    assert_eq!(registry.range_gets(&layer.digest.to_string()), ranges);
+    stop(&mut child, libc::SIGINT)?;
+    assert!(support::containerd::mounts_under(&state).is_empty());
     Ok(())
 }
