@@ -6,6 +6,7 @@ mod convert;
 mod inspect;
 mod pull;
 mod registry_args;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -15,9 +16,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "zest", version, about, long_about = None)]
 struct Cli {
-    /// Log filter, in `tracing` env-filter syntax (e.g. `info`, `zest=debug`).
-    #[arg(long, global = true, env = "ZEST_LOG", default_value = "warn")]
-    log: String,
+    /// Log filter, in `tracing` env-filter syntax (e.g. `info`, `zest=debug`)
+    /// [default: warn; for `serve`, RUST_LOG, else the configuration's log_level]
+    #[arg(long, global = true, env = "ZEST_LOG")]
+    log: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -31,12 +33,17 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Pull an image into containerd, mounting zstd:chunked layers lazily.
     Pull(pull::PullArgs),
+    /// Run the containerd snapshotter service (lazy pulling of zstd:chunked layers).
+    Serve(serve::ServeCommand),
 }
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    // `serve` sets up logging once its configuration is read.
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging(cli.log.as_deref().unwrap_or("warn"));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("zest")
@@ -53,6 +60,7 @@ pub fn main() -> ExitCode {
             Command::Convert(args) => convert::run(args).await,
             Command::Inspect(args) => inspect::run(args).await,
             Command::Pull(args) => pull::run(args).await,
+            Command::Serve(args) => serve::run(args, cli.log).await,
         }
     });
     match result {
@@ -65,10 +73,14 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("warning: invalid log filter {filter:?} ({e}); using \"warn\"");
+        tracing_subscriber::EnvFilter::new("warn")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // No colour codes in files and the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -1,12 +1,21 @@
-//! Configuration of the snapshotter service: the `[snapshotter]` section of zest's
-//! TOML configuration file (`/etc/zest/config.toml` by default), and the command-line
-//! arguments of `zest serve`.
+//! Configuration of the snapshotter service: zest's TOML configuration file
+//! (`/etc/zest/config.toml` by default) and the command-line arguments of `zest serve`.
 //!
-//! Other sections of the file belong to other parts of zest and are ignored here;
-//! unknown keys inside `[snapshotter]` are rejected so that typos are reported.
-//! `packaging/config.toml` documents every key with its default.
+//! [`SnapshotterConfig`] is the `[snapshotter]` section alone (the snapshot service);
+//! [`ServiceConfig`] is the whole file as `zest serve` reads it: `[snapshotter]`,
+//! `[cache]` (chunk cache), `[registry]` (registry access), `[fetch]` (range requests)
+//! and `[lazy]` (lazy layer mounts). Unknown sections and keys are rejected so that
+//! typos are reported. `packaging/config.toml` documents every key with its default,
+//! and a test checks that it parses to exactly the defaults.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cache::CacheConfig;
+use crate::fetch::prefetch::BackgroundFetch;
+use crate::fetch::FetchConfig;
+use crate::registry::{DockerConfigSource, PlainHttp, RegistryConfig, RetryPolicy};
 
 /// Default configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/zest/config.toml";
@@ -34,6 +43,9 @@ pub struct SnapshotterConfig {
     pub overlay_mount_options: Vec<String>,
     /// Remove unreferenced snapshot directories (left by a crash) at start.
     pub cleanup_on_start: bool,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`); `None` (the
+    /// default) serves no metrics. Meant for loopback (e.g. `127.0.0.1:9464`).
+    pub metrics_address: Option<SocketAddr>,
 }
 
 impl Default for SnapshotterConfig {
@@ -45,6 +57,7 @@ impl Default for SnapshotterConfig {
             log_level: "info".to_owned(),
             overlay_mount_options: Vec::new(),
             cleanup_on_start: true,
+            metrics_address: None,
         }
     }
 }
@@ -126,6 +139,440 @@ impl SnapshotterConfig {
     }
 }
 
+/// A size in bytes, written in the file as a number of bytes or as a string with a
+/// binary unit: `"512KiB"`, `"256MiB"`, `"10GiB"`, `"1TiB"` (`K`, `M`, `G`, `T` mean
+/// the same; `B` or no unit means bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// `n` KiB.
+    pub const fn kib(n: u64) -> Self {
+        ByteSize(n << 10)
+    }
+    /// `n` MiB.
+    pub const fn mib(n: u64) -> Self {
+        ByteSize(n << 20)
+    }
+    /// `n` GiB.
+    pub const fn gib(n: u64) -> Self {
+        ByteSize(n << 30)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let number: u64 = number.parse().map_err(|_| {
+            format!("{s:?} is not a size (e.g. 4096, \"64KiB\", \"256MiB\", \"10GiB\")")
+        })?;
+        let shift = match unit.trim() {
+            "" | "B" => 0,
+            "K" | "KiB" | "k" => 10,
+            "M" | "MiB" => 20,
+            "G" | "GiB" => 30,
+            "T" | "TiB" => 40,
+            other => {
+                return Err(format!(
+                    "{s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB or TiB)"
+                ))
+            }
+        };
+        number
+            .checked_mul(1u64 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let units = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")];
+        for (shift, unit) in units {
+            let size = 1u64 << shift;
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{}{unit}", self.0 >> shift);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl serde::Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size: a number of bytes or a string like \"256MiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// The whole configuration file as `zest serve` reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// `[snapshotter]`: the snapshot service.
+    pub snapshotter: SnapshotterConfig,
+    /// `[cache]`: the chunk cache.
+    pub cache: CacheSection,
+    /// `[registry]`: how registries are reached.
+    pub registry: RegistrySection,
+    /// `[fetch]`: range requests of the lazy read path.
+    pub fetch: FetchSection,
+    /// `[lazy]`: lazy layer mounts.
+    pub lazy: LazySection,
+}
+
+/// `[cache]`: the chunk cache shared by every lazily mounted layer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// Directory of the disk tier; `None`: `<state_dir>/cache`.
+    pub dir: Option<PathBuf>,
+    /// Decompressed chunks kept in memory.
+    pub memory_size: ByteSize,
+    /// Disk budget of the persistent tier; 0 disables it.
+    pub disk_size: ByteSize,
+    /// fsync every chunk file before it is published.
+    pub sync_writes: bool,
+    /// Most chunk bytes waiting for the disk writer; beyond, chunks stay in memory only.
+    pub write_queue_size: ByteSize,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            dir: None,
+            memory_size: ByteSize::mib(256),
+            disk_size: ByteSize::gib(10),
+            sync_writes: false,
+            write_queue_size: ByteSize::mib(64),
+        }
+    }
+}
+
+impl CacheSection {
+    /// The chunk cache settings, with the disk tier under `state_dir` unless `dir`
+    /// names another directory.
+    pub fn cache_config(&self, state_dir: &Path) -> CacheConfig {
+        CacheConfig {
+            memory_bytes: self.memory_size.0,
+            disk_bytes: self.disk_size.0,
+            disk_root: self.dir.clone().unwrap_or_else(|| state_dir.join("cache")),
+            sync_writes: self.sync_writes,
+            write_queue_bytes: self.write_queue_size.0,
+        }
+    }
+}
+
+/// `[registry]`: how registries are reached (same meaning as the registry options of
+/// `zest convert` and `zest inspect`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySection {
+    /// Speak plain HTTP to every registry (test setups only).
+    pub plain_http: bool,
+    /// Registries (`host:port` as in image references) spoken to over plain HTTP.
+    pub plain_http_hosts: Vec<String>,
+    /// Directory of containerd-style `<host>/hosts.toml` files (mirrors, CAs, ...).
+    pub hosts_dir: PathBuf,
+    /// Docker `config.json` with credentials; `None`: `$DOCKER_CONFIG/config.json`,
+    /// else `~/.docker/config.json` (absent is fine).
+    pub docker_config: Option<PathBuf>,
+    /// Never send credentials.
+    pub anonymous: bool,
+    /// Extra PEM CA bundle trusted for every registry, besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// TCP and TLS connection timeout, seconds.
+    pub connect_timeout_secs: u64,
+    /// Time allowed for response headers of a request, seconds.
+    pub request_timeout_secs: u64,
+    /// Time allowed for a whole range read, seconds.
+    pub range_timeout_secs: u64,
+    /// Attempts per request on transient failures (network errors, 5xx, 429).
+    pub max_attempts: u32,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        let defaults = RegistryConfig::default();
+        RegistrySection {
+            plain_http: false,
+            plain_http_hosts: Vec::new(),
+            hosts_dir: PathBuf::from(crate::registry::DEFAULT_HOSTS_DIR),
+            docker_config: None,
+            anonymous: false,
+            ca_file: None,
+            connect_timeout_secs: defaults.connect_timeout.as_secs(),
+            request_timeout_secs: defaults.request_timeout.as_secs(),
+            range_timeout_secs: defaults.range_timeout.as_secs(),
+            max_attempts: defaults.retry.max_attempts,
+        }
+    }
+}
+
+impl RegistrySection {
+    /// The registry client settings.
+    pub fn registry_config(&self) -> RegistryConfig {
+        let plain_http = if self.plain_http {
+            PlainHttp::Always
+        } else if self.plain_http_hosts.is_empty() {
+            PlainHttp::Never
+        } else {
+            PlainHttp::Hosts(self.plain_http_hosts.clone())
+        };
+        let docker_config = match (&self.docker_config, self.anonymous) {
+            (_, true) => DockerConfigSource::Disabled,
+            (Some(path), false) => DockerConfigSource::Path(path.clone()),
+            (None, false) => DockerConfigSource::Default,
+        };
+        RegistryConfig {
+            hosts_dir: Some(self.hosts_dir.clone()),
+            plain_http,
+            extra_ca_file: self.ca_file.clone(),
+            docker_config,
+            connect_timeout: Duration::from_secs(self.connect_timeout_secs),
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            range_timeout: Duration::from_secs(self.range_timeout_secs),
+            retry: RetryPolicy {
+                max_attempts: self.max_attempts,
+                ..RetryPolicy::default()
+            },
+            ..RegistryConfig::default()
+        }
+    }
+}
+
+/// `[fetch]`: range requests of the lazy read path.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchSection {
+    /// Largest merged range request.
+    pub max_request_size: ByteSize,
+    /// Largest hole between two wanted chunks fetched anyway to merge their requests.
+    pub max_gap_size: ByteSize,
+    /// Compressed bytes of following, uncached chunks fetched along with a read.
+    pub readahead_size: ByteSize,
+    /// Largest request of prefetch and background fetch.
+    pub prefetch_request_size: ByteSize,
+    /// Attempts per range (a chunk failing verification is fetched again).
+    pub attempts: u32,
+    /// Timeout of one range request, seconds.
+    pub request_timeout_secs: u64,
+    /// Delay before the first retry, milliseconds; doubles each retry.
+    pub retry_backoff_ms: u64,
+    /// Deadline of one read from a container, seconds; then it fails with EIO.
+    pub read_timeout_secs: u64,
+    /// Concurrent range requests per registry for reads that a container waits on.
+    pub requests_per_registry: usize,
+    /// Concurrent range requests per registry for prefetch and background fetch.
+    pub background_requests_per_registry: usize,
+}
+
+impl Default for FetchSection {
+    fn default() -> Self {
+        let d = FetchConfig::default();
+        FetchSection {
+            max_request_size: ByteSize(d.max_request_bytes),
+            max_gap_size: ByteSize(d.max_gap_bytes),
+            readahead_size: ByteSize(d.readahead_bytes),
+            prefetch_request_size: ByteSize(d.prefetch_request_bytes),
+            attempts: d.attempts,
+            request_timeout_secs: d.request_timeout.as_secs(),
+            retry_backoff_ms: d.retry_backoff.as_millis() as u64,
+            read_timeout_secs: d.read_timeout.as_secs(),
+            requests_per_registry: 8,
+            background_requests_per_registry: 2,
+        }
+    }
+}
+
+impl FetchSection {
+    /// The fetcher settings.
+    pub fn fetch_config(&self) -> FetchConfig {
+        FetchConfig {
+            max_request_bytes: self.max_request_size.0,
+            max_gap_bytes: self.max_gap_size.0,
+            readahead_bytes: self.readahead_size.0,
+            prefetch_request_bytes: self.prefetch_request_size.0,
+            attempts: self.attempts,
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            retry_backoff: Duration::from_millis(self.retry_backoff_ms),
+            read_timeout: Duration::from_secs(self.read_timeout_secs),
+        }
+    }
+}
+
+/// `[lazy]`: lazy layer mounts.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LazySection {
+    /// Mount zstd:chunked layers lazily. Off: every layer is pulled normally.
+    pub enabled: bool,
+    /// Fetch each layer's prefetch extent (files a startup profile put first) at mount.
+    pub prefetch: bool,
+    /// Fetch every layer completely in the background after mounting it.
+    pub background_fetch: bool,
+    /// Rate limit of the background fetch per layer, bytes per second (0: none).
+    pub background_fetch_rate: ByteSize,
+    /// FUSE worker threads per mounted layer.
+    pub fuse_threads: usize,
+    /// Refuse layers whose TOC the manifest does not vouch for (no zstd:chunked
+    /// `manifest-checksum` annotation; TOC found through the blob's footer only).
+    pub require_authenticated_toc: bool,
+    /// Fetch the TOCs of an image's following layers in the background while the
+    /// first one is being mounted.
+    pub toc_prefetch: bool,
+    /// TOCs fetched at the same time by that background work.
+    pub toc_prefetch_parallelism: usize,
+    /// Layer indexes kept in memory for layers that are not mounted (prefetched or
+    /// recently unmounted), least recently used dropped first.
+    pub max_idle_layers: usize,
+    /// Time allowed to fetch a manifest or a TOC while containerd waits, seconds.
+    pub mount_timeout_secs: u64,
+    /// Before a container gets a lazy layer, check that its registry answers for the
+    /// blob, unless it did within this many seconds (0: check every time).
+    pub check_interval_secs: u64,
+    /// Time allowed for that check, seconds.
+    pub check_timeout_secs: u64,
+    /// Longest wait between two attempts to mount a stored layer again after a
+    /// restart (the registry may be down), seconds.
+    pub restore_max_backoff_secs: u64,
+}
+
+impl Default for LazySection {
+    fn default() -> Self {
+        LazySection {
+            enabled: true,
+            prefetch: true,
+            background_fetch: false,
+            background_fetch_rate: ByteSize(0),
+            fuse_threads: 4,
+            require_authenticated_toc: true,
+            toc_prefetch: true,
+            toc_prefetch_parallelism: 4,
+            max_idle_layers: 64,
+            mount_timeout_secs: 60,
+            check_interval_secs: 60,
+            check_timeout_secs: 10,
+            restore_max_backoff_secs: 60,
+        }
+    }
+}
+
+impl LazySection {
+    /// The background fetch setting of a mount.
+    pub fn background(&self) -> Option<BackgroundFetch> {
+        self.background_fetch.then_some(BackgroundFetch {
+            bytes_per_sec: self.background_fetch_rate.0,
+        })
+    }
+}
+
+impl ServiceConfig {
+    /// Reads the whole file from TOML text.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let config: ServiceConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            source: Box::new(e),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            source: e,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Checks values that TOML types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.snapshotter.validate()?;
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.cache.dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+            return invalid("cache.dir must be an absolute path");
+        }
+        if self.registry.max_attempts == 0 || self.fetch.attempts == 0 {
+            return invalid("registry.max_attempts and fetch.attempts must be at least 1");
+        }
+        if self.fetch.requests_per_registry == 0 || self.fetch.background_requests_per_registry == 0
+        {
+            return invalid(
+                "fetch.requests_per_registry and fetch.background_requests_per_registry must be at least 1",
+            );
+        }
+        if self.fetch.max_request_size.0 == 0 || self.fetch.prefetch_request_size.0 == 0 {
+            return invalid("fetch.max_request_size and fetch.prefetch_request_size must not be 0");
+        }
+        let secs = [
+            (
+                "registry.connect_timeout_secs",
+                self.registry.connect_timeout_secs,
+            ),
+            (
+                "registry.request_timeout_secs",
+                self.registry.request_timeout_secs,
+            ),
+            (
+                "registry.range_timeout_secs",
+                self.registry.range_timeout_secs,
+            ),
+            (
+                "fetch.request_timeout_secs",
+                self.fetch.request_timeout_secs,
+            ),
+            ("fetch.read_timeout_secs", self.fetch.read_timeout_secs),
+            ("lazy.mount_timeout_secs", self.lazy.mount_timeout_secs),
+            ("lazy.check_timeout_secs", self.lazy.check_timeout_secs),
+            (
+                "lazy.restore_max_backoff_secs",
+                self.lazy.restore_max_backoff_secs,
+            ),
+        ];
+        for (key, value) in secs {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
+            }
+        }
+        if self.lazy.fuse_threads == 0 || self.lazy.fuse_threads > 256 {
+            return invalid("lazy.fuse_threads must be between 1 and 256");
+        }
+        if self.lazy.toc_prefetch_parallelism == 0 {
+            return invalid("lazy.toc_prefetch_parallelism must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// Arguments of `zest serve`; flatten into the CLI's subcommand with
 /// `#[command(flatten)]` and call [`ServeArgs::config`].
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -142,8 +589,34 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The effective configuration: the file named by `--config` (which must exist),
-    /// else the default file if it exists, else the defaults; then the overrides.
+    /// The effective configuration of the whole service: the file named by `--config`
+    /// (which must exist), else the default file if it exists, else the defaults;
+    /// then the command-line overrides.
+    pub fn service_config(&self) -> Result<ServiceConfig, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => ServiceConfig::load(path)?,
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_PATH);
+                if default.exists() {
+                    ServiceConfig::load(default)?
+                } else {
+                    ServiceConfig::default()
+                }
+            }
+        };
+        if let Some(socket) = &self.socket {
+            config.snapshotter.socket = socket.clone();
+        }
+        if let Some(state_dir) = &self.state_dir {
+            config.snapshotter.state_dir = state_dir.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective `[snapshotter]` section: the file named by `--config` (which must
+    /// exist), else the default file if it exists, else the defaults; then the
+    /// overrides. Other sections are not read.
     pub fn config(&self) -> Result<SnapshotterConfig, ConfigError> {
         let mut config = match &self.config {
             Some(path) => SnapshotterConfig::load(path)?,
@@ -176,7 +649,78 @@ mod tests {
         let text = include_str!("../../packaging/config.toml");
         let config = SnapshotterConfig::from_toml(text, Path::new("packaging/config.toml"))?;
         assert_eq!(config, SnapshotterConfig::default());
+        let service = ServiceConfig::from_toml(text, Path::new("packaging/config.toml"))?;
+        assert_eq!(service, ServiceConfig::default());
         Ok(())
+    }
+
+    /// Every key of every section appears in the packaged file (commented out when
+    /// its default is "unset"), so that the file documents all of them.
+    #[test]
+    fn packaged_config_documents_every_key() -> Result<(), Box<dyn std::error::Error>> {
+        let text = include_str!("../../packaging/config.toml");
+        let value = toml::Value::try_from(ServiceConfig::default())?;
+        let sections = value.as_table().ok_or("not a table")?;
+        for (section, keys) in sections {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "[{section}] missing"
+            );
+            for key in keys.as_table().ok_or("not a table")?.keys() {
+                assert!(
+                    text.contains(&format!("\n{key} = ")),
+                    "{section}.{key} is not documented in packaging/config.toml"
+                );
+            }
+        }
+        for optional in ["metrics_address", "dir", "docker_config", "ca_file"] {
+            assert!(
+                text.contains(&format!("\n# {optional} = ")),
+                "optional key {optional} is not documented in packaging/config.toml"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn byte_sizes() {
+        let parse = |s: &str| s.parse::<ByteSize>();
+        assert_eq!(parse("4096"), Ok(ByteSize(4096)));
+        assert_eq!(parse("64KiB"), Ok(ByteSize(64 << 10)));
+        assert_eq!(parse("256 MiB"), Ok(ByteSize(256 << 20)));
+        assert_eq!(parse("10G"), Ok(ByteSize(10 << 30)));
+        assert!(parse("10 parsecs").is_err());
+        assert!(parse("-1").is_err());
+        assert!(parse("99999999999TiB").is_err());
+        assert_eq!(ByteSize::gib(10).to_string(), "10GiB");
+        assert_eq!(ByteSize(1536).to_string(), "1536B");
+        let text = "[cache]\nmemory_size = \"1GiB\"\ndisk_size = 0\n";
+        let config = ServiceConfig::from_toml(text, Path::new("t.toml"));
+        let config = config.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.cache.memory_size, ByteSize::gib(1));
+        assert_eq!(config.cache.disk_size, ByteSize(0));
+    }
+
+    #[test]
+    fn service_sections_are_strict() {
+        let parse = |t: &str| ServiceConfig::from_toml(t, Path::new("t.toml"));
+        assert!(parse("[registri]\nplain_http = true\n").is_err());
+        assert!(parse("[fetch]\nattempt = 3\n").is_err());
+        assert!(parse("[fetch]\nattempts = 0\n").is_err());
+        assert!(parse("[lazy]\nfuse_threads = 0\n").is_err());
+        assert!(parse("[cache]\ndir = \"relative\"\n").is_err());
+        let ok = parse(
+            "[snapshotter]\nmetrics_address = \"127.0.0.1:9464\"\n[registry]\nplain_http_hosts = [\"127.0.0.1:5000\"]\n",
+        );
+        let ok = ok.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            ok.snapshotter.metrics_address,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        assert_eq!(
+            ok.registry.registry_config().plain_http,
+            PlainHttp::Hosts(vec!["127.0.0.1:5000".to_owned()])
+        );
     }
 
     #[test]

@@ -15,31 +15,40 @@
 //! | `meta.rs` | the metadata database (redb) |
 //! | `filter.rs` | containerd filter expressions for `List` |
 //! | `remote.rs` | [`RemoteLayerProvider`], requests, fallback reasons and counters |
+//! | `lazy.rs` | [`LazyLayerProvider`]: zstd:chunked layers mounted from the registry (FUSE) |
+//! | `metrics.rs` | Prometheus text exposition and its tiny HTTP listener |
 //! | `fsutil.rs` | disk usage, mount-safe directory removal |
 //! | `grpc.rs` | the only tonic-aware file: protobuf <-> domain, error codes |
 //! | `server.rs` | socket, systemd readiness, signals, graceful shutdown |
-//! | `config.rs` | `[snapshotter]` configuration and `zest serve` arguments |
+//! | `config.rs` | the configuration file ([`ServiceConfig`]) and `zest serve` arguments |
 //!
-//! Wiring `zest serve`: flatten [`ServeArgs`] into the subcommand, then
-//! `serve(args.config()?)` (or [`serve_with_provider`] with a lazy-pull provider)
-//! inside a tokio runtime; initialise logging from [`SnapshotterConfig::log_level`]
-//! first.
+//! Wiring `zest serve`: flatten [`ServeArgs`] into the subcommand, read
+//! [`ServeArgs::service_config`], build a [`LazyLayerProvider`] (registry client,
+//! chunk cache, [`LazyConfig::from_service`]), then [`Server::bind`] and
+//! [`Server::run`] with [`shutdown_signal`] (or simply [`serve_with_provider`]);
+//! initialise logging from [`SnapshotterConfig::log_level`] first.
 
 mod config;
 pub mod filter;
 mod fsutil;
 mod grpc;
+mod lazy;
 mod meta;
+pub mod metrics;
 mod remote;
 mod server;
 mod store;
 mod types;
 
 pub use config::{
-    ConfigError, ServeArgs, SnapshotterConfig, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET,
-    DEFAULT_STATE_DIR,
+    ByteSize, CacheSection, ConfigError, FetchSection, LazySection, RegistrySection, ServeArgs,
+    ServiceConfig, SnapshotterConfig, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
 };
 pub use grpc::SnapshotService;
+pub use lazy::{
+    LazyConfig, LazyError, LazyLayerProvider, LazyStats, DETAIL_AUTHENTICATED, DETAIL_DESCRIPTOR,
+    DETAIL_REPOSITORY,
+};
 pub use remote::{
     FallbackCounters, FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer,
     RemoteLayerProvider, RemoteLayerRequest, RemoteMounted, ShutdownMode, LABEL_IMAGE_LAYERS,

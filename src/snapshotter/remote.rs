@@ -150,6 +150,20 @@ impl FallbackReason {
     pub const MOUNT_FAILED: &'static str = "mount-failed";
     /// The chain ID exists already with another parent, or a concurrent prepare won.
     pub const CONFLICT: &'static str = "conflict";
+    /// The layer is not zstd:chunked (gzip, plain tar, or zstd without a TOC): it
+    /// can only be pulled whole. Convert the image with `zest convert`.
+    pub const NOT_CHUNKED: &'static str = "not-chunked";
+    /// The layer's TOC is not vouched for by the manifest (found by footer only) and
+    /// the configuration requires an authenticated one.
+    pub const UNAUTHENTICATED_TOC: &'static str = "unauthenticated-toc";
+    /// The image manifest could not be fetched or verified, or does not list the layer.
+    pub const MANIFEST_UNAVAILABLE: &'static str = "manifest-unavailable";
+    /// The layer's TOC could not be fetched from the registry.
+    pub const TOC_UNAVAILABLE: &'static str = "toc-unavailable";
+    /// The layer's TOC (or its annotations) failed validation.
+    pub const TOC_INVALID: &'static str = "toc-invalid";
+    /// The service is stopping.
+    pub const SHUTTING_DOWN: &'static str = "shutting-down";
 
     /// Builds a reason.
     pub fn new(code: &'static str, detail: impl Into<String>) -> Self {
