@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::containerd::{
-    fail, mounts_under, require_tools, unix_channel, wait_for, Containerd, TestDir, TestResult,
-    ZestService,
+    fail, lazy_provider, mounts_under, require_tools, unix_channel, wait_for, Containerd, TestDir,
+    TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar};
 use support::{Auth, Registry};
@@ -22,7 +22,7 @@ use zest::format::WriteOptions;
 use zest::oci::layout::LayoutRef;
 use zest::oci::{ImageManifest, LayerCompression, Platform, Reference};
 use zest::snapshotter::proto::snapshots as pb;
-use zest::snapshotter::{RemoteLayerProvider, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_REMOTE};
+use zest::snapshotter::{LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_REMOTE};
 use zest::store::{ImageRef, ImageStore};
 
 /// The CRI image service, generated at build time from `tests/proto/`.
@@ -35,11 +35,6 @@ use runtime::image_service_client::ImageServiceClient;
 
 /// The namespace CRI keeps Kubernetes' images and containers in.
 const CRI_NAMESPACE: &str = "k8s.io";
-
-/// The provider zest's service runs with: the lazy one.
-fn lazy_provider(_dir: &Path) -> Arc<dyn RemoteLayerProvider> {
-    Arc::new(zest::snapshotter::NoRemoteLayers)
-}
 
 fn spec(image: &str) -> runtime::ImageSpec {
     runtime::ImageSpec {
@@ -117,7 +112,8 @@ async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
             "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
         ),
     )?;
-    let service = ZestService::start(dir.path(), lazy_provider(dir.path())).await?;
+    let service =
+        ZestService::start(dir.path(), lazy_provider(&registry, dir.path()).await?).await?;
     let mut containerd = Containerd::start_with_cri(
         dir.path(),
         &service.socket,

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::containerd::{
-    build_busybox_image, fail, mounts_under, require_tools, run, wait_for, Containerd, TestDir,
-    TestResult, ZestService,
+    build_busybox_image, fail, lazy_provider, mounts_under, require_tools, run, wait_for,
+    Containerd, TestDir, TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, push_image, TestImage};
 use support::{Auth, Registry};
@@ -33,19 +33,14 @@ use zest::containerd::{
 };
 use zest::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
 use zest::digest::Digest;
-use zest::format::WriteOptions;
+use zest::format::{TocLocation, WriteOptions};
 use zest::oci::layout::LayoutRef;
 use zest::oci::{ImageManifest, LayerCompression, Platform, Reference};
 use zest::snapshotter::proto::snapshots as pb;
-use zest::snapshotter::{RemoteLayerProvider, LABEL_REMOTE};
+use zest::snapshotter::LABEL_REMOTE;
 use zest::store::{ImageRef, ImageStore};
 
 const TOOLS: &[&str] = &["containerd", "ctr", "runc", "docker-registry", "busybox"];
-
-/// The provider zest's service runs with in these tests: the lazy one.
-fn lazy_provider(_dir: &Path) -> Arc<dyn RemoteLayerProvider> {
-    Arc::new(zest::snapshotter::NoRemoteLayers)
-}
 
 /// Everything one test runs against. Fields drop in order: containerd before the
 /// snapshotter it talks to, the directory last.
@@ -69,7 +64,8 @@ impl Env {
         let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
         let hosts_dir = dir.path().join("certs.d");
         std::fs::create_dir_all(&hosts_dir)?;
-        let service = ZestService::start(dir.path(), lazy_provider(dir.path())).await?;
+        let service =
+            ZestService::start(dir.path(), lazy_provider(&registry, dir.path()).await?).await?;
         let containerd = Containerd::start(dir.path(), &service.socket).await?;
         Ok(Some(Env {
             containerd,
@@ -349,13 +345,13 @@ async fn skopeo_zstd_chunked_image_is_pulled_lazily_and_runs() -> TestResult {
     )
     .await?;
     let manifest = manifest(&env.registry, &image).await?;
-    assert!(
-        manifest.layers.iter().all(|l| l
-            .annotations
-            .contains_key("io.github.containers.zstd-chunked.manifest-checksum")),
-        "skopeo did not write zstd:chunked layers: {:?}",
-        manifest.layers
-    );
+    for layer in &manifest.layers {
+        let location = TocLocation::from_annotations(&layer.annotations)?;
+        assert!(
+            location.is_some_and(|l| l.toc_digest.is_some()),
+            "skopeo did not write a zstd:chunked layer: {layer:?}"
+        );
+    }
 
     let stdout = env.zest_pull(&image).await?;
     assert_lazy(&env, &stdout, &manifest).await?;

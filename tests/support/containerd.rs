@@ -586,3 +586,24 @@ pub async fn push_image(
     .await?;
     Ok(reference)
 }
+
+/// zest's lazy layer provider reading from `registry` (plain HTTP), with a memory-only
+/// chunk cache and its TOCs under `state/tocs`.
+pub async fn lazy_provider(
+    registry: &super::Registry,
+    state: &Path,
+) -> TestResult<Arc<dyn RemoteLayerProvider>> {
+    let cache = zest::cache::ChunkCache::open(&zest::cache::CacheConfig {
+        memory_bytes: 64 << 20,
+        disk_bytes: 0,
+        ..zest::cache::CacheConfig::default()
+    })?;
+    let mut config = zest::snapshotter::LazyConfig::new(state.join("tocs"));
+    config.mount_timeout = Duration::from_secs(20);
+    config.check_timeout = Duration::from_secs(5);
+    Ok(zest::snapshotter::LazyLayerProvider::new(
+        registry.client(),
+        Arc::new(cache),
+        config,
+    )?)
+}
