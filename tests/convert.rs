@@ -180,27 +180,16 @@ async fn converts_layout_to_registry_and_every_file_reads_back_by_range() {
         return;
     };
     let client = registry.client();
-    let src = ImageStore::open(
-        &ImageRef::Layout(
-            zest::oci::layout::LayoutRef::parse(&format!(
-                "oci:{}:src",
-                dir.path().join("oci").display()
-            ))
-            .unwrap(),
-        ),
-        &client,
-    )
-    .unwrap();
+    let src_name = format!("oci:{}:src", dir.path().join("oci").display());
     let dst_ref: Reference = format!("{}/zest/busybox:chunked", registry.host())
         .parse()
         .unwrap();
-    let dst = ImageStore::open(&ImageRef::Registry(dst_ref.clone()), &client).unwrap();
-
-    let report = convert(
-        &src,
-        &dst,
-        &options(dir.path(), PlatformChoice::One(Platform::host())),
-        Arc::new(NoProgress),
+    let report = support::convert_image(
+        &client,
+        &src_name,
+        &dst_ref.to_string(),
+        dir.path(),
+        PlatformChoice::One(Platform::host()),
     )
     .await
     .expect("convert");
@@ -217,12 +206,12 @@ async fn converts_layout_to_registry_and_every_file_reads_back_by_range() {
     let again_ref: Reference = format!("{}/zest/again:chunked", registry.host())
         .parse()
         .unwrap();
-    let again = ImageStore::open(&ImageRef::Registry(again_ref.clone()), &client).unwrap();
-    let report2 = convert(
-        &dst,
-        &again,
-        &options(dir.path(), PlatformChoice::One(Platform::host())),
-        Arc::new(NoProgress),
+    let report2 = support::convert_image(
+        &client,
+        &dst_ref.to_string(),
+        &again_ref.to_string(),
+        dir.path(),
+        PlatformChoice::One(Platform::host()),
     )
     .await
     .expect("reconvert");
@@ -518,21 +507,13 @@ async fn converted_image_runs_through_containerds_ordinary_pull() {
     let Some(_) = source_image(&dir.path().join("oci")) else {
         return;
     };
-    let client = registry.client();
-    let src = ImageStore::open(
-        &format!("oci:{}:src", dir.path().join("oci").display())
-            .parse()
-            .unwrap(),
-        &client,
-    )
-    .unwrap();
     let image = format!("{}/interop/busybox:chunked", registry.host());
-    let dst = ImageStore::open(&image.parse().unwrap(), &client).unwrap();
-    convert(
-        &src,
-        &dst,
-        &options(dir.path(), PlatformChoice::One(Platform::host())),
-        Arc::new(NoProgress),
+    support::convert_image(
+        &registry.client(),
+        &format!("oci:{}:src", dir.path().join("oci").display()),
+        &image,
+        dir.path(),
+        PlatformChoice::One(Platform::host()),
     )
     .await
     .expect("convert");

@@ -5,14 +5,11 @@ mod support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use zest::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
+use zest::convert::PlatformChoice;
 use zest::digest::Digest;
-use zest::format::WriteOptions;
 use zest::oci::Platform;
-use zest::store::ImageStore;
 
 use support::{Auth, Registry, REGISTRY_BIN};
 
@@ -86,26 +83,13 @@ async fn mount_reads_lazily_and_cleans_up() {
     let Some(_source) = support::image::busybox_image(&dir.path().join("oci"), "src") else {
         return;
     };
-    let client = registry.client();
-    let src = ImageStore::open(
-        &format!("oci:{}:src", dir.path().join("oci").display())
-            .parse()
-            .unwrap(),
-        &client,
-    )
-    .unwrap();
     let image = format!("{}/mount/busybox:chunked", registry.host());
-    let dst = ImageStore::open(&image.parse().unwrap(), &client).unwrap();
-    let report = convert(
-        &src,
-        &dst,
-        &ConvertOptions {
-            platforms: PlatformChoice::One(Platform::host()),
-            parallelism: 2,
-            write: WriteOptions::default(),
-            work_dir: dir.path().to_path_buf(),
-        },
-        Arc::new(NoProgress),
+    let report = support::convert_image(
+        &registry.client(),
+        &format!("oci:{}:src", dir.path().join("oci").display()),
+        &image,
+        dir.path(),
+        PlatformChoice::One(Platform::host()),
     )
     .await
     .unwrap();

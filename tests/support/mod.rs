@@ -426,3 +426,32 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Converts the image `src` to zstd:chunked at `dst` (each an `oci:DIR[:TAG]` or a
+/// registry reference) with default writer settings, temporary files under `work`.
+#[allow(dead_code)] // not every test binary converts
+pub async fn convert_image(
+    client: &RegistryClient,
+    src: &str,
+    dst: &str,
+    work: &Path,
+    platforms: zest::convert::PlatformChoice,
+) -> Result<zest::convert::ConvertReport, zest::convert::ConvertError> {
+    use zest::store::ImageStore;
+    let open = |r: &str| {
+        ImageStore::create(&r.parse().expect("image reference"), client).expect("open image store")
+    };
+    let options = zest::convert::ConvertOptions {
+        platforms,
+        parallelism: 2,
+        write: zest::format::WriteOptions::default(),
+        work_dir: work.to_path_buf(),
+    };
+    zest::convert::convert(
+        &open(src),
+        &open(dst),
+        &options,
+        std::sync::Arc::new(zest::convert::NoProgress),
+    )
+    .await
+}
