@@ -316,16 +316,12 @@ impl Metrics {
             r.auth_requests,
         );
         e.family(
-            "zest_registry_received_bytes_total",
+            "zest_registry_bytes_total",
             "counter",
-            "Payload bytes exchanged with registries, by kind.",
+            "Payload bytes received from registries (uploads: sent), by kind.",
         );
         for (kind, _, bytes) in kinds {
-            e.value(
-                "zest_registry_received_bytes_total",
-                &[("kind", kind)],
-                bytes,
-            );
+            e.value("zest_registry_bytes_total", &[("kind", kind)], bytes);
         }
         e.single(
             "zest_registry_retries_total",
