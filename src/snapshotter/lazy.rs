@@ -224,6 +224,7 @@ struct Inner {
     mounts: Mutex<HashMap<PathBuf, Slot>>,
     counters: Counters,
     stop: Arc<Cancel>,
+    /// Bounds background TOC work: prefetch of following layers, and restores.
     toc_prefetch: Arc<Semaphore>,
 }
 
@@ -1217,9 +1218,21 @@ impl RemoteLayerProvider for LazyLayerProvider {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let result = match inner.open_shared(&repository, &desc).await {
-                Ok(lease) => inner.mount(lease, target_dir).await,
-                Err(reason) => Err(reason),
+            let result = if target_dir.is_dir() {
+                // Bounded like TOC prefetch: a start with many layers whose TOCs must
+                // come from the registry does not open them all at once.
+                let Ok(_permit) = inner.toc_prefetch.acquire().await else {
+                    return Err(RemoteError("the service is stopping".into()));
+                };
+                match inner.open_shared(&repository, &desc).await {
+                    Ok(lease) => inner.mount(lease, target_dir).await,
+                    Err(reason) => Err(reason),
+                }
+            } else {
+                Err(FallbackReason::new(
+                    FallbackReason::MOUNT_FAILED,
+                    format!("{} does not exist any more", target_dir.display()),
+                ))
             };
             match result {
                 Ok(mounted) => {
@@ -1249,7 +1262,7 @@ impl RemoteLayerProvider for LazyLayerProvider {
                 Err(reason) => {
                     bump(&inner.counters.restore_failures, 1);
                     *lock(&last_error) = reason.to_string();
-                    if is_permanent(reason.code) {
+                    if is_permanent(reason.code) || !target_dir.is_dir() {
                         return Err(RemoteError(format!(
                             "cannot mount layer {} again: {reason}",
                             desc.digest
