@@ -145,6 +145,17 @@ impl Env {
         Ok(out)
     }
 
+    /// Names of zest's committed snapshots (image layers).
+    async fn committed(&self) -> TestResult<Vec<String>> {
+        Ok(self
+            .zest_snapshots()
+            .await?
+            .into_values()
+            .filter(|s| s.kind == pb::Kind::Committed as i32)
+            .map(|s| s.name)
+            .collect())
+    }
+
     /// Directories under zest's state dir holding snapshots.
     fn snapshot_dirs(&self) -> TestResult<Vec<String>> {
         let path = self.service.state_dir.join("snapshots");
@@ -442,8 +453,16 @@ async fn gzip_image_falls_back_to_download_and_apply() -> TestResult {
         "the pull's lease is left"
     );
     // The layers were committed under their chain IDs.
-    let snapshots = env.zest_snapshots().await?;
-    assert_eq!(snapshots.len(), 2, "{snapshots:?}");
+    let committed = env.committed().await?;
+    assert_eq!(committed.len(), 2, "{committed:?}");
+    for chain_id in &chain {
+        assert!(
+            committed
+                .iter()
+                .any(|name| name.ends_with(&format!("/{chain_id}"))),
+            "{chain_id} not committed: {committed:?}"
+        );
+    }
 
     // Pulling again finds everything in place and downloads nothing.
     let stdout = env.zest_pull(&image).await?;
@@ -523,7 +542,7 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
     let stdout = env.zest_pull(&two).await?;
     assert_eq!(outcome_counts(&stdout)?, (1, 0, 1), "{stdout}");
     assert_eq!(
-        env.zest_snapshots().await?.len(),
+        env.committed().await?.len(),
         3,
         "base, one's and two's data layers"
     );
@@ -540,7 +559,7 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
         "GC of the first image's own layer",
         Duration::from_secs(30),
         || async {
-            env.zest_snapshots()
+            env.committed()
                 .await
                 .ok()
                 .filter(|s| s.len() == 2)
