@@ -141,9 +141,11 @@ impl ResolvedPull {
 /// How a layer got into the snapshotter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerOutcome {
-    /// Its chain was already unpacked (e.g. a base layer shared with another image).
+    /// Its chain was already unpacked (e.g. a base layer shared with another image,
+    /// or unpacked by a concurrent pull).
     Present,
-    /// The snapshotter mounted it from the registry: nothing downloaded (lazy).
+    /// The snapshotter mounted it from the registry: nothing downloaded (lazy). The
+    /// snapshot carries zest's remote label.
     Remote,
     /// Downloaded into the content store and applied by containerd (the normal
     /// path). `downloaded` is 0 if the blob was already in the content store.
@@ -356,8 +358,9 @@ pub async fn pull(
     let result = puller.run(blobs).await;
     // Deleting the lease hands what it protected over to the garbage collector:
     // after a success the image record keeps everything alive; after a failure the
-    // partial pull is collected.
-    if let Err(e) = containerd.delete_lease(&lease, false).await {
+    // partial pull is garbage, collected right away (containerd would otherwise
+    // collect it only at its next collection, whenever something else is deleted).
+    if let Err(e) = containerd.delete_lease(&lease, result.is_err()).await {
         tracing::warn!(lease = %lease, error = %e, "could not delete the pull's lease; containerd will expire it");
     }
     result
@@ -841,14 +844,18 @@ impl Puller {
                 }
                 Err(e) if e.is_already_exists() => {
                     // The snapshotter committed the chain itself (a remote layer),
-                    // or a concurrent pull did; either way it must now exist.
-                    if self
+                    // or a concurrent pull did; either way it must now exist. zest
+                    // marks the snapshots it mounts from the registry.
+                    if let Some(info) = self
                         .containerd()
                         .stat_snapshot(self.snapshotter(), &chain_id)
                         .await?
-                        .is_some()
                     {
-                        return Ok(LayerOutcome::Remote);
+                        return Ok(if info.labels.contains_key(LABEL_REMOTE) {
+                            LayerOutcome::Remote
+                        } else {
+                            LayerOutcome::Present
+                        });
                     }
                     tracing::debug!(layer = index, chain_id = %chain_id, "snapshot reported as existing is gone; preparing again");
                 }
