@@ -145,6 +145,17 @@ impl Env {
         Ok(out)
     }
 
+    /// Names of zest's committed snapshots (image layers).
+    async fn committed(&self) -> TestResult<Vec<String>> {
+        Ok(self
+            .zest_snapshots()
+            .await?
+            .into_values()
+            .filter(|s| s.kind == pb::Kind::Committed as i32)
+            .map(|s| s.name)
+            .collect())
+    }
+
     /// Directories under zest's state dir holding snapshots.
     fn snapshot_dirs(&self) -> TestResult<Vec<String>> {
         let path = self.service.state_dir.join("snapshots");
@@ -442,8 +453,16 @@ async fn gzip_image_falls_back_to_download_and_apply() -> TestResult {
         "the pull's lease is left"
     );
     // The layers were committed under their chain IDs.
-    let snapshots = env.zest_snapshots().await?;
-    assert_eq!(snapshots.len(), 2, "{snapshots:?}");
+    let committed = env.committed().await?;
+    assert_eq!(committed.len(), 2, "{committed:?}");
+    for chain_id in &chain {
+        assert!(
+            committed
+                .iter()
+                .any(|name| name.ends_with(&format!("/{chain_id}"))),
+            "{chain_id} not committed: {committed:?}"
+        );
+    }
 
     // Pulling again finds everything in place and downloads nothing.
     let stdout = env.zest_pull(&image).await?;
@@ -523,7 +542,7 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
     let stdout = env.zest_pull(&two).await?;
     assert_eq!(outcome_counts(&stdout)?, (1, 0, 1), "{stdout}");
     assert_eq!(
-        env.zest_snapshots().await?.len(),
+        env.committed().await?.len(),
         3,
         "base, one's and two's data layers"
     );
@@ -540,7 +559,7 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
         "GC of the first image's own layer",
         Duration::from_secs(30),
         || async {
-            env.zest_snapshots()
+            env.committed()
                 .await
                 .ok()
                 .filter(|s| s.len() == 2)
@@ -578,5 +597,104 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
     let client = env.client().await?;
     assert!(client.list_images().await?.is_empty());
     assert!(client.list_leases().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_reported_and_leave_nothing_behind() -> TestResult {
+    let Some(env) = Env::start(&[]).await? else {
+        return Ok(());
+    };
+    let Some(built) = gzip_image(env.dir.path(), "oci", 1)? else {
+        return Ok(());
+    };
+    let client = env.registry.client();
+
+    // No containerd at the address: a clear error, before anything is fetched.
+    let missing = env.dir.path().join("no-containerd.sock");
+    let out = run(
+        env!("CARGO_BIN_EXE_zest"),
+        &[
+            "pull",
+            "--address",
+            &missing.display().to_string(),
+            "--plain-http",
+            "--quiet",
+            &env.reference("zest/none:1"),
+        ],
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("cannot connect to containerd"),
+        "{}",
+        out.stderr
+    );
+
+    // An unknown tag: the registry's answer, naming the reference.
+    let unknown = env.reference("zest/none:1");
+    let err = env
+        .zest_pull(&unknown)
+        .await
+        .err()
+        .ok_or_else(|| fail("pulling an unknown image succeeded"))?;
+    assert!(err.to_string().contains("zest/none:1"), "{err}");
+
+    // An image whose config lists a wrong diff ID for its second layer: the layer is
+    // downloaded and applied, the mismatch is caught, and nothing is committed.
+    let mut config = zest::oci::ImageConfig::from_json(&built.config)?;
+    config.set_diff_ids(&[built.layers[0].diff_id, Digest::of(b"not this layer")]);
+    let config_bytes = bytes::Bytes::from(config.to_json());
+    let reference: Reference = env.reference("zest/corrupt:1").parse()?;
+    let repo = &reference.repository;
+    for layer in &built.layers {
+        client.push_blob_bytes(repo, layer.blob.clone()).await?;
+    }
+    let config_digest = client.push_blob_bytes(repo, config_bytes.clone()).await?;
+    let mut manifest = ImageManifest::from_json(&built.manifest)?;
+    manifest.config.digest = config_digest;
+    manifest.config.size = config_bytes.len() as u64;
+    client
+        .push_manifest(
+            repo,
+            "1",
+            zest::oci::media_type::OCI_MANIFEST,
+            bytes::Bytes::from(manifest.to_json()),
+        )
+        .await?;
+    let err = env
+        .zest_pull(&reference.to_string())
+        .await
+        .err()
+        .ok_or_else(|| fail("pulling an image with a wrong diff ID succeeded"))?;
+    assert!(err.to_string().contains("diff ID"), "{err}");
+
+    // No image record, no lease; garbage collection takes what the pull had made,
+    // and of the chain only the correct base layer was ever committed.
+    let containerd = env.client().await?;
+    assert!(containerd.list_images().await?.is_empty());
+    assert!(containerd.list_leases().await?.is_empty());
+    let chain = zest::containerd::chain_ids(&config.diff_ids()?);
+    let committed = env.committed().await?;
+    assert!(
+        !committed.iter().any(|n| n.ends_with(&chain[1].to_string())),
+        "{committed:?}"
+    );
+    let collected = wait_for("GC of the failed pull", Duration::from_secs(30), || async {
+        env.zest_snapshots()
+            .await
+            .ok()
+            .filter(|s| s.is_empty())
+            .map(drop)
+    })
+    .await;
+    if let Err(e) = collected {
+        return Err(fail(format!(
+            "{e}: {:#?}\ncontainerd log:\n{}",
+            env.zest_snapshots().await?,
+            env.containerd.log_tail()
+        )));
+    }
     Ok(())
 }

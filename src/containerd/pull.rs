@@ -21,8 +21,9 @@
 //! 5. label the config with the top snapshot (`containerd.io/gc.ref.snapshot.<name>`),
 //!    create or update the image record, and delete the lease.
 //!
-//! Layers that cannot be lazy by format (gzip, uncompressed) are downloaded in the
-//! background, a few at a time, while earlier layers are unpacked.
+//! Once a layer has fallen back, the following layers that cannot be lazy by format
+//! (gzip, uncompressed) are downloaded in the background, a few at a time, while
+//! earlier layers are applied.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -140,9 +141,11 @@ impl ResolvedPull {
 /// How a layer got into the snapshotter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerOutcome {
-    /// Its chain was already unpacked (e.g. a base layer shared with another image).
+    /// Its chain was already unpacked (e.g. a base layer shared with another image,
+    /// or unpacked by a concurrent pull).
     Present,
-    /// The snapshotter mounted it from the registry: nothing downloaded (lazy).
+    /// The snapshotter mounted it from the registry: nothing downloaded (lazy). The
+    /// snapshot carries zest's remote label.
     Remote,
     /// Downloaded into the content store and applied by containerd (the normal
     /// path). `downloaded` is 0 if the blob was already in the content store.
@@ -355,8 +358,9 @@ pub async fn pull(
     let result = puller.run(blobs).await;
     // Deleting the lease hands what it protected over to the garbage collector:
     // after a success the image record keeps everything alive; after a failure the
-    // partial pull is collected.
-    if let Err(e) = containerd.delete_lease(&lease, false).await {
+    // partial pull is garbage, collected right away (containerd would otherwise
+    // collect it only at its next collection, whenever something else is deleted).
+    if let Err(e) = containerd.delete_lease(&lease, result.is_err()).await {
         tracing::warn!(lease = %lease, error = %e, "could not delete the pull's lease; containerd will expire it");
     }
     result
@@ -571,60 +575,86 @@ impl Downloader {
     }
 }
 
+/// A layer's download in [`Downloads`].
+enum Slot {
+    /// Not started.
+    Idle,
+    /// Running in the background.
+    Running(JoinHandle<Result<u64, PullError>>),
+    /// Finished and collected (or run in the foreground).
+    Taken,
+}
+
 /// Background layer downloads, aborted if the pull ends first.
 struct Downloads {
-    tasks: Vec<Option<JoinHandle<Result<u64, PullError>>>>,
+    slots: Vec<Slot>,
     limit: Arc<Semaphore>,
 }
 
 impl Downloads {
     fn new(layers: usize, concurrency: usize) -> Self {
         Downloads {
-            tasks: (0..layers).map(|_| None).collect(),
+            slots: (0..layers).map(|_| Slot::Idle).collect(),
             limit: Arc::new(Semaphore::new(concurrency.max(1))),
         }
     }
 
-    fn start(&mut self, index: usize, downloader: &Downloader, layer: &Descriptor) {
-        let Some(slot) = self.tasks.get_mut(index) else {
-            return;
-        };
-        let (downloader, layer, limit) = (downloader.clone(), layer.clone(), self.limit.clone());
-        *slot = Some(tokio::spawn(async move {
-            // The semaphore is never closed, so acquiring only waits.
-            let _permit = limit.acquire_owned().await.ok();
-            downloader.download(index, &layer).await
-        }));
+    /// Starts, in the background, the downloads of the layers after `index` that can
+    /// only be pulled normally. Called once a layer has fallen back: until then the
+    /// snapshotter may still provide layers by chain ID (e.g. from another namespace
+    /// or a converted image with the same content), and a download would be waste.
+    fn start_following(&mut self, index: usize, downloader: &Downloader, layers: &[Descriptor]) {
+        for (i, layer) in layers.iter().enumerate().skip(index + 1) {
+            let Some(slot) = self.slots.get_mut(i) else {
+                break;
+            };
+            if !matches!(slot, Slot::Idle) || !never_lazy(layer) {
+                continue;
+            }
+            let (downloader, layer, limit) =
+                (downloader.clone(), layer.clone(), self.limit.clone());
+            *slot = Slot::Running(tokio::spawn(async move {
+                // The semaphore is never closed, so acquiring only waits.
+                let _permit = limit.acquire_owned().await.ok();
+                downloader.download(i, &layer).await
+            }));
+        }
     }
 
-    /// Waits for layer `index`'s download, starting it now if it was not started.
+    /// Waits for layer `index`'s download, running it now if it was not started.
     async fn finish(
         &mut self,
         index: usize,
         downloader: &Downloader,
         layer: &Descriptor,
     ) -> Result<u64, PullError> {
-        match self.tasks.get_mut(index).and_then(Option::take) {
-            Some(task) => task.await.map_err(|e| PullError::Layer {
+        let slot = self
+            .slots
+            .get_mut(index)
+            .map_or(Slot::Taken, |s| std::mem::replace(s, Slot::Taken));
+        match slot {
+            Slot::Running(task) => task.await.map_err(|e| PullError::Layer {
                 index,
                 digest: layer.digest,
                 detail: format!("the download task failed: {e}"),
             })?,
-            None => downloader.download(index, layer).await,
+            Slot::Idle | Slot::Taken => downloader.download(index, layer).await,
         }
     }
 }
 
 impl Drop for Downloads {
     fn drop(&mut self) {
-        for task in self.tasks.iter().flatten() {
-            task.abort();
+        for slot in &self.slots {
+            if let Slot::Running(task) = slot {
+                task.abort();
+            }
         }
     }
 }
 
-/// Whether the layer's format rules out a lazy mount (only zstd layers can be
-/// zstd:chunked), so its download can start before its turn comes.
+/// Whether the layer's format rules out mounting it lazily from its own blob (only
+/// zstd layers can be zstd:chunked).
 fn never_lazy(layer: &Descriptor) -> bool {
     matches!(
         LayerCompression::from_media_type(&layer.media_type),
@@ -760,11 +790,6 @@ impl Puller {
             }
         }
         let mut downloads = Downloads::new(count, self.options.download_concurrency);
-        for (index, layer) in r.layers.iter().enumerate().skip(first_missing) {
-            if never_lazy(layer) {
-                downloads.start(index, &self.downloader, layer);
-            }
-        }
         let mut reports = Vec::with_capacity(count);
         for (index, layer) in r.layers.iter().enumerate() {
             self.downloader.progress.layer_started(index);
@@ -819,14 +844,18 @@ impl Puller {
                 }
                 Err(e) if e.is_already_exists() => {
                     // The snapshotter committed the chain itself (a remote layer),
-                    // or a concurrent pull did; either way it must now exist.
-                    if self
+                    // or a concurrent pull did; either way it must now exist. zest
+                    // marks the snapshots it mounts from the registry.
+                    if let Some(info) = self
                         .containerd()
                         .stat_snapshot(self.snapshotter(), &chain_id)
                         .await?
-                        .is_some()
                     {
-                        return Ok(LayerOutcome::Remote);
+                        return Ok(if info.labels.contains_key(LABEL_REMOTE) {
+                            LayerOutcome::Remote
+                        } else {
+                            LayerOutcome::Present
+                        });
                     }
                     tracing::debug!(layer = index, chain_id = %chain_id, "snapshot reported as existing is gone; preparing again");
                 }
@@ -856,6 +885,7 @@ impl Puller {
         let layer = &r.layers[index];
         let expected = r.diff_ids[index];
         let chain_id = r.chain_ids[index].to_string();
+        downloads.start_following(index, &self.downloader, &r.layers);
         let applied = async {
             let downloaded = downloads.finish(index, &self.downloader, layer).await?;
             let actual = self.containerd().apply_layer(layer, mounts).await?;
