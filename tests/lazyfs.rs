@@ -2,10 +2,13 @@
 //! from real directories, busybox included), converted with the zstd:chunked
 //! writer, pushed to a real registry on 127.0.0.1, mounted through FUSE (and
 //! overlayfs), and compared with what GNU tar extracts. Laziness is counted at
-//! the registry (its access log) and in the fetcher's counters.
+//! the registry (its access log) and in the fetcher's counters. One layer is
+//! written by skopeo instead (old-generation zstd:chunked, from a real root
+//! filesystem packed by umoci) and compared the same way.
 //!
-//! Needs root, /dev/fuse, GNU tar and docker-registry; without them the tests
-//! skip loudly (and fail under `CI=true`).
+//! Needs root, /dev/fuse, GNU tar and docker-registry (and skopeo, umoci, zstd
+//! for the skopeo test); without them the tests skip loudly (and fail under
+//! `CI=true`).
 
 mod support;
 
@@ -28,7 +31,7 @@ use zest::fetch::toc::{open_layer, open_registry_layers, TocFetchOptions};
 use zest::fetch::{BlobSource, FetchConfig, FetchLimits, Fetcher, RegistryBlob};
 use zest::format::{write_chunked, WriteOptions};
 use zest::fs::{ImageMount, LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
-use zest::oci::{media_type, Descriptor, Repository};
+use zest::oci::{media_type, Descriptor, ImageManifest, Reference, Repository};
 use zest::registry::{PlainHttp, RegistryClient};
 
 use support::{require_tool, Auth, Registry, REGISTRY_BIN};
@@ -1391,6 +1394,167 @@ fn fully_cached_files_are_served_by_passthrough_also_under_overlay() {
     );
     assert_eq!(after.reads, before.reads);
     image.unmount().expect("unmount");
+    assert!(
+        env.leftover_mounts().is_empty(),
+        "{:?}",
+        env.leftover_mounts()
+    );
+}
+
+/// Builds a root filesystem from real files in a umoci bundle: static busybox
+/// with applet symlinks, a few packages' documentation, a hard link, setuid and
+/// setgid files, other owners, an xattr, and an empty directory.
+fn build_real_rootfs(rootfs: &Path) {
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin).expect("create bin");
+    std::fs::copy("/usr/bin/busybox", bin.join("busybox")).expect("copy busybox");
+    chmod(&bin.join("busybox"), 0o755);
+    for applet in ["sh", "ls", "cat", "echo", "true", "sleep"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet symlink");
+    }
+    let doc = rootfs.join("usr/share/doc");
+    std::fs::create_dir_all(&doc).expect("create doc dir");
+    let mut copied = 0;
+    for pkg in [
+        "busybox-static",
+        "zstd",
+        "tar",
+        "skopeo",
+        "umoci",
+        "libc6",
+        "bash",
+    ] {
+        let from = Path::new("/usr/share/doc").join(pkg);
+        if from.is_dir() {
+            run(Command::new("cp").arg("-a").arg(&from).arg(&doc));
+            copied += 1;
+        }
+    }
+    assert!(copied >= 2, "too few /usr/share/doc packages to copy");
+    let etc = rootfs.join("etc");
+    std::fs::create_dir_all(&etc).expect("create etc");
+    write(&etc.join("hosts"), b"127.0.0.1 localhost\n");
+    std::fs::hard_link(etc.join("hosts"), etc.join("hosts.hard")).expect("hard link");
+    std::os::unix::fs::symlink("/bin/busybox", rootfs.join("init")).expect("absolute symlink");
+    std::os::unix::fs::symlink("../../bin/busybox", rootfs.join("usr/share/bb"))
+        .expect("relative symlink");
+    let suid = rootfs.join("bin/suid-tool");
+    write(&suid, &pseudo_random(300_000, 42));
+    chmod(&suid, 0o4755);
+    let sgid = rootfs.join("bin/sgid-tool");
+    write(&sgid, b"#!/bin/sh\necho sgid\n");
+    chown(&sgid, 0, 50);
+    chmod(&sgid, 0o2755);
+    let home = rootfs.join("home/user");
+    std::fs::create_dir_all(&home).expect("create home");
+    write(&home.join("notes.txt"), &b"lazily pulled\n".repeat(10_000));
+    chown(&home.join("notes.txt"), 1000, 1000);
+    chown(&home, 1000, 1000);
+    chmod(&home, 0o700);
+    set_xattr(&home.join("notes.txt"), "user.origin", b"skopeo test");
+    std::fs::create_dir_all(rootfs.join("var/empty")).expect("create empty dir");
+}
+
+/// The layer skopeo (old-generation zstd:chunked writer) makes of a real root
+/// filesystem, mounted through zest's FUSE layer, equals GNU tar's extraction
+/// of the decompressed blob.
+#[test]
+fn skopeo_zstd_chunked_layer_of_a_real_rootfs_matches_gnu_tar_extraction() {
+    let Some(env) = env() else { return };
+    if !require_tool("skopeo")
+        || !require_tool("umoci")
+        || !require_tool("zstd")
+        || !require_tool("/usr/bin/busybox")
+    {
+        return;
+    }
+    let layout = env.dir.path().join("layout");
+    let bundle = env.dir.path().join("bundle");
+    let image = format!("{}:rootfs", layout.display());
+    run(Command::new("umoci")
+        .args(["init", "--layout"])
+        .arg(&layout));
+    run(Command::new("umoci").args(["new", "--image", &image]));
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle));
+    build_real_rootfs(&bundle.join("rootfs"));
+    run(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle));
+
+    // skopeo reuses a blob it has seen before in another compression unless its
+    // blob-info cache is gone.
+    let _ = std::fs::remove_file("/var/lib/containers/cache/blob-info-cache-v1.boltdb");
+    let reference = format!("{}/lazyfs/skopeo:chunked", env.registry.host());
+    run(Command::new("skopeo").args([
+        "--insecure-policy",
+        "copy",
+        "--dest-compress-format",
+        "zstd:chunked",
+        "--dest-compress",
+        "--dest-tls-verify=false",
+        &format!("oci:{image}"),
+        &format!("docker://{reference}"),
+    ]));
+
+    let parsed: Reference = reference.parse().expect("image reference");
+    let fetched = env
+        .rt
+        .block_on(env.client.get_manifest(&parsed))
+        .expect("fetch the manifest skopeo pushed");
+    let manifest = ImageManifest::from_json(&fetched.bytes).expect("parse manifest");
+    let desc = manifest.layers.last().expect("a layer").clone();
+    assert!(
+        desc.annotations
+            .contains_key("io.containers.zstd-chunked.manifest-checksum"),
+        "skopeo did not write a zstd:chunked layer: {desc:?}"
+    );
+
+    // Reference tree: the whole blob, decompressed by zstd, extracted by GNU tar.
+    let blob = env
+        .rt
+        .block_on(
+            env.client
+                .get_blob_bytes(&parsed.repository, &desc.digest, 1 << 30),
+        )
+        .expect("download the layer blob");
+    let blob_path = env.dir.path().join("layer.tar.zst");
+    std::fs::write(&blob_path, &blob).expect("write blob");
+    let tar = env.dir.path().join("layer.tar");
+    run(Command::new("zstd")
+        .args(["-d", "-q", "-f"])
+        .arg(&blob_path)
+        .arg("-o")
+        .arg(&tar));
+    let extracted = env.path("extracted");
+    gnu_tar_extract(&tar, &extracted);
+
+    let cache = cache_at(&env.path("cache"), 64 << 20, 256 << 20);
+    let fetcher = env.fetcher(
+        env.registry_source(&parsed.repository, &desc),
+        &desc,
+        &cache,
+    );
+    let mut m = env.mount(Arc::clone(&fetcher), "mnt");
+    let compared = compare_layer(m.mountpoint(), &extracted);
+    assert!(compared > 20, "compared only {compared} entries");
+    let mnt = m.mountpoint();
+    let suid = std::fs::symlink_metadata(mnt.join("bin/suid-tool")).expect("stat suid file");
+    assert_eq!(suid.mode() & 0o7777, 0o4755, "setuid bit");
+    assert_eq!(
+        std::fs::read_link(mnt.join("bin/sh")).expect("readlink"),
+        Path::new("busybox")
+    );
+    let out = Command::new(mnt.join("bin/busybox"))
+        .args(["echo", "lazy"])
+        .output()
+        .expect("run busybox from the mount");
+    assert_eq!(out.stdout, b"lazy\n");
+    let s = fetcher.stats();
+    assert_eq!(s.verification_failures, 0);
+    assert!(s.chunks_verified > 0);
+    m.unmount().expect("unmount");
     assert!(
         env.leftover_mounts().is_empty(),
         "{:?}",
