@@ -37,7 +37,7 @@ pub struct SnapshotterConfig {
     /// that can hold overlayfs upper directories (ext4, xfs with d_type, btrfs).
     pub state_dir: PathBuf,
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `zest=debug`);
-    /// `RUST_LOG` overrides it.
+    /// `zest serve --log` (or `ZEST_LOG`) overrides it, else `RUST_LOG`.
     pub log_level: String,
     /// Extra overlayfs mount options added to every overlay mount.
     pub overlay_mount_options: Vec<String>,

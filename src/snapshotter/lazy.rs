@@ -224,6 +224,7 @@ struct Inner {
     mounts: Mutex<HashMap<PathBuf, Slot>>,
     counters: Counters,
     stop: Arc<Cancel>,
+    /// Bounds background TOC work: prefetch of following layers, and restores.
     toc_prefetch: Arc<Semaphore>,
 }
 
@@ -1158,12 +1159,12 @@ impl RemoteLayerProvider for LazyLayerProvider {
         if inner.config.toc_prefetch {
             inner.prefetch_following(&reference.repository, &manifest, request, layer_digest);
         }
-        let lease = inner.open_shared(&reference.repository, &desc).await?;
-        let authenticated = lease.opened().is_some_and(|o| o.authenticated);
-        let mounted = inner.mount(lease, target_dir).await?;
         let descriptor = serde_json::to_string(&stored_descriptor(&desc)).map_err(|e| {
             FallbackReason::new(FallbackReason::MOUNT_FAILED, format!("descriptor: {e}"))
         })?;
+        let lease = inner.open_shared(&reference.repository, &desc).await?;
+        let authenticated = lease.opened().is_some_and(|o| o.authenticated);
+        let mounted = inner.mount(lease, target_dir).await?;
         {
             let mut mounts = lock(&inner.mounts);
             if let Some(Slot::Mounted(old)) =
@@ -1217,9 +1218,21 @@ impl RemoteLayerProvider for LazyLayerProvider {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let result = match inner.open_shared(&repository, &desc).await {
-                Ok(lease) => inner.mount(lease, target_dir).await,
-                Err(reason) => Err(reason),
+            let result = if target_dir.is_dir() {
+                // Bounded like TOC prefetch: a start with many layers whose TOCs must
+                // come from the registry does not open them all at once.
+                let Ok(_permit) = inner.toc_prefetch.acquire().await else {
+                    return Err(RemoteError("the service is stopping".into()));
+                };
+                match inner.open_shared(&repository, &desc).await {
+                    Ok(lease) => inner.mount(lease, target_dir).await,
+                    Err(reason) => Err(reason),
+                }
+            } else {
+                Err(FallbackReason::new(
+                    FallbackReason::MOUNT_FAILED,
+                    format!("{} does not exist any more", target_dir.display()),
+                ))
             };
             match result {
                 Ok(mounted) => {
@@ -1249,7 +1262,7 @@ impl RemoteLayerProvider for LazyLayerProvider {
                 Err(reason) => {
                     bump(&inner.counters.restore_failures, 1);
                     *lock(&last_error) = reason.to_string();
-                    if is_permanent(reason.code) {
+                    if is_permanent(reason.code) || !target_dir.is_dir() {
                         return Err(RemoteError(format!(
                             "cannot mount layer {} again: {reason}",
                             desc.digest
@@ -1391,6 +1404,237 @@ impl RemoteLayerProvider for LazyLayerProvider {
             ?mode,
             released = count,
             "lazy layer mounts released; they are mounted again at the next start"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::testblob::{build, TestFile};
+    use crate::format::annotations as ann;
+
+    fn zstd_layer(annotations: &[(&str, &str)]) -> Descriptor {
+        let mut d = Descriptor::new(
+            crate::oci::media_type::OCI_LAYER_ZSTD,
+            Digest::of(b"layer"),
+            1 << 20,
+        );
+        d.annotations = annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        d
+    }
+
+    fn code(result: Result<TocSource, FallbackReason>) -> &'static str {
+        match result {
+            Ok(TocSource::Annotated(_)) => "annotated",
+            Ok(TocSource::Footer) => "footer",
+            Err(reason) => reason.code,
+        }
+    }
+
+    #[test]
+    fn classify_layers() {
+        let checksum = Digest::of(b"toc").to_string();
+        let good = [
+            (ann::MANIFEST_CHECKSUM, checksum.as_str()),
+            (ann::MANIFEST_POSITION, "1000:200:800:1"),
+            ("org.example.other", "kept out of the stored descriptor"),
+        ];
+        assert_eq!(code(classify(&zstd_layer(&good), true)), "annotated");
+        let gzip = Descriptor::new(crate::oci::media_type::OCI_LAYER_GZIP, Digest::of(b"g"), 10);
+        assert_eq!(code(classify(&gzip, true)), FallbackReason::NOT_CHUNKED);
+        let docker = Descriptor::new(
+            crate::oci::media_type::DOCKER_LAYER_GZIP,
+            Digest::of(b"g"),
+            10,
+        );
+        assert_eq!(code(classify(&docker, false)), FallbackReason::NOT_CHUNKED);
+        let odd = Descriptor::new("application/x-whatever", Digest::of(b"o"), 10);
+        assert_eq!(
+            code(classify(&odd, true)),
+            FallbackReason::UNSUPPORTED_LAYER
+        );
+        // Plain zstd: not chunked, unless footers may be tried.
+        assert_eq!(
+            code(classify(&zstd_layer(&[]), true)),
+            FallbackReason::NOT_CHUNKED
+        );
+        assert_eq!(code(classify(&zstd_layer(&[]), false)), "footer");
+        // A position without a checksum: the TOC is not authenticated.
+        let unauthenticated = zstd_layer(&[(ann::MANIFEST_POSITION, "1000:200:800:1")]);
+        assert_eq!(
+            code(classify(&unauthenticated, true)),
+            FallbackReason::UNAUTHENTICATED_TOC
+        );
+        assert_eq!(code(classify(&unauthenticated, false)), "footer");
+        let malformed = zstd_layer(&[(ann::MANIFEST_POSITION, "not:a:position")]);
+        assert_eq!(
+            code(classify(&malformed, true)),
+            FallbackReason::TOC_INVALID
+        );
+        // A TOC claimed larger than any valid one is refused before any request.
+        let huge = format!("1000:{}:800:1", MAX_TOC_UNCOMPRESSED + 1);
+        let huge = zstd_layer(&[
+            (ann::MANIFEST_CHECKSUM, checksum.as_str()),
+            (ann::MANIFEST_POSITION, huge.as_str()),
+        ]);
+        assert_eq!(code(classify(&huge, true)), FallbackReason::TOC_INVALID);
+    }
+
+    #[test]
+    fn stored_details_round_trip() -> Result<(), Box<dyn std::error::Error>> {
+        let checksum = Digest::of(b"toc").to_string();
+        let desc = zstd_layer(&[
+            (ann::MANIFEST_CHECKSUM, checksum.as_str()),
+            (ann::MANIFEST_POSITION, "1000:200:800:1"),
+            ("org.example.other", "dropped"),
+        ]);
+        let stored = stored_descriptor(&desc);
+        assert_eq!(stored.annotations.len(), 2);
+        assert!(matches!(
+            classify(&stored, true),
+            Ok(TocSource::Annotated(_))
+        ));
+        let details = BTreeMap::from([
+            (
+                DETAIL_REPOSITORY.to_owned(),
+                "127.0.0.1:5000/team/app".to_owned(),
+            ),
+            (
+                DETAIL_DESCRIPTOR.to_owned(),
+                serde_json::to_string(&stored)?,
+            ),
+        ]);
+        let (repository, back) = stored_details(&details)?;
+        assert_eq!(repository.registry, "127.0.0.1:5000");
+        assert_eq!(repository.name, "team/app");
+        assert_eq!(back, stored);
+        let mut broken = details.clone();
+        broken.insert(DETAIL_DESCRIPTOR.to_owned(), "{".to_owned());
+        assert!(stored_details(&broken).is_err());
+        broken.remove(DETAIL_DESCRIPTOR);
+        assert!(stored_details(&broken).is_err());
+        assert!(stored_details(&BTreeMap::new()).is_err());
+        Ok(())
+    }
+
+    /// An opened layer backed by a small blob file.
+    fn opened(dir: &Path, seed: u8) -> Arc<OpenedLayer> {
+        let data = vec![seed; 10_000];
+        let blob = build(
+            &[TestFile {
+                name: "f",
+                data: &data,
+                chunk: 4096,
+            }],
+            Vec::new(),
+        );
+        let path = dir.join(format!("blob-{seed}"));
+        std::fs::write(&path, &blob.bytes).unwrap_or_else(|e| panic!("{e}"));
+        let source = crate::fetch::FileBlob::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let cache = ChunkCache::open(&crate::cache::CacheConfig {
+            disk_bytes: 0,
+            ..crate::cache::CacheConfig::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let fetcher = Fetcher::new(
+            Arc::new(blob.index()),
+            Arc::new(source),
+            Arc::new(cache),
+            FetchLimits::default(),
+            FetchConfig::default(),
+            tokio::runtime::Handle::current(),
+        );
+        Arc::new(OpenedLayer {
+            fetcher,
+            repository: Repository {
+                registry: "r".into(),
+                name: "n".into(),
+            },
+            descriptor: zstd_layer(&[]),
+            authenticated: true,
+            toc: Mutex::new(None),
+        })
+    }
+
+    #[tokio::test]
+    async fn layer_table_shares_counts_and_evicts() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let table = Arc::new(LayerTable {
+            entries: Mutex::new(HashMap::new()),
+            max_idle: 1,
+            retired: Mutex::new(FetchStatsSnapshot::default()),
+        });
+        let (d1, d2, d3) = (Digest::of(b"1"), Digest::of(b"2"), Digest::of(b"3"));
+
+        // A failed open leaves nothing behind; the next attempt starts afresh.
+        let lease = table.hold(d1);
+        let failed: Result<&Arc<OpenedLayer>, &str> = lease
+            .entry
+            .opened
+            .get_or_try_init(|| async { Err("down") })
+            .await;
+        assert!(failed.is_err());
+        drop(lease);
+        assert!(lock(&table.entries).is_empty());
+
+        // Two leases of one digest share one entry, opened once.
+        let first = table.hold(d1);
+        let second = table.hold(d1);
+        assert!(Arc::ptr_eq(&first.entry, &second.entry));
+        let layer = opened(dir.path(), 1);
+        first
+            .entry
+            .opened
+            .get_or_init(|| async { Arc::clone(&layer) })
+            .await;
+        assert!(second.opened().is_some_and(|o| Arc::ptr_eq(o, &layer)));
+        assert!(table.is_open(&d1));
+        let file = layer.fetcher.index().resolve_path("f").ok_or("no file f")?;
+        let data = layer.fetcher.read(file, 0, 100).await?;
+        assert_eq!(data.len(), 100);
+        drop(first);
+        assert_eq!(table.stats().1, 0, "still used by the second lease");
+        drop(second);
+        assert_eq!(table.stats().0, 1);
+        assert_eq!(table.stats().1, 1);
+
+        // Idle entries beyond the bound go, least recently used first, and their
+        // counters are kept.
+        for (digest, seed) in [(d2, 2u8), (d3, 3u8)] {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let lease = table.hold(digest);
+            let layer = opened(dir.path(), seed);
+            lease.entry.opened.get_or_init(|| async { layer }).await;
+        }
+        let (layers, idle, totals) = table.stats();
+        assert_eq!((layers, idle), (1, 1));
+        assert!(table.is_open(&d3));
+        assert!(!table.is_open(&d1));
+        assert!(totals.range_requests >= 1, "{totals:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn cancel_wakes_waiters() {
+        let cancel = Arc::new(Cancel::default());
+        let waiter = {
+            let cancel = Arc::clone(&cancel);
+            tokio::spawn(async move { cancel.cancelled().await })
+        };
+        tokio::task::yield_now().await;
+        cancel.cancel();
+        assert!(tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .is_ok());
+        // Already cancelled: returns at once.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), cancel.cancelled())
+                .await
+                .is_ok()
         );
     }
 }

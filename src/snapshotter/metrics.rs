@@ -224,63 +224,57 @@ impl Metrics {
             e.single(name, "counter", help, value);
         }
 
+        // Every sample of a family must follow its header: one family at a time,
+        // both tiers in each.
         let memory = &s.cache.memory;
-        e.family(
-            "zest_cache_hits_total",
-            "counter",
-            "Chunk cache lookups that found the chunk, by tier.",
-        );
-        e.value("zest_cache_hits_total", &[("tier", "memory")], memory.hits);
-        e.family(
-            "zest_cache_misses_total",
-            "counter",
-            "Chunk cache lookups that did not find the chunk, by tier.",
-        );
-        e.value(
-            "zest_cache_misses_total",
-            &[("tier", "memory")],
-            memory.misses,
-        );
-        e.family(
-            "zest_cache_evictions_total",
-            "counter",
-            "Chunks evicted to stay within budget, by tier.",
-        );
-        e.value(
-            "zest_cache_evictions_total",
-            &[("tier", "memory")],
-            memory.evictions,
-        );
-        e.family(
-            "zest_cache_bytes",
-            "gauge",
-            "Bytes held by the chunk cache, by tier.",
-        );
-        e.value("zest_cache_bytes", &[("tier", "memory")], memory.bytes);
-        e.family(
-            "zest_cache_capacity_bytes",
-            "gauge",
-            "Byte budget of the chunk cache, by tier.",
-        );
-        e.value(
-            "zest_cache_capacity_bytes",
-            &[("tier", "memory")],
-            memory.capacity_bytes,
-        );
-        if let Some(disk) = &s.cache.disk {
-            e.value("zest_cache_hits_total", &[("tier", "disk")], disk.hits);
-            e.value("zest_cache_misses_total", &[("tier", "disk")], disk.misses);
-            e.value(
+        let disk = s.cache.disk.as_ref();
+        type TierValue = fn(&crate::cache::MemoryStats) -> u64;
+        type DiskValue = fn(&crate::cache::DiskStats) -> u64;
+        let tiers: [(&str, &str, &str, TierValue, DiskValue); 5] = [
+            (
+                "zest_cache_hits_total",
+                "counter",
+                "Chunk cache lookups that found the chunk, by tier.",
+                |m| m.hits,
+                |d| d.hits,
+            ),
+            (
+                "zest_cache_misses_total",
+                "counter",
+                "Chunk cache lookups that did not find the chunk, by tier.",
+                |m| m.misses,
+                |d| d.misses,
+            ),
+            (
                 "zest_cache_evictions_total",
-                &[("tier", "disk")],
-                disk.evictions,
-            );
-            e.value("zest_cache_bytes", &[("tier", "disk")], disk.bytes);
-            e.value(
+                "counter",
+                "Chunks evicted to stay within budget, by tier.",
+                |m| m.evictions,
+                |d| d.evictions,
+            ),
+            (
+                "zest_cache_bytes",
+                "gauge",
+                "Bytes held by the chunk cache, by tier.",
+                |m| m.bytes,
+                |d| d.bytes,
+            ),
+            (
                 "zest_cache_capacity_bytes",
-                &[("tier", "disk")],
-                disk.budget_bytes,
-            );
+                "gauge",
+                "Byte budget of the chunk cache, by tier.",
+                |m| m.capacity_bytes,
+                |d| d.budget_bytes,
+            ),
+        ];
+        for (name, kind, help, of_memory, of_disk) in tiers {
+            e.family(name, kind, help);
+            e.value(name, &[("tier", "memory")], of_memory(memory));
+            if let Some(disk) = disk {
+                e.value(name, &[("tier", "disk")], of_disk(disk));
+            }
+        }
+        if let Some(disk) = disk {
             e.single(
                 "zest_cache_disk_corruptions_total",
                 "counter",
@@ -316,16 +310,12 @@ impl Metrics {
             r.auth_requests,
         );
         e.family(
-            "zest_registry_received_bytes_total",
+            "zest_registry_bytes_total",
             "counter",
-            "Payload bytes exchanged with registries, by kind.",
+            "Payload bytes received from registries (uploads: sent), by kind.",
         );
         for (kind, _, bytes) in kinds {
-            e.value(
-                "zest_registry_received_bytes_total",
-                &[("kind", kind)],
-                bytes,
-            );
+            e.value("zest_registry_bytes_total", &[("kind", kind)], bytes);
         }
         e.single(
             "zest_registry_retries_total",
@@ -426,6 +416,53 @@ mod tests {
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 
+    /// Every sample follows its own family's `# TYPE` line, and no family repeats.
+    fn assert_families_grouped(text: &str) {
+        let mut seen = std::collections::HashSet::new();
+        let mut current = String::new();
+        for line in text.lines().skip_while(|l| !l.starts_with('#')) {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                current = rest.split(' ').next().unwrap_or_default().to_owned();
+                assert!(seen.insert(current.clone()), "family {current} repeated");
+            } else if !line.starts_with('#') && !line.is_empty() {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                assert_eq!(name, current, "sample {line:?} outside its family");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn lazy_exposition_is_well_formed() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = SnapshotStore::open(dir.path(), super::super::StoreOptions::default())?;
+        let cache = crate::cache::ChunkCache::open(&crate::cache::CacheConfig {
+            disk_root: dir.path().join("cache"),
+            disk_bytes: 1 << 20,
+            ..crate::cache::CacheConfig::default()
+        })?;
+        let client = crate::registry::RegistryClient::new(crate::registry::RegistryConfig {
+            hosts_dir: None,
+            docker_config: crate::registry::DockerConfigSource::Disabled,
+            ..crate::registry::RegistryConfig::default()
+        })?;
+        let provider = LazyLayerProvider::new(
+            client,
+            Arc::new(cache),
+            super::super::LazyConfig::new(dir.path().join("tocs")),
+        )?;
+        let text = Metrics::new(store, Some(provider)).render();
+        assert_families_grouped(&text);
+        for expected in [
+            "zest_lazy_enabled 1",
+            "zest_cache_hits_total{tier=\"disk\"} 0",
+            "zest_registry_requests_total{kind=\"range\"} 0",
+            "zest_fetch_blocking_misses_total 0",
+        ] {
+            assert!(text.contains(expected), "{expected} missing:\n{text}");
+        }
+        Ok(())
+    }
+
     #[tokio::test]
     async fn serves_the_exposition_over_http() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
@@ -448,6 +485,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("zest_lazy_enabled 0"), "{text}");
+        assert_families_grouped(&text);
         let text = get("/other").await?;
         assert!(text.starts_with("HTTP/1.1 404"), "{text}");
         server.abort();

@@ -159,6 +159,53 @@ impl Registry {
         panic!("docker-registry did not answer on 127.0.0.1 within 10 s; its log:\n{last_log}");
     }
 
+    /// Stops the registry process, keeping its port, storage and logs for
+    /// [`Registry::restart`].
+    pub fn stop(&mut self) {
+        // Exactly the process this value started.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again (after [`Registry::stop`]) on the same port with the
+    /// same storage, appending to the same logs; waits (at most 10 s) until it answers.
+    pub fn restart(&mut self) {
+        let dir = self.dir.path();
+        let open = |name: &str| {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(dir.join(name))
+                .expect("open registry log")
+        };
+        let mut cmd = Command::new(REGISTRY_BIN);
+        cmd.arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(open("access.log"))
+            .stderr(open("registry.log"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("REGISTRY_") {
+                cmd.env_remove(k);
+            }
+        }
+        self.child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("restart {REGISTRY_BIN}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if answers(self.port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "docker-registry did not answer again on 127.0.0.1:{} within 10 s; its log:\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
     /// `127.0.0.1:<port>`, the registry part of image references.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
