@@ -148,9 +148,7 @@ impl Bars {
 
     fn clear(&self) {
         for bar in self.layers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            if !bar.is_finished() {
-                bar.abandon();
-            }
+            bar.finish_and_clear();
         }
     }
 }
@@ -199,21 +197,28 @@ impl PullProgress for Bars {
     }
 
     fn layer_done(&self, report: &LayerReport) {
-        let Some(bar) = self.bar(report.index) else {
-            return;
-        };
-        let message = match report.outcome {
+        let detail = match report.outcome {
+            LayerOutcome::Remote => {
+                format!("{} not downloaded", HumanBytes(report.descriptor.size))
+            }
             LayerOutcome::Applied { downloaded } if downloaded > 0 => format!(
-                "{} ({} in {:.1} s)",
-                report.outcome.describe(),
+                "{} in {:.1} s",
                 HumanBytes(downloaded),
                 report.elapsed.as_secs_f64()
             ),
-            LayerOutcome::Applied { .. } => {
-                format!("{} (blob already stored)", report.outcome.describe())
-            }
-            _ => report.outcome.describe().to_owned(),
+            LayerOutcome::Applied { .. } => "blob already stored".to_owned(),
+            LayerOutcome::Present => "chain already unpacked".to_owned(),
         };
-        bar.finish_with_message(message);
+        // The bar gives way to a permanent line.
+        if let Some(bar) = self.bar(report.index) {
+            bar.finish_and_clear();
+        }
+        if !self.quiet {
+            let _ = self.multi.println(format!(
+                "  {} {:<20} {detail}",
+                short(&report.descriptor.digest.to_string()),
+                report.outcome.describe(),
+            ));
+        }
     }
 }
