@@ -5,7 +5,11 @@
 //! - daemon memory per TOC entry (index heap, and process RSS growth);
 //! - sequential read of a warm 256 MiB file (chunks in the memory tier, and in
 //!   the disk tier only) against the same file on local disk;
+//! - the same warm read with FUSE passthrough (the kernel reads a local copy
+//!   of the fully cached file; the daemon sees no reads);
 //! - random 4 KiB reads of the warm file against local disk;
+//! - daemon memory per cached 64 KiB chunk in the memory tier (charged
+//!   accounting and process RSS growth over 10k chunks);
 //! - cold reads: latency of a small file and a 4 MiB file, with request counts.
 //!
 //! Run as root: `cargo bench --bench lazyfs` (needs /dev/fuse, GNU tar and
@@ -22,11 +26,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use zest::cache::{CacheConfig, ChunkCache};
+use zest::digest::Digest;
 use zest::fetch::toc::{open_layer, TocFetchOptions};
 use zest::fetch::{BlobSource, FetchConfig, FetchLimits, Fetcher, RegistryBlob};
 use zest::format::{write_chunked, WriteOptions};
-use zest::fs::{LayerMount, MountOptions};
+use zest::fs::{LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
 use zest::oci::{media_type, Descriptor, Repository};
 
 use support::{Auth, Registry, REGISTRY_BIN};
@@ -197,6 +204,111 @@ fn random_4k(p: &Path, size: u64, n: usize) -> Duration {
     t.elapsed() / n as u32
 }
 
+/// Warm sequential read of the big file through a second mount with FUSE
+/// passthrough: once the file is fully cached and its handles are closed, it is
+/// copied to the passthrough store and later opens hand the kernel that copy.
+fn passthrough_read(bench: &Bench, fetcher: &Arc<Fetcher>, big_mib: usize, big_len: u64) {
+    let name = format!("{big_mib} MiB file: warm sequential read with passthrough");
+    let store = PassthroughStore::open(&bench.dir.path().join("passthrough"), big_len * 2, 1)
+        .expect("passthrough store");
+    let options = MountOptions {
+        fs: LayerFsOptions {
+            passthrough: Some(Arc::clone(&store)),
+            ..LayerFsOptions::default()
+        },
+        ..MountOptions::default()
+    };
+    let m = LayerMount::mount(Arc::clone(fetcher), &bench.path("mnt-big-pt"), &options)
+        .expect("mount with passthrough");
+    if !m.fs().passthrough_active() {
+        row(&name, "n/a (the kernel refused FUSE passthrough)".into());
+        return;
+    }
+    let p = m.mountpoint().join("big.bin");
+    // The first read is served by the daemon (from the warm memory tier); closing
+    // the fully cached file stores it for passthrough.
+    let (n, _) = seq_read(&p);
+    assert_eq!(n, big_len);
+    let ready = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    ready("the file to be stored", &|| store.len() == 1);
+    ready("the handles to be released", &|| {
+        m.fs().stats().open_files == 0
+    });
+    let before = m.fs().stats();
+    let mut times = Vec::new();
+    let mut cold_times = Vec::new();
+    for _ in 0..3 {
+        let (n, d) = seq_read(&p);
+        assert_eq!(n, big_len);
+        times.push(d);
+        // Again with the local copy's pages dropped too, as for the local-disk row.
+        for e in std::fs::read_dir(bench.dir.path().join("passthrough")).expect("store dir") {
+            let e = e.expect("store entry");
+            if e.file_type().expect("file type").is_file() {
+                drop_page_cache(&e.path());
+            }
+        }
+        let (n, d) = seq_read(&p);
+        assert_eq!(n, big_len);
+        cold_times.push(d);
+    }
+    let after = m.fs().stats();
+    assert!(
+        after.passthrough_opens >= before.passthrough_opens + 6,
+        "passthrough was not used: {after:?}"
+    );
+    assert_eq!(
+        after.reads, before.reads,
+        "passthrough reads reached the daemon"
+    );
+    row(
+        &format!("{name} (local copy in page cache)"),
+        mib_per_s(big_len, median(times)),
+    );
+    row(
+        &format!("{name} (page cache dropped)"),
+        mib_per_s(big_len, median(cold_times)),
+    );
+}
+
+/// Memory tier cost of 10k cached 64 KiB chunks: what the cache charges per
+/// entry beyond the data, and what the process RSS actually grows by.
+fn chunk_memory() {
+    const CHUNKS: usize = 10_000;
+    const CHUNK: usize = 64 << 10;
+    let cache = ChunkCache::open(&CacheConfig {
+        memory_bytes: 1 << 40,
+        disk_bytes: 0,
+        ..CacheConfig::default()
+    })
+    .expect("memory-only cache");
+    let rss0 = rss_bytes();
+    for i in 0..CHUNKS {
+        // Non-zero filler so every page is really touched.
+        let data = vec![(i % 251) as u8 + 1; CHUNK];
+        cache.insert(Digest::of(&(i as u64).to_le_bytes()), Bytes::from(data));
+    }
+    let rss1 = rss_bytes();
+    let s = cache.stats().memory;
+    assert_eq!(s.entries, CHUNKS as u64);
+    let charged = s.bytes as f64 / CHUNKS as f64 - CHUNK as f64;
+    let measured = rss1.saturating_sub(rss0) as f64 / CHUNKS as f64 - CHUNK as f64;
+    row(
+        "memory per cached 64 KiB chunk beyond its data (10k chunks)",
+        format!("{charged:>9.0} B charged, {measured:.0} B measured (RSS growth)"),
+    );
+    drop(cache);
+    // Hands the freed heap back, so later RSS figures are not hidden by reuse.
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
+}
+
 fn main() {
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
@@ -219,6 +331,9 @@ fn main() {
         "\nzest lazy layer filesystem, registry {} on loopback\n",
         bench.registry.host()
     );
+
+    // First, while the heap holds no freed memory to reuse, so RSS growth is real.
+    chunk_memory();
 
     // ---- 10k-file layer: mount time, metadata walk, memory per entry.
     let src = bench.path("many");
@@ -364,6 +479,7 @@ fn main() {
         &format!("{big_mib} MiB file: sequential read, local disk"),
         mib_per_s(n, median(localt)),
     );
+    passthrough_read(&bench, &fetcher, big_mib, big_len as u64);
     let r_lazy = random_4k(&lazy, big_len as u64, 20_000);
     let r_local = random_4k(&local, big_len as u64, 20_000);
     row(
