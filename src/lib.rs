@@ -11,6 +11,7 @@
 //! | [`fetch`] | on-demand chunk fetcher: range requests, single flight, verification, prefetch |
 //! | [`cache`] | chunk cache of the read path: memory LRU + persistent disk store with a byte budget |
 //! | [`store`] | one interface over a registry repository and an OCI layout |
+//! | [`optimize`] | startup profiles: run an image's command on a lazy mount, record what it reads, rewrite layers with those files first and prefetched |
 //! | [`convert`] | turning an image's layers into zstd:chunked and publishing it |
 //! | [`registry`] | OCI distribution client: auth, manifests, blobs, range reads, push |
 //! | [`oci`] | OCI image-spec types and OCI image layouts on disk |
@@ -27,6 +28,7 @@ pub mod fetch;
 pub mod format;
 pub mod fs;
 pub mod oci;
+pub mod optimize;
 pub mod registry;
 pub mod snapshotter;
 pub mod store;

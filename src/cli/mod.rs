@@ -5,6 +5,7 @@
 mod convert;
 mod inspect;
 mod mount;
+mod optimize;
 mod pull;
 mod registry_args;
 mod serve;
@@ -34,6 +35,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Mount an image read-only, fetching files as they are read.
     Mount(mount::MountArgs),
+    /// Record an image's startup reads and republish it with them first and prefetched.
+    Optimize(optimize::OptimizeArgs),
     /// Pull an image into containerd, mounting zstd:chunked layers lazily.
     Pull(pull::PullArgs),
     /// Run the containerd snapshotter service (lazy pulling of zstd:chunked layers).
@@ -63,6 +66,7 @@ pub fn main() -> ExitCode {
             Command::Convert(args) => convert::run(args).await,
             Command::Inspect(args) => inspect::run(args).await,
             Command::Mount(args) => mount::run(args).await,
+            Command::Optimize(args) => optimize::run(args).await,
             Command::Pull(args) => pull::run(args).await,
             Command::Serve(args) => serve::run(args, cli.log).await,
         }

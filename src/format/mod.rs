@@ -32,7 +32,7 @@ mod error;
 mod footer;
 mod index;
 mod read;
-mod tar;
+pub(crate) mod tar;
 pub mod tarsplit;
 mod toc;
 mod writer;

@@ -8,8 +8,9 @@
 //! found in a layer's TOC are hidden: a layer must not be able to steer
 //! overlayfs (redirects, metacopy) from inside the image.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::passthrough::PassthroughStore;
@@ -44,6 +45,63 @@ pub struct LayerFsOptions {
     /// Serve fully cached files by FUSE passthrough from this store, where the
     /// kernel supports it (Linux 6.9+); `None` (default) = off.
     pub passthrough: Option<Arc<PassthroughStore>>,
+    /// Record the first open or read of each regular file (for a startup
+    /// profile); `None` (default) = off, and the read path takes no lock.
+    pub recorder: Option<Arc<AccessRecorder>>,
+}
+
+/// The regular files of one layer in the order they were first opened or read.
+///
+/// Hard links resolve to their target's entry, so a file is recorded once,
+/// under the path of its first tar entry (the one holding the data).
+#[derive(Debug, Default)]
+pub struct AccessRecorder {
+    state: Mutex<RecorderState>,
+}
+
+#[derive(Debug, Default)]
+struct RecorderState {
+    seen: HashSet<EntryId>,
+    order: Vec<String>,
+}
+
+impl AccessRecorder {
+    /// An empty recorder.
+    pub fn new() -> AccessRecorder {
+        AccessRecorder::default()
+    }
+
+    /// Notes an access to file `id` of `index` (only the first one counts).
+    pub fn record(&self, index: &LayerIndex, id: EntryId) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.seen.insert(id) {
+            let path = index.entry(id).path();
+            state.order.push(path);
+        }
+    }
+
+    /// The paths recorded so far, in first-access order.
+    pub fn paths(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .order
+            .clone()
+    }
+
+    /// How many files were recorded.
+    pub fn len(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .order
+            .len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Default for LayerFsOptions {
@@ -53,6 +111,7 @@ impl Default for LayerFsOptions {
             attr_ttl: Duration::from_secs(24 * 3600),
             opaque_xattr: OpaqueXattr::Trusted,
             passthrough: None,
+            recorder: None,
         }
     }
 }
@@ -286,6 +345,9 @@ impl LayerFs {
         if kind == EntryKind::Dir {
             return Err(Errno::EISDIR);
         }
+        if let (Some(recorder), EntryKind::Reg) = (&self.options.recorder, kind) {
+            recorder.record(&self.index, id);
+        }
         let backing = match (&self.options.passthrough, kind) {
             (Some(store), EntryKind::Reg) if self.passthrough_active() => {
                 store.open_file(&self.fetcher, id)
@@ -471,6 +533,9 @@ impl LayerFs {
             EntryKind::Reg => {}
             EntryKind::Dir => return reply.error(Errno::EISDIR),
             _ => return reply.error(Errno::EINVAL),
+        }
+        if let Some(recorder) = &self.options.recorder {
+            recorder.record(&self.index, id);
         }
         if let Some(data) = self.fetcher.read_from_memory(id, offset, size) {
             return reply.data(&data);

@@ -34,7 +34,7 @@ pub mod passthrough;
 
 use std::time::SystemTime;
 
-pub use layer::{LayerFs, LayerFsOptions, LayerFsStats, OpaqueXattr};
+pub use layer::{AccessRecorder, LayerFs, LayerFsOptions, LayerFsStats, OpaqueXattr};
 pub use mount::{ImageMount, LayerMount, MountError, MountOptions};
 pub use passthrough::PassthroughStore;
 
