@@ -4,6 +4,7 @@
 
 mod convert;
 mod inspect;
+mod link;
 mod mount;
 mod pull;
 mod registry_args;
@@ -32,6 +33,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Show an image's layers and, for zstd:chunked layers, their table of contents.
     Inspect(inspect::InspectArgs),
+    /// Emulate a network link (latency, bandwidth) in front of a registry, for benchmarks.
+    Link(link::LinkArgs),
     /// Mount an image read-only, fetching files as they are read.
     Mount(mount::MountArgs),
     /// Pull an image into containerd, mounting zstd:chunked layers lazily.
@@ -62,6 +65,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Convert(args) => convert::run(args).await,
             Command::Inspect(args) => inspect::run(args).await,
+            Command::Link(args) => link::run(args).await,
             Command::Mount(args) => mount::run(args).await,
             Command::Pull(args) => pull::run(args).await,
             Command::Serve(args) => serve::run(args, cli.log).await,
