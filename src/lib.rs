@@ -17,9 +17,11 @@
 //! | [`oci`] | OCI image-spec types and OCI image layouts on disk |
 //! | [`format`] | the zstd:chunked layer format: footer, TOC, validated layer model, writer |
 //! | [`digest`] | sha256 content digests |
+//! | [`bench`] | benchmark tooling: the network link emulator (RTT, shared bandwidth) in front of a registry |
 //!
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
 
+pub mod bench;
 pub mod cache;
 pub mod containerd;
 pub mod convert;

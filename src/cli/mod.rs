@@ -4,6 +4,7 @@
 
 mod convert;
 mod inspect;
+mod link;
 mod mount;
 mod optimize;
 mod pull;
@@ -33,6 +34,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Show an image's layers and, for zstd:chunked layers, their table of contents.
     Inspect(inspect::InspectArgs),
+    /// Emulate a network link (latency, bandwidth) in front of a registry, for benchmarks.
+    Link(link::LinkArgs),
     /// Mount an image read-only, fetching files as they are read.
     Mount(mount::MountArgs),
     /// Record an image's startup reads and republish it with them first and prefetched.
@@ -65,6 +68,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Convert(args) => convert::run(args).await,
             Command::Inspect(args) => inspect::run(args).await,
+            Command::Link(args) => link::run(args).await,
             Command::Mount(args) => mount::run(args).await,
             Command::Optimize(args) => optimize::run(args).await,
             Command::Pull(args) => pull::run(args).await,
