@@ -489,20 +489,7 @@ impl Job<'_> {
             .put_blob_file(&summary.blob_digest, &scratch.output, Some(self.src))
             .await?;
 
-        let mut annotations: BTreeMap<String, String> = layer
-            .annotations
-            .iter()
-            .filter(|(k, _)| !k.contains("zstd-chunked."))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        annotations.extend(summary.annotations.clone());
-        let mut output = Descriptor::new(
-            media_type::OCI_LAYER_ZSTD,
-            summary.blob_digest,
-            summary.blob_size,
-        );
-        output.annotations = annotations;
-
+        let output = chunked_layer_descriptor(&layer, &summary);
         let report = LayerReport {
             source: layer,
             output,
@@ -544,6 +531,29 @@ impl Job<'_> {
         self.progress.layer_done(&report);
         Ok(report)
     }
+}
+
+/// The descriptor of the zstd:chunked blob `summary` describes, written from layer
+/// `source`: the source's own annotations (minus stale zstd:chunked ones) plus the
+/// writer's TOC annotations.
+pub fn chunked_layer_descriptor(
+    source: &Descriptor,
+    summary: &crate::format::WriteSummary,
+) -> Descriptor {
+    let mut annotations: BTreeMap<String, String> = source
+        .annotations
+        .iter()
+        .filter(|(k, _)| !k.contains("zstd-chunked."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    annotations.extend(summary.annotations.clone());
+    let mut output = Descriptor::new(
+        media_type::OCI_LAYER_ZSTD,
+        summary.blob_digest,
+        summary.blob_size,
+    );
+    output.annotations = annotations;
+    output
 }
 
 /// Decompresses `source` and writes it as zstd:chunked to `out`.

@@ -20,7 +20,7 @@
 //! - Every mount made for the run is removed before the layers are rewritten,
 //!   and the workload's process group is killed when it exits or times out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -457,19 +457,7 @@ async fn rewrite_layer(
     let _ = std::fs::remove_file(&out_path);
     let _ = std::fs::remove_file(stem.with_extension("src"));
 
-    let mut annotations: BTreeMap<String, String> = layer
-        .annotations
-        .iter()
-        .filter(|(k, _)| !k.contains("zstd-chunked."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    annotations.extend(summary.annotations.clone());
-    let mut output = Descriptor::new(
-        media_type::OCI_LAYER_ZSTD,
-        summary.blob_digest,
-        summary.blob_size,
-    );
-    output.annotations = annotations;
+    let output = crate::convert::chunked_layer_descriptor(layer, &summary);
     Ok(OptimizedLayer {
         source: layer.clone(),
         output,
