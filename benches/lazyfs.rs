@@ -36,25 +36,12 @@ use zest::format::{write_chunked, WriteOptions};
 use zest::fs::{LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
 use zest::oci::{media_type, Descriptor, Repository};
 
-use support::{Auth, Registry, REGISTRY_BIN};
+use support::{pseudo_random, Auth, Registry, REGISTRY_BIN};
 
 struct Bench {
     rt: tokio::runtime::Runtime,
     registry: Registry,
     dir: tempfile::TempDir,
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn rss_bytes() -> u64 {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::containerd::{
-    fail, lazy_provider, mounts_under, require_tools, unix_channel, wait_for, Containerd, TestDir,
-    TestResult, ZestService,
+    fail, lazy_provider, mounts_under, require_tools, unix_channel, wait_for, Containerd,
+    TestCache, TestDir, TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar};
 use support::{Auth, Registry};
@@ -111,8 +111,11 @@ async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
             "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
         ),
     )?;
-    let service =
-        ZestService::start(dir.path(), lazy_provider(&registry, dir.path()).await?).await?;
+    let service = ZestService::start(
+        dir.path(),
+        lazy_provider(&registry, dir.path(), TestCache::Memory).await?,
+    )
+    .await?;
     let mut containerd = Containerd::start_with_cri(
         dir.path(),
         &service.socket,

@@ -15,19 +15,18 @@
 mod support;
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use support::containerd::{
-    connect, fail, require_tools, wait_for, Containerd, TestDir, TestResult, ZestService,
+    connect, fail, lazy_provider, lazy_provider_with, mount_at, only, require_tools, unmount,
+    wait_for, Containerd, TestCache, TestDir, TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, gzip};
 use support::{Auth, Registry};
 use tonic::Code;
-use zest::cache::{CacheConfig, ChunkCache};
 use zest::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
 use zest::digest::Digest;
 use zest::format::WriteOptions;
@@ -38,8 +37,8 @@ use zest::snapshotter::proto::snapshots as pb;
 use zest::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
 use zest::snapshotter::proto::types::Mount as PbMount;
 use zest::snapshotter::{
-    FallbackReason, LazyConfig, LazyLayerProvider, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF,
-    LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF,
+    FallbackReason, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
+    LABEL_SNAPSHOT_REF,
 };
 use zest::store::{ImageRef, ImageStore};
 
@@ -241,69 +240,6 @@ async fn unpack(snapshots: &mut Snapshots, image: &Image) -> TestResult<Vec<Unpa
     Ok(out)
 }
 
-/// Mounts `mounts` at `target` with mount(2), as containerd would.
-fn mount_at(mounts: &[PbMount], target: &Path) -> TestResult {
-    let [m] = mounts else {
-        return Err(fail(format!("expected one mount, got {mounts:?}")));
-    };
-    let c = |s: &str| CString::new(s).map_err(|e| fail(e.to_string()));
-    let target_c = c(&target.display().to_string())?;
-    let (source, fstype, flags, data) = if m.r#type == "bind" {
-        (
-            c(&m.source)?,
-            c("none")?,
-            libc::MS_BIND | libc::MS_REC,
-            None,
-        )
-    } else {
-        (
-            c(&m.source)?,
-            c(&m.r#type)?,
-            0,
-            Some(c(&m.options.join(","))?),
-        )
-    };
-    let data_ptr = data
-        .as_ref()
-        .map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
-    // SAFETY: valid NUL-terminated strings (or null) for the duration of the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target_c.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data_ptr,
-        )
-    };
-    if rc != 0 {
-        return Err(fail(format!(
-            "mount {m:?} at {}: {}",
-            target.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
-}
-
-/// Unmounts `target`. Retries while it is busy for a moment: a process forked by a
-/// concurrent test briefly holds copies of our open files until it execs.
-fn unmount(target: &Path) -> TestResult {
-    let c = CString::new(target.display().to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        // SAFETY: valid path string.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EBUSY) || Instant::now() >= deadline {
-            return Err(fail(format!("umount {}: {err}", target.display())));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Prepares a container snapshot on `parent` through containerd and mounts it at a
 /// new directory.
 async fn container_rootfs(
@@ -315,7 +251,7 @@ async fn container_rootfs(
     let mounts = snapshots.prepare(key, parent, HashMap::new()).await?;
     let target = dir.join(key);
     std::fs::create_dir_all(&target)?;
-    mount_at(&mounts, &target)?;
+    mount_at(only(&mounts)?, &target)?;
     Ok(target)
 }
 
@@ -419,41 +355,6 @@ async fn convert_image(
         layers: manifest.layers,
         diff_ids: built.layers.iter().map(|l| l.diff_id).collect(),
     })
-}
-
-/// Opens the chunk cache of the state directory, waiting for a previous instance of
-/// this process to let go of its lock (its last references drop asynchronously).
-async fn open_cache(state: &Path) -> TestResult<Arc<ChunkCache>> {
-    let config = CacheConfig {
-        memory_bytes: 64 << 20,
-        disk_bytes: 1 << 30,
-        disk_root: state.join("cache"),
-        ..CacheConfig::default()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let c = config.clone();
-        match tokio::task::spawn_blocking(move || ChunkCache::open(&c)).await? {
-            Ok(cache) => return Ok(Arc::new(cache)),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "chunk cache still locked; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-async fn provider(registry: &Registry, state: &Path) -> TestResult<Arc<LazyLayerProvider>> {
-    let mut config = LazyConfig::new(state.join("tocs"));
-    config.mount_timeout = Duration::from_secs(20);
-    config.check_timeout = Duration::from_secs(5);
-    config.restore_max_backoff = Duration::from_secs(1);
-    Ok(LazyLayerProvider::new(
-        registry.client(),
-        open_cache(state).await?,
-        config,
-    )?)
 }
 
 /// A client of containerd's snapshot API.
@@ -561,7 +462,7 @@ async fn lazy_pull_through_containerd() -> TestResult {
 
     // The service and containerd.
     let state = dir.path().join("state");
-    let lazy = provider(&registry, &state).await?;
+    let lazy = lazy_provider(&registry, &state, TestCache::Disk).await?;
     let service = ZestService::start(dir.path(), lazy.clone()).await?;
     let containerd = Containerd::start(dir.path(), &service.socket).await?;
     containerd
@@ -648,7 +549,7 @@ async fn lazy_pull_through_containerd() -> TestResult {
     assert_eq!(stats.toc_fetches_total, 3);
     let view_c = dir.path().join("view-c");
     std::fs::create_dir_all(&view_c)?;
-    mount_at(&snapshots.view("view-c", &c.top()?).await?, &view_c)?;
+    mount_at(only(&snapshots.view("view-c", &c.top()?).await?)?, &view_c)?;
     assert_eq!(
         read(view_c.join("data/random.bin")).await?,
         support::pseudo_random(1 << 20, 1)
@@ -687,7 +588,7 @@ async fn lazy_pull_through_containerd() -> TestResult {
     let ranges_before = registry.count_requests("GET", "/blobs/", Some(206));
     service.stop().await?;
     drop(lazy);
-    let lazy = provider(&registry, &state).await?;
+    let lazy = lazy_provider(&registry, &state, TestCache::Disk).await?;
     let service = ZestService::start(dir.path(), lazy.clone()).await?;
     wait_for(
         "the four lazy layers to be mounted again",
@@ -741,7 +642,7 @@ async fn lazy_pull_through_containerd() -> TestResult {
             .join(format!("{}.toc", data2.digest.hex())),
     )?;
     registry.stop();
-    let lazy = provider(&registry, &state).await?;
+    let lazy = lazy_provider(&registry, &state, TestCache::Disk).await?;
     let started = Instant::now();
     let service = ZestService::start(dir.path(), lazy.clone()).await?;
     let mut direct = service.client().await?;
@@ -980,7 +881,7 @@ async fn zest_serve_binary() -> TestResult {
         .mounts;
     let target = dir.path().join("view");
     std::fs::create_dir_all(&target)?;
-    mount_at(&view, &target)?;
+    mount_at(only(&view)?, &target)?;
     let expected = support::pseudo_random(1 << 20, 7);
     assert_eq!(read(target.join("data/random.bin")).await?, expected);
     unmount(&target)?;
@@ -1030,7 +931,7 @@ async fn zest_serve_binary() -> TestResult {
         .await?
         .into_inner()
         .mounts;
-    mount_at(&view, &target)?;
+    mount_at(only(&view)?, &target)?;
     assert_eq!(read(target.join("data/random.bin")).await?, expected);
     unmount(&target)?;
     assert_eq!(registry.range_gets(&layer.digest.to_string()), ranges);
@@ -1142,7 +1043,7 @@ async fn indexes_and_fallback_reasons() -> TestResult {
     .await?;
 
     let state = dir.path().join("state");
-    let lazy = provider(&registry, &state).await?;
+    let lazy = lazy_provider(&registry, &state, TestCache::Disk).await?;
     let service = ZestService::start(dir.path(), lazy.clone()).await?;
     let mut direct = service.client().await?;
     let counts = |service: &ZestService, code: &str| {
@@ -1228,9 +1129,10 @@ async fn indexes_and_fallback_reasons() -> TestResult {
     drop(lazy);
 
     // Allowing unauthenticated TOCs: the footer locates it.
-    let mut config = LazyConfig::new(state.join("tocs"));
-    config.require_authenticated_toc = false;
-    let lazy = LazyLayerProvider::new(registry.client(), open_cache(&state).await?, config)?;
+    let lazy = lazy_provider_with(&registry, &state, TestCache::Disk, |config| {
+        config.require_authenticated_toc = false;
+    })
+    .await?;
     let service = ZestService::start(dir.path(), lazy.clone()).await?;
     let mut direct = service.client().await?;
     assert_eq!(

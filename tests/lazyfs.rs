@@ -34,7 +34,7 @@ use zest::fs::{ImageMount, LayerFsOptions, LayerMount, MountOptions, Passthrough
 use zest::oci::{media_type, Descriptor, ImageManifest, Reference, Repository};
 use zest::registry::{PlainHttp, RegistryClient};
 
-use support::{require_tool, Auth, Registry, REGISTRY_BIN};
+use support::{pseudo_random, require_tool, Auth, Registry, REGISTRY_BIN};
 
 // ---------------------------------------------------------------------------
 // Environment
@@ -224,20 +224,6 @@ fn gnu_tar_extract(tar: &Path, dest: &Path) {
 
 // ---------------------------------------------------------------------------
 // Building trees
-
-/// Deterministic incompressible bytes (xorshift).
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn cstr(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).expect("path without NUL")

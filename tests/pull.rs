@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use support::containerd::{
     build_busybox_image, fail, lazy_provider, mounts_under, require_tools, run, wait_for,
-    Containerd, TestDir, TestResult, ZestService,
+    Containerd, TestCache, TestDir, TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, push_image, TestImage};
 use support::{Auth, Registry};
@@ -64,8 +64,11 @@ impl Env {
         let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
         let hosts_dir = dir.path().join("certs.d");
         std::fs::create_dir_all(&hosts_dir)?;
-        let service =
-            ZestService::start(dir.path(), lazy_provider(&registry, dir.path()).await?).await?;
+        let service = ZestService::start(
+            dir.path(),
+            lazy_provider(&registry, dir.path(), TestCache::Memory).await?,
+        )
+        .await?;
         let containerd = Containerd::start(dir.path(), &service.socket).await?;
         Ok(Some(Env {
             containerd,
@@ -169,11 +172,43 @@ impl Env {
         Ok(names)
     }
 
+    /// Converts the image `src` of the OCI layout `<dir>/<layout>` (see
+    /// [`gzip_image`]) to zstd:chunked and pushes it as `destination`.
+    async fn convert_to_registry(&self, layout: &str, destination: &str) -> TestResult {
+        let client = self.registry.client();
+        let layout = self.dir.path().join(layout);
+        let source = ImageStore::open(
+            &ImageRef::Layout(LayoutRef::parse(&format!("oci:{}:src", layout.display()))?),
+            &client,
+        )?;
+        let target = ImageStore::open(&ImageRef::Registry(destination.parse()?), &client)?;
+        let options = ConvertOptions {
+            platforms: PlatformChoice::One(Platform::host()),
+            parallelism: 2,
+            write: WriteOptions::default(),
+            work_dir: self.dir.path().to_path_buf(),
+        };
+        convert(&source, &target, &options, Arc::new(NoProgress)).await?;
+        Ok(())
+    }
+
     /// GETs of layer blob `digest` answered in full (200): what a lazy pull must
     /// never cause.
     fn full_gets(&self, digest: &Digest) -> usize {
         self.registry
             .count_requests("GET", &format!("/blobs/{digest}"), Some(200))
+    }
+
+    /// Checks that no layer blob of `manifest` was downloaded in full.
+    fn assert_no_full_gets(&self, manifest: &ImageManifest) {
+        for layer in &manifest.layers {
+            assert_eq!(
+                self.full_gets(&layer.digest),
+                0,
+                "full GET of {}",
+                layer.digest
+            );
+        }
     }
 }
 
@@ -199,35 +234,6 @@ fn outcome_counts(stdout: &str) -> TestResult<(usize, usize, usize)> {
         number_before(" downloaded+applied")?,
         number_before(" already present")?,
     ))
-}
-
-/// Converts the OCI layout image `layout:tag` to zstd:chunked and pushes it as
-/// `destination`.
-async fn convert_to_registry(
-    registry: &Registry,
-    layout: &Path,
-    tag: &str,
-    destination: &str,
-    work: &Path,
-) -> TestResult<Reference> {
-    let client = registry.client();
-    let source = ImageStore::open(
-        &ImageRef::Layout(LayoutRef::parse(&format!(
-            "oci:{}:{tag}",
-            layout.display()
-        ))?),
-        &client,
-    )?;
-    let reference: Reference = destination.parse()?;
-    let target = ImageStore::open(&ImageRef::Registry(reference.clone()), &client)?;
-    let options = ConvertOptions {
-        platforms: PlatformChoice::One(Platform::host()),
-        parallelism: 2,
-        write: WriteOptions::default(),
-        work_dir: work.to_path_buf(),
-    };
-    convert(&source, &target, &options, Arc::new(NoProgress)).await?;
-    Ok(reference)
 }
 
 /// The manifest of `reference` in `registry`.
@@ -264,14 +270,7 @@ async fn assert_lazy(env: &Env, stdout: &str, manifest: &ImageManifest) -> TestR
         .filter(|info| info.labels.contains_key(LABEL_REMOTE))
         .count();
     assert_eq!(remote, layers, "zest's remote snapshots");
-    for layer in &manifest.layers {
-        assert_eq!(
-            env.full_gets(&layer.digest),
-            0,
-            "full GET of {}",
-            layer.digest
-        );
-    }
+    env.assert_no_full_gets(manifest);
     Ok(())
 }
 
@@ -286,14 +285,7 @@ async fn converted_image_is_pulled_lazily_and_runs() -> TestResult {
         return Ok(());
     };
     let image = env.reference("zest/busybox:chunked");
-    convert_to_registry(
-        &env.registry,
-        &env.dir.path().join("oci"),
-        "src",
-        &image,
-        env.dir.path(),
-    )
-    .await?;
+    env.convert_to_registry("oci", &image).await?;
     let manifest = manifest(&env.registry, &image).await?;
 
     let stdout = env.zest_pull(&image).await?;
@@ -310,14 +302,7 @@ async fn converted_image_is_pulled_lazily_and_runs() -> TestResult {
         .await?;
     assert_eq!(out.trim(), "hello from zest");
     // Running read the files by range request, never a whole layer.
-    for layer in &manifest.layers {
-        assert_eq!(
-            env.full_gets(&layer.digest),
-            0,
-            "full GET of {}",
-            layer.digest
-        );
-    }
+    env.assert_no_full_gets(&manifest);
     assert!(
         manifest
             .layers
@@ -374,14 +359,7 @@ async fn skopeo_zstd_chunked_image_is_pulled_lazily_and_runs() -> TestResult {
         .ctr_run(&image, "skopeo-cat", &["/bin/cat", "/etc/zest-hello"])
         .await?;
     assert_eq!(out.trim(), "hello from the second layer");
-    for layer in &manifest.layers {
-        assert_eq!(
-            env.full_gets(&layer.digest),
-            0,
-            "full GET of {}",
-            layer.digest
-        );
-    }
+    env.assert_no_full_gets(&manifest);
     Ok(())
 }
 
@@ -482,14 +460,7 @@ async fn two_containers_run_at_once_from_one_image() -> TestResult {
         return Ok(());
     };
     let image = env.reference("zest/busybox:twice");
-    convert_to_registry(
-        &env.registry,
-        &env.dir.path().join("oci"),
-        "src",
-        &image,
-        env.dir.path(),
-    )
-    .await?;
+    env.convert_to_registry("oci", &image).await?;
     env.zest_pull(&image).await?;
     // Each writes its own name to the same path, waits for the other to do the
     // same, and reads back its own: both run at once on the same layers, each with
@@ -521,14 +492,7 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
     let one = env.reference("zest/one:chunked");
     let two = env.reference("zest/two:chunked");
     for (layout, image) in [("one", &one), ("two", &two)] {
-        convert_to_registry(
-            &env.registry,
-            &env.dir.path().join(layout),
-            "src",
-            image,
-            env.dir.path(),
-        )
-        .await?;
+        env.convert_to_registry(layout, image).await?;
     }
     let (m1, m2) = (
         manifest(&env.registry, &one).await?,

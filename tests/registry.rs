@@ -532,6 +532,17 @@ fn fake_client(server: &FakeServer) -> RegistryClient {
     RegistryClient::new(test_client_config(PlainHttp::Hosts(vec![server.host()]))).unwrap()
 }
 
+/// A client of `server` holding `credential` for it.
+fn fake_client_with(server: &FakeServer, credential: Credential) -> RegistryClient {
+    let mut creds = DockerCredentials::empty();
+    creds.insert(&server.host(), credential);
+    RegistryClient::with_credentials(
+        test_client_config(PlainHttp::Hosts(vec![server.host()])),
+        creds,
+    )
+    .unwrap()
+}
+
 fn fake_repo(server: &FakeServer) -> Repository {
     repo(&server.host(), "test/app")
 }
@@ -817,19 +828,13 @@ fn repo_named(server: &FakeServer, name: &str) -> Repository {
 #[tokio::test]
 async fn bearer_token_request_carries_basic_credentials() {
     let t = token_registry().await;
-    let mut creds = DockerCredentials::empty();
-    creds.insert(
-        &t.server.host(),
+    let client = fake_client_with(
+        &t.server,
         Credential::Basic {
             username: "alice".into(),
             password: "pw".into(),
         },
     );
-    let client = RegistryClient::with_credentials(
-        test_client_config(PlainHttp::Hosts(vec![t.server.host()])),
-        creds,
-    )
-    .unwrap();
     client
         .get_range(&fake_repo(&t.server), &Digest::of(b"b"), 0..2)
         .await
@@ -1028,19 +1033,13 @@ async fn parallel_requests_share_one_token_request() {
 #[tokio::test]
 async fn identity_token_is_exchanged_with_a_refresh_grant() {
     let t = token_registry().await;
-    let mut creds = DockerCredentials::empty();
-    creds.insert(
-        &t.server.host(),
+    let client = fake_client_with(
+        &t.server,
         Credential::IdentityToken {
             username: "<token>".into(),
             token: "refresh-me".into(),
         },
     );
-    let client = RegistryClient::with_credentials(
-        test_client_config(PlainHttp::Hosts(vec![t.server.host()])),
-        creds,
-    )
-    .unwrap();
     client
         .get_range(&fake_repo(&t.server), &Digest::of(b"b"), 0..2)
         .await
@@ -1055,19 +1054,13 @@ async fn identity_token_is_exchanged_with_a_refresh_grant() {
     }
 
     // A refresh token the service refuses gives an authentication error, not a loop.
-    let mut creds = DockerCredentials::empty();
-    creds.insert(
-        &t.server.host(),
+    let client = fake_client_with(
+        &t.server,
         Credential::IdentityToken {
             username: "<token>".into(),
             token: "stale".into(),
         },
     );
-    let client = RegistryClient::with_credentials(
-        test_client_config(PlainHttp::Hosts(vec![t.server.host()])),
-        creds,
-    )
-    .unwrap();
     let err = client
         .get_range(&fake_repo(&t.server), &Digest::of(b"b"), 0..2)
         .await

@@ -13,15 +13,14 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::containerd::{
-    build_busybox_image, fail, mounts_under, push_image, require_tools, wait_for, Containerd,
-    TestDir, TestResult, ZestService,
+    build_busybox_image, fail, mount_at, mounts_under, only, push_image, require_tools, unmount,
+    wait_for, Containerd, TestDir, TestResult, ZestService,
 };
 use support::{Auth, Registry};
 use tonic::{Code, Status};
@@ -191,67 +190,6 @@ fn option<'a>(mount: &'a PbMount, key: &str) -> Option<&'a str> {
         .options
         .iter()
         .find_map(|o| o.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
-}
-
-fn only(mounts: &[PbMount]) -> TestResult<&PbMount> {
-    match mounts {
-        [m] => Ok(m),
-        other => Err(fail(format!("expected one mount, got {other:?}"))),
-    }
-}
-
-/// Mounts `m` at `target` with mount(2), as containerd would.
-fn mount_at(m: &PbMount, target: &Path) -> TestResult {
-    let c = |s: &str| CString::new(s).map_err(|e| fail(e.to_string()));
-    let target_c = c(&target.display().to_string())?;
-    let (source, fstype, flags, data) = if m.r#type == "bind" {
-        let mut flags = libc::MS_BIND;
-        if m.options.iter().any(|o| o == "rbind") {
-            flags |= libc::MS_REC;
-        }
-        (c(&m.source)?, c("none")?, flags, None)
-    } else {
-        (
-            c(&m.source)?,
-            c(&m.r#type)?,
-            0,
-            Some(c(&m.options.join(","))?),
-        )
-    };
-    let data_ptr = data
-        .as_ref()
-        .map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
-    // SAFETY: all pointers are valid NUL-terminated strings (or null) for the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target_c.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data_ptr,
-        )
-    };
-    if rc != 0 {
-        return Err(fail(format!(
-            "mount {m:?} at {}: {}",
-            target.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
-}
-
-fn unmount(target: &Path) -> TestResult {
-    let c = CString::new(target.display().to_string())?;
-    // SAFETY: valid path string.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-        return Err(fail(format!(
-            "umount {}: {}",
-            target.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
 }
 
 fn snapshot_dirs(state: &Path) -> TestResult<Vec<String>> {

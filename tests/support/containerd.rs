@@ -7,6 +7,7 @@
 //! every wait is bounded; every mount left below a test directory is detached before
 //! the directory is deleted.
 
+use std::ffi::CString;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,9 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
+use zest::cache::{CacheConfig, ChunkCache};
 use zest::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
+use zest::snapshotter::proto::types::Mount as PbMount;
 use zest::snapshotter::{
-    RemoteLayerProvider, ServeError, Server, ShutdownMode, SnapshotStore, SnapshotterConfig,
+    LazyConfig, LazyLayerProvider, RemoteLayerProvider, ServeError, Server, ShutdownMode,
+    SnapshotStore, SnapshotterConfig,
 };
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -91,6 +95,74 @@ pub fn unmount_under(root: &Path) {
             // SAFETY: valid NUL-terminated path for the duration of the call.
             unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
         }
+    }
+}
+
+/// The one mount of `mounts` (zest answers every snapshot with exactly one).
+pub fn only(mounts: &[PbMount]) -> TestResult<&PbMount> {
+    match mounts {
+        [m] => Ok(m),
+        other => Err(fail(format!("expected one mount, got {other:?}"))),
+    }
+}
+
+/// Mounts `m` at `target` with mount(2), as containerd would: a bind mount (recursive
+/// with option `rbind`), or a filesystem of `m`'s type with its options as data.
+pub fn mount_at(m: &PbMount, target: &Path) -> TestResult {
+    let c = |s: &str| CString::new(s).map_err(|e| fail(e.to_string()));
+    let target_c = c(&target.display().to_string())?;
+    let (source, fstype, flags, data) = if m.r#type == "bind" {
+        let mut flags = libc::MS_BIND;
+        if m.options.iter().any(|o| o == "rbind") {
+            flags |= libc::MS_REC;
+        }
+        (c(&m.source)?, c("none")?, flags, None)
+    } else {
+        (
+            c(&m.source)?,
+            c(&m.r#type)?,
+            0,
+            Some(c(&m.options.join(","))?),
+        )
+    };
+    let data_ptr = data
+        .as_ref()
+        .map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
+    // SAFETY: all pointers are valid NUL-terminated strings (or null) for the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target_c.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data_ptr,
+        )
+    };
+    if rc != 0 {
+        return Err(fail(format!(
+            "mount {m:?} at {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Unmounts `target`. Retries while it is busy for a moment: a process forked by a
+/// concurrent test briefly holds copies of our open files until it execs.
+pub fn unmount(target: &Path) -> TestResult {
+    let c = CString::new(target.display().to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // SAFETY: valid path string.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) || Instant::now() >= deadline {
+            return Err(fail(format!("umount {}: {err}", target.display())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -587,23 +659,70 @@ pub async fn push_image(
     Ok(reference)
 }
 
-/// zest's lazy layer provider reading from `registry` (plain HTTP), with a memory-only
-/// chunk cache and its TOCs under `state/tocs`.
+/// Where the chunk cache of a test's lazy provider keeps chunks.
+#[derive(Clone, Copy, Debug)]
+pub enum TestCache {
+    /// 64 MiB in memory only.
+    Memory,
+    /// 64 MiB in memory and 1 GiB on disk under `<state>/cache`, which outlives the
+    /// provider: a provider made again on the same state directory finds it warm.
+    Disk,
+}
+
+/// zest's lazy layer provider reading from `registry` (plain HTTP), with its TOCs
+/// under `state/tocs`, timeouts and restore backoff short enough for tests, and the
+/// chunk cache `cache` says.
 pub async fn lazy_provider(
     registry: &super::Registry,
     state: &Path,
-) -> TestResult<Arc<dyn RemoteLayerProvider>> {
-    let cache = zest::cache::ChunkCache::open(&zest::cache::CacheConfig {
-        memory_bytes: 64 << 20,
-        disk_bytes: 0,
-        ..zest::cache::CacheConfig::default()
-    })?;
-    let mut config = zest::snapshotter::LazyConfig::new(state.join("tocs"));
+    cache: TestCache,
+) -> TestResult<Arc<LazyLayerProvider>> {
+    lazy_provider_with(registry, state, cache, |_| {}).await
+}
+
+/// [`lazy_provider`] with `adjust` applied to its configuration last.
+pub async fn lazy_provider_with(
+    registry: &super::Registry,
+    state: &Path,
+    cache: TestCache,
+    adjust: impl FnOnce(&mut LazyConfig),
+) -> TestResult<Arc<LazyLayerProvider>> {
+    let cache = match cache {
+        TestCache::Memory => Arc::new(ChunkCache::open(&CacheConfig {
+            memory_bytes: 64 << 20,
+            disk_bytes: 0,
+            ..CacheConfig::default()
+        })?),
+        TestCache::Disk => open_disk_cache(state).await?,
+    };
+    let mut config = LazyConfig::new(state.join("tocs"));
     config.mount_timeout = Duration::from_secs(20);
     config.check_timeout = Duration::from_secs(5);
-    Ok(zest::snapshotter::LazyLayerProvider::new(
-        registry.client(),
-        Arc::new(cache),
-        config,
-    )?)
+    config.restore_max_backoff = Duration::from_secs(1);
+    adjust(&mut config);
+    Ok(LazyLayerProvider::new(registry.client(), cache, config)?)
+}
+
+/// Opens the [`TestCache::Disk`] chunk cache of `state`, waiting for a previous
+/// provider of this process to let go of its lock (its last references drop
+/// asynchronously).
+async fn open_disk_cache(state: &Path) -> TestResult<Arc<ChunkCache>> {
+    let config = CacheConfig {
+        memory_bytes: 64 << 20,
+        disk_bytes: 1 << 30,
+        disk_root: state.join("cache"),
+        ..CacheConfig::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = config.clone();
+        match tokio::task::spawn_blocking(move || ChunkCache::open(&c)).await? {
+            Ok(cache) => return Ok(Arc::new(cache)),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "chunk cache still locked; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
