@@ -12,7 +12,8 @@
 //!   [`FetchConfig::max_request_bytes`]; a read also fetches up to
 //!   [`FetchConfig::readahead_bytes`] of the following chunks that are cached
 //!   nowhere, a window that doubles (up to [`FetchConfig::max_readahead_bytes`])
-//!   while a file is read sequentially;
+//!   while a file is read sequentially; past the end of the file being read,
+//!   read-ahead takes at most [`NEIGHBOUR_READAHEAD`] (the next small files);
 //! - at most [`FetchLimits`] requests per registry run at once; prefetch and
 //!   background fetch use a separate, lower-priority pool and pause while
 //!   on-demand reads wait;
@@ -115,6 +116,17 @@ pub struct FetchConfig {
     pub read_timeout: Duration,
 }
 
+/// Read-ahead budget for the files after the one being read (blob order is
+/// directory order, so they are often, not always, read next): a few small
+/// files, without paying for large unrelated ones on slow links.
+const NEIGHBOUR_READAHEAD: u64 = 128 << 10;
+
+/// Size of the first request of a prefetch; later ones double.
+const PREFETCH_FIRST_REQUEST: u64 = 512 << 10;
+
+/// Prefetch requests in flight at once.
+const PREFETCH_PIPELINE: usize = 2;
+
 impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
@@ -208,7 +220,10 @@ impl Drop for WaitingGuard {
 enum Priority {
     /// A reader waits: take an on-demand permit per request.
     OnDemand,
-    /// Prefetch/background: the caller holds a background permit.
+    /// The start-up set: readers are about to wait; on-demand permits, but
+    /// counted as prefetch.
+    Prefetch,
+    /// Background fetch: the caller holds a background permit.
     Background,
 }
 
@@ -453,6 +468,15 @@ impl Fetcher {
         }
         if !missing.is_empty() {
             self.stats.add_blocking_misses(1);
+            // Blob position of the file's last chunk: read-ahead past it is
+            // limited to NEIGHBOUR_READAHEAD.
+            let file_end = self
+                .index
+                .entry(id)
+                .chunks()
+                .last()
+                .and_then(|c| self.chunk_index(c))
+                .and_then(|i| self.blob_pos(i));
             let _waiting = self.limits.waiting_guard();
             let window = self.readahead_window(id, offset);
             // A fetch we waited on may be abandoned (its task stopped, e.g. a
@@ -469,7 +493,7 @@ impl Fetcher {
                     })?);
                 }
                 let readahead = if round == 1 { window } else { 0 };
-                let waiters = self.fetch_chunks(&wanted, readahead);
+                let waiters = self.fetch_chunks(&wanted, readahead, file_end);
                 let mut again = Vec::new();
                 for (&i, w) in missing.iter().zip(waiters) {
                     match w.wait().await {
@@ -526,7 +550,12 @@ impl Fetcher {
     /// Starts fetching the chunks `wanted` (indices into `all_chunks()`, in read
     /// order), plus up to `readahead` compressed bytes of following uncached
     /// chunks; returns one waiter per wanted chunk, in the same order.
-    fn fetch_chunks(self: &Arc<Self>, wanted: &[usize], readahead: u64) -> Vec<Waiter> {
+    fn fetch_chunks(
+        self: &Arc<Self>,
+        wanted: &[usize],
+        readahead: u64,
+        file_end: Option<usize>,
+    ) -> Vec<Waiter> {
         let all = self.index.all_chunks();
         let mut owned: Vec<Owned> = Vec::new();
         let mut waiters = Vec::with_capacity(wanted.len());
@@ -561,7 +590,7 @@ impl Fetcher {
                 .filter_map(|&i| self.blob_pos(i))
                 .max()
                 .unwrap_or(0);
-            self.claim_readahead(last, readahead, &mut owned);
+            self.claim_readahead(last, readahead, file_end, &mut owned);
         }
         if !owned.is_empty() {
             for run in group_runs(
@@ -581,9 +610,19 @@ impl Fetcher {
 
     /// Claims chunks following blob position `after` that are cached nowhere,
     /// up to `budget` bytes of compressed data.
-    fn claim_readahead(&self, after: usize, budget: u64, owned: &mut Vec<Owned>) {
+    fn claim_readahead(
+        &self,
+        after: usize,
+        budget: u64,
+        file_end: Option<usize>,
+        owned: &mut Vec<Owned>,
+    ) {
         let all = self.index.all_chunks();
         let mut taken = 0u64;
+        // Chunks past the file being read belong to other files, which are
+        // read far less surely: they get a small budget of their own.
+        let mut neighbours = 0u64;
+        let neighbour_budget = budget.min(NEIGHBOUR_READAHEAD);
         // Bounded walk: at most this many positions are examined.
         let max_steps = 4096usize;
         let mut pos = after + 1;
@@ -595,6 +634,10 @@ impl Fetcher {
             if c.zeros || c.compressed_len == 0 || self.is_cached(&c.digest) {
                 continue;
             }
+            let past_file = file_end.is_none_or(|end| pos - 1 > end);
+            if past_file && neighbours >= neighbour_budget {
+                break;
+            }
             if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
                 // Re-check after claiming (a fetch may just have finished);
                 // complete rather than drop: dropping reports a failure.
@@ -602,6 +645,9 @@ impl Fetcher {
                     Some(b) => guard.complete(Ok(b)),
                     None => {
                         taken += u64::from(c.compressed_len);
+                        if past_file {
+                            neighbours += u64::from(c.compressed_len);
+                        }
                         owned.push(Owned { idx, guard });
                     }
                 }
@@ -649,13 +695,15 @@ impl Fetcher {
             };
             // Background callers hold their (lower-priority) permit already.
             let _permit = match priority {
-                Priority::OnDemand => match self.limits.inner.ondemand.acquire().await {
-                    Ok(p) => Some(p),
-                    Err(_) => {
-                        last_err = Some(FetchError::Cancelled);
-                        break;
+                Priority::OnDemand | Priority::Prefetch => {
+                    match self.limits.inner.ondemand.acquire().await {
+                        Ok(p) => Some(p),
+                        Err(_) => {
+                            last_err = Some(FetchError::Cancelled);
+                            break;
+                        }
                     }
-                },
+                }
                 Priority::Background => None,
             };
             self.stats.add_range_requests(1);
@@ -696,7 +744,7 @@ impl Fetcher {
                 }
             };
             self.stats.add_bytes_fetched(expected);
-            if priority == Priority::Background {
+            if priority != Priority::OnDemand {
                 self.stats.add_prefetch_bytes(expected);
             }
             // Decompress and hash off the async workers.
@@ -754,6 +802,83 @@ impl Fetcher {
         for owned in remaining {
             owned.guard.complete(Err(err.clone()));
         }
+    }
+
+    /// Fetches the prefetch extent: the start-up set a profile put first in
+    /// the blob, which the workload is about to read in that order. Unlike
+    /// background fetch it runs at on-demand priority and never pauses for
+    /// on-demand reads (they are waiting for these very chunks). Requests start
+    /// small, so the first files arrive after one round trip, and double up to
+    /// `prefetch_request_bytes`; [`PREFETCH_PIPELINE`] are in flight at once so
+    /// round trips overlap transfers. Returns the compressed bytes fetched.
+    pub async fn fetch_prefetch(&self, extent: Range<u64>) -> u64 {
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let all = self.index.all_chunks();
+        let max = self.config.prefetch_request_bytes.max(1);
+        let mut size = PREFETCH_FIRST_REQUEST.min(max);
+        let mut fetched = 0u64;
+        let mut pos = 0usize;
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            // Claim the next run of uncached chunks in the extent.
+            let mut run: Vec<Owned> = Vec::new();
+            let mut run_start = None;
+            let mut run_end = 0u64;
+            while pos < all.len() {
+                let Some(idx) = self.chunk_at(pos) else {
+                    pos = all.len();
+                    break;
+                };
+                let Some(c) = all.get(idx) else {
+                    pos = all.len();
+                    break;
+                };
+                let r = c.compressed_range();
+                if r.start < extent.start || !self.needs_fetch(c) {
+                    pos += 1;
+                    continue;
+                }
+                if r.end > extent.end {
+                    pos = all.len();
+                    break;
+                }
+                let start = *run_start.get_or_insert(r.start);
+                if !run.is_empty()
+                    && (r.end - start > size
+                        || r.start.saturating_sub(run_end) > self.config.max_gap_bytes)
+                {
+                    break;
+                }
+                pos += 1;
+                if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
+                    match self.cache.memory().get(&c.digest) {
+                        Some(b) => guard.complete(Ok(b)),
+                        None => {
+                            run_end = r.end;
+                            run.push(Owned { idx, guard });
+                        }
+                    }
+                }
+            }
+            if !run.is_empty() {
+                let bytes: u64 = run
+                    .iter()
+                    .filter_map(|o| all.get(o.idx))
+                    .map(|c| u64::from(c.compressed_len))
+                    .sum();
+                fetched += bytes;
+                in_flight.push(self.fetch_run(run, Priority::Prefetch));
+                size = size.saturating_mul(2).min(max);
+            }
+            let done = pos >= all.len();
+            if in_flight.len() >= PREFETCH_PIPELINE || (done && !in_flight.is_empty()) {
+                in_flight.next().await;
+            }
+            if done && in_flight.is_empty() {
+                break;
+            }
+        }
+        fetched
     }
 
     /// Fetches the not-yet-cached chunks whose compressed extents lie inside

@@ -2,10 +2,11 @@
 //!
 //! Prefetch fetches the layer's prefetch extent (the files a startup profile
 //! put first in the blob: zest's TOC field or an eStargz-style
-//! `.prefetch.landmark`) in a few large requests right after mount. Background
-//! fetch (off by default) then fetches everything else, rate limited. Both run
-//! at background priority: their own request pool, and they pause before each
-//! request while on-demand reads wait for the network.
+//! `.prefetch.landmark`) right after mount, at on-demand priority (the
+//! workload is about to read exactly these files), in requests that start small
+//! and double, two in flight. Background fetch (off by default) then fetches
+//! everything else, rate limited, at background priority: its own request pool,
+//! pausing before each request while on-demand reads wait for the network.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -45,7 +46,7 @@ impl PrefetchTask {
         let handle = fetcher.runtime().spawn(async move {
             if let Some(extent) = extent {
                 let t = std::time::Instant::now();
-                let bytes = f.fetch_background(extent.clone(), None).await;
+                let bytes = f.fetch_prefetch(extent.clone()).await;
                 tracing::info!(
                     blob = %f.describe(),
                     extent = ?extent,
