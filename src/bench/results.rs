@@ -124,9 +124,10 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// Pull plus run-to-ready: what a user waits for.
+    /// Pull plus run-to-ready: what a user waits for (saturating, so a run read
+    /// from a hand-edited file cannot make it panic).
     pub fn total(&self) -> Duration {
-        self.pull + self.run
+        self.pull.saturating_add(self.run)
     }
 }
 
@@ -255,7 +256,9 @@ pub trait Midpoint {
 
 impl Midpoint for Duration {
     fn midpoint(a: Self, b: Self) -> Self {
-        (a + b) / 2
+        // Without forming a + b, which can overflow.
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        lo + (hi - lo) / 2
     }
 }
 
@@ -330,10 +333,16 @@ impl BenchRun {
             .collect();
         let warm = stat(&warm)?.median;
         let transfer = match p.bandwidth_bps {
-            Some(bps) if bps > 0 => Duration::from_secs_f64(ws as f64 * 8.0 / bps as f64),
+            Some(bps) if bps > 0 => {
+                Duration::try_from_secs_f64(ws as f64 * 8.0 / bps as f64).ok()?
+            }
             _ => Duration::ZERO,
         };
-        Some(p.rtt * w.setup_round_trips + transfer + warm)
+        // Checked: figures read from a file may be absurd; no bound beats a panic.
+        p.rtt
+            .checked_mul(w.setup_round_trips)?
+            .checked_add(transfer)?
+            .checked_add(warm)
     }
 }
 
@@ -372,6 +381,14 @@ mod tests {
         assert_eq!((s.median, s.p95), (10, 19));
         assert_eq!(stat::<u64>(&[]), None);
         assert_eq!(u64::midpoint(u64::MAX, u64::MAX), u64::MAX);
+        assert_eq!(
+            Duration::midpoint(Duration::MAX, Duration::MAX),
+            Duration::MAX
+        );
+        assert_eq!(
+            Duration::midpoint(ms(4), ms(1)),
+            Duration::from_micros(2500)
+        );
     }
 
     fn sample(mode: Mode, index: u32, pull: u64, run: u64) -> Sample {
@@ -425,6 +442,18 @@ mod tests {
         // 4 × 20 ms + 25 MB at 200 Mbit/s (1 s) + 50 ms warm run.
         assert_eq!(run.lower_bound("w", "region"), Some(ms(1130)));
         assert_eq!(run.lower_bound("w", "wan"), None);
+
+        // Absurd figures (a hand-edited file) give no bound rather than a panic.
+        let mut absurd = run.clone();
+        absurd.info.workloads[0].working_set_bytes = Some(u64::MAX);
+        absurd.info.profiles[0].bandwidth_bps = Some(1);
+        assert_eq!(absurd.lower_bound("w", "region"), None);
+        absurd.info.profiles[0].rtt = Duration::MAX;
+        absurd.info.profiles[0].bandwidth_bps = None;
+        assert_eq!(absurd.lower_bound("w", "region"), None);
+        absurd.samples[0].pull = Duration::MAX;
+        assert_eq!(absurd.samples[0].total(), Duration::MAX);
+        assert_eq!(absurd.summaries()[0].total.p95, Duration::MAX);
 
         let json = serde_json::to_string(&run).unwrap();
         let back: BenchRun = serde_json::from_str(&json).unwrap();
