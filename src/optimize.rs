@@ -56,6 +56,9 @@ pub struct OptimizeOptions {
     pub command: Option<Vec<String>>,
     /// How long the workload may run; its process group is killed after that.
     pub timeout: Duration,
+    /// A substring of a stdout or stderr line after which the start-up is
+    /// over: the workload is stopped there (servers never exit by themselves).
+    pub ready: Option<String>,
     /// zstd:chunked writer settings (`prioritized` is set per layer).
     pub write: WriteOptions,
     /// Directory for temporary files and mountpoints.
@@ -71,6 +74,7 @@ impl OptimizeOptions {
             platform,
             command: None,
             timeout: Duration::from_secs(60),
+            ready: None,
             write: WriteOptions::default(),
             work_dir,
             memory_cache_bytes: 256 << 20,
@@ -87,6 +91,8 @@ pub enum RunOutcome {
     Signaled(i32),
     /// It was still running at the timeout and was killed (normal for servers).
     TimedOut,
+    /// It printed its ready line and was stopped there.
+    Ready,
 }
 
 impl std::fmt::Display for RunOutcome {
@@ -95,6 +101,7 @@ impl std::fmt::Display for RunOutcome {
             RunOutcome::Exited(c) => write!(f, "exited with status {c}"),
             RunOutcome::Signaled(s) => write!(f, "killed by signal {s}"),
             RunOutcome::TimedOut => f.write_str("still running at the timeout; killed"),
+            RunOutcome::Ready => f.write_str("printed its ready line; stopped there"),
         }
     }
 }
@@ -329,13 +336,14 @@ pub async fn optimize(
         .map(|_| Arc::new(AccessRecorder::new()))
         .collect();
     let run_dir = scratch.path().join("run");
-    let timeout = opts.timeout;
+    let (timeout, ready) = (opts.timeout, opts.ready.clone());
     let recs = recorders.clone();
     let spec = run.clone();
-    let (outcome, run_time) =
-        tokio::task::spawn_blocking(move || profile_run(fetchers, recs, &run_dir, &spec, timeout))
-            .await
-            .map_err(|e| OptimizeError::Worker(e.to_string()))??;
+    let (outcome, run_time) = tokio::task::spawn_blocking(move || {
+        profile_run(fetchers, recs, &run_dir, &spec, timeout, ready.as_deref())
+    })
+    .await
+    .map_err(|e| OptimizeError::Worker(e.to_string()))??;
     tracing::info!(%outcome, ms = run_time.as_millis() as u64, "profile run done");
 
     // 2. Rewrite every layer with recorded files.
@@ -887,6 +895,7 @@ fn profile_run(
     dir: &Path,
     spec: &RunSpec,
     timeout: Duration,
+    ready: Option<&str>,
 ) -> Result<(RunOutcome, Duration), OptimizeError> {
     let mut mounts = RunMounts {
         layers: Vec::new(),
@@ -966,6 +975,9 @@ fn profile_run(
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .process_group(0);
+    if ready.is_some() {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
     // SAFETY: the closure runs in the forked child before exec and makes only
     // async-signal-safe system calls on strings prepared before the fork.
     unsafe {
@@ -1011,8 +1023,30 @@ fn profile_run(
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(io_err("start", Path::new(&program)))?;
     let pgid = child.id() as libc::pid_t;
+    let seen_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(marker) = ready {
+        let streams: [Option<Box<dyn Read + Send>>; 2] = [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ];
+        for stream in streams.into_iter().flatten() {
+            watch_for_ready(stream, marker.to_string(), seen_ready.clone());
+        }
+    }
     let deadline = started + timeout;
     let outcome = loop {
+        if seen_ready.load(std::sync::atomic::Ordering::Acquire) {
+            // SAFETY: signalling the workload's own process group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = child.wait();
+            break RunOutcome::Ready;
+        }
         match child.try_wait() {
             Ok(Some(status)) => {
                 break match (status.code(), status.signal()) {
@@ -1037,6 +1071,35 @@ fn profile_run(
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     drop(mounts);
     Ok((outcome, run_time))
+}
+
+/// Copies the workload's output to our stderr line by line and raises `seen`
+/// when a line contains `marker`. The thread ends with the stream (when the
+/// workload's process group is gone).
+fn watch_for_ready(
+    stream: Box<dyn Read + Send>,
+    marker: String,
+    seen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        // Lines are bounded so a workload printing without newlines cannot grow memory.
+        while let Ok(n) = std::io::Read::by_ref(&mut reader)
+            .take(64 << 10)
+            .read_until(b'\n', &mut line)
+        {
+            if n == 0 {
+                break;
+            }
+            let _ = std::io::stderr().write_all(&line);
+            if String::from_utf8_lossy(&line).contains(&marker) {
+                seen.store(true, std::sync::atomic::Ordering::Release);
+            }
+            line.clear();
+        }
+    });
 }
 
 #[cfg(test)]

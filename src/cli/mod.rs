@@ -2,6 +2,7 @@
 //! per subcommand. This is the binary's edge: library errors are turned into
 //! `anyhow` reports with context here, and nowhere else.
 
+mod bench;
 mod convert;
 mod inspect;
 mod link;
@@ -30,6 +31,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Measure cold starts (full pull vs lazy pull) and prepare the images for it.
+    Bench(bench::BenchArgs),
     /// Convert an image to zstd:chunked and push it.
     Convert(convert::ConvertArgs),
     /// Show an image's layers and, for zstd:chunked layers, their table of contents.
@@ -66,6 +69,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
+            Command::Bench(args) => bench::run(args).await,
             Command::Convert(args) => convert::run(args).await,
             Command::Inspect(args) => inspect::run(args).await,
             Command::Link(args) => link::run(args).await,

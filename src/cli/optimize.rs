@@ -32,6 +32,11 @@ pub struct OptimizeArgs {
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub timeout: u64,
 
+    /// Stop the command once a line of its output contains this text (the
+    /// start-up is over: a server printed that it is ready).
+    #[arg(long, value_name = "TEXT")]
+    pub ready: Option<String>,
+
     /// Platform when the source is a multi-platform index (default: this host's).
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     pub platform: Option<Platform>,
@@ -67,6 +72,7 @@ pub async fn run(args: OptimizeArgs) -> anyhow::Result<()> {
         work_dir,
     );
     opts.timeout = Duration::from_secs(args.timeout.max(1));
+    opts.ready = args.ready.clone().filter(|r| !r.is_empty());
     opts.command = (!args.command.is_empty()).then(|| args.command.clone());
     opts.write = WriteOptions {
         level: args.level,

@@ -1,0 +1,186 @@
+//! `zest bench` end to end, as a user runs it: a busybox image with a data layer
+//! is pushed (gzip) to a real registry; `zest bench prepare` converts it and
+//! optimizes it for a workload that reads one small file; `zest bench run`
+//! measures every mode through the link emulator with a real containerd, runc
+//! and `zest serve`, and writes its results.
+//!
+//! The checks are on what the benchmark must get right, not on speed: every
+//! mode has its samples, the lazy modes fetch less than the full pull (the
+//! 1 MiB random file is never read), the profiled image fetches its start-up
+//! set at mount time so the workload's reads do not block, the warm zest run
+//! fetches nothing, and the report files are written.
+//!
+//! Needs root, /dev/fuse, docker-registry, containerd, runc, ctr and busybox;
+//! without them it skips loudly (and fails under `CI=true`).
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use zest::bench::results::{BenchRun, Mode};
+use zest::oci::Reference;
+
+use support::containerd::require_tools;
+use support::{image, require_tool, Auth, Registry, REGISTRY_BIN};
+
+const ZEST: &str = env!("CARGO_BIN_EXE_zest");
+
+fn can_run() -> bool {
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !Path::new("/dev/fuse").exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the bench test needs root and /dev/fuse"
+        );
+        eprintln!("\n!!!!! SKIPPING bench test: needs root and /dev/fuse !!!!!\n");
+        return false;
+    }
+    require_tool(REGISTRY_BIN) && require_tools(&["containerd", "runc", "ctr", "busybox"])
+}
+
+fn zest(args: &[&str]) -> String {
+    let out = Command::new(ZEST)
+        .args(args)
+        .env("PATH", support::containerd::child_path())
+        .output()
+        .expect("run zest");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "zest {args:?} failed:\n{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_prepares_images_and_measures_every_mode() {
+    if !can_run() {
+        return;
+    }
+    let registry = Registry::start(Auth::None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image::busybox_image(&dir.path().join("oci"), "latest").expect("busybox image");
+    let host = registry.host();
+    let reference: Reference = format!("{host}/bench/busybox:gzip").parse().unwrap();
+    image::push_image(&registry.client(), &img, &reference).await;
+
+    let workloads = dir.path().join("workloads.toml");
+    std::fs::write(
+        &workloads,
+        "[[workload]]\nname = \"cat\"\nimage = \"busybox\"\n\
+         command = [\"/bin/sh\", \"-c\", \"cat /data/hello.txt\"]\n\
+         ready = \"hello from zest\"\nprofile_timeout_secs = 30\n",
+    )
+    .unwrap();
+    let workloads = workloads.display().to_string();
+    let common = [
+        "--registry",
+        host.as_str(),
+        "--prefix",
+        "bench",
+        "--workloads",
+        workloads.as_str(),
+    ];
+
+    let prepared = zest(&[&["bench", "prepare"][..], &common].concat());
+    assert!(
+        prepared.contains("bench/busybox:chunked: converted"),
+        "{prepared}"
+    );
+    assert!(prepared.contains("profile-cat"), "{prepared}");
+    // Prepared images are kept: a second prepare does nothing.
+    let again = zest(&[&["bench", "prepare"][..], &common].concat());
+    assert!(again.contains("bench/busybox:chunked: exists"), "{again}");
+
+    let out = dir.path().join("out");
+    let work = dir.path().join("work");
+    let (out_s, work_s) = (out.display().to_string(), work.display().to_string());
+    let printed = zest(
+        &[
+            &["bench", "run"][..],
+            &common,
+            &[
+                "--rtt",
+                "2ms",
+                "--bandwidth",
+                "1gbit",
+                "--samples",
+                "2",
+                "--out",
+                &out_s,
+                "--work-dir",
+                &work_s,
+                "--run-timeout",
+                "60",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(printed.contains("rerun: zest bench run"), "{printed}");
+
+    let run: BenchRun =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    for mode in Mode::ALL {
+        let n = run.samples.iter().filter(|s| s.mode == mode).count();
+        assert_eq!(n, 2, "samples of {mode}: {:#?}", run.samples);
+    }
+    let median = |mode: Mode, f: fn(&zest::bench::results::Sample) -> u64| {
+        let mut v: Vec<u64> = run
+            .samples
+            .iter()
+            .filter(|s| s.mode == mode)
+            .map(f)
+            .collect();
+        v.sort();
+        v[0]
+    };
+    let full = median(Mode::Full, |s| s.fetched_bytes);
+    let lazy = median(Mode::Lazy, |s| s.fetched_bytes);
+    let profiled = median(Mode::LazyProfile, |s| s.fetched_bytes);
+    assert!(
+        full > 1 << 20,
+        "the full pull fetches the whole image: {full}"
+    );
+    assert!(lazy < full, "lazy {lazy} vs full {full}");
+    assert!(profiled < full, "lazy+profile {profiled} vs full {full}");
+    // Warm zest runs read from the cache only.
+    for s in run.samples.iter().filter(|s| s.mode == Mode::WarmLazy) {
+        assert_eq!(s.fetched_bytes, 0, "{s:?}");
+        assert_eq!(s.blocking_misses, 0, "{s:?}");
+    }
+    // Lazy starts wait for the network; profiled ones wait less: their start-up
+    // set is fetched at mount time.
+    let lazy_misses = median(Mode::Lazy, |s| s.blocking_misses);
+    let profiled_misses = median(Mode::LazyProfile, |s| s.blocking_misses);
+    assert!(lazy_misses > 0, "{:#?}", run.samples);
+    assert!(profiled_misses < lazy_misses, "{:#?}", run.samples);
+    // The daemons' CPU is counted (clock ticks are coarse: summed over samples).
+    for mode in [Mode::Full, Mode::Lazy] {
+        let cpu: std::time::Duration = run
+            .samples
+            .iter()
+            .filter(|s| s.mode == mode)
+            .map(|s| s.snapshotter_cpu)
+            .sum();
+        assert!(!cpu.is_zero(), "{mode}: {:#?}", run.samples);
+    }
+    let w = &run.info.workloads[0];
+    assert!(w.gzip_bytes > 1 << 20 && w.chunked_bytes > 1 << 20, "{w:?}");
+    assert!(w
+        .working_set_bytes
+        .is_some_and(|ws| ws > 0 && ws < w.chunked_bytes));
+    assert!(run.lower_bound("cat", "custom").is_some());
+
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        md.contains("lazy+profile") && md.contains("zest bench run"),
+        "{md}"
+    );
+    let svg = std::fs::read_to_string(out.join("results.svg")).unwrap();
+    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{svg}");
+    // The nodes were removed.
+    assert!(!work.join("node").exists());
+}
