@@ -304,7 +304,7 @@ impl Progress for Bar {
     }
     fn sample(&self, s: &Sample) {
         self.0.inc(1);
-        self.0.println(format!(
+        let line = format!(
             "{:<16} {:<7} {:<17} #{}: pull {:>6.2} s  run {:>6.2} s  total {:>6.2} s  {:>10}  {:>5} requests  {:>4} misses",
             s.workload,
             s.profile,
@@ -316,7 +316,13 @@ impl Progress for Bar {
             HumanBytes(s.fetched_bytes).to_string(),
             s.requests,
             s.blocking_misses,
-        ));
+        );
+        // A hidden bar (output not a terminal) drops println: logs still get a line.
+        if self.0.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.0.println(line);
+        }
     }
 }
 

@@ -309,6 +309,11 @@ impl LayerIndex {
             .unwrap_or_else(|| &self.entries[0])
     }
 
+    /// Whether any entry has extended attributes.
+    pub fn has_xattrs(&self) -> bool {
+        !self.xattrs.is_empty()
+    }
+
     /// The entry `id` (hard-link names resolved to their target).
     pub fn entry(&self, id: EntryId) -> EntryRef<'_> {
         let id = self.resolve(id.0);

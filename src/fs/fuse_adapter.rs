@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     BackingId, Config, Errno as FuseErrno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -249,6 +249,30 @@ impl Filesystem for FuseLayer {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&self.fs.entry_ttl(), &file_attr(&a), Generation(0)),
+            // A layer never changes: a name that is absent stays absent, so the
+            // kernel may cache the miss (node id 0 = negative entry). overlayfs
+            // looks every name up in each lower layer until it is found, and
+            // path searches (PATH, sys.path, library paths) probe absent names.
+            Err(e) if e == Errno::ENOENT => {
+                let negative = FileAttr {
+                    ino: INodeNo(0),
+                    size: 0,
+                    blocks: 0,
+                    atime: UNIX_EPOCH,
+                    mtime: UNIX_EPOCH,
+                    ctime: UNIX_EPOCH,
+                    crtime: UNIX_EPOCH,
+                    kind: FileType::RegularFile,
+                    perm: 0,
+                    nlink: 0,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    blksize: 0,
+                    flags: 0,
+                };
+                reply.entry(&self.fs.entry_ttl(), &negative, Generation(0))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -432,10 +456,17 @@ impl Filesystem for FuseLayer {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // ENOSYS makes the kernel stop asking for the rest of the mount's life
+        // (callers then see EOPNOTSUPP, as on a filesystem without xattrs).
+        if !self.fs.has_xattrs() {
+            return reply.error(errno(Errno::ENOSYS));
+        }
         reply_xattr(reply, self.fs.getxattr(ino.0, name.as_bytes(), size));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        // Listing stays answered (an empty list): it is rare, and tools expect
+        // it to work.
         reply_xattr(reply, self.fs.listxattr(ino.0, size));
     }
 

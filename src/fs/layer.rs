@@ -141,6 +141,8 @@ pub struct LayerFs {
     reads: AtomicU64,
     passthrough_opens: AtomicU64,
     open_files: AtomicU64,
+    /// Any xattr at all, including the opaque-directory marker.
+    has_xattrs: bool,
 }
 
 impl std::fmt::Debug for LayerFs {
@@ -190,6 +192,10 @@ impl LayerFs {
             .files_in_blob_order()
             .map(|id| index.entry(id).size().div_ceil(BLOCK))
             .fold(0u64, u64::saturating_add);
+        let has_xattrs = index.has_xattrs()
+            || (1..=index.len() as u64)
+                .filter_map(|ino| index.entry_for_ino(ino))
+                .any(|id| index.entry(id).is_opaque_dir());
         LayerFs {
             fetcher,
             index,
@@ -199,7 +205,16 @@ impl LayerFs {
             reads: AtomicU64::new(0),
             passthrough_opens: AtomicU64::new(0),
             open_files: AtomicU64::new(0),
+            has_xattrs,
         }
+    }
+
+    /// Whether any entry has an xattr (or is an opaque directory). When none
+    /// has, the adapter tells the kernel the mount has no xattr support, so
+    /// that the xattr lookups of overlayfs and of every exec stop reaching
+    /// the daemon.
+    pub fn has_xattrs(&self) -> bool {
+        self.has_xattrs
     }
 
     /// Whether passthrough is configured (the adapter then asks the kernel).

@@ -59,6 +59,8 @@ impl Errno {
     pub const ERANGE: Errno = Errno(libc::ERANGE);
     /// Read-only filesystem.
     pub const EROFS: Errno = Errno(libc::EROFS);
+    /// Operation not implemented (for xattrs: the kernel stops asking).
+    pub const ENOSYS: Errno = Errno(libc::ENOSYS);
     /// Value too large (e.g. a read offset beyond what the kernel can address).
     pub const EOVERFLOW: Errno = Errno(libc::EOVERFLOW);
 }
