@@ -804,6 +804,56 @@ impl Fetcher {
         }
     }
 
+    /// Claims the next run of uncached chunks inside `extent`, in blob order
+    /// from position `*pos`: at most `size` bytes from its first chunk, no hole
+    /// wider than `max_gap_bytes`. Advances `*pos` past what it looked at; at
+    /// the extent's end `*pos` is the chunk count.
+    fn claim_run(&self, extent: &Range<u64>, pos: &mut usize, size: u64) -> Vec<Owned> {
+        let all = self.index.all_chunks();
+        let mut run: Vec<Owned> = Vec::new();
+        let mut run_start = None;
+        let mut run_end = 0u64;
+        while *pos < all.len() {
+            let Some(c) = self
+                .chunk_at(*pos)
+                .and_then(|idx| all.get(idx).map(|c| (idx, c)))
+            else {
+                *pos = all.len();
+                break;
+            };
+            let (idx, c) = c;
+            let r = c.compressed_range();
+            if r.start < extent.start || !self.needs_fetch(c) {
+                *pos += 1;
+                continue;
+            }
+            if r.end > extent.end {
+                *pos = all.len();
+                break;
+            }
+            let start = *run_start.get_or_insert(r.start);
+            if !run.is_empty()
+                && (r.end - start > size
+                    || r.start.saturating_sub(run_end) > self.config.max_gap_bytes)
+            {
+                break;
+            }
+            *pos += 1;
+            if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
+                // Re-check after claiming; complete rather than drop (dropping
+                // reports a failure to waiters).
+                match self.cache.memory().get(&c.digest) {
+                    Some(b) => guard.complete(Ok(b)),
+                    None => {
+                        run_end = r.end;
+                        run.push(Owned { idx, guard });
+                    }
+                }
+            }
+        }
+        run
+    }
+
     /// Fetches the prefetch extent: the start-up set a profile put first in
     /// the blob, which the workload is about to read in that order. Unlike
     /// background fetch it runs at on-demand priority and never pauses for
@@ -820,46 +870,7 @@ impl Fetcher {
         let mut pos = 0usize;
         let mut in_flight = FuturesUnordered::new();
         loop {
-            // Claim the next run of uncached chunks in the extent.
-            let mut run: Vec<Owned> = Vec::new();
-            let mut run_start = None;
-            let mut run_end = 0u64;
-            while pos < all.len() {
-                let Some(idx) = self.chunk_at(pos) else {
-                    pos = all.len();
-                    break;
-                };
-                let Some(c) = all.get(idx) else {
-                    pos = all.len();
-                    break;
-                };
-                let r = c.compressed_range();
-                if r.start < extent.start || !self.needs_fetch(c) {
-                    pos += 1;
-                    continue;
-                }
-                if r.end > extent.end {
-                    pos = all.len();
-                    break;
-                }
-                let start = *run_start.get_or_insert(r.start);
-                if !run.is_empty()
-                    && (r.end - start > size
-                        || r.start.saturating_sub(run_end) > self.config.max_gap_bytes)
-                {
-                    break;
-                }
-                pos += 1;
-                if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
-                    match self.cache.memory().get(&c.digest) {
-                        Some(b) => guard.complete(Ok(b)),
-                        None => {
-                            run_end = r.end;
-                            run.push(Owned { idx, guard });
-                        }
-                    }
-                }
-            }
+            let run = self.claim_run(&extent, &mut pos, size);
             if !run.is_empty() {
                 let bytes: u64 = run
                     .iter()
@@ -898,40 +909,7 @@ impl Fetcher {
             let Ok(_permit) = self.limits.inner.background.acquire().await else {
                 break;
             };
-            // Gather the next run of uncached chunks in the extent.
-            let mut run: Vec<Owned> = Vec::new();
-            let mut run_start = None;
-            let mut run_end = 0u64;
-            while pos < all.len() {
-                let Some(idx) = self.chunk_at(pos) else { break };
-                let Some(c) = all.get(idx) else { break };
-                let r = c.compressed_range();
-                if r.start < extent.start || !self.needs_fetch(c) {
-                    pos += 1;
-                    continue;
-                }
-                if r.end > extent.end {
-                    pos = all.len();
-                    break;
-                }
-                let start = *run_start.get_or_insert(r.start);
-                if !run.is_empty()
-                    && (r.end - start > self.config.prefetch_request_bytes
-                        || r.start.saturating_sub(run_end) > self.config.max_gap_bytes)
-                {
-                    break;
-                }
-                pos += 1;
-                if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
-                    match self.cache.memory().get(&c.digest) {
-                        Some(b) => guard.complete(Ok(b)),
-                        None => {
-                            run_end = r.end;
-                            run.push(Owned { idx, guard });
-                        }
-                    }
-                }
-            }
+            let run = self.claim_run(&extent, &mut pos, self.config.prefetch_request_bytes);
             if run.is_empty() {
                 continue;
             }
