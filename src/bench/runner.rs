@@ -34,7 +34,7 @@ use crate::bench::workload::Workload;
 use crate::fetch::toc::{fetch_layer_index, TocFetchOptions};
 use crate::oci::Platform;
 use crate::registry::RegistryClient;
-use crate::snapshotter::ServiceConfig;
+use crate::snapshotter::{remove_tree, ServiceConfig};
 use crate::store::{ImageRef, ImageStore, StoreError};
 
 /// containerd namespace the benchmark's images and containers live in.
@@ -898,26 +898,11 @@ fn kill_processes_mentioning(path: &Path) {
     }
 }
 
-/// Detaches every mount at or below `dir` (deepest first) and removes it.
+/// Detaches every mount at or below `dir` and removes it (the snapshotter's own
+/// clean-up of a directory that may hold mounts).
 fn clean_dir(dir: &Path) {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut mounts: Vec<PathBuf> = table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for m in mounts {
-        if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) {
-            // SAFETY: c is a valid NUL-terminated path.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a node directory");
-        }
+    if let Err(e) = remove_tree(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a node directory");
     }
 }
 

@@ -44,6 +44,7 @@ pub use config::{
     ByteSize, CacheSection, ConfigError, FetchSection, LazySection, RegistrySection, ServeArgs,
     ServiceConfig, SnapshotterConfig, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
 };
+pub use fsutil::remove_tree;
 pub use grpc::SnapshotService;
 pub use lazy::{
     LazyConfig, LazyError, LazyLayerProvider, LazyStats, DETAIL_AUTHENTICATED, DETAIL_DESCRIPTOR,
