@@ -28,13 +28,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use zest::cache::{CacheConfig, ChunkCache};
-use zest::digest::Digest;
-use zest::fetch::toc::{open_layer, TocFetchOptions};
-use zest::fetch::{BlobSource, FetchConfig, FetchLimits, Fetcher, RegistryBlob};
-use zest::format::{write_chunked, WriteOptions};
-use zest::fs::{LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
-use zest::oci::{media_type, Descriptor, Repository};
+use zest_cache::{CacheConfig, ChunkCache};
+use zest_fetch::toc::{open_layer, TocFetchOptions};
+use zest_fetch::{FetchConfig, FetchLimits, Fetcher};
+use zest_format::{write_chunked, WriteOptions};
+use zest_fs::{LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
+use zest_oci::digest::Digest;
+use zest_oci::{media_type, Descriptor, Repository};
+use zest_store::{BlobSource, RegistryBlob};
 
 use support::{pseudo_random, Auth, Registry, REGISTRY_BIN};
 
@@ -100,7 +101,7 @@ impl Bench {
             .block_on(client.push_blob(
                 repo,
                 &summary.blob_digest,
-                zest::registry::BlobSource::File(blob_path),
+                zest_registry::UploadBody::File(blob_path),
                 None,
             ))
             .expect("push");

@@ -18,8 +18,8 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use zest::bench::results::{BenchRun, Mode};
-use zest::oci::Reference;
+use zest_bench::results::{BenchRun, Mode};
+use zest_oci::Reference;
 
 use support::containerd::require_tools;
 use support::{image, require_tool, Auth, Registry, REGISTRY_BIN};
@@ -127,7 +127,7 @@ async fn bench_prepares_images_and_measures_every_mode() {
         let n = run.samples.iter().filter(|s| s.mode == mode).count();
         assert_eq!(n, 2, "samples of {mode}: {:#?}", run.samples);
     }
-    let median = |mode: Mode, f: fn(&zest::bench::results::Sample) -> u64| {
+    let median = |mode: Mode, f: fn(&zest_bench::results::Sample) -> u64| {
         let mut v: Vec<u64> = run
             .samples
             .iter()

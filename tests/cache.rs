@@ -7,10 +7,10 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use bytes::Bytes;
-use zest::cache::{
+use zest_cache::{
     CacheConfig, CacheError, ChunkCache, DiskCache, DiskOptions, InsertOutcome, ENTRY_OVERHEAD,
 };
-use zest::digest::Digest;
+use zest_oci::digest::Digest;
 
 /// A chunk of pseudo-random bytes determined by `seed`.
 fn chunk(seed: u64, len: usize) -> (Digest, Bytes) {

@@ -9,16 +9,16 @@ use std::io::Read;
 use std::process::Command;
 use std::sync::Arc;
 
-use zest::convert::{convert, ConvertOptions, LayerAction, NoProgress, PlatformChoice};
-use zest::digest::Digest;
-use zest::fetch::toc::{fetch_layer_index, TocFetchOptions};
-use zest::fetch::RegistryBlob;
-use zest::format::{ChunkDecoder, TocLocation, WriteOptions};
-use zest::oci::{
+use zest_fetch::toc::{fetch_layer_index, TocFetchOptions};
+use zest_format::{ChunkDecoder, TocLocation, WriteOptions};
+use zest_image::convert::{convert, ConvertOptions, LayerAction, NoProgress, PlatformChoice};
+use zest_oci::digest::Digest;
+use zest_oci::{
     media_type, ImageConfig, ImageIndex, ImageManifest, LayerCompression, Platform, Reference,
 };
-use zest::registry::{DockerConfigSource, RegistryClient};
-use zest::store::{ImageRef, ImageStore};
+use zest_registry::{DockerConfigSource, RegistryClient};
+use zest_store::RegistryBlob;
+use zest_store::{ImageRef, ImageStore};
 
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, TestImage};
 use support::{Auth, Registry, REGISTRY_BIN};
@@ -216,7 +216,7 @@ async fn converts_layout_to_registry_and_every_file_reads_back_by_range() {
     .await
     .expect("reconvert");
     assert!(report2.layers.iter().all(|l| l.action == LayerAction::Kept));
-    let layer_digests = |r: &zest::convert::ConvertReport| {
+    let layer_digests = |r: &zest_image::convert::ConvertReport| {
         r.layers.iter().map(|l| l.output.digest).collect::<Vec<_>>()
     };
     assert_eq!(layer_digests(&report), layer_digests(&report2));
@@ -259,7 +259,7 @@ async fn converts_every_platform_of_an_index_and_shared_layers_once() {
     );
 
     // An index over both manifests, tagged "multi".
-    let layout = zest::oci::layout::OciLayout::open(&layout_dir).unwrap();
+    let layout = zest_oci::layout::OciLayout::open(&layout_dir).unwrap();
     let mut index = ImageIndex::new();
     index.media_type = Some(media_type::OCI_INDEX.to_string());
     index.manifests = vec![a.manifest_descriptor.clone(), b.manifest_descriptor.clone()];
@@ -267,7 +267,7 @@ async fn converts_every_platform_of_an_index_and_shared_layers_once() {
     layout.write_blob(&index_bytes).unwrap();
     layout
         .add_manifest(
-            zest::oci::Descriptor::for_bytes(media_type::OCI_INDEX, &index_bytes),
+            zest_oci::Descriptor::for_bytes(media_type::OCI_INDEX, &index_bytes),
             Some("multi"),
         )
         .unwrap();

@@ -16,21 +16,16 @@ use support::containerd::{
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar};
 use support::{Auth, Registry};
-use zest::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
-use zest::format::WriteOptions;
-use zest::oci::layout::LayoutRef;
-use zest::oci::{ImageManifest, LayerCompression, Platform, Reference};
-use zest::snapshotter::proto::snapshots as pb;
-use zest::snapshotter::{LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_REMOTE};
-use zest::store::{ImageRef, ImageStore};
-
-/// The CRI image service, generated at build time from `tests/proto/`.
-#[allow(clippy::all, clippy::pedantic)]
-mod runtime {
-    tonic::include_proto!("runtime.v1");
-}
+use zest_api::labels::{LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_REMOTE};
+use zest_api::snapshots as pb;
+use zest_format::WriteOptions;
+use zest_image::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
+use zest_oci::layout::LayoutRef;
+use zest_oci::{ImageManifest, LayerCompression, Platform, Reference};
+use zest_store::{ImageRef, ImageStore};
 
 use runtime::image_service_client::ImageServiceClient;
+use zest_api::cri as runtime;
 
 /// The namespace CRI keeps Kubernetes' images and containers in.
 const CRI_NAMESPACE: &str = "k8s.io";

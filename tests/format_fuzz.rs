@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use zest::format::{
+use zest_format::{
     parse_footer, tarsplit, write_chunked, ChunkDecoder, EntryId, EntryKind, Extent, LayerIndex,
     TocLocation, WriteOptions,
 };
@@ -242,7 +242,7 @@ fn mutated_footers_compressed_tocs_and_garbage_never_panic() {
         let n = rng.below(200);
         let garbage: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
         let _ = parse_footer(&garbage, rng.next() % 1000);
-        let _ = LayerIndex::from_json(&garbage, &loc, zest::digest::Digest::of(&garbage));
+        let _ = LayerIndex::from_json(&garbage, &loc, zest_oci::digest::Digest::of(&garbage));
         let mut l2 = loc;
         l2.toc.compressed_len = garbage.len() as u64;
         let _ = LayerIndex::decode(&garbage, &l2, size + 1000);

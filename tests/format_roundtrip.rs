@@ -9,11 +9,11 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use zest::digest::Digest;
-use zest::format::{
+use zest_format::{
     parse_footer, tarsplit, write_chunked, ChunkDecoder, EntryId, EntryKind, FormatError,
     Generation, LayerIndex, TocLocation, WriteOptions, FOOTER_FETCH_LEN,
 };
+use zest_oci::digest::Digest;
 
 /// Deterministic pseudo-random bytes.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
@@ -177,7 +177,7 @@ fn sample_tar() -> Vec<u8> {
     tar
 }
 
-fn convert(tar: &[u8], opts: &WriteOptions) -> (Vec<u8>, zest::format::WriteSummary) {
+fn convert(tar: &[u8], opts: &WriteOptions) -> (Vec<u8>, zest_format::WriteSummary) {
     let mut blob = Vec::new();
     let summary = write_chunked(tar, &mut blob, opts).unwrap();
     (blob, summary)
@@ -417,7 +417,7 @@ fn writer_round_trips_every_entry_type() {
 
     // Adjacent chunks fetched with one range decode to the same bytes.
     let chunks = &big.chunks()[2..6];
-    let range = zest::format::covering_range(chunks).unwrap();
+    let range = zest_format::covering_range(chunks).unwrap();
     let mut dec = ChunkDecoder::new().unwrap();
     let run = dec
         .decode_run(

@@ -27,20 +27,21 @@ use support::containerd::{
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, gzip};
 use support::{Auth, Registry};
 use tonic::Code;
-use zest::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
-use zest::digest::Digest;
-use zest::format::WriteOptions;
-use zest::oci::{media_type, Descriptor, ImageManifest, LayerCompression, Platform, Reference};
-use zest::registry::RegistryClient;
-use zest::snapshotter::metrics::Metrics;
-use zest::snapshotter::proto::snapshots as pb;
-use zest::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
-use zest::snapshotter::proto::types::Mount as PbMount;
-use zest::snapshotter::{
-    FallbackReason, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
+use zest_api::labels::{
+    LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
     LABEL_SNAPSHOT_REF,
 };
-use zest::store::{ImageRef, ImageStore};
+use zest_api::snapshots as pb;
+use zest_api::snapshots::snapshots_client::SnapshotsClient;
+use zest_api::types::Mount as PbMount;
+use zest_format::WriteOptions;
+use zest_image::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
+use zest_oci::digest::Digest;
+use zest_oci::{media_type, Descriptor, ImageManifest, LayerCompression, Platform, Reference};
+use zest_registry::RegistryClient;
+use zest_snapshotter::metrics::Metrics;
+use zest_snapshotter::FallbackReason;
+use zest_store::{ImageRef, ImageStore};
 
 const NAMESPACE: &str = "zest-test";
 const LEASE: &str = "zest-lazy-test";
@@ -1022,7 +1023,7 @@ async fn indexes_and_fallback_reasons() -> TestResult {
     let manifest = client.get_manifest(&reference("e")?).await?;
     let mut entry = manifest.descriptor();
     entry.platform = Some(Platform::host());
-    let mut index = zest::oci::ImageIndex::new();
+    let mut index = zest_oci::ImageIndex::new();
     index.manifests.push(entry);
     let index_digest = client
         .push_manifest(

@@ -25,14 +25,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use zest::cache::{CacheConfig, ChunkCache};
-use zest::digest::Digest;
-use zest::fetch::toc::{open_layer, open_registry_layers, TocFetchOptions};
-use zest::fetch::{BlobSource, FetchConfig, FetchLimits, Fetcher, RegistryBlob};
-use zest::format::{write_chunked, WriteOptions};
-use zest::fs::{ImageMount, LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
-use zest::oci::{media_type, Descriptor, ImageManifest, Reference, Repository};
-use zest::registry::{PlainHttp, RegistryClient};
+use zest_cache::{CacheConfig, ChunkCache};
+use zest_fetch::toc::{open_layer, open_registry_layers, TocFetchOptions};
+use zest_fetch::{FetchConfig, FetchLimits, Fetcher};
+use zest_format::{write_chunked, WriteOptions};
+use zest_fs::{ImageMount, LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
+use zest_oci::digest::Digest;
+use zest_oci::{media_type, Descriptor, ImageManifest, Reference, Repository};
+use zest_registry::{PlainHttp, RegistryClient};
+use zest_store::{BlobSource, RegistryBlob};
 
 use support::{pseudo_random, require_tool, Auth, Registry, REGISTRY_BIN};
 
@@ -106,7 +107,7 @@ impl Env {
             .block_on(self.client.push_blob(
                 repo,
                 &desc.digest,
-                zest::registry::BlobSource::Bytes(Bytes::from(blob)),
+                zest_registry::UploadBody::Bytes(Bytes::from(blob)),
                 None,
             ))
             .expect("push layer blob");

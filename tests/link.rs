@@ -1,4 +1,4 @@
-//! The link emulator (`zest::bench::link`) in front of a real Distribution registry on
+//! The link emulator (`zest_bench::link`) in front of a real Distribution registry on
 //! 127.0.0.1: the added round trips per connection and per request, the bandwidth
 //! limit, bytes passing unmodified (whole blobs and ranges), and zest's registry
 //! client working through it. Only lower bounds of time are asserted: delays are the
@@ -14,10 +14,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use zest::bench::link::{CountersHandle, LinkConfig, LinkCounters, LinkEmulator, LinkProfile};
-use zest::digest::Digest;
-use zest::oci::Repository;
-use zest::registry::{PlainHttp, RegistryClient};
+use zest_bench::link::{CountersHandle, LinkConfig, LinkCounters, LinkEmulator, LinkProfile};
+use zest_oci::digest::Digest;
+use zest_oci::Repository;
+use zest_registry::{PlainHttp, RegistryClient};
 
 /// Every wait in these tests is bounded by this.
 const LIMIT: Duration = Duration::from_secs(30);

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use zest::convert::PlatformChoice;
-use zest::digest::Digest;
-use zest::oci::Platform;
+use zest_image::convert::PlatformChoice;
+use zest_oci::digest::Digest;
+use zest_oci::Platform;
 
 use support::{Auth, Registry, REGISTRY_BIN};
 

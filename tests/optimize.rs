@@ -17,17 +17,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use zest::cache::{CacheConfig, ChunkCache};
-use zest::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
-use zest::digest::Digest;
-use zest::fetch::toc::{open_layer, TocFetchOptions};
-use zest::fetch::{FetchConfig, FetchLimits, Fetcher};
-use zest::format::WriteOptions;
-use zest::fs::{LayerMount, MountOptions};
-use zest::oci::layout::LayoutRef;
-use zest::oci::{ImageConfig, Platform, Reference};
-use zest::optimize::{optimize, OptimizeOptions, RunOutcome};
-use zest::store::{ImageRef, ImageStore};
+use zest_cache::{CacheConfig, ChunkCache};
+use zest_fetch::toc::{open_layer, TocFetchOptions};
+use zest_fetch::{FetchConfig, FetchLimits, Fetcher};
+use zest_format::WriteOptions;
+use zest_fs::{LayerMount, MountOptions};
+use zest_image::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
+use zest_image::optimize::{optimize, OptimizeOptions, RunOutcome};
+use zest_oci::digest::Digest;
+use zest_oci::layout::LayoutRef;
+use zest_oci::{ImageConfig, Platform, Reference};
+use zest_store::{ImageRef, ImageStore};
 
 use support::{require_tool, Auth, Registry, REGISTRY_BIN};
 
@@ -64,7 +64,7 @@ fn tar_entries(tar: &[u8]) -> BTreeMap<String, (u8, Vec<u8>)> {
     out
 }
 
-fn store(reference: &str, client: &zest::registry::RegistryClient) -> ImageStore {
+fn store(reference: &str, client: &zest_registry::RegistryClient) -> ImageStore {
     let r: Reference = reference.parse().expect("reference");
     ImageStore::open(&ImageRef::Registry(r), client).expect("open store")
 }

@@ -27,18 +27,18 @@ use support::containerd::{
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, push_image, TestImage};
 use support::{Auth, Registry};
-use zest::containerd::{
-    ContainerdClient, LABEL_GC_REF_CONFIG, LABEL_GC_REF_LAYER, LABEL_GC_REF_SNAPSHOT,
+use zest_api::labels::{
+    LABEL_GC_REF_CONFIG, LABEL_GC_REF_LAYER, LABEL_GC_REF_SNAPSHOT, LABEL_REMOTE,
     LABEL_UNCOMPRESSED,
 };
-use zest::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
-use zest::digest::Digest;
-use zest::format::{TocLocation, WriteOptions};
-use zest::oci::layout::LayoutRef;
-use zest::oci::{ImageManifest, LayerCompression, Platform, Reference};
-use zest::snapshotter::proto::snapshots as pb;
-use zest::snapshotter::LABEL_REMOTE;
-use zest::store::{ImageRef, ImageStore};
+use zest_api::snapshots as pb;
+use zest_containerd::ContainerdClient;
+use zest_format::{TocLocation, WriteOptions};
+use zest_image::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
+use zest_oci::digest::Digest;
+use zest_oci::layout::LayoutRef;
+use zest_oci::{ImageManifest, LayerCompression, Platform, Reference};
+use zest_store::{ImageRef, ImageStore};
 
 const TOOLS: &[&str] = &["containerd", "ctr", "runc", "docker-registry", "busybox"];
 
@@ -412,7 +412,7 @@ async fn gzip_image_falls_back_to_download_and_apply() -> TestResult {
             Some(&layer.diff_id.to_string())
         );
     }
-    let chain = zest::containerd::chain_ids(&layers.iter().map(|l| l.diff_id).collect::<Vec<_>>());
+    let chain = zest_oci::chain_ids(&layers.iter().map(|l| l.diff_id).collect::<Vec<_>>());
     let config = client
         .content_info(&config_digest)
         .await?
@@ -607,7 +607,7 @@ async fn failures_are_reported_and_leave_nothing_behind() -> TestResult {
 
     // An image whose config lists a wrong diff ID for its second layer: the layer is
     // downloaded and applied, the mismatch is caught, and nothing is committed.
-    let mut config = zest::oci::ImageConfig::from_json(&built.config)?;
+    let mut config = zest_oci::ImageConfig::from_json(&built.config)?;
     config.set_diff_ids(&[built.layers[0].diff_id, Digest::of(b"not this layer")]);
     let config_bytes = bytes::Bytes::from(config.to_json());
     let reference: Reference = env.reference("zest/corrupt:1").parse()?;
@@ -623,7 +623,7 @@ async fn failures_are_reported_and_leave_nothing_behind() -> TestResult {
         .push_manifest(
             repo,
             "1",
-            zest::oci::media_type::OCI_MANIFEST,
+            zest_oci::media_type::OCI_MANIFEST,
             bytes::Bytes::from(manifest.to_json()),
         )
         .await?;
@@ -639,7 +639,7 @@ async fn failures_are_reported_and_leave_nothing_behind() -> TestResult {
     let containerd = env.client().await?;
     assert!(containerd.list_images().await?.is_empty());
     assert!(containerd.list_leases().await?.is_empty());
-    let chain = zest::containerd::chain_ids(&config.diff_ids()?);
+    let chain = zest_oci::chain_ids(&config.diff_ids()?);
     let committed = env.committed().await?;
     assert!(
         !committed.iter().any(|n| n.ends_with(&chain[1].to_string())),

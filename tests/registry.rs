@@ -13,14 +13,14 @@ use bytes::Bytes;
 use support::fake_http::{Body, FakeServer, Request, Response};
 use support::image::{build_image, data_layer_tar, push_image};
 use support::{pseudo_random, require_tool, test_client_config, Auth, Registry, REGISTRY_BIN};
-use zest::digest::Digest;
-use zest::oci::{
+use zest_oci::digest::Digest;
+use zest_oci::{
     media_type, Descriptor, ImageConfig, ImageIndex, LayerCompression, Platform, Reference,
     Repository,
 };
-use zest::registry::{
-    BlobSource, Credential, DockerConfigSource, DockerCredentials, PlainHttp, PushOutcome,
-    RegistryClient, RegistryError,
+use zest_registry::{
+    Credential, DockerConfigSource, DockerCredentials, PlainHttp, PushOutcome, RegistryClient,
+    RegistryError, UploadBody,
 };
 
 fn start_registry(auth: Auth) -> Option<Registry> {
@@ -54,7 +54,7 @@ async fn blobs_push_monolithic_and_chunked_then_read_back() {
     assert_eq!(d_small, Digest::of(&small));
     assert_eq!(
         client
-            .push_blob(&repo, &d_small, BlobSource::Bytes(small.clone()), None)
+            .push_blob(&repo, &d_small, UploadBody::Bytes(small.clone()), None)
             .await
             .unwrap(),
         PushOutcome::AlreadyPresent
@@ -69,7 +69,7 @@ async fn blobs_push_monolithic_and_chunked_then_read_back() {
     let d_big = Digest::of(&big);
     assert_eq!(
         client
-            .push_blob(&repo, &d_big, BlobSource::File(big_path), None)
+            .push_blob(&repo, &d_big, UploadBody::File(big_path), None)
             .await
             .unwrap(),
         PushOutcome::Uploaded
@@ -351,7 +351,7 @@ async fn cross_repository_mount_and_fallback_upload() {
     let uploads_before = client.stats().upload_bytes;
 
     let out = client
-        .push_blob(&b, &d, BlobSource::Bytes(data.clone()), Some(&a))
+        .push_blob(&b, &d, UploadBody::Bytes(data.clone()), Some(&a))
         .await
         .unwrap();
     assert_eq!(out, PushOutcome::Mounted);
@@ -370,7 +370,7 @@ async fn cross_repository_mount_and_fallback_upload() {
     let data2 = Bytes::from(pseudo_random(10_000, 5));
     let d2 = Digest::of(&data2);
     let out = client
-        .push_blob(&b, &d2, BlobSource::Bytes(data2.clone()), Some(&c))
+        .push_blob(&b, &d2, UploadBody::Bytes(data2.clone()), Some(&c))
         .await
         .unwrap();
     assert_eq!(out, PushOutcome::Uploaded);
@@ -382,7 +382,7 @@ async fn cross_repository_mount_and_fallback_upload() {
     let other = repo("elsewhere.example:5000", "x");
     assert!(matches!(
         client
-            .push_blob(&b, &d2, BlobSource::Bytes(data2), Some(&other))
+            .push_blob(&b, &d2, UploadBody::Bytes(data2), Some(&other))
             .await,
         Err(RegistryError::InvalidArgument(_))
     ));

@@ -24,13 +24,16 @@ use support::containerd::{
 };
 use support::{Auth, Registry};
 use tonic::{Code, Status};
-use zest::snapshotter::proto::snapshots as pb;
-use zest::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
-use zest::snapshotter::proto::types::Mount as PbMount;
-use zest::snapshotter::{
+use zest_api::labels::{
+    LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_REMOTE,
+    LABEL_SNAPSHOT_REF,
+};
+use zest_api::snapshots as pb;
+use zest_api::snapshots::snapshots_client::SnapshotsClient;
+use zest_api::types::Mount as PbMount;
+use zest_snapshotter::{
     FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayerProvider,
-    RemoteLayerRequest, RemoteMounted, ServeError, Server, SnapshotterConfig, LABEL_IMAGE_LAYERS,
-    LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_REMOTE, LABEL_SNAPSHOT_REF,
+    RemoteLayerRequest, RemoteMounted, ServeError, Server, SnapshotterConfig,
 };
 
 type Client = SnapshotsClient<tonic::transport::Channel>;
@@ -818,8 +821,8 @@ impl RemoteLayerProvider for BindProvider {
 }
 
 fn layer_labels(chain: &str, layer: &str) -> HashMap<String, String> {
-    let layer_digest = zest::digest::Digest::of(layer.as_bytes()).to_string();
-    let manifest = zest::digest::Digest::of(b"manifest").to_string();
+    let layer_digest = zest_oci::digest::Digest::of(layer.as_bytes()).to_string();
+    let manifest = zest_oci::digest::Digest::of(b"manifest").to_string();
     labels(&[
         (LABEL_SNAPSHOT_REF, chain),
         (LABEL_IMAGE_REF, "127.0.0.1:5000/app:1"),

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zest::format::{parse_footer, EntryKind, LayerIndex, TocLocation, FOOTER_FETCH_LEN};
+use zest_format::{parse_footer, EntryKind, LayerIndex, TocLocation, FOOTER_FETCH_LEN};
 
 fuzz_target!(|data: &[u8]| {
     let size = data.len() as u64;
@@ -20,8 +20,8 @@ fuzz_target!(|data: &[u8]| {
     }
     // The same bytes as TOC JSON, located in a fake blob.
     let loc = TocLocation {
-        generation: zest::format::Generation::Old,
-        toc: zest::format::Extent {
+        generation: zest_format::Generation::Old,
+        toc: zest_format::Extent {
             offset: 1 << 20,
             compressed_len: 1,
             uncompressed_len: data.len() as u64,
@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         tar_split: None,
         toc_digest: None,
     };
-    if let Ok(idx) = LayerIndex::from_json(data, &loc, zest::digest::Digest::of(data)) {
+    if let Ok(idx) = LayerIndex::from_json(data, &loc, zest_oci::digest::Digest::of(data)) {
         walk(&idx);
     }
 });

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zest::format::{write_chunked, LayerIndex, TocLocation, WriteOptions};
+use zest_format::{write_chunked, LayerIndex, TocLocation, WriteOptions};
 
 fuzz_target!(|data: &[u8]| {
     let opts = WriteOptions {

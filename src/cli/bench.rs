@@ -4,7 +4,7 @@
 //!   benchmark's gzip images: `:chunked` by conversion, `:profile-<workload>`
 //!   by `zest optimize` with the workload's command.
 //! - `zest bench run` measures every workload × link profile × mode (see
-//!   `zest::bench::runner`) and writes `results.json`, `results.md` and
+//!   `zest_bench::runner`) and writes `results.json`, `results.md` and
 //!   `results.svg`.
 
 use std::path::PathBuf;
@@ -15,18 +15,18 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use zest::bench::link::{parse_bandwidth, parse_rtt, LinkProfile};
-use zest::bench::report;
-use zest::bench::results::{BenchRun, ModeChoice, Sample};
-use zest::bench::runner::{self, BenchPlan, NamedProfile, Progress};
-use zest::bench::workload::{self, Workload};
-use zest::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
-use zest::format::WriteOptions;
-use zest::oci::Platform;
-use zest::optimize::{optimize, OptimizeOptions};
-use zest::registry::{PlainHttp, RegistryClient, RegistryConfig};
-use zest::snapshotter::ServiceConfig;
-use zest::store::{ImageRef, ImageStore};
+use zest_bench::link::{parse_bandwidth, parse_rtt, LinkProfile};
+use zest_bench::report;
+use zest_bench::results::{BenchRun, ModeChoice, Sample};
+use zest_bench::runner::{self, BenchPlan, NamedProfile, Progress};
+use zest_bench::workload::{self, Workload};
+use zest_format::WriteOptions;
+use zest_image::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
+use zest_image::optimize::{optimize, OptimizeOptions};
+use zest_oci::Platform;
+use zest_registry::{PlainHttp, RegistryClient, RegistryConfig};
+use zest_snapshotter::ServiceConfig;
+use zest_store::{ImageRef, ImageStore};
 
 /// Arguments of `zest bench`.
 #[derive(Debug, Args)]

@@ -8,12 +8,12 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
-use zest::convert::{
+use zest_format::WriteOptions;
+use zest_image::convert::{
     convert, ConvertOptions, ConvertProgress, LayerAction, LayerReport, PlatformChoice,
 };
-use zest::format::WriteOptions;
-use zest::oci::Platform;
-use zest::store::{ImageRef, ImageStore};
+use zest_oci::Platform;
+use zest_store::{ImageRef, ImageStore};
 
 use super::registry_args::RegistryArgs;
 

@@ -6,10 +6,10 @@ use clap::Args;
 use indicatif::HumanBytes;
 use serde::Serialize;
 
-use zest::fetch::toc::{fetch_layer_index, TocFetchOptions};
-use zest::format::{EntryId, EntryKind, LayerIndex, TocLocation};
-use zest::oci::{media_type, Descriptor, LayerCompression, Platform};
-use zest::store::{ImageRef, ImageStore};
+use zest_fetch::toc::{fetch_layer_index, TocFetchOptions};
+use zest_format::{EntryId, EntryKind, LayerIndex, TocLocation};
+use zest_oci::{media_type, Descriptor, LayerCompression, Platform};
+use zest_store::{ImageRef, ImageStore};
 
 use super::registry_args::RegistryArgs;
 

@@ -1,6 +1,6 @@
 //! `zest link`: the benchmark's network link emulator in the foreground — a loopback
 //! proxy in front of a registry adding round-trip latency and a shared bandwidth
-//! limit (see `zest::bench::link`). Counters are printed when it stops (Ctrl-C).
+//! limit (see `zest_bench::link`). Counters are printed when it stops (Ctrl-C).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use zest::bench::link::{parse_bandwidth, parse_rtt, LinkConfig, LinkEmulator, LinkProfile};
+use zest_bench::link::{parse_bandwidth, parse_rtt, LinkConfig, LinkEmulator, LinkProfile};
 
 /// Arguments of `zest link`.
 #[derive(Debug, Args)]

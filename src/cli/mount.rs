@@ -14,15 +14,15 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::HumanBytes;
 
-use zest::cache::{CacheConfig, ChunkCache};
-use zest::fetch::toc::{open_layer, TocFetchOptions};
-use zest::fetch::{FetchConfig, FetchLimits, Fetcher};
-use zest::fs::{ImageMount, LayerMount, MountOptions};
-use zest::oci::{LayerCompression, Platform};
-use zest::store::{ImageRef, ImageStore};
+use zest_cache::{CacheConfig, ChunkCache};
+use zest_fetch::toc::{open_layer, TocFetchOptions};
+use zest_fetch::{FetchConfig, FetchLimits, Fetcher};
+use zest_fs::{ImageMount, LayerMount, MountOptions};
+use zest_oci::{LayerCompression, Platform};
+use zest_store::{ImageRef, ImageStore};
 
 use super::registry_args::RegistryArgs;
-use zest::snapshotter::ByteSize;
+use zest_cache::ByteSize;
 
 /// Arguments of `zest mount`.
 #[derive(Debug, Args)]

@@ -8,10 +8,10 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::HumanBytes;
 
-use zest::format::WriteOptions;
-use zest::oci::Platform;
-use zest::optimize::{optimize, OptimizeOptions};
-use zest::store::{ImageRef, ImageStore};
+use zest_format::WriteOptions;
+use zest_image::optimize::{optimize, OptimizeOptions};
+use zest_oci::Platform;
+use zest_store::{ImageRef, ImageStore};
 
 use super::registry_args::RegistryArgs;
 

@@ -10,11 +10,11 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use zest::containerd::{
+use zest_containerd::{
     pull, ContainerdClient, LayerOutcome, LayerReport, PullOptions, PullProgress, ResolvedPull,
     DEFAULT_ADDRESS, DEFAULT_NAMESPACE,
 };
-use zest::oci::{Platform, Reference};
+use zest_oci::{Platform, Reference};
 
 use super::registry_args::RegistryArgs;
 

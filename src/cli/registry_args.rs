@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use zest::registry::{DockerConfigSource, PlainHttp, RegistryClient, RegistryConfig};
+use zest_registry::{DockerConfigSource, PlainHttp, RegistryClient, RegistryConfig};
 
 /// How to reach registries: plain HTTP, CAs, host configuration, credentials.
 #[derive(Debug, Clone, Args)]
@@ -20,7 +20,7 @@ pub struct RegistryArgs {
     pub plain_http_hosts: Vec<String>,
 
     /// Directory of containerd-style per-registry `<host>/hosts.toml` files.
-    #[arg(long, value_name = "DIR", global = true, default_value = zest::registry::DEFAULT_HOSTS_DIR)]
+    #[arg(long, value_name = "DIR", global = true, default_value = zest_registry::DEFAULT_HOSTS_DIR)]
     pub hosts_dir: PathBuf,
 
     /// An extra PEM CA bundle to trust besides the system roots.

@@ -3,29 +3,42 @@
 
 use std::sync::Arc;
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use clap::Args;
 
-use zest::cache::ChunkCache;
-use zest::registry::RegistryClient;
-use zest::snapshotter::metrics::{bind_metrics, serve_metrics, Metrics};
-use zest::snapshotter::{
-    shutdown_signal, LazyConfig, LazyLayerProvider, NoRemoteLayers, RemoteLayerProvider, ServeArgs,
-    Server,
+use zest_cache::ChunkCache;
+use zest_registry::RegistryClient;
+use zest_snapshotter::metrics::{bind_metrics, serve_metrics, Metrics};
+use zest_snapshotter::{
+    shutdown_signal, ConfigOverrides, LazyConfig, LazyLayerProvider, NoRemoteLayers,
+    RemoteLayerProvider, Server,
 };
 
 /// Arguments of `zest serve`.
 #[derive(Debug, Args)]
 pub struct ServeCommand {
-    #[command(flatten)]
-    pub serve: ServeArgs,
+    /// Configuration file [default: /etc/zest/config.toml, if it exists]
+    #[arg(long, value_name = "FILE", env = "ZEST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Unix socket to listen on (overrides `snapshotter.socket`)
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// State directory (overrides `snapshotter.state_dir`)
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Runs the service until SIGINT or SIGTERM. `log_override` is the `--log`/`ZEST_LOG`
 /// filter, which wins over `RUST_LOG`, which wins over the file's `log_level`.
 pub async fn run(args: ServeCommand, log_override: Option<String>) -> anyhow::Result<()> {
-    let config = args
-        .serve
+    let overrides = ConfigOverrides {
+        config: args.config,
+        socket: args.socket,
+        state_dir: args.state_dir,
+    };
+    let config = overrides
         .service_config()
         .context("reading the configuration")?;
     let filter = log_override

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
-use zest::cache::{CacheConfig, ChunkCache};
-use zest::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
-use zest::snapshotter::proto::types::Mount as PbMount;
-use zest::snapshotter::{
+use zest_api::snapshots::snapshots_client::SnapshotsClient;
+use zest_api::types::Mount as PbMount;
+use zest_cache::{CacheConfig, ChunkCache};
+use zest_snapshotter::{
     LazyConfig, LazyLayerProvider, RemoteLayerProvider, ServeError, Server, ShutdownMode,
     SnapshotStore, SnapshotterConfig,
 };
@@ -550,7 +550,7 @@ disabled_plugins = [{disabled_cri}
 /// works), pointed at `zest_socket`, without its `version` line.
 fn packaged_containerd_config(zest_socket: &Path) -> TestResult<String> {
     let packaged = include_str!("../../packaging/containerd-config.toml");
-    let default_socket = zest::snapshotter::DEFAULT_SOCKET;
+    let default_socket = zest_snapshotter::DEFAULT_SOCKET;
     if !packaged.contains(default_socket) {
         return Err(fail(format!(
             "packaging/containerd-config.toml does not use the default socket {default_socket}"

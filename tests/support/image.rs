@@ -6,10 +6,10 @@ use std::io::Write;
 use std::path::Path;
 
 use bytes::Bytes;
-use zest::digest::Digest;
-use zest::oci::layout::OciLayout;
-use zest::oci::{media_type, Descriptor, ImageManifest, LayerCompression, Platform, Reference};
-use zest::registry::{BlobSource, RegistryClient};
+use zest_oci::digest::Digest;
+use zest_oci::layout::OciLayout;
+use zest_oci::{media_type, Descriptor, ImageManifest, LayerCompression, Platform, Reference};
+use zest_registry::{RegistryClient, UploadBody};
 
 /// A minimal ustar writer (names up to 100 bytes, which test images respect).
 #[derive(Default)]
@@ -269,7 +269,7 @@ pub async fn push_image(
             .push_blob(
                 repo,
                 &layer.descriptor.digest,
-                BlobSource::Bytes(layer.blob.clone()),
+                UploadBody::Bytes(layer.blob.clone()),
                 None,
             )
             .await

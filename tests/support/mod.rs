@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use zest::registry::{DockerConfigSource, PlainHttp, RegistryClient, RegistryConfig, RetryPolicy};
+use zest_registry::{DockerConfigSource, PlainHttp, RegistryClient, RegistryConfig, RetryPolicy};
 
 /// Path of the registry binary (Debian package `docker-registry`).
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
@@ -435,23 +435,23 @@ pub async fn convert_image(
     src: &str,
     dst: &str,
     work: &Path,
-    platforms: zest::convert::PlatformChoice,
-) -> Result<zest::convert::ConvertReport, zest::convert::ConvertError> {
-    use zest::store::ImageStore;
+    platforms: zest_image::convert::PlatformChoice,
+) -> Result<zest_image::convert::ConvertReport, zest_image::convert::ConvertError> {
+    use zest_store::ImageStore;
     let open = |r: &str| {
         ImageStore::create(&r.parse().expect("image reference"), client).expect("open image store")
     };
-    let options = zest::convert::ConvertOptions {
+    let options = zest_image::convert::ConvertOptions {
         platforms,
         parallelism: 2,
-        write: zest::format::WriteOptions::default(),
+        write: zest_format::WriteOptions::default(),
         work_dir: work.to_path_buf(),
     };
-    zest::convert::convert(
+    zest_image::convert::convert(
         &open(src),
         &open(dst),
         &options,
-        std::sync::Arc::new(zest::convert::NoProgress),
+        std::sync::Arc::new(zest_image::convert::NoProgress),
     )
     .await
 }

@@ -1,0 +1,64 @@
+//! The wire contracts zest speaks, shared by both gRPC sides: the snapshotter
+//! (server of containerd's snapshots API) and the containerd client (`zest pull`).
+//!
+//! - [`snapshots`] and [`types`]: containerd's snapshots API and its `Mount` and
+//!   `Descriptor` types (server and client code);
+//! - [`content`], [`images`], [`leases`], [`diff`]: containerd's other services that
+//!   a pull drives (client code);
+//! - [`cri`]: Kubernetes CRI's runtime and image services (client code);
+//! - [`labels`]: the label keys and values containerd, CRI and zest agree on.
+//!
+//! The message and service code is generated from `proto/` by `build.rs`, written from
+//! the upstream wire contracts. Nothing here does I/O; the tonic transports live in the
+//! crates that serve or dial.
+
+pub mod labels;
+
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+mod generated {
+    pub mod containerd {
+        pub mod types {
+            tonic::include_proto!("containerd.types");
+        }
+        pub mod services {
+            pub mod snapshots {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.snapshots.v1");
+                }
+            }
+            pub mod content {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.content.v1");
+                }
+            }
+            pub mod images {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.images.v1");
+                }
+            }
+            pub mod leases {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.leases.v1");
+                }
+            }
+            pub mod diff {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.diff.v1");
+                }
+            }
+        }
+    }
+    pub mod runtime {
+        pub mod v1 {
+            tonic::include_proto!("runtime.v1");
+        }
+    }
+}
+
+pub use generated::containerd::services::content::v1 as content;
+pub use generated::containerd::services::diff::v1 as diff;
+pub use generated::containerd::services::images::v1 as images;
+pub use generated::containerd::services::leases::v1 as leases;
+pub use generated::containerd::services::snapshots::v1 as snapshots;
+pub use generated::containerd::types;
+pub use generated::runtime::v1 as cri;

@@ -1,0 +1,1128 @@
+//! The on-demand chunk fetcher: turns a file byte range of one layer into
+//! verified bytes, from the chunk cache when possible and from the layer blob
+//! (by HTTP range request, or file read) otherwise.
+//!
+//! One [`Fetcher`] serves one layer blob. What it guarantees:
+//! - every chunk is decompressed and checked against its `chunkDigest`
+//!   ([`ChunkDecoder`]) before it is cached or returned; a chunk that fails is
+//!   never served: the read fails with an error after bounded retries;
+//! - one fetch per chunk however many readers wait for it ([`inflight`]);
+//! - missing chunks that sit close together in the blob (the same file, and
+//!   the next files in blob order) are merged into one range request of at most
+//!   [`FetchConfig::max_request_bytes`]; a read also fetches up to
+//!   [`FetchConfig::readahead_bytes`] of the following chunks that are cached
+//!   nowhere, a window that doubles (up to [`FetchConfig::max_readahead_bytes`])
+//!   while a file is read sequentially; past the end of the file being read,
+//!   read-ahead takes at most [`NEIGHBOUR_READAHEAD`] (the next small files);
+//! - at most [`FetchLimits`] requests per registry run at once; prefetch and
+//!   background fetch use a separate, lower-priority pool and pause while
+//!   on-demand reads wait;
+//! - nothing hangs: every request has a timeout and every read a deadline.
+//!
+//! Layout: [`inflight`] (single flight),
+//! [`stats`] (counters), [`toc`] (finding and fetching a layer's TOC),
+//! [`prefetch`] (mount-time prefetch and background fetch).
+
+mod inflight;
+pub mod prefetch;
+pub mod stats;
+pub mod toc;
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, Semaphore};
+
+use inflight::{Claim, ClaimGuard, InFlight, Waiter};
+pub use stats::{FetchStats, FetchStatsSnapshot};
+use zest_cache::ChunkCache;
+use zest_format::{Chunk, ChunkDecoder, EntryId, EntryKind, FormatError, LayerIndex};
+use zest_oci::digest::Digest;
+use zest_store::{BlobSource, SourceError};
+
+/// Why a read could not be served. Cloned to every reader waiting on a chunk.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The blob source failed (after retries, when the failure looked transient).
+    #[error("{0}")]
+    Source(Arc<SourceError>),
+    /// Fetched bytes did not decompress to the chunk's digest (after retries).
+    #[error("chunk at blob offset {offset} of {blob} failed verification: {reason}")]
+    Verification {
+        /// The blob.
+        blob: String,
+        /// Blob offset of the chunk.
+        offset: u64,
+        /// What did not match.
+        reason: String,
+    },
+    /// The read did not complete within [`FetchConfig::read_timeout`].
+    #[error("read of {blob} timed out after {secs} s")]
+    Timeout {
+        /// The blob.
+        blob: String,
+        /// The deadline.
+        secs: u64,
+    },
+    /// The task fetching a chunk ended without an outcome (shutdown).
+    #[error("chunk fetch was cancelled")]
+    Cancelled,
+    /// The layer's TOC could not be used.
+    #[error("layer TOC of {blob}: {source}")]
+    Toc {
+        /// The blob.
+        blob: String,
+        /// What was wrong.
+        #[source]
+        source: Arc<FormatError>,
+    },
+    /// The entry is not a regular file.
+    #[error("entry is not a regular file")]
+    NotAFile,
+    /// Internal failure (e.g. the decoder could not be created).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Tuning of a [`Fetcher`].
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// Largest merged range request (compressed bytes).
+    pub max_request_bytes: u64,
+    /// Largest hole between two wanted chunks that is fetched anyway to merge
+    /// them into one request (tar headers sit between files).
+    pub max_gap_bytes: u64,
+    /// Compressed bytes of following, uncached chunks fetched with a read.
+    pub readahead_bytes: u64,
+    /// Largest read-ahead window, reached by doubling while a file's misses
+    /// move forward sequentially.
+    pub max_readahead_bytes: u64,
+    /// Largest request of prefetch and background fetch.
+    pub prefetch_request_bytes: u64,
+    /// Attempts per range (first try included).
+    pub attempts: u32,
+    /// Timeout of one range request.
+    pub request_timeout: Duration,
+    /// Delay before the first retry; doubles each retry.
+    pub retry_backoff: Duration,
+    /// Deadline of a whole read (waits included); then the reader gets EIO.
+    pub read_timeout: Duration,
+}
+
+/// Read-ahead budget for the files after the one being read (blob order is
+/// directory order, so they are often, not always, read next): a few small
+/// files, without paying for large unrelated ones on slow links.
+const NEIGHBOUR_READAHEAD: u64 = 128 << 10;
+
+/// Size of the first request of a prefetch; later ones double.
+const PREFETCH_FIRST_REQUEST: u64 = 512 << 10;
+
+/// Prefetch requests in flight at once.
+const PREFETCH_PIPELINE: usize = 2;
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            max_request_bytes: 4 << 20,
+            max_gap_bytes: 64 << 10,
+            readahead_bytes: 1 << 20,
+            max_readahead_bytes: 8 << 20,
+            prefetch_request_bytes: 8 << 20,
+            attempts: 4,
+            request_timeout: Duration::from_secs(30),
+            retry_backoff: Duration::from_millis(100),
+            read_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// Request concurrency limits shared by every layer of one registry: clone it
+/// into each [`Fetcher`] of that registry.
+#[derive(Clone, Debug)]
+pub struct FetchLimits {
+    inner: Arc<LimitsInner>,
+}
+
+#[derive(Debug)]
+struct LimitsInner {
+    ondemand: Semaphore,
+    background: Semaphore,
+    /// On-demand reads currently waiting for the network.
+    waiting: AtomicUsize,
+    /// Signalled when `waiting` drops to zero.
+    idle: Notify,
+}
+
+impl FetchLimits {
+    /// At most `ondemand` concurrent requests for reads and `background`
+    /// concurrent requests for prefetch/background fetch.
+    pub fn new(ondemand: usize, background: usize) -> FetchLimits {
+        FetchLimits {
+            inner: Arc::new(LimitsInner {
+                ondemand: Semaphore::new(ondemand.max(1)),
+                background: Semaphore::new(background.max(1)),
+                waiting: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }),
+        }
+    }
+
+    /// Number of on-demand reads waiting for the network right now.
+    pub fn waiting_reads(&self) -> usize {
+        self.inner.waiting.load(Ordering::Relaxed)
+    }
+
+    fn waiting_guard(&self) -> WaitingGuard {
+        self.inner.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitingGuard {
+            limits: self.clone(),
+        }
+    }
+
+    /// Waits until no on-demand read is waiting (low-priority work yields).
+    async fn until_idle(&self) {
+        // Bounded polling on top of the notification: a lost wake-up costs at
+        // most one period, never a hang.
+        while self.inner.waiting.load(Ordering::Relaxed) > 0 {
+            let _ =
+                tokio::time::timeout(Duration::from_millis(20), self.inner.idle.notified()).await;
+        }
+    }
+}
+
+impl Default for FetchLimits {
+    fn default() -> Self {
+        FetchLimits::new(8, 2)
+    }
+}
+
+struct WaitingGuard {
+    limits: FetchLimits,
+}
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        if self.limits.inner.waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.limits.inner.idle.notify_waiters();
+        }
+    }
+}
+
+/// Priority of a fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Priority {
+    /// A reader waits: take an on-demand permit per request.
+    OnDemand,
+    /// The start-up set: readers are about to wait; on-demand permits, but
+    /// counted as prefetch.
+    Prefetch,
+    /// Background fetch: the caller holds a background permit.
+    Background,
+}
+
+/// How chunks are ordered in the blob, for merging and read-ahead.
+#[derive(Debug)]
+enum BlobOrder {
+    /// `all_chunks()` is already sorted by blob offset (every real producer).
+    Identity,
+    /// `order[pos]` = chunk index at blob position `pos`; `pos_of[idx]` the inverse.
+    Sorted { order: Vec<u32>, pos_of: Vec<u32> },
+}
+
+/// Fetches, verifies and caches the chunks of one layer blob.
+pub struct Fetcher {
+    index: Arc<LayerIndex>,
+    source: Arc<dyn BlobSource>,
+    cache: Arc<ChunkCache>,
+    limits: FetchLimits,
+    config: FetchConfig,
+    runtime: Handle,
+    inflight: Arc<InFlight>,
+    stats: FetchStats,
+    order: BlobOrder,
+    /// Digests of zero chunks already checked (zeros are synthesized, never fetched).
+    zeros_checked: Mutex<HashSet<(Digest, u64)>>,
+    /// Per file: offset of the last miss and the current read-ahead window.
+    sequential: Mutex<HashMap<EntryId, (u64, u64)>>,
+}
+
+/// Files tracked for sequential detection before the table is reset (bounds memory).
+const MAX_TRACKED_FILES: usize = 4096;
+
+/// Times a read claims a chunk whose fetch was abandoned before giving up.
+const MAX_CLAIM_ROUNDS: u32 = 3;
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("source", &self.source)
+            .field("stats", &self.stats.snapshot())
+            .finish()
+    }
+}
+
+/// One piece of a read: zeros or verified chunk bytes.
+enum Piece {
+    Zeros,
+    Data(Bytes),
+}
+
+thread_local! {
+    /// One zstd context per blocking-pool thread: creating one per chunk is slow.
+    static DECODER: RefCell<Option<ChunkDecoder>> = const { RefCell::new(None) };
+}
+
+fn with_decoder<T>(f: impl FnOnce(&mut ChunkDecoder) -> T) -> Result<T, FetchError> {
+    DECODER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(
+                ChunkDecoder::new()
+                    .map_err(|e| FetchError::Internal(format!("zstd decoder: {e}")))?,
+            );
+        }
+        match slot.as_mut() {
+            Some(d) => Ok(f(d)),
+            None => Err(FetchError::Internal("zstd decoder unavailable".into())),
+        }
+    })
+}
+
+/// A chunk this task has claimed and must fetch.
+struct Owned {
+    /// Index into `all_chunks()`.
+    idx: usize,
+    guard: ClaimGuard,
+}
+
+impl Fetcher {
+    /// A fetcher for the blob behind `source`, whose TOC is `index`. Tasks run on
+    /// `runtime`; requests are limited by `limits` (share one per registry).
+    pub fn new(
+        index: Arc<LayerIndex>,
+        source: Arc<dyn BlobSource>,
+        cache: Arc<ChunkCache>,
+        limits: FetchLimits,
+        config: FetchConfig,
+        runtime: Handle,
+    ) -> Arc<Fetcher> {
+        let order = blob_order(index.all_chunks());
+        Arc::new(Fetcher {
+            index,
+            source,
+            cache,
+            limits,
+            config,
+            runtime,
+            inflight: Arc::new(InFlight::default()),
+            stats: FetchStats::default(),
+            order,
+            zeros_checked: Mutex::new(HashSet::new()),
+            sequential: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The layer's index.
+    pub fn index(&self) -> &Arc<LayerIndex> {
+        &self.index
+    }
+
+    /// The chunk cache.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// The runtime the fetcher's tasks run on.
+    pub fn runtime(&self) -> &Handle {
+        &self.runtime
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> FetchStatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FetchConfig {
+        &self.config
+    }
+
+    /// The blob, for messages.
+    pub fn describe(&self) -> String {
+        self.source.describe()
+    }
+
+    /// Reads `offset..offset + len` of file `id` from the memory cache only,
+    /// without blocking: `None` when any chunk is not in memory (use
+    /// [`Fetcher::read`]). The result is clamped to the file size.
+    pub fn read_from_memory(&self, id: EntryId, offset: u64, len: u32) -> Option<Bytes> {
+        let (range, chunks) = self.plan(id, offset, len).ok()?;
+        let mut pieces = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            if c.zeros {
+                if !self.zeros_known(c) {
+                    return None;
+                }
+                pieces.push(Piece::Zeros);
+            } else {
+                pieces.push(Piece::Data(self.cache.memory().get(&c.digest)?));
+            }
+        }
+        self.stats
+            .add_memory_hits(chunks.iter().filter(|c| !c.zeros).count() as u64);
+        assemble(range, chunks, &pieces).ok()
+    }
+
+    /// Reads `offset..offset + len` of file `id` (clamped to the file size) from
+    /// the cache tiers or the blob. Fails rather than return unverified bytes.
+    pub async fn read(
+        self: &Arc<Self>,
+        id: EntryId,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, FetchError> {
+        let deadline = self.config.read_timeout;
+        match tokio::time::timeout(deadline, self.read_inner(id, offset, len)).await {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::Timeout {
+                blob: self.describe(),
+                secs: deadline.as_secs(),
+            }),
+        }
+    }
+
+    /// Runs `fut` on the fetcher's runtime (used by the filesystem to answer a
+    /// read from a task instead of a FUSE worker).
+    pub fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.runtime.spawn(fut);
+    }
+
+    fn plan(
+        &self,
+        id: EntryId,
+        offset: u64,
+        len: u32,
+    ) -> Result<(Range<u64>, &[Chunk]), FetchError> {
+        let e = self.index.entry(id);
+        if e.kind() != EntryKind::Reg {
+            return Err(FetchError::NotAFile);
+        }
+        let size = e.size();
+        let start = offset.min(size);
+        let end = offset.saturating_add(u64::from(len)).min(size);
+        let chunks = self.index.chunk_range_for(id, start, end - start);
+        Ok((start..end, chunks))
+    }
+
+    async fn read_inner(
+        self: &Arc<Self>,
+        id: EntryId,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, FetchError> {
+        let (range, chunks) = self.plan(id, offset, len)?;
+        let mut pieces: Vec<Option<Piece>> = Vec::with_capacity(chunks.len());
+        let mut lookups = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            if c.zeros {
+                self.check_zeros(c).await?;
+                pieces.push(Some(Piece::Zeros));
+            } else if let Some(b) = self.cache.memory().get(&c.digest) {
+                self.stats.add_memory_hits(1);
+                pieces.push(Some(Piece::Data(b)));
+            } else {
+                pieces.push(None);
+                lookups.push(i);
+            }
+        }
+        // The disk tier, all chunks of the read at once (reads and hashing run
+        // on the blocking pool).
+        let found = futures::future::join_all(
+            lookups
+                .iter()
+                .filter_map(|&i| chunks.get(i))
+                .map(|c| self.cache.get_async(&c.digest)),
+        )
+        .await;
+        let mut missing = Vec::new();
+        for (&i, f) in lookups.iter().zip(found) {
+            match f {
+                Some(b) => {
+                    self.stats.add_disk_hits(1);
+                    if let Some(slot) = pieces.get_mut(i) {
+                        *slot = Some(Piece::Data(b));
+                    }
+                }
+                None => missing.push(i),
+            }
+        }
+        if !missing.is_empty() {
+            self.stats.add_blocking_misses(1);
+            // Blob position of the file's last chunk: read-ahead past it is
+            // limited to NEIGHBOUR_READAHEAD.
+            let file_end = self
+                .index
+                .entry(id)
+                .chunks()
+                .last()
+                .and_then(|c| self.chunk_index(c))
+                .and_then(|i| self.blob_pos(i));
+            let _waiting = self.limits.waiting_guard();
+            let window = self.readahead_window(id, offset);
+            // A fetch we waited on may be abandoned (its task stopped, e.g. a
+            // prefetch at unmount): claim those chunks again, a bounded number
+            // of times.
+            let mut round = 0;
+            while !missing.is_empty() {
+                round += 1;
+                let mut wanted = Vec::with_capacity(missing.len());
+                for &i in &missing {
+                    let idx = chunks.get(i).and_then(|c| self.chunk_index(c));
+                    wanted.push(idx.ok_or_else(|| {
+                        FetchError::Internal("chunk not in the layer index".into())
+                    })?);
+                }
+                let readahead = if round == 1 { window } else { 0 };
+                let waiters = self.fetch_chunks(&wanted, readahead, file_end);
+                let mut again = Vec::new();
+                for (&i, w) in missing.iter().zip(waiters) {
+                    match w.wait().await {
+                        Ok(data) => {
+                            if let Some(slot) = pieces.get_mut(i) {
+                                *slot = Some(Piece::Data(data));
+                            }
+                        }
+                        Err(FetchError::Cancelled) if round < MAX_CLAIM_ROUNDS => again.push(i),
+                        Err(e) => return Err(e),
+                    }
+                }
+                missing = again;
+            }
+        }
+        // Every piece is filled by now; a gap would be a bug, and is an error,
+        // never zeros.
+        let pieces: Vec<Piece> = pieces
+            .into_iter()
+            .map(|p| p.ok_or_else(|| FetchError::Internal("chunk missing after fetch".into())))
+            .collect::<Result<_, _>>()?;
+        assemble(range, chunks, &pieces)
+    }
+
+    /// The read-ahead budget for a miss at `offset` of file `id`: the base
+    /// window, doubled for each miss that moves forward close to the previous
+    /// one (a sequential reader), reset by a jump.
+    fn readahead_window(&self, id: EntryId, offset: u64) -> u64 {
+        let base = self.config.readahead_bytes;
+        if base == 0 {
+            return 0;
+        }
+        let max = self.config.max_readahead_bytes.max(base);
+        let mut seq = self
+            .sequential
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seq.len() >= MAX_TRACKED_FILES {
+            seq.clear();
+        }
+        let (last, window) = seq.get(&id).copied().unwrap_or((u64::MAX, base));
+        let next =
+            if offset > last && offset - last <= window.saturating_mul(2).saturating_add(base) {
+                window.saturating_mul(2).min(max)
+            } else if offset == last {
+                window
+            } else {
+                base
+            };
+        seq.insert(id, (offset, next));
+        next
+    }
+
+    /// Starts fetching the chunks `wanted` (indices into `all_chunks()`, in read
+    /// order), plus up to `readahead` compressed bytes of following uncached
+    /// chunks; returns one waiter per wanted chunk, in the same order.
+    fn fetch_chunks(
+        self: &Arc<Self>,
+        wanted: &[usize],
+        readahead: u64,
+        file_end: Option<usize>,
+    ) -> Vec<Waiter> {
+        let all = self.index.all_chunks();
+        let mut owned: Vec<Owned> = Vec::new();
+        let mut waiters = Vec::with_capacity(wanted.len());
+        for &idx in wanted {
+            let Some(c) = all.get(idx) else {
+                waiters.push(Waiter::failed(FetchError::Internal(
+                    "chunk index out of range".into(),
+                )));
+                continue;
+            };
+            // Two wanted chunks may share a digest (repeated content): the second
+            // one waits on the first one's claim.
+            match self.inflight.claim(c.digest) {
+                Claim::Owner(guard) => {
+                    waiters.push(guard.subscribe());
+                    // A fetch may have completed between the cache lookup and
+                    // the claim: no need to fetch again.
+                    match self.cache.memory().get(&c.digest) {
+                        Some(b) => guard.complete(Ok(b)),
+                        None => owned.push(Owned { idx, guard }),
+                    }
+                }
+                Claim::Waiter(w) => {
+                    self.stats.add_deduplicated_waits(1);
+                    waiters.push(w);
+                }
+            }
+        }
+        if readahead > 0 && !owned.is_empty() {
+            let last = wanted
+                .iter()
+                .filter_map(|&i| self.blob_pos(i))
+                .max()
+                .unwrap_or(0);
+            self.claim_readahead(last, readahead, file_end, &mut owned);
+        }
+        if !owned.is_empty() {
+            for run in group_runs(
+                all,
+                owned,
+                self.config.max_gap_bytes,
+                self.config.max_request_bytes,
+            ) {
+                let this = Arc::clone(self);
+                self.runtime.spawn(async move {
+                    this.fetch_run(run, Priority::OnDemand).await;
+                });
+            }
+        }
+        waiters
+    }
+
+    /// Claims chunks following blob position `after` that are cached nowhere,
+    /// up to `budget` bytes of compressed data.
+    fn claim_readahead(
+        &self,
+        after: usize,
+        budget: u64,
+        file_end: Option<usize>,
+        owned: &mut Vec<Owned>,
+    ) {
+        let all = self.index.all_chunks();
+        let mut taken = 0u64;
+        // Chunks past the file being read belong to other files, which are
+        // read far less surely: they get a small budget of their own.
+        let mut neighbours = 0u64;
+        let neighbour_budget = budget.min(NEIGHBOUR_READAHEAD);
+        // Bounded walk: at most this many positions are examined.
+        let max_steps = 4096usize;
+        let mut pos = after + 1;
+        let end = all.len().min(after.saturating_add(1 + max_steps));
+        while pos < end && taken < budget {
+            let Some(idx) = self.chunk_at(pos) else { break };
+            pos += 1;
+            let Some(c) = all.get(idx) else { break };
+            if c.zeros || c.compressed_len == 0 || self.is_cached(&c.digest) {
+                continue;
+            }
+            let past_file = file_end.is_none_or(|end| pos - 1 > end);
+            if past_file && neighbours >= neighbour_budget {
+                break;
+            }
+            if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
+                // Re-check after claiming (a fetch may just have finished);
+                // complete rather than drop: dropping reports a failure.
+                match self.cache.memory().get(&c.digest) {
+                    Some(b) => guard.complete(Ok(b)),
+                    None => {
+                        taken += u64::from(c.compressed_len);
+                        if past_file {
+                            neighbours += u64::from(c.compressed_len);
+                        }
+                        owned.push(Owned { idx, guard });
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_cached(&self, d: &Digest) -> bool {
+        self.cache.memory().contains(d) || self.cache.disk().is_some_and(|disk| disk.contains(d))
+    }
+
+    /// Whether a chunk needs fetching: not cached, not in flight, has bytes.
+    fn needs_fetch(&self, c: &Chunk) -> bool {
+        !c.zeros
+            && c.compressed_len > 0
+            && !self.is_cached(&c.digest)
+            && !self.inflight.contains(&c.digest)
+    }
+
+    /// Fetches one run of claimed chunks (one range request per attempt),
+    /// verifies and caches each chunk and publishes the outcome to its waiters.
+    async fn fetch_run(&self, run: Vec<Owned>, priority: Priority) {
+        let all = self.index.all_chunks();
+        let mut remaining = run;
+        let mut last_err: Option<FetchError> = None;
+        let attempts = self.config.attempts.max(1);
+        for attempt in 0..attempts {
+            if remaining.is_empty() {
+                return;
+            }
+            if attempt > 0 {
+                self.stats.add_retries(1);
+                let backoff = self
+                    .config
+                    .retry_backoff
+                    .saturating_mul(1 << (attempt - 1).min(6));
+                tokio::time::sleep(backoff).await;
+            }
+            let chunks: Vec<Chunk> = remaining
+                .iter()
+                .filter_map(|o| all.get(o.idx).copied())
+                .collect();
+            let Some(range) = covering(&chunks) else {
+                break;
+            };
+            // Background callers hold their (lower-priority) permit already.
+            let _permit = match priority {
+                Priority::OnDemand | Priority::Prefetch => {
+                    match self.limits.inner.ondemand.acquire().await {
+                        Ok(p) => Some(p),
+                        Err(_) => {
+                            last_err = Some(FetchError::Cancelled);
+                            break;
+                        }
+                    }
+                }
+                Priority::Background => None,
+            };
+            self.stats.add_range_requests(1);
+            let expected = range.end - range.start;
+            let fetched = tokio::time::timeout(
+                self.config.request_timeout,
+                self.source.read_range(range.clone()),
+            )
+            .await;
+            let bytes = match fetched {
+                Ok(Ok(b)) if b.len() as u64 == expected => b,
+                Ok(Ok(b)) => {
+                    last_err = Some(FetchError::Source(Arc::new(SourceError::Transient {
+                        blob: self.describe(),
+                        start: range.start,
+                        end: range.end,
+                        reason: format!("got {} bytes, expected {expected}", b.len()),
+                    })));
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    let transient = e.is_transient();
+                    tracing::debug!(error = %e, attempt, "range request failed");
+                    last_err = Some(FetchError::Source(Arc::new(e)));
+                    if transient {
+                        continue;
+                    }
+                    break;
+                }
+                Err(_) => {
+                    last_err = Some(FetchError::Source(Arc::new(SourceError::Transient {
+                        blob: self.describe(),
+                        start: range.start,
+                        end: range.end,
+                        reason: format!("timed out after {:?}", self.config.request_timeout),
+                    })));
+                    continue;
+                }
+            };
+            self.stats.add_bytes_fetched(expected);
+            if priority != Priority::OnDemand {
+                self.stats.add_prefetch_bytes(expected);
+            }
+            // Decompress and hash off the async workers.
+            let start = range.start;
+            let blob = self.describe();
+            let decoded = tokio::task::spawn_blocking(move || {
+                chunks
+                    .iter()
+                    .map(|c| {
+                        let lo = (c.compressed_offset - start) as usize;
+                        let hi = lo + c.compressed_len as usize;
+                        match bytes.get(lo..hi) {
+                            Some(slice) => with_decoder(|d| d.decode(c, slice))
+                                .and_then(|r| r.map_err(|e| verification_error(&blob, c, &e))),
+                            None => Err(FetchError::Internal("chunk outside fetched range".into())),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            let decoded = match decoded {
+                Ok(d) => d,
+                Err(e) => {
+                    last_err = Some(FetchError::Internal(format!("decode task failed: {e}")));
+                    continue;
+                }
+            };
+            let mut failed = Vec::new();
+            for (owned, result) in remaining.into_iter().zip(decoded) {
+                match result {
+                    Ok(data) => {
+                        self.stats.add_chunks_verified(1);
+                        let data = Bytes::from(data);
+                        // Cache first, then publish: a reader arriving after the
+                        // claim is released finds the chunk in memory.
+                        self.cache.insert(owned.guard.digest(), data.clone());
+                        owned.guard.complete(Ok(data));
+                    }
+                    Err(e) => {
+                        if matches!(e, FetchError::Verification { .. }) {
+                            self.stats.add_verification_failures(1);
+                            tracing::warn!(error = %e, attempt, "chunk failed verification; retrying");
+                        }
+                        last_err = Some(e);
+                        failed.push(owned);
+                    }
+                }
+            }
+            remaining = failed;
+        }
+        let err = last_err.unwrap_or(FetchError::Cancelled);
+        if !remaining.is_empty() {
+            tracing::error!(error = %err, chunks = remaining.len(), blob = %self.describe(), "giving up on chunks");
+        }
+        for owned in remaining {
+            owned.guard.complete(Err(err.clone()));
+        }
+    }
+
+    /// Claims the next run of uncached chunks inside `extent`, in blob order
+    /// from position `*pos`: at most `size` bytes from its first chunk, no hole
+    /// wider than `max_gap_bytes`. Advances `*pos` past what it looked at; at
+    /// the extent's end `*pos` is the chunk count.
+    fn claim_run(&self, extent: &Range<u64>, pos: &mut usize, size: u64) -> Vec<Owned> {
+        let all = self.index.all_chunks();
+        let mut run: Vec<Owned> = Vec::new();
+        let mut run_start = None;
+        let mut run_end = 0u64;
+        while *pos < all.len() {
+            let Some(c) = self
+                .chunk_at(*pos)
+                .and_then(|idx| all.get(idx).map(|c| (idx, c)))
+            else {
+                *pos = all.len();
+                break;
+            };
+            let (idx, c) = c;
+            let r = c.compressed_range();
+            if r.start < extent.start || !self.needs_fetch(c) {
+                *pos += 1;
+                continue;
+            }
+            if r.end > extent.end {
+                *pos = all.len();
+                break;
+            }
+            let start = *run_start.get_or_insert(r.start);
+            if !run.is_empty()
+                && (r.end - start > size
+                    || r.start.saturating_sub(run_end) > self.config.max_gap_bytes)
+            {
+                break;
+            }
+            *pos += 1;
+            if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
+                // Re-check after claiming; complete rather than drop (dropping
+                // reports a failure to waiters).
+                match self.cache.memory().get(&c.digest) {
+                    Some(b) => guard.complete(Ok(b)),
+                    None => {
+                        run_end = r.end;
+                        run.push(Owned { idx, guard });
+                    }
+                }
+            }
+        }
+        run
+    }
+
+    /// Fetches the prefetch extent: the start-up set a profile put first in
+    /// the blob, which the workload is about to read in that order. Unlike
+    /// background fetch it runs at on-demand priority and never pauses for
+    /// on-demand reads (they are waiting for these very chunks). Requests start
+    /// small, so the first files arrive after one round trip, and double up to
+    /// `prefetch_request_bytes`; [`PREFETCH_PIPELINE`] are in flight at once so
+    /// round trips overlap transfers. Returns the compressed bytes fetched.
+    pub async fn fetch_prefetch(&self, extent: Range<u64>) -> u64 {
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let all = self.index.all_chunks();
+        let max = self.config.prefetch_request_bytes.max(1);
+        let mut size = PREFETCH_FIRST_REQUEST.min(max);
+        let mut fetched = 0u64;
+        let mut pos = 0usize;
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            let run = self.claim_run(&extent, &mut pos, size);
+            if !run.is_empty() {
+                let bytes: u64 = run
+                    .iter()
+                    .filter_map(|o| all.get(o.idx))
+                    .map(|c| u64::from(c.compressed_len))
+                    .sum();
+                fetched += bytes;
+                in_flight.push(self.fetch_run(run, Priority::Prefetch));
+                size = size.saturating_mul(2).min(max);
+            }
+            let done = pos >= all.len();
+            if in_flight.len() >= PREFETCH_PIPELINE || (done && !in_flight.is_empty()) {
+                in_flight.next().await;
+            }
+            if done && in_flight.is_empty() {
+                break;
+            }
+        }
+        fetched
+    }
+
+    /// Fetches the not-yet-cached chunks whose compressed extents lie inside
+    /// `extent` with background priority, in requests of at most
+    /// `prefetch_request_bytes`, pausing while on-demand reads wait. When
+    /// `rate` is set, limits throughput to about that many bytes per second.
+    /// Returns the compressed bytes fetched.
+    pub async fn fetch_background(&self, extent: Range<u64>, rate: Option<u64>) -> u64 {
+        let all = self.index.all_chunks();
+        let mut fetched = 0u64;
+        let mut pos = 0usize;
+        let started = tokio::time::Instant::now();
+        while pos < all.len() {
+            self.limits.until_idle().await;
+            // Take the permit before claiming: a claimed chunk must not wait for
+            // a permit while an on-demand reader waits on the claim.
+            let Ok(_permit) = self.limits.inner.background.acquire().await else {
+                break;
+            };
+            let run = self.claim_run(&extent, &mut pos, self.config.prefetch_request_bytes);
+            if run.is_empty() {
+                continue;
+            }
+            let bytes: u64 = run
+                .iter()
+                .filter_map(|o| all.get(o.idx))
+                .map(|c| u64::from(c.compressed_len))
+                .sum();
+            self.fetch_run(run, Priority::Background).await;
+            fetched += bytes;
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                // Sleep until the average rate is back under the limit.
+                let due = Duration::from_secs_f64(fetched as f64 / rate as f64);
+                let elapsed = started.elapsed();
+                if due > elapsed {
+                    tokio::time::sleep(due - elapsed).await;
+                }
+            }
+        }
+        fetched
+    }
+
+    /// Index into `all_chunks()` of a chunk borrowed from it (the index hands
+    /// out sub-slices of that table); `None` for any other reference.
+    fn chunk_index(&self, c: &Chunk) -> Option<usize> {
+        let all = self.index.all_chunks();
+        let offset = (c as *const Chunk as usize).checked_sub(all.as_ptr() as usize)?;
+        let idx = offset / std::mem::size_of::<Chunk>();
+        all.get(idx).filter(|x| std::ptr::eq(*x, c)).map(|_| idx)
+    }
+
+    /// Blob position of chunk `idx`.
+    fn blob_pos(&self, idx: usize) -> Option<usize> {
+        match &self.order {
+            BlobOrder::Identity => Some(idx),
+            BlobOrder::Sorted { pos_of, .. } => pos_of.get(idx).map(|&p| p as usize),
+        }
+    }
+
+    /// Chunk index at blob position `pos`.
+    fn chunk_at(&self, pos: usize) -> Option<usize> {
+        match &self.order {
+            BlobOrder::Identity => (pos < self.index.all_chunks().len()).then_some(pos),
+            BlobOrder::Sorted { order, .. } => order.get(pos).map(|&i| i as usize),
+        }
+    }
+
+    fn zeros_known(&self, c: &Chunk) -> bool {
+        self.zeros_checked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(c.digest, c.len))
+    }
+
+    /// Checks once that a zero chunk's digest is the digest of `len` zeros: the
+    /// zeros are then synthesized for every read.
+    async fn check_zeros(&self, c: &Chunk) -> Result<(), FetchError> {
+        if self.zeros_known(c) {
+            return Ok(());
+        }
+        let (digest, len) = (c.digest, c.len);
+        let ok = tokio::task::spawn_blocking(move || zeros_digest(len) == digest)
+            .await
+            .map_err(|e| FetchError::Internal(format!("hash task failed: {e}")))?;
+        if !ok {
+            self.stats.add_verification_failures(1);
+            return Err(FetchError::Verification {
+                blob: self.describe(),
+                offset: c.compressed_offset,
+                reason: format!("zero chunk of {len} bytes does not match its digest {digest}"),
+            });
+        }
+        self.zeros_checked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((digest, len));
+        Ok(())
+    }
+}
+
+/// sha256 of `len` zero bytes, hashed in pieces (zero chunks may be huge).
+fn zeros_digest(len: u64) -> Digest {
+    let block = [0u8; 64 << 10];
+    let mut h = zest_oci::digest::Hasher::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        h.update(&block[..n]);
+        left -= n as u64;
+    }
+    h.finish()
+}
+
+fn verification_error(blob: &str, c: &Chunk, e: &FormatError) -> FetchError {
+    FetchError::Verification {
+        blob: blob.to_string(),
+        offset: c.compressed_offset,
+        reason: e.to_string(),
+    }
+}
+
+fn covering(chunks: &[Chunk]) -> Option<Range<u64>> {
+    let start = chunks.iter().map(|c| c.compressed_offset).min()?;
+    let end = chunks.iter().map(|c| c.compressed_range().end).max()?;
+    Some(start..end)
+}
+
+fn blob_order(all: &[Chunk]) -> BlobOrder {
+    if all
+        .windows(2)
+        .all(|w| w[0].compressed_offset <= w[1].compressed_offset)
+    {
+        return BlobOrder::Identity;
+    }
+    let mut order: Vec<u32> = (0..all.len() as u32).collect();
+    order.sort_by_key(|&i| all.get(i as usize).map_or(0, |c| c.compressed_offset));
+    let mut pos_of = vec![0u32; all.len()];
+    for (pos, &idx) in order.iter().enumerate() {
+        if let Some(p) = pos_of.get_mut(idx as usize) {
+            *p = pos as u32;
+        }
+    }
+    BlobOrder::Sorted { order, pos_of }
+}
+
+/// Groups claimed chunks into runs: sorted by blob offset, a new run starts
+/// when the hole to the previous chunk exceeds `max_gap` or the run would
+/// exceed `max_request` bytes.
+fn group_runs(
+    all: &[Chunk],
+    mut owned: Vec<Owned>,
+    max_gap: u64,
+    max_request: u64,
+) -> Vec<Vec<Owned>> {
+    owned.sort_by_key(|o| all.get(o.idx).map_or(0, |c| c.compressed_offset));
+    let extents: Vec<Range<u64>> = owned
+        .iter()
+        .map(|o| all.get(o.idx).map_or(0..0, Chunk::compressed_range))
+        .collect();
+    let mut runs: Vec<Vec<Owned>> = Vec::new();
+    for (o, r) in owned
+        .into_iter()
+        .zip(split_runs(&extents, max_gap, max_request))
+    {
+        if r >= runs.len() {
+            runs.push(Vec::new());
+        }
+        if let Some(run) = runs.last_mut() {
+            run.push(o);
+        }
+    }
+    runs
+}
+
+/// For extents sorted by start, the run number of each: a new run starts when
+/// the hole to the previous extent exceeds `max_gap` or the run would span more
+/// than `max_request` bytes (a single larger extent is a run of its own).
+fn split_runs(extents: &[Range<u64>], max_gap: u64, max_request: u64) -> Vec<usize> {
+    let mut out = Vec::with_capacity(extents.len());
+    let mut run = 0usize;
+    let mut span: Option<Range<u64>> = None;
+    for r in extents {
+        span = match span {
+            Some(s)
+                if r.start.saturating_sub(s.end) <= max_gap
+                    && r.end.max(s.end) - s.start <= max_request =>
+            {
+                Some(s.start..r.end.max(s.end))
+            }
+            Some(_) => {
+                run += 1;
+                Some(r.clone())
+            }
+            None => Some(r.clone()),
+        };
+        out.push(run);
+    }
+    out
+}
+
+/// Copies the pieces of `chunks` that overlap `range` into one buffer (a single
+/// chunk is sliced without copying).
+fn assemble(range: Range<u64>, chunks: &[Chunk], pieces: &[Piece]) -> Result<Bytes, FetchError> {
+    let len = usize::try_from(range.end - range.start)
+        .map_err(|_| FetchError::Internal("read too large".into()))?;
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    if let ([c], [Piece::Data(d)]) = (chunks, pieces) {
+        let lo = (range.start - c.file_offset) as usize;
+        let hi = (range.end - c.file_offset) as usize;
+        return d
+            .get(lo..hi)
+            .map(|_| d.slice(lo..hi))
+            .ok_or_else(|| FetchError::Internal("chunk shorter than declared".into()));
+    }
+    let mut out = BytesMut::zeroed(len);
+    for (c, p) in chunks.iter().zip(pieces) {
+        let Piece::Data(d) = p else { continue };
+        let lo = range.start.max(c.file_offset);
+        let hi = range.end.min(c.file_offset + c.len);
+        if lo >= hi {
+            continue;
+        }
+        let src = d
+            .get((lo - c.file_offset) as usize..(hi - c.file_offset) as usize)
+            .ok_or_else(|| FetchError::Internal("chunk shorter than declared".into()))?;
+        let dst = out
+            .get_mut((lo - range.start) as usize..(hi - range.start) as usize)
+            .ok_or_else(|| FetchError::Internal("read buffer overrun".into()))?;
+        dst.copy_from_slice(src);
+    }
+    Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,545 @@
+//! Unit tests of the fetcher over in-memory blobs.
+
+use std::collections::BTreeMap as HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use super::toc::{fetch_layer_index, TocFetchOptions};
+use super::*;
+use zest_cache::{CacheConfig, ChunkCache};
+use zest_format::testblob::{build, TestFile};
+
+/// A blob in memory that counts requests and can corrupt or delay answers.
+#[derive(Debug, Default)]
+struct MemBlob {
+    bytes: Vec<u8>,
+    requests: AtomicU64,
+    corrupt: AtomicBool,
+    /// Corrupt only the first this-many answers (then answer correctly).
+    corrupt_first: AtomicU64,
+    delay_ms: AtomicU64,
+    /// Requests starting at or after this offset take `slow_ms` instead.
+    slow_from: AtomicU64,
+    slow_ms: AtomicU64,
+    ranges: Mutex<Vec<Range<u64>>>,
+}
+
+impl MemBlob {
+    fn new(bytes: Vec<u8>) -> Arc<MemBlob> {
+        Arc::new(MemBlob {
+            bytes,
+            slow_from: AtomicU64::new(u64::MAX),
+            ..Default::default()
+        })
+    }
+}
+
+impl BlobSource for MemBlob {
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        Box::pin(async move {
+            let n = self.requests.fetch_add(1, Ordering::SeqCst);
+            self.ranges.lock().unwrap().push(range.clone());
+            let delay = if range.start >= self.slow_from.load(Ordering::SeqCst) {
+                self.slow_ms.load(Ordering::SeqCst)
+            } else {
+                self.delay_ms.load(Ordering::SeqCst)
+            };
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let mut v = self.bytes[range.start as usize..range.end as usize].to_vec();
+            let corrupt = self.corrupt.load(Ordering::SeqCst)
+                || n < self.corrupt_first.load(Ordering::SeqCst);
+            if corrupt {
+                // Flip one bit every 97 bytes: every chunk of the answer is hit.
+                for b in v.iter_mut().step_by(97) {
+                    *b ^= 0x01;
+                }
+            }
+            Ok(Bytes::from(v))
+        })
+    }
+    fn size(&self) -> Option<u64> {
+        Some(self.bytes.len() as u64)
+    }
+    fn describe(&self) -> String {
+        "memblob".into()
+    }
+}
+
+fn memory_cache() -> Arc<ChunkCache> {
+    Arc::new(
+        ChunkCache::open(&CacheConfig {
+            memory_bytes: 64 << 20,
+            disk_bytes: 0,
+            ..CacheConfig::default()
+        })
+        .unwrap(),
+    )
+}
+
+/// Incompressible pseudo-random bytes (xorshift), so compressed sizes track
+/// chunk sizes.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(seed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn fast_config() -> FetchConfig {
+    FetchConfig {
+        retry_backoff: Duration::from_millis(1),
+        ..FetchConfig::default()
+    }
+}
+
+fn fetcher_for(files: &[TestFile<'_>], config: FetchConfig) -> (Arc<Fetcher>, Arc<MemBlob>) {
+    let blob = build(files, vec![]);
+    let index = Arc::new(blob.index());
+    let src = MemBlob::new(blob.bytes);
+    let f = Fetcher::new(
+        index,
+        src.clone(),
+        memory_cache(),
+        FetchLimits::default(),
+        config,
+        tokio::runtime::Handle::current(),
+    );
+    (f, src)
+}
+
+fn id_of(f: &Fetcher, path: &str) -> EntryId {
+    f.index().resolve_path(path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_verified_bytes_and_merges_chunks() {
+    let a = pattern(10_000, 1);
+    let b = pattern(3_000, 2);
+    let files = [
+        TestFile {
+            name: "a",
+            data: &a,
+            chunk: 1000,
+        },
+        TestFile {
+            name: "b",
+            data: &b,
+            chunk: 1000,
+        },
+    ];
+    let (f, src) = fetcher_for(&files, fast_config());
+    let ida = id_of(&f, "a");
+    // Not in memory yet.
+    assert!(f.read_from_memory(ida, 0, 100).is_none());
+    let got = f.read(ida, 1500, 5000).await.unwrap();
+    assert_eq!(&got[..], &a[1500..6500]);
+    // One merged request covered the read, the rest of `a` and `b` (read-ahead).
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    // The read returns as soon as its own chunks are published; the rest of
+    // the request's chunks are counted right after.
+    let mut s = f.stats();
+    for _ in 0..100 {
+        if s.chunks_verified >= 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        s = f.stats();
+    }
+    assert_eq!(s.blocking_misses, 1);
+    assert_eq!(s.range_requests, 1);
+    assert!(s.chunks_verified >= 10, "{s:?}");
+    // Read-ahead goes forward: the rest of `a` is in memory, its first chunk not.
+    assert_eq!(
+        &f.read_from_memory(ida, 1000, 9000).unwrap()[..],
+        &a[1000..]
+    );
+    assert!(f.read_from_memory(ida, 0, 1000).is_none());
+    let idb = id_of(&f, "b");
+    assert_eq!(&f.read(idb, 0, 4096).await.unwrap()[..], &b[..]);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    // Reads past the end are clamped.
+    assert_eq!(f.read(idb, 2990, 100).await.unwrap().len(), 10);
+    assert_eq!(f.read(idb, 5000, 100).await.unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_is_bounded_and_requests_are_capped() {
+    let a = pattern(64 << 10, 3);
+    let files = [TestFile {
+        name: "a",
+        data: &a,
+        chunk: 4096,
+    }];
+    let config = FetchConfig {
+        readahead_bytes: 0,
+        max_request_bytes: 8 << 10,
+        ..fast_config()
+    };
+    let (f, src) = fetcher_for(&files, config);
+    let id = id_of(&f, "a");
+    let got = f.read(id, 0, 100).await.unwrap();
+    assert_eq!(&got[..], &a[..100]);
+    // No read-ahead: only the first chunk was fetched.
+    assert_eq!(f.stats().chunks_verified, 1);
+    // A larger read is split into capped requests.
+    let got = f.read(id, 0, 64 << 10).await.unwrap();
+    assert_eq!(&got[..], &a[..]);
+    for r in src.ranges.lock().unwrap().iter() {
+        // The pattern compresses poorly: each 4 KiB chunk is ~4 KiB compressed.
+        assert!(r.end - r.start <= 8 << 10, "request {r:?} over the cap");
+    }
+    assert!(src.requests.load(Ordering::SeqCst) >= 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_readers_share_one_fetch() {
+    let a = pattern(50_000, 4);
+    let files = [TestFile {
+        name: "a",
+        data: &a,
+        chunk: 5000,
+    }];
+    let (f, src) = fetcher_for(&files, fast_config());
+    src.delay_ms.store(50, Ordering::SeqCst);
+    let id = id_of(&f, "a");
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let f = Arc::clone(&f);
+        tasks.push(tokio::spawn(async move {
+            let off = (i * 1543) % 45_000;
+            (off, f.read(id, off, 4000).await)
+        }));
+    }
+    for t in tasks {
+        let (off, r) = t.await.unwrap();
+        let off = off as usize;
+        assert_eq!(&r.unwrap()[..], &a[off..off + 4000]);
+    }
+    // Every chunk fetched exactly once.
+    let s = f.stats();
+    assert_eq!(s.chunks_verified, 10, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_bytes_are_never_served() {
+    let a = pattern(20_000, 5);
+    let files = [TestFile {
+        name: "a",
+        data: &a,
+        chunk: 4000,
+    }];
+    let (f, src) = fetcher_for(&files, fast_config());
+    src.corrupt.store(true, Ordering::SeqCst);
+    let id = id_of(&f, "a");
+    let err = f.read(id, 0, 1000).await.unwrap_err();
+    assert!(matches!(err, FetchError::Verification { .. }), "{err}");
+    let s = f.stats();
+    assert!(s.verification_failures >= 4, "{s:?}");
+    assert_eq!(s.range_requests, u64::from(f.config().attempts));
+    // Nothing was cached.
+    assert!(f.read_from_memory(id, 0, 1000).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_corruption_is_retried() {
+    let a = pattern(20_000, 6);
+    let files = [TestFile {
+        name: "a",
+        data: &a,
+        chunk: 4000,
+    }];
+    let (f, src) = fetcher_for(&files, fast_config());
+    src.corrupt_first.store(1, Ordering::SeqCst);
+    let id = id_of(&f, "a");
+    let got = f.read(id, 0, 20_000).await.unwrap();
+    assert_eq!(&got[..], &a[..]);
+    assert!(f.stats().retries >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_chunks_are_synthesized() {
+    let mut a = pattern(4096, 7);
+    a.extend(vec![0u8; 8192]);
+    a.extend(pattern(4096, 8));
+    let files = [TestFile {
+        name: "a",
+        data: &a,
+        chunk: 4096,
+    }];
+    let config = FetchConfig {
+        readahead_bytes: 0,
+        ..fast_config()
+    };
+    let (f, src) = fetcher_for(&files, config);
+    let id = id_of(&f, "a");
+    assert!(f.index().entry(id).chunks().iter().any(|c| c.zeros));
+    let got = f.read(id, 4096, 8192).await.unwrap();
+    assert!(got.iter().all(|&b| b == 0));
+    assert_eq!(got.len(), 8192);
+    // Zero chunks cost no request.
+    assert_eq!(src.requests.load(Ordering::SeqCst), 0);
+    let got = f.read(id, 0, a.len() as u32).await.unwrap();
+    assert_eq!(&got[..], &a[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_fetch_fills_the_cache() {
+    let a = pattern(30_000, 9);
+    let b = pattern(30_000, 10);
+    let files = [
+        TestFile {
+            name: "a",
+            data: &a,
+            chunk: 3000,
+        },
+        TestFile {
+            name: "b",
+            data: &b,
+            chunk: 3000,
+        },
+    ];
+    let (f, src) = fetcher_for(&files, fast_config());
+    let end = f.index().location().data_end();
+    let fetched = f.fetch_background(0..end, None).await;
+    assert!(fetched > 0);
+    let reqs = src.requests.load(Ordering::SeqCst);
+    assert_eq!(reqs, 1, "one large request for a small layer");
+    assert_eq!(f.stats().prefetch_bytes, f.stats().bytes_fetched);
+    let id = id_of(&f, "b");
+    assert_eq!(&f.read_from_memory(id, 0, 30_000).unwrap()[..], &b[..]);
+    // Nothing left to fetch.
+    assert_eq!(f.fetch_background(0..end, None).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn toc_from_annotations_takes_one_request_and_footer_two_at_most() {
+    let a = pattern(5000, 11);
+    let blob = build(
+        &[TestFile {
+            name: "a",
+            data: &a,
+            chunk: 1000,
+        }],
+        vec![],
+    );
+    let src = MemBlob::new(blob.bytes.clone());
+    let size = blob.bytes.len() as u64;
+    let loc = blob.location;
+    let mut ann = HashMap::new();
+    ann.insert(
+        zest_format::annotations::OLD_MANIFEST_CHECKSUM.to_string(),
+        Digest::of(&blob.bytes[loc.toc_range().start as usize..loc.toc_range().end as usize])
+            .to_string(),
+    );
+    ann.insert(
+        zest_format::annotations::OLD_MANIFEST_POSITION.to_string(),
+        format!(
+            "{}:{}:{}:1",
+            loc.toc.offset, loc.toc.compressed_len, loc.toc.uncompressed_len
+        ),
+    );
+    let got = fetch_layer_index(src.as_ref(), size, &ann, &TocFetchOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(got.requests, 1);
+    assert!(got.authenticated);
+    assert_eq!(got.index.len(), blob.index().len());
+
+    // Footer path, small tail: footer then TOC.
+    let opts = TocFetchOptions {
+        tail_bytes: 64,
+        ..TocFetchOptions::default()
+    };
+    let got = fetch_layer_index(src.as_ref(), size, &HashMap::new(), &opts)
+        .await
+        .unwrap();
+    assert_eq!(got.requests, 2);
+    assert!(!got.authenticated);
+    // Generous tail: one request.
+    let got = fetch_layer_index(
+        src.as_ref(),
+        size,
+        &HashMap::new(),
+        &TocFetchOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.requests, 1);
+    // Required authentication without annotations fails clearly.
+    let strict = TocFetchOptions {
+        require_digest: true,
+        ..TocFetchOptions::default()
+    };
+    assert!(
+        fetch_layer_index(src.as_ref(), size, &HashMap::new(), &strict)
+            .await
+            .is_err()
+    );
+    // A wrong checksum annotation is refused.
+    ann.insert(
+        zest_format::annotations::OLD_MANIFEST_CHECKSUM.to_string(),
+        Digest::of(b"other").to_string(),
+    );
+    assert!(
+        fetch_layer_index(src.as_ref(), size, &ann, &TocFetchOptions::default())
+            .await
+            .is_err()
+    );
+}
+
+#[test]
+fn runs_split_at_gaps_and_size() {
+    let e = |a: u64, b: u64| a..b;
+    assert_eq!(
+        split_runs(&[e(0, 10), e(10, 20), e(25, 30)], 5, 100),
+        vec![0, 0, 0]
+    );
+    assert_eq!(
+        split_runs(&[e(0, 10), e(10, 20), e(26, 30)], 5, 100),
+        vec![0, 0, 1]
+    );
+    assert_eq!(
+        split_runs(&[e(0, 60), e(60, 120), e(120, 130)], 5, 100),
+        vec![0, 1, 1]
+    );
+    // An extent larger than the cap is a run of its own.
+    assert_eq!(split_runs(&[e(0, 500), e(500, 510)], 5, 100), vec![0, 1]);
+    assert!(split_runs(&[], 5, 100).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_demand_reads_overtake_background_fetch() {
+    let files: Vec<Vec<u8>> = (0..24).map(|i| pattern(40_000, 20 + i as u8)).collect();
+    let names: Vec<String> = (0..24).map(|i| format!("f{i:02}")).collect();
+    let tf: Vec<TestFile<'_>> = files
+        .iter()
+        .zip(&names)
+        .map(|(d, n)| TestFile {
+            name: n,
+            data: d,
+            chunk: 10_000,
+        })
+        .collect();
+    let config = FetchConfig {
+        prefetch_request_bytes: 40_000,
+        readahead_bytes: 0,
+        ..fast_config()
+    };
+    let (f, src) = fetcher_for(&tf, config);
+    src.delay_ms.store(20, Ordering::SeqCst);
+    let end = f.index().location().data_end();
+    let bg = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move { f.fetch_background(0..end, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(70)).await;
+    let before = src.requests.load(Ordering::SeqCst) as usize;
+    assert!(before < 20, "background fetch should still be running");
+    let last = id_of(&f, "f23");
+    let want = f.index().entry(last).chunks()[0].compressed_offset;
+    // The read's request is slow (200 ms): an unpaused background fetch would
+    // issue several requests meanwhile.
+    src.slow_from.store(want, Ordering::SeqCst);
+    src.slow_ms.store(200, Ordering::SeqCst);
+    let got = f.read(last, 0, 40_000).await.unwrap();
+    assert_eq!(&got[..], &files[23][..]);
+    let after = src.requests.load(Ordering::SeqCst) as usize;
+    src.slow_from.store(u64::MAX, Ordering::SeqCst);
+    // The read's request went out at once (its own permit pool), and at most
+    // the background request already past its pause point ran alongside.
+    let ranges = src.ranges.lock().unwrap().clone();
+    let pos = ranges
+        .iter()
+        .position(|r| r.start <= want && want < r.end)
+        .unwrap();
+    assert!(
+        pos <= before + 1,
+        "read request at position {pos}, {before} requests before it started"
+    );
+    assert!(
+        after <= before + 2,
+        "background fetch kept going while a read waited: {before} -> {after}"
+    );
+    bg.await.unwrap();
+    // Background fetch completes and skips what the read fetched.
+    for (i, d) in files.iter().enumerate() {
+        let id = id_of(&f, &names[i]);
+        assert_eq!(&f.read_from_memory(id, 0, 40_000).unwrap()[..], &d[..]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_window_grows_for_sequential_misses_and_resets_on_jumps() {
+    let a = pattern(1000, 30);
+    let (f, _src) = fetcher_for(
+        &[TestFile {
+            name: "a",
+            data: &a,
+            chunk: 500,
+        }],
+        fast_config(),
+    );
+    let id = id_of(&f, "a");
+    let base = f.config().readahead_bytes;
+    let max = f.config().max_readahead_bytes;
+    assert_eq!(f.readahead_window(id, 0), base);
+    assert_eq!(f.readahead_window(id, base), 2 * base);
+    assert_eq!(f.readahead_window(id, 3 * base), 4 * base);
+    let mut off = 3 * base;
+    for _ in 0..10 {
+        off += 4 * base;
+        assert!(f.readahead_window(id, off) <= max);
+    }
+    assert_eq!(f.readahead_window(id, off + base), max);
+    // A jump backwards resets the window.
+    assert_eq!(f.readahead_window(id, 0), base);
+    // Another file has its own window.
+    let other = f.index().root();
+    assert_eq!(f.readahead_window(other, 5 * base), base);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_reclaims_chunks_of_an_abandoned_fetch() {
+    let a = pattern(20_000, 40);
+    let (f, src) = fetcher_for(
+        &[TestFile {
+            name: "a",
+            data: &a,
+            chunk: 5000,
+        }],
+        fast_config(),
+    );
+    src.delay_ms.store(300, Ordering::SeqCst);
+    let end = f.index().location().data_end();
+    // A background fetch claims everything, then is stopped mid-request.
+    let bg = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move { f.fetch_background(0..end, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reader = {
+        let f = Arc::clone(&f);
+        let id = id_of(&f, "a");
+        tokio::spawn(async move { f.read(id, 0, 20_000).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    bg.abort();
+    src.delay_ms.store(0, Ordering::SeqCst);
+    let got = reader
+        .await
+        .unwrap()
+        .expect("the reader fetches again instead of failing");
+    assert_eq!(&got[..], &a[..]);
+}

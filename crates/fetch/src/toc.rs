@@ -1,0 +1,222 @@
+//! Finding and fetching a layer's TOC, the only data a mount needs up front.
+//!
+//! With the layer descriptor's zstd:chunked annotations the TOC position and
+//! digest are known: ONE range request, and the TOC is authenticated by the
+//! manifest. Without them, the blob's tail is fetched (footer, and often the
+//! whole TOC of a small layer with it), then the TOC if the tail did not cover
+//! it: two requests at most. A TOC found by footer alone is not authenticated
+//! by the manifest; callers that require it set
+//! [`TocFetchOptions::require_digest`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{FetchConfig, FetchError, FetchLimits, Fetcher};
+use zest_cache::ChunkCache;
+use zest_format::{parse_footer, FormatError, LayerIndex, TocLocation, FOOTER_FETCH_LEN};
+use zest_oci::{Descriptor, Repository};
+use zest_registry::RegistryClient;
+use zest_store::{BlobSource, RegistryBlob, SourceError};
+
+/// Options of [`fetch_layer_index`].
+#[derive(Clone, Debug)]
+pub struct TocFetchOptions {
+    /// Bytes fetched from the end of the blob when there are no annotations
+    /// (at least the footer; more often catches the whole TOC in one request).
+    pub tail_bytes: u64,
+    /// Refuse a TOC whose digest is not vouched for by an annotation.
+    pub require_digest: bool,
+    /// Attempts per request (transient failures are retried).
+    pub attempts: u32,
+    /// Timeout of one request.
+    pub request_timeout: Duration,
+}
+
+impl Default for TocFetchOptions {
+    fn default() -> Self {
+        TocFetchOptions {
+            tail_bytes: 64 << 10,
+            require_digest: false,
+            attempts: 3,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where the TOC was found and how many requests it took.
+#[derive(Debug)]
+pub struct FetchedIndex {
+    /// The validated layer model.
+    pub index: LayerIndex,
+    /// Range requests made.
+    pub requests: u32,
+    /// Whether the TOC digest came from the manifest (authenticated).
+    pub authenticated: bool,
+}
+
+/// Locates, fetches and validates the TOC of the blob behind `source`.
+///
+/// `blob_size` is the layer descriptor's size; `annotations` the descriptor's
+/// annotations (empty if unknown).
+pub async fn fetch_layer_index(
+    source: &dyn BlobSource,
+    blob_size: u64,
+    annotations: &BTreeMap<String, String>,
+    options: &TocFetchOptions,
+) -> Result<FetchedIndex, FetchError> {
+    let blob = source.describe();
+    let toc_err = |e: FormatError| FetchError::Toc {
+        blob: blob.clone(),
+        source: Arc::new(e),
+    };
+    let mut requests = 0u32;
+    let location = match TocLocation::from_annotations(annotations) {
+        Ok(Some(loc)) => Some(loc),
+        Ok(None) => None,
+        Err(e) => {
+            // A malformed annotation must not make the layer unusable: the footer
+            // still locates the TOC (unauthenticated, so only if allowed).
+            tracing::warn!(error = %e, blob = %blob, "ignoring malformed zstd:chunked annotations");
+            None
+        }
+    };
+    if let Some(loc) = location {
+        let bytes = read(source, loc.toc_range(), options, &mut requests).await?;
+        let index = LayerIndex::decode(&bytes, &loc, blob_size).map_err(toc_err)?;
+        return Ok(FetchedIndex {
+            index,
+            requests,
+            authenticated: loc.toc_digest.is_some(),
+        });
+    }
+    if options.require_digest {
+        return Err(FetchError::Toc {
+            blob,
+            source: Arc::new(FormatError::BadFooter {
+                reason: "the layer descriptor has no zstd:chunked manifest-checksum annotation and an authenticated TOC is required".into(),
+            }),
+        });
+    }
+    let tail_len = options.tail_bytes.max(FOOTER_FETCH_LEN).min(blob_size);
+    let tail_start = blob_size - tail_len;
+    let tail = read(source, tail_start..blob_size, options, &mut requests).await?;
+    let footer = parse_footer(&tail, blob_size).map_err(toc_err)?;
+    let loc = footer.location();
+    let toc_bytes = match loc.toc_in_tail(&tail, tail_start) {
+        Some(b) => Bytes::copy_from_slice(b),
+        None => read(source, loc.toc_range(), options, &mut requests).await?,
+    };
+    tracing::debug!(blob = %blob, requests, "TOC located by footer (not authenticated by the manifest)");
+    let index = LayerIndex::decode(&toc_bytes, &loc, blob_size).map_err(toc_err)?;
+    Ok(FetchedIndex {
+        index,
+        requests,
+        authenticated: false,
+    })
+}
+
+/// One range read with timeout and bounded retries of transient failures.
+async fn read(
+    source: &dyn BlobSource,
+    range: std::ops::Range<u64>,
+    options: &TocFetchOptions,
+    requests: &mut u32,
+) -> Result<Bytes, FetchError> {
+    let attempts = options.attempts.max(1);
+    let mut last = None;
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+        }
+        *requests += 1;
+        let expected = range.end - range.start;
+        match tokio::time::timeout(options.request_timeout, source.read_range(range.clone())).await
+        {
+            Ok(Ok(b)) if b.len() as u64 == expected => return Ok(b),
+            Ok(Ok(b)) => {
+                last = Some(SourceError::Transient {
+                    blob: source.describe(),
+                    start: range.start,
+                    end: range.end,
+                    reason: format!("got {} bytes, expected {expected}", b.len()),
+                });
+            }
+            Ok(Err(e)) if e.is_transient() => last = Some(e),
+            Ok(Err(e)) => return Err(FetchError::Source(Arc::new(e))),
+            Err(_) => {
+                last = Some(SourceError::Transient {
+                    blob: source.describe(),
+                    start: range.start,
+                    end: range.end,
+                    reason: format!("timed out after {:?}", options.request_timeout),
+                });
+            }
+        }
+    }
+    Err(match last {
+        Some(e) => FetchError::Source(Arc::new(e)),
+        None => FetchError::Cancelled,
+    })
+}
+
+/// Fetches the TOC of the blob behind `source` and returns a [`Fetcher`] ready
+/// to serve the layer (tasks on the current tokio runtime).
+#[allow(clippy::too_many_arguments)]
+pub async fn open_layer(
+    source: Arc<dyn BlobSource>,
+    blob_size: u64,
+    annotations: &BTreeMap<String, String>,
+    cache: Arc<ChunkCache>,
+    limits: FetchLimits,
+    config: FetchConfig,
+    toc_options: &TocFetchOptions,
+) -> Result<Arc<Fetcher>, FetchError> {
+    let fetched = fetch_layer_index(source.as_ref(), blob_size, annotations, toc_options).await?;
+    tracing::debug!(
+        blob = %source.describe(),
+        entries = fetched.index.len(),
+        requests = fetched.requests,
+        authenticated = fetched.authenticated,
+        "layer index loaded"
+    );
+    Ok(Fetcher::new(
+        Arc::new(fetched.index),
+        source,
+        cache,
+        limits,
+        config,
+        tokio::runtime::Handle::current(),
+    ))
+}
+
+/// Opens every layer of an image (descriptors bottom layer first) from a
+/// registry: the TOCs are fetched concurrently, one request per layer when
+/// the descriptors carry zstd:chunked annotations. Fetchers share `limits`
+/// (one registry) and `cache`.
+pub async fn open_registry_layers(
+    client: &RegistryClient,
+    repo: &Repository,
+    layers: &[Descriptor],
+    cache: &Arc<ChunkCache>,
+    limits: &FetchLimits,
+    config: &FetchConfig,
+    toc_options: &TocFetchOptions,
+) -> Result<Vec<Arc<Fetcher>>, FetchError> {
+    let opens = layers.iter().map(|layer| {
+        let source: Arc<dyn BlobSource> =
+            Arc::new(RegistryBlob::for_layer(client.clone(), repo.clone(), layer));
+        open_layer(
+            source,
+            layer.size,
+            &layer.annotations,
+            Arc::clone(cache),
+            limits.clone(),
+            config.clone(),
+            toc_options,
+        )
+    });
+    futures::future::try_join_all(opens).await
+}

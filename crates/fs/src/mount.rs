@@ -1,0 +1,496 @@
+//! Mounting layers and images.
+//!
+//! - [`LayerMount`]: one layer's FUSE filesystem mounted on a directory, with its
+//!   prefetch started; unmounted on [`LayerMount::unmount`] or drop.
+//! - [`ImageMount`]: a read-only overlayfs stacking several [`LayerMount`]s (a
+//!   read-only bind mount for a single layer: overlayfs needs two lower layers
+//!   when it has no upper one). Dropping it unmounts the overlay, then every layer.
+//!
+//! Unmounting never hangs: a busy mount is detached (`MNT_DETACH`) on drop and its
+//! FUSE workers keep serving the remaining open files, then end with the
+//! connection.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::fuse_adapter::{self, FuseMountConfig, FuseSession};
+use super::layer::{LayerFs, LayerFsOptions};
+use zest_fetch::prefetch::{BackgroundFetch, PrefetchTask};
+use zest_fetch::Fetcher;
+
+/// How long unmount waits for the FUSE workers to end after the kernel
+/// released the mount.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a mount or unmount failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// The FUSE mount itself failed.
+    #[error("mounting layer filesystem on {path}: {source} (zest must run as root with /dev/fuse available)")]
+    Fuse {
+        /// Mountpoint.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The overlay (or bind) mount failed.
+    #[error("mounting overlay on {path}: {source}")]
+    Overlay {
+        /// Target directory.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A path cannot be used in overlayfs options.
+    #[error("path {path} cannot be used as an overlay layer: {reason}")]
+    UnsupportedPath {
+        /// The offending path.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The mount is in use; close the files under it (or stop the container) first.
+    #[error("{path} is busy: files under it are still open")]
+    Busy {
+        /// The busy mountpoint.
+        path: PathBuf,
+    },
+    /// Unmounting failed for another reason.
+    #[error("unmounting {path}: {source}")]
+    Unmount {
+        /// Mountpoint.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// No layers were given.
+    #[error("an image mount needs at least one layer")]
+    NoLayers,
+}
+
+/// Options of a layer mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// FUSE worker threads (kernel requests served in parallel).
+    pub threads: usize,
+    /// Filesystem behaviour (timeouts, opaque xattr name).
+    pub fs: LayerFsOptions,
+    /// Honour device nodes on the raw layer mount (`nodev` otherwise). An overlay
+    /// stacked on top applies its own flags; the default is off.
+    pub dev: bool,
+    /// Honour setuid/setgid on the raw layer mount (`nosuid` otherwise).
+    pub suid: bool,
+    /// Fetch the layer's prefetch extent (if it has one) right after mounting.
+    pub prefetch: bool,
+    /// Background fetch of the whole layer, rate limited; `None` (default) = off.
+    pub background: Option<BackgroundFetch>,
+    /// Mount source shown in the mount table.
+    pub source_name: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            threads: 4,
+            fs: LayerFsOptions::default(),
+            dev: false,
+            suid: false,
+            prefetch: true,
+            background: None,
+            source_name: "zest".to_string(),
+        }
+    }
+}
+
+/// One layer mounted through FUSE. Unmounted when dropped.
+pub struct LayerMount {
+    mountpoint: PathBuf,
+    fs: Arc<LayerFs>,
+    session: Option<FuseSession>,
+    prefetch: Option<PrefetchTask>,
+}
+
+impl std::fmt::Debug for LayerMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerMount")
+            .field("mountpoint", &self.mountpoint)
+            .field("mounted", &self.session.is_some())
+            .finish()
+    }
+}
+
+impl LayerMount {
+    /// Mounts the layer served by `fetcher` on `mountpoint` (an existing empty
+    /// directory) and starts its prefetch. Blocking: returns once the kernel
+    /// finished the FUSE handshake. Must be called with the fetcher's runtime
+    /// able to make progress (from a blocking thread when called from async code).
+    pub fn mount(
+        fetcher: Arc<Fetcher>,
+        mountpoint: &Path,
+        options: &MountOptions,
+    ) -> Result<LayerMount, MountError> {
+        let mountpoint = mountpoint
+            .canonicalize()
+            .map_err(|source| MountError::Fuse {
+                path: mountpoint.to_path_buf(),
+                source,
+            })?;
+        let fs = Arc::new(LayerFs::new(Arc::clone(&fetcher), options.fs.clone()));
+        let config = FuseMountConfig {
+            threads: options.threads.max(1),
+            dev: options.dev,
+            suid: options.suid,
+            source: options.source_name.clone(),
+        };
+        let session =
+            fuse_adapter::start(Arc::clone(&fs), &mountpoint, &config).map_err(|source| {
+                MountError::Fuse {
+                    path: mountpoint.clone(),
+                    source,
+                }
+            })?;
+        let prefetch = PrefetchTask::start(&fetcher, options.prefetch, options.background);
+        tracing::debug!(mountpoint = %mountpoint.display(), blob = %fetcher.describe(), "layer mounted");
+        Ok(LayerMount {
+            mountpoint,
+            fs,
+            session: Some(session),
+            prefetch,
+        })
+    }
+
+    /// The directory the layer is mounted on.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The filesystem behind the mount.
+    pub fn fs(&self) -> &Arc<LayerFs> {
+        &self.fs
+    }
+
+    /// The layer's fetcher (counters, cache).
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        self.fs.fetcher()
+    }
+
+    /// Whether the prefetch started at mount has finished (true if there was none).
+    pub fn prefetch_done(&self) -> bool {
+        self.prefetch.as_ref().is_none_or(PrefetchTask::is_finished)
+    }
+
+    /// Waits (at most `timeout`) for the mount-time prefetch to finish; returns
+    /// whether it did. Blocking.
+    pub fn wait_prefetch(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.prefetch_done() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Unmounts the layer. Fails with [`MountError::Busy`] (and stays mounted)
+    /// while files under it are open or an overlay uses it. Blocking.
+    pub fn unmount(&mut self) -> Result<(), MountError> {
+        if let Some(p) = self.prefetch.take() {
+            p.stop();
+        }
+        let Some(mut session) = self.session.take() else {
+            return Ok(());
+        };
+        match umount(&self.mountpoint, 0) {
+            Ok(()) => {
+                session.join(JOIN_TIMEOUT);
+                Ok(())
+            }
+            // Not mounted any more (someone unmounted it behind our back).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                session.join(Duration::from_millis(100));
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                self.session = Some(session);
+                Err(MountError::Busy {
+                    path: self.mountpoint.clone(),
+                })
+            }
+            Err(source) => {
+                self.session = Some(session);
+                Err(MountError::Unmount {
+                    path: self.mountpoint.clone(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Unmounts, detaching the mount if it is busy (it disappears from the
+    /// namespace at once; the kernel ends it when the last open file closes).
+    pub fn unmount_or_detach(&mut self) {
+        match self.unmount() {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "detaching layer mount");
+                if let Err(e) = umount(&self.mountpoint, libc::MNT_DETACH) {
+                    tracing::error!(error = %e, path = %self.mountpoint.display(), "detach failed");
+                }
+                // The workers keep serving open files; do not wait for them.
+                self.session = None;
+            }
+        }
+    }
+}
+
+impl Drop for LayerMount {
+    fn drop(&mut self) {
+        self.unmount_or_detach();
+    }
+}
+
+/// A whole image mounted read-only: overlayfs over per-layer FUSE mounts.
+#[derive(Debug)]
+pub struct ImageMount {
+    target: PathBuf,
+    mounted: bool,
+    /// Bottom layer first.
+    layers: Vec<LayerMount>,
+}
+
+impl ImageMount {
+    /// Stacks `layers` (bottom layer first) read-only on `target` (an existing
+    /// directory). On failure the given layer mounts are unmounted (dropped).
+    pub fn mount(layers: Vec<LayerMount>, target: &Path) -> Result<ImageMount, MountError> {
+        if layers.is_empty() {
+            return Err(MountError::NoLayers);
+        }
+        let target = target
+            .canonicalize()
+            .map_err(|source| MountError::Overlay {
+                path: target.to_path_buf(),
+                source,
+            })?;
+        let overlay_err = |source| MountError::Overlay {
+            path: target.clone(),
+            source,
+        };
+        if let [only] = layers.as_slice() {
+            bind_readonly(only.mountpoint(), &target).map_err(overlay_err)?;
+        } else {
+            let mut opts = String::from("lowerdir=");
+            for (i, layer) in layers.iter().rev().enumerate() {
+                let p = layer.mountpoint();
+                check_overlay_path(p)?;
+                if i > 0 {
+                    opts.push(':');
+                }
+                // check_overlay_path guarantees UTF-8 without separators.
+                opts.push_str(&p.to_string_lossy());
+            }
+            // The kernel takes mount options as one page.
+            if opts.len() >= 4096 {
+                return Err(MountError::Overlay {
+                    path: target.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{} layers need {} bytes of overlay options, over the kernel's 4095; \
+                             mount the layers on shorter paths",
+                            layers.len(),
+                            opts.len()
+                        ),
+                    ),
+                });
+            }
+            mount_overlay(&target, &opts).map_err(overlay_err)?;
+        }
+        Ok(ImageMount {
+            target,
+            mounted: true,
+            layers,
+        })
+    }
+
+    /// Mounts each layer served by `fetchers` (bottom layer first) on a
+    /// directory `layers_dir/<n>` (created if needed) and stacks them on
+    /// `target`. Blocking, like [`LayerMount::mount`].
+    pub fn mount_fetchers(
+        fetchers: Vec<Arc<Fetcher>>,
+        layers_dir: &Path,
+        target: &Path,
+        options: &MountOptions,
+    ) -> Result<ImageMount, MountError> {
+        let mut layers = Vec::with_capacity(fetchers.len());
+        for (i, f) in fetchers.into_iter().enumerate() {
+            let dir = layers_dir.join(i.to_string());
+            std::fs::create_dir_all(&dir).map_err(|source| MountError::Fuse {
+                path: dir.clone(),
+                source,
+            })?;
+            // On failure the layers mounted so far are dropped: unmounted.
+            layers.push(LayerMount::mount(f, &dir, options)?);
+        }
+        ImageMount::mount(layers, target)
+    }
+
+    /// Where the image is mounted.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// The layer mounts, bottom layer first.
+    pub fn layers(&self) -> &[LayerMount] {
+        &self.layers
+    }
+
+    /// Unmounts the overlay and then every layer. Fails with
+    /// [`MountError::Busy`] (and stays mounted) while files under it are open.
+    pub fn unmount(&mut self) -> Result<(), MountError> {
+        if self.mounted {
+            match umount(&self.target, 0) {
+                Ok(()) => self.mounted = false,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.mounted = false,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    return Err(MountError::Busy {
+                        path: self.target.clone(),
+                    })
+                }
+                Err(source) => {
+                    return Err(MountError::Unmount {
+                        path: self.target.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        // Top layer first (the reverse of mounting order).
+        while let Some(mut layer) = self.layers.pop() {
+            if let Err(e) = layer.unmount() {
+                self.layers.push(layer);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ImageMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            if let Err(e) = umount(&self.target, 0) {
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    tracing::warn!(error = %e, path = %self.target.display(), "detaching busy image mount");
+                    if let Err(e) = umount(&self.target, libc::MNT_DETACH) {
+                        tracing::error!(error = %e, "detach failed");
+                    }
+                }
+            }
+            self.mounted = false;
+        }
+        while let Some(mut layer) = self.layers.pop() {
+            layer.unmount_or_detach();
+        }
+    }
+}
+
+/// overlayfs splits `lowerdir` at `:` and options at `,`; refuse paths that would
+/// need escaping rather than risk a mis-parse.
+fn check_overlay_path(p: &Path) -> Result<(), MountError> {
+    let bytes = p.as_os_str().as_bytes();
+    let bad = |reason| MountError::UnsupportedPath {
+        path: p.to_path_buf(),
+        reason,
+    };
+    if std::str::from_utf8(bytes).is_err() {
+        return Err(bad("not UTF-8"));
+    }
+    if bytes
+        .iter()
+        .any(|b| matches!(b, b':' | b',' | b'\\' | b'\n'))
+    {
+        return Err(bad("contains ':', ',', '\\' or a newline"));
+    }
+    Ok(())
+}
+
+fn cstring(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn mount_overlay(target: &Path, opts: &str) -> io::Result<()> {
+    let t = cstring(target)?;
+    let o = CString::new(opts)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "options contain a NUL byte"))?;
+    // SAFETY: valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"overlay".as_ptr(),
+            t.as_ptr(),
+            c"overlay".as_ptr(),
+            libc::MS_RDONLY,
+            o.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn bind_readonly(source: &Path, target: &Path) -> io::Result<()> {
+    let s = cstring(source)?;
+    let t = cstring(target)?;
+    // SAFETY: valid NUL-terminated strings that outlive the calls.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // A bind mount takes its read-only flag only from a remount.
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        let _ = umount(target, libc::MNT_DETACH);
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// `umount2(2)`.
+pub fn umount(path: &Path, flags: libc::c_int) -> io::Result<()> {
+    let p = cstring(path)?;
+    // SAFETY: valid NUL-terminated string.
+    let rc = unsafe { libc::umount2(p.as_ptr(), flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,291 @@
+//! Errors of the registry client: what failed, on which registry, repository and
+//! object, the registry's own error codes, and what the user can do about it.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use zest_oci::digest::Digest;
+use zest_oci::OciJsonError;
+
+/// One entry of a registry's error body (`{"errors":[{"code","message","detail"}]}`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ApiError {
+    /// Machine-readable code (`BLOB_UNKNOWN`, `UNAUTHORIZED`, `DENIED`, ...).
+    #[serde(default)]
+    pub code: String,
+    /// Human-readable message.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// The registry's error entries; displays as `: CODE: message; CODE: message`, or
+/// nothing when the body had none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApiErrors(pub Vec<ApiError>);
+
+impl ApiErrors {
+    /// Parses an error body; anything that is not the standard JSON shape gives an
+    /// empty list (the HTTP status still tells what happened).
+    pub fn parse(body: &[u8]) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            #[serde(default)]
+            errors: Vec<ApiError>,
+        }
+        match serde_json::from_slice::<Body>(body) {
+            Ok(b) => ApiErrors(b.errors.into_iter().take(8).collect()),
+            Err(_) => ApiErrors(Vec::new()),
+        }
+    }
+
+    /// Whether any entry has `code`.
+    pub fn has_code(&self, code: &str) -> bool {
+        self.0.iter().any(|e| e.code == code)
+    }
+}
+
+impl fmt::Display for ApiErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            let sep = if i == 0 { ": " } else { "; " };
+            let msg: String = e.message.chars().take(300).collect();
+            write!(f, "{sep}{}: {msg}", e.code)?;
+        }
+        Ok(())
+    }
+}
+
+/// Errors of [`super::RegistryClient`].
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No connection could be made, or it broke before an answer (after retries).
+    #[error("cannot talk to registry {host} at {url}: {detail}{hint}")]
+    Connect {
+        /// Registry host.
+        host: String,
+        /// The URL being requested.
+        url: String,
+        /// The transport's error chain.
+        detail: String,
+        /// What to try, with a leading separator (may be empty).
+        hint: &'static str,
+    },
+    /// No answer in time (after retries).
+    #[error("{what} on {host}/{repository}: no answer within {timeout:?}; the registry or network is slow or down: retry later or raise the timeout")]
+    Timeout {
+        /// Registry host.
+        host: String,
+        /// Repository.
+        repository: String,
+        /// The operation.
+        what: String,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// 401/403: missing, wrong or insufficient credentials.
+    #[error("{what} on {host}/{repository}: access denied (HTTP {status}){errors}; {hint}")]
+    Unauthorized {
+        /// Registry host.
+        host: String,
+        /// Repository.
+        repository: String,
+        /// The operation.
+        what: String,
+        /// 401 or 403.
+        status: u16,
+        /// The registry's error entries.
+        errors: ApiErrors,
+        /// What to do.
+        hint: String,
+    },
+    /// Token service or challenge problems.
+    #[error("authentication with {host} failed: {detail}; {hint}")]
+    Auth {
+        /// Registry (or token service) host.
+        host: String,
+        /// What went wrong.
+        detail: String,
+        /// What to do.
+        hint: &'static str,
+    },
+    /// 404 (manifest, tag, blob or repository unknown).
+    #[error("{what} not found in {host}/{repository}{errors}")]
+    NotFound {
+        /// Registry host.
+        host: String,
+        /// Repository.
+        repository: String,
+        /// The object.
+        what: String,
+        /// The registry's error entries.
+        errors: ApiErrors,
+    },
+    /// Any other unexpected HTTP status (after retries for 5xx/429).
+    #[error("{what} on {host}/{repository} failed: HTTP {status}{errors}")]
+    Status {
+        /// Registry host.
+        host: String,
+        /// Repository.
+        repository: String,
+        /// The operation.
+        what: String,
+        /// HTTP status code.
+        status: u16,
+        /// The registry's error entries.
+        errors: ApiErrors,
+    },
+    /// Content that does not hash to the digest it was requested by (or that the
+    /// registry announced for it).
+    #[error("content from {host}/{repository} does not match digest {expected} (it hashes to {actual}); the registry, a mirror or a proxy served wrong data")]
+    DigestMismatch {
+        /// Registry host.
+        host: String,
+        /// Repository.
+        repository: String,
+        /// The digest asked for (or announced by the registry).
+        expected: Digest,
+        /// The digest of what arrived.
+        actual: Digest,
+    },
+    /// A body shorter than announced or requested (after retries).
+    #[error("truncated response for {digest} bytes {}..{} from {host}/{repository}: got {got} of {expected} bytes", range.start, range.end)]
+    Truncated {
+        /// Registry host.
+        host: String,
+        /// Repository.
+        repository: String,
+        /// The blob.
+        digest: Digest,
+        /// The byte range requested (whole blob: `0..size`).
+        range: Range<u64>,
+        /// Bytes received.
+        got: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// A range that is not inside the blob.
+    #[error("bytes {}..{} are outside blob {digest} in {host}/{repository}{}", range.start, range.end, blob_size.map(|s| format!(" ({s} bytes)")).unwrap_or_default())]
+    RangeNotSatisfiable {
+        /// Registry host.
+        host: String,
+        /// Repository.
+        repository: String,
+        /// The blob.
+        digest: Digest,
+        /// The requested range.
+        range: Range<u64>,
+        /// The blob's size, when the registry said.
+        blob_size: Option<u64>,
+    },
+    /// A response that breaks the distribution protocol.
+    #[error("invalid response to {what} from {host}/{repository}: {detail}")]
+    Protocol {
+        /// Registry host.
+        host: String,
+        /// Repository.
+        repository: String,
+        /// The operation.
+        what: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// An object larger than the limit zest keeps in memory for it.
+    #[error("{what} from {host}/{repository} is larger than the {limit}-byte limit")]
+    TooLarge {
+        /// Registry host.
+        host: String,
+        /// Repository.
+        repository: String,
+        /// The object.
+        what: String,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// A manifest that does not parse, or has no entry for the platform.
+    #[error("manifest {reference}: {source}")]
+    Manifest {
+        /// The manifest's reference.
+        reference: String,
+        /// The parse error.
+        #[source]
+        source: OciJsonError,
+    },
+    /// An index without a manifest for the wanted platform.
+    #[error("{reference} has no image for platform {platform} (available: {available}); choose one with --platform")]
+    PlatformNotFound {
+        /// The index's reference.
+        reference: String,
+        /// The wanted platform.
+        platform: String,
+        /// The platforms the index offers.
+        available: String,
+    },
+    /// A registry configuration file (hosts.toml, config.json, CA) is unusable.
+    #[error("registry configuration {path}: {detail}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        detail: String,
+    },
+    /// A local file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A caller error (empty range, mount across registries, ...).
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+}
+
+impl RegistryError {
+    /// Whether another endpoint (a mirror, then the upstream server) might succeed
+    /// where this one failed.
+    pub(crate) fn allows_fallback(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Connect { .. }
+                | RegistryError::Timeout { .. }
+                | RegistryError::NotFound { .. }
+                | RegistryError::Unauthorized { .. }
+                | RegistryError::Status { .. }
+                | RegistryError::Truncated { .. }
+                | RegistryError::Protocol { .. }
+        )
+    }
+
+    /// Whether this is a 404 (unknown manifest, tag or blob).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, RegistryError::NotFound { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies() {
+        let e = ApiErrors::parse(
+            br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":"sha256:x"}]}"#,
+        );
+        assert!(e.has_code("BLOB_UNKNOWN"));
+        assert_eq!(e.to_string(), ": BLOB_UNKNOWN: blob unknown to registry");
+        assert_eq!(ApiErrors::parse(b"<html>").to_string(), "");
+        assert_eq!(ApiErrors::parse(br#"{"errors":null}"#).0.len(), 0);
+    }
+
+    #[test]
+    fn error_size_is_reasonable() {
+        // Errors travel through every async call; keep them small.
+        assert!(std::mem::size_of::<RegistryError>() <= 128);
+    }
+}
