@@ -16,8 +16,8 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use zest::cache::{CacheConfig, ChunkCache};
-//! use zest::digest::Digest;
+//! use zest_cache::{CacheConfig, ChunkCache};
+//! use zest_oci::Digest;
 //!
 //! let dir = tempfile::tempdir()?;
 //! let cache = ChunkCache::open(&CacheConfig {
