@@ -180,11 +180,6 @@ impl Footer {
             toc_digest: None,
         }
     }
-
-    /// Size of the footer's skippable frame at the end of the blob.
-    pub fn frame_len(&self) -> u64 {
-        footer_frame_len(self.generation)
-    }
 }
 
 fn footer_frame_len(g: Generation) -> u64 {

@@ -509,11 +509,6 @@ impl<'a> EntryRef<'a> {
         self.index.span(self.e.name_off, self.e.name_len)
     }
 
-    /// The name as text (names come from JSON strings, so always UTF-8).
-    pub fn name_str(&self) -> &'a str {
-        std::str::from_utf8(self.name()).unwrap_or_default()
-    }
-
     /// The full path from the root, for messages (`""` for the root).
     pub fn path(&self) -> String {
         let mut parts = Vec::new();

@@ -24,8 +24,6 @@ pub const OCI_LAYER_NONDIST_GZIP: &str =
 /// OCI non-distributable zstd layer (deprecated, still seen).
 pub const OCI_LAYER_NONDIST_ZSTD: &str =
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd";
-/// OCI empty JSON descriptor (`{}`), used by artifacts.
-pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
 /// Docker v2 schema 2 image manifest.
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";

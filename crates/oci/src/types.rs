@@ -369,11 +369,6 @@ impl ImageConfig {
         &self.raw
     }
 
-    /// The whole document, for edits zest has no accessor for.
-    pub fn as_json_mut(&mut self) -> &mut serde_json::Map<String, serde_json::Value> {
-        &mut self.raw
-    }
-
     fn str_field(&self, key: &str) -> Option<&str> {
         self.raw.get(key).and_then(|v| v.as_str())
     }
