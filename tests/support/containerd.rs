@@ -316,6 +316,23 @@ impl ZestService {
         connect(&self.socket).await
     }
 
+    /// Every snapshot in the service's store (all namespaces), as `List` returns it.
+    pub async fn snapshots(&self) -> TestResult<Vec<zest_api::snapshots::Info>> {
+        let mut client = self.client().await?;
+        let mut stream = client
+            .list(zest_api::snapshots::ListSnapshotsRequest {
+                snapshotter: "zest".into(),
+                filters: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(batch) = stream.message().await? {
+            out.extend(batch.info);
+        }
+        Ok(out)
+    }
+
     /// Stops the service gracefully (as on SIGTERM) and waits for it.
     pub async fn stop(mut self) -> TestResult {
         if let Some(stop) = self.stop.take() {
