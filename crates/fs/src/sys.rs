@@ -51,6 +51,16 @@ pub enum SysError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A mount source, filesystem type or option string holds a NUL byte.
+    #[error("mount on {}: the {what} {value:?} contains a NUL byte", target.display())]
+    NulInArgument {
+        /// The mountpoint.
+        target: PathBuf,
+        /// Which argument (`"source"`, `"filesystem type"`, `"options"`).
+        what: &'static str,
+        /// Its value.
+        value: String,
+    },
     /// The overlay options do not fit in the page the kernel accepts.
     #[error(
         "overlay on {}: {layers} layers need {len} bytes of options, over the kernel's {MAX_OPTIONS}; \
@@ -164,10 +174,10 @@ fn path_cstring(p: &Path) -> Result<CString, SysError> {
 }
 
 fn str_cstring(s: &str, what: &'static str, target: &Path) -> Result<CString, SysError> {
-    CString::new(s).map_err(|_| SysError::UnsupportedPath {
-        path: target.to_path_buf(),
-        usage: what,
-        reason: "the mount source, type or options contain a NUL byte",
+    CString::new(s).map_err(|_| SysError::NulInArgument {
+        target: target.to_path_buf(),
+        what,
+        value: s.to_string(),
     })
 }
 
@@ -223,10 +233,10 @@ pub fn mount(
     flags: MountFlags,
     data: &str,
 ) -> Result<(), SysError> {
-    let s = str_cstring(source, "with this mount source", target)?;
+    let s = str_cstring(source, "source", target)?;
     let t = path_cstring(target)?;
-    let f = str_cstring(fstype, "with this filesystem type", target)?;
-    let d = str_cstring(data, "with these mount options", target)?;
+    let f = str_cstring(fstype, "filesystem type", target)?;
+    let d = str_cstring(data, "options", target)?;
     let data = (!data.is_empty()).then_some(d.as_c_str());
     mount_raw(Some(&s), &t, Some(&f), flags.0, data).map_err(|e| SysError::io("mount", target, e))
 }
