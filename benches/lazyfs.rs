@@ -298,10 +298,7 @@ fn chunk_memory() {
 }
 
 fn main() {
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new("/dev/fuse").exists() || !Path::new(REGISTRY_BIN).exists() {
-        eprintln!("lazyfs bench skipped: needs root, /dev/fuse and {REGISTRY_BIN}");
+    if !support::require_root_and_fuse() || !support::require_tool(REGISTRY_BIN) {
         return;
     }
     // `cargo bench` passes `--bench`; a filter argument is ignored.

@@ -15,29 +15,20 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 
 use zest_bench::results::{BenchRun, Mode};
 use zest_oci::Reference;
 
 use support::containerd::require_tools;
-use support::{image, require_tool, Auth, Registry, REGISTRY_BIN};
+use support::{image, require_root_and_fuse, require_tool, Auth, Registry, REGISTRY_BIN};
 
 const ZEST: &str = env!("CARGO_BIN_EXE_zest");
 
 fn can_run() -> bool {
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new("/dev/fuse").exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "the bench test needs root and /dev/fuse"
-        );
-        eprintln!("\n!!!!! SKIPPING bench test: needs root and /dev/fuse !!!!!\n");
-        return false;
-    }
-    require_tool(REGISTRY_BIN) && require_tools(&["containerd", "runc", "ctr", "busybox"])
+    require_root_and_fuse()
+        && require_tool(REGISTRY_BIN)
+        && require_tools(&["containerd", "runc", "ctr", "busybox"])
 }
 
 fn zest(args: &[&str]) -> String {

@@ -1,6 +1,8 @@
 //! The chunk cache on a real file system: budgets checked against what is actually on
 //! disk, restarts, corruption and crash leftovers, concurrency, and the directory lock.
 
+mod support;
+
 use std::fs;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
@@ -541,28 +543,10 @@ fn chunk_cache_under_concurrent_use_serves_only_correct_bytes() {
     assert!(on_disk(dir.path()).0 <= 600 * 1024);
 }
 
-/// Whether a system tool runs; missing is a failure under CI and a loud skip elsewhere.
-fn tool_available(name: &str) -> bool {
-    let ok = std::process::Command::new(name)
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{name} is required under CI (install util-linux)"
-        );
-        eprintln!("SKIPPED: {name} not found; this test needs it (util-linux)");
-    }
-    ok
-}
-
 #[test]
 fn the_lock_excludes_another_process() {
     use std::io::BufRead;
-    if !tool_available("flock") {
+    if !support::require_tool("flock") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -37,23 +37,6 @@ fn spec(image: &str) -> runtime::ImageSpec {
     }
 }
 
-/// Snapshots in zest's store.
-async fn zest_snapshots(service: &ZestService) -> TestResult<Vec<pb::Info>> {
-    let mut client = service.client().await?;
-    let mut stream = client
-        .list(pb::ListSnapshotsRequest {
-            snapshotter: "zest".into(),
-            filters: Vec::new(),
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(batch) = stream.message().await? {
-        out.extend(batch.info);
-    }
-    Ok(out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
     if !require_tools(&["containerd", "ctr", "runc", "docker-registry", "busybox"]) {
@@ -142,7 +125,7 @@ async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
     assert_eq!(pulled.image_ref, manifest.config.digest.to_string());
 
     // Lazy: zest mounted every layer from the registry, with the labels CRI passed.
-    let snapshots = zest_snapshots(&service).await?;
+    let snapshots = service.snapshots().await?;
     let remote: Vec<&pb::Info> = snapshots
         .iter()
         .filter(|s| s.labels.contains_key(LABEL_REMOTE))
@@ -221,7 +204,8 @@ async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
         "GC of the image's snapshots",
         Duration::from_secs(30),
         || async {
-            zest_snapshots(&service)
+            service
+                .snapshots()
                 .await
                 .ok()
                 .filter(|s| s.is_empty())

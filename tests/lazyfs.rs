@@ -35,7 +35,7 @@ use zest_oci::{media_type, Descriptor, ImageManifest, Reference, Repository};
 use zest_registry::{PlainHttp, RegistryClient};
 use zest_store::{BlobSource, RegistryBlob};
 
-use support::{pseudo_random, require_tool, Auth, Registry, REGISTRY_BIN};
+use support::{pseudo_random, require_root_and_fuse, require_tool, Auth, Registry, REGISTRY_BIN};
 
 // ---------------------------------------------------------------------------
 // Environment
@@ -48,17 +48,7 @@ struct Env {
 }
 
 fn env() -> Option<Env> {
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new("/dev/fuse").exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "lazyfs tests need root and /dev/fuse"
-        );
-        eprintln!("\n!!!!! SKIPPING lazyfs test: needs root and /dev/fuse !!!!!\n");
-        return None;
-    }
-    if !require_tool(REGISTRY_BIN) || !require_tool("tar") {
+    if !require_root_and_fuse() || !require_tool(REGISTRY_BIN) || !require_tool("tar") {
         return None;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -156,15 +146,9 @@ impl Env {
         LayerMount::mount(fetcher, &mnt, &MountOptions::default()).expect("mount layer")
     }
 
-    /// Mount table lines under this test's directory.
-    fn leftover_mounts(&self) -> Vec<String> {
-        let dir = self.dir.path().to_string_lossy().into_owned();
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .expect("mountinfo")
-            .lines()
-            .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&dir)))
-            .map(str::to_owned)
-            .collect()
+    /// Mount points under this test's directory.
+    fn leftover_mounts(&self) -> Vec<PathBuf> {
+        zest_fs::sys::mount_points_under(self.dir.path()).expect("mount table")
     }
 }
 
@@ -1298,12 +1282,9 @@ fn fully_cached_files_are_served_by_passthrough_also_under_overlay() {
     let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
     let m = LayerMount::mount(Arc::clone(&fetcher), &env.path("mnt"), &options).expect("mount");
     if !m.fs().passthrough_active() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "kernel without FUSE passthrough"
-        );
-        eprintln!(
-            "\n!!!!! SKIPPING passthrough test: the kernel did not accept FUSE passthrough !!!!!\n"
+        support::unavailable(
+            "the kernel did not accept FUSE passthrough",
+            "run on Linux 6.9 or later",
         );
         return;
     }

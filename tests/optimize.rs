@@ -13,7 +13,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,20 +28,10 @@ use zest_oci::layout::LayoutRef;
 use zest_oci::{ImageConfig, Platform, Reference};
 use zest_store::{ImageRef, ImageStore};
 
-use support::{require_tool, Auth, Registry, REGISTRY_BIN};
+use support::{require_root_and_fuse, require_tool, Auth, Registry, REGISTRY_BIN};
 
 fn can_run() -> bool {
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new("/dev/fuse").exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "the optimize test needs root and /dev/fuse"
-        );
-        eprintln!("\n!!!!! SKIPPING optimize test: needs root and /dev/fuse !!!!!\n");
-        return false;
-    }
-    require_tool(REGISTRY_BIN)
+    require_root_and_fuse() && require_tool(REGISTRY_BIN)
 }
 
 /// Entries of a tar: path (without `./`) -> (type, content).
@@ -147,11 +136,10 @@ fn optimized_image_prefetches_the_recorded_startup_files() {
     );
     assert!(data.prefetch_extent.is_some());
     // No mount is left behind.
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let work = dir.path().to_string_lossy().into_owned();
+    let mounts = zest_fs::sys::mount_points_under(dir.path()).expect("mount table");
     assert!(
-        !mounts.contains(&work),
-        "mounts left under the work directory:\n{mounts}"
+        mounts.is_empty(),
+        "mounts left under the work directory: {mounts:?}"
     );
 
     // The published image: new diff_ids match the decompressed tars, which hold

@@ -131,21 +131,8 @@ impl Env {
 
     /// Snapshots in zest's own store (all namespaces), by name.
     async fn zest_snapshots(&self) -> TestResult<BTreeMap<String, pb::Info>> {
-        let mut client = self.service.client().await?;
-        let mut stream = client
-            .list(pb::ListSnapshotsRequest {
-                snapshotter: "zest".into(),
-                filters: Vec::new(),
-            })
-            .await?
-            .into_inner();
-        let mut out = BTreeMap::new();
-        while let Some(batch) = stream.message().await? {
-            for info in batch.info {
-                out.insert(info.name.clone(), info);
-            }
-        }
-        Ok(out)
+        let snapshots = self.service.snapshots().await?;
+        Ok(snapshots.into_iter().map(|i| (i.name.clone(), i)).collect())
     }
 
     /// Names of zest's committed snapshots (image layers).

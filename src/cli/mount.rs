@@ -241,15 +241,10 @@ async fn wait_for_exit(mountpoint: &std::path::Path) {
     }
 }
 
+/// Whether `path` is still mounted; `true` when the mount table cannot be read, so
+/// an unreadable table never makes us tear the mount down.
 fn is_mountpoint(path: &std::path::Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return true;
-    };
-    let wanted = path.to_string_lossy();
-    table
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|mp| mp == wanted)
+    zest_fs::sys::is_mount_point(path).unwrap_or(true)
 }
 
 /// Unmounts, retrying while files are still open under the mount (bounded).

@@ -7,7 +7,6 @@
 //! every wait is bounded; every mount left below a test directory is detached before
 //! the directory is deleted.
 
-use std::ffi::CString;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -18,6 +17,7 @@ use tokio::process::{Child, Command};
 use zest_api::snapshots::snapshots_client::SnapshotsClient;
 use zest_api::types::Mount as PbMount;
 use zest_cache::{CacheConfig, ChunkCache};
+use zest_fs::sys;
 use zest_snapshotter::{
     LazyConfig, LazyLayerProvider, RemoteLayerProvider, ServeError, Server, ShutdownMode,
     SnapshotStore, SnapshotterConfig,
@@ -75,26 +75,15 @@ where
     }
 }
 
-/// Mount points at or below `root`, from this process's mount table.
+/// Mount points at or below `root`, deepest first, from this process's mount table.
 pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(root))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found
+    sys::mount_points_under(root).unwrap_or_default()
 }
 
 /// Detaches every mount below `root` (deepest first).
 pub fn unmount_under(root: &Path) {
-    for mount_point in mounts_under(root) {
-        if let Ok(c_path) = std::ffi::CString::new(mount_point.as_os_str().as_encoded_bytes()) {
-            // SAFETY: valid NUL-terminated path for the duration of the call.
-            unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
-        }
+    if let Err(e) = sys::detach_all_under(root) {
+        eprintln!("detaching the mounts under {}: {e}", root.display());
     }
 }
 
@@ -109,61 +98,23 @@ pub fn only(mounts: &[PbMount]) -> TestResult<&PbMount> {
 /// Mounts `m` at `target` with mount(2), as containerd would: a bind mount (recursive
 /// with option `rbind`), or a filesystem of `m`'s type with its options as data.
 pub fn mount_at(m: &PbMount, target: &Path) -> TestResult {
-    let c = |s: &str| CString::new(s).map_err(|e| fail(e.to_string()));
-    let target_c = c(&target.display().to_string())?;
-    let (source, fstype, flags, data) = if m.r#type == "bind" {
-        let mut flags = libc::MS_BIND;
-        if m.options.iter().any(|o| o == "rbind") {
-            flags |= libc::MS_REC;
-        }
-        (c(&m.source)?, c("none")?, flags, None)
+    let result = if m.r#type == "bind" {
+        let options = sys::BindOptions {
+            recursive: m.options.iter().any(|o| o == "rbind"),
+            readonly: false,
+        };
+        sys::bind(Path::new(&m.source), target, options)
     } else {
-        (
-            c(&m.source)?,
-            c(&m.r#type)?,
-            0,
-            Some(c(&m.options.join(","))?),
-        )
+        let data = m.options.join(",");
+        sys::mount(&m.source, target, &m.r#type, sys::MountFlags::NONE, &data)
     };
-    let data_ptr = data
-        .as_ref()
-        .map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
-    // SAFETY: all pointers are valid NUL-terminated strings (or null) for the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target_c.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data_ptr,
-        )
-    };
-    if rc != 0 {
-        return Err(fail(format!(
-            "mount {m:?} at {}: {}",
-            target.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+    result.map_err(|e| fail(format!("mount {m:?}: {e}")))
 }
 
 /// Unmounts `target`. Retries while it is busy for a moment: a process forked by a
 /// concurrent test briefly holds copies of our open files until it execs.
 pub fn unmount(target: &Path) -> TestResult {
-    let c = CString::new(target.display().to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        // SAFETY: valid path string.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EBUSY) || Instant::now() >= deadline {
-            return Err(fail(format!("umount {}: {err}", target.display())));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Ok(sys::umount_patiently(target, Duration::from_secs(5))?)
 }
 
 /// A temporary directory whose mounts are detached before it is deleted, so that a
@@ -363,6 +314,23 @@ impl ZestService {
     /// A gRPC client connected to the service.
     pub async fn client(&self) -> TestResult<SnapshotsClient<tonic::transport::Channel>> {
         connect(&self.socket).await
+    }
+
+    /// Every snapshot in the service's store (all namespaces), as `List` returns it.
+    pub async fn snapshots(&self) -> TestResult<Vec<zest_api::snapshots::Info>> {
+        let mut client = self.client().await?;
+        let mut stream = client
+            .list(zest_api::snapshots::ListSnapshotsRequest {
+                snapshotter: "zest".into(),
+                filters: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(batch) = stream.message().await? {
+            out.extend(batch.info);
+        }
+        Ok(out)
     }
 
     /// Stops the service gracefully (as on SIGTERM) and waits for it.

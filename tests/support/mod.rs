@@ -3,8 +3,9 @@
 //! - [`Registry`]: a real Distribution registry (`/usr/bin/docker-registry`) on a free
 //!   127.0.0.1 port, with its own storage, config and logs in a temporary directory,
 //!   optionally behind htpasswd Basic auth; killed (only that process) on drop.
-//! - [`require_tool`]: a missing system tool fails the test under `CI=true` and skips
-//!   it loudly elsewhere.
+//! - [`require_tool`], [`require_root_and_fuse`], [`unavailable`]: a missing
+//!   prerequisite (system tool, root, `/dev/fuse`, a kernel feature) fails the test
+//!   under `CI=true` and skips it loudly elsewhere.
 //! - [`image`]: small real images built in Rust (ustar layers, gzip, OCI layout).
 //! - [`fake_http`]: a loopback HTTP/1.1 server scripted per request, for registry
 //!   behaviour a real registry will not show (truncation, retries, token flows).
@@ -26,9 +27,24 @@ use zest_registry::{DockerConfigSource, PlainHttp, RegistryClient, RegistryConfi
 /// Path of the registry binary (Debian package `docker-registry`).
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
-/// Whether `name` (a command on PATH or an absolute path) exists. When it does not:
-/// panics under `CI=true` (a CI run must not silently skip), else prints a loud
-/// message and returns `false` so the caller can skip.
+/// Whether this is a CI run (`CI=true`), where a missing prerequisite fails the
+/// test instead of skipping it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// A prerequisite of the test is missing (`what`): panics under `CI=true` (a CI
+/// run must not silently skip) telling how to provide it (`remedy`), else prints a
+/// loud message and returns `false` so the caller can skip.
+pub fn unavailable(what: &str, remedy: &str) -> bool {
+    if in_ci() {
+        panic!("{what} (CI=true, so this test fails instead of skipping); {remedy}");
+    }
+    eprintln!("\n!!!!! SKIPPING TEST: {what} !!!!!\n");
+    false
+}
+
+/// Whether `name` (a command on PATH or an absolute path) exists; see [`unavailable`].
 pub fn require_tool(name: &str) -> bool {
     let found = if name.contains('/') {
         Path::new(name).is_file()
@@ -37,14 +53,23 @@ pub fn require_tool(name: &str) -> bool {
             .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
             .unwrap_or(false)
     };
-    if found {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("required tool {name:?} is missing (CI=true, so this test fails instead of skipping); install it (see the CI setup script)");
-    }
-    eprintln!("\n!!!!! SKIPPING TEST: required tool {name:?} is not installed !!!!!\n");
-    false
+    found
+        || unavailable(
+            &format!("required tool {name:?} is missing"),
+            "install it (see the CI setup script)",
+        )
+}
+
+/// Whether this process may mount FUSE filesystems: it runs as root and
+/// `/dev/fuse` exists; see [`unavailable`].
+pub fn require_root_and_fuse() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    (root && Path::new("/dev/fuse").exists())
+        || unavailable(
+            "this test needs root and /dev/fuse",
+            "run the tests as root on a machine with FUSE",
+        )
 }
 
 /// Registry authentication mode.

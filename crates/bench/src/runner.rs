@@ -30,9 +30,10 @@ use crate::link::{CountersHandle, LinkConfig, LinkEmulator, LinkError, LinkProfi
 use crate::results::{BenchRun, Mode, ModeChoice, ProfileInfo, RunInfo, Sample, WorkloadInfo};
 use crate::workload::Workload;
 use zest_fetch::toc::{fetch_layer_index, TocFetchOptions};
+use zest_fs::sys::remove_tree;
 use zest_oci::Platform;
 use zest_registry::RegistryClient;
-use zest_snapshotter::{remove_tree, ServiceConfig};
+use zest_snapshotter::ServiceConfig;
 use zest_store::{ImageRef, ImageStore, StoreError};
 
 /// containerd namespace the benchmark's images and containers live in.

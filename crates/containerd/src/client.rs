@@ -73,14 +73,14 @@ pub enum ContainerdError {
         reason: String,
     },
     /// containerd answered with an error status.
-    #[error("containerd {op} {object}: {code:?}: {message}")]
+    #[error("containerd {op} {object}: {kind:?}: {message}")]
     Rpc {
         /// The operation, e.g. "content write".
         op: &'static str,
         /// The object, e.g. a digest or snapshot key.
         object: String,
-        /// The gRPC code.
-        code: Code,
+        /// What kind of failure containerd reported.
+        kind: RpcErrorKind,
         /// containerd's message.
         message: String,
     },
@@ -106,30 +106,70 @@ pub enum ContainerdError {
     },
 }
 
+/// The kind of an error status from containerd: the gRPC codes callers act on,
+/// without exposing the gRPC library.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RpcErrorKind {
+    /// The object does not exist.
+    NotFound,
+    /// The object exists already.
+    AlreadyExists,
+    /// The object is in the wrong state for the call.
+    FailedPrecondition,
+    /// The request is malformed.
+    InvalidArgument,
+    /// containerd (or a plugin it called) is unavailable; retrying may help.
+    Unavailable,
+    /// The caller may not do this.
+    PermissionDenied,
+    /// containerd does not implement the call (an older version).
+    Unimplemented,
+    /// containerd failed internally.
+    Internal,
+    /// Any other status.
+    Other,
+}
+
+impl RpcErrorKind {
+    fn from_code(code: Code) -> RpcErrorKind {
+        match code {
+            Code::NotFound => RpcErrorKind::NotFound,
+            Code::AlreadyExists => RpcErrorKind::AlreadyExists,
+            Code::FailedPrecondition => RpcErrorKind::FailedPrecondition,
+            Code::InvalidArgument => RpcErrorKind::InvalidArgument,
+            Code::Unavailable => RpcErrorKind::Unavailable,
+            Code::PermissionDenied => RpcErrorKind::PermissionDenied,
+            Code::Unimplemented => RpcErrorKind::Unimplemented,
+            Code::Internal => RpcErrorKind::Internal,
+            _ => RpcErrorKind::Other,
+        }
+    }
+}
+
 impl ContainerdError {
-    /// The gRPC code of an error status from containerd.
-    pub fn code(&self) -> Option<Code> {
+    /// The kind of an error status from containerd (`None` for other errors).
+    pub fn rpc_kind(&self) -> Option<RpcErrorKind> {
         match self {
-            ContainerdError::Rpc { code, .. } => Some(*code),
+            ContainerdError::Rpc { kind, .. } => Some(*kind),
             _ => None,
         }
     }
 
     /// Whether containerd answered ALREADY_EXISTS.
     pub fn is_already_exists(&self) -> bool {
-        self.code() == Some(Code::AlreadyExists)
+        self.rpc_kind() == Some(RpcErrorKind::AlreadyExists)
     }
 
     /// Whether containerd answered NOT_FOUND.
     pub fn is_not_found(&self) -> bool {
-        self.code() == Some(Code::NotFound)
+        self.rpc_kind() == Some(RpcErrorKind::NotFound)
     }
 
     fn rpc(op: &'static str, object: impl fmt::Display, status: Status) -> Self {
         ContainerdError::Rpc {
             op,
             object: object.to_string(),
-            code: status.code(),
+            kind: RpcErrorKind::from_code(status.code()),
             message: status.message().to_owned(),
         }
     }

@@ -25,7 +25,8 @@ mod pull;
 
 pub use client::ContentWriter;
 pub use client::{
-    ContainerdClient, ContainerdError, ContentInfo, DEFAULT_ADDRESS, DEFAULT_NAMESPACE,
+    ContainerdClient, ContainerdError, ContentInfo, RpcErrorKind, DEFAULT_ADDRESS,
+    DEFAULT_NAMESPACE,
 };
 pub use pull::{
     pull, LayerOutcome, LayerReport, NoProgress, PullError, PullOptions, PullProgress, PullReport,

@@ -2,14 +2,14 @@
 //! crate) and [`LayerFs`]. This is the only file that names `fuser`: changing
 //! the FUSE library means rewriting this file and nothing else.
 //!
-//! It mounts with `mount(2)` itself (we run as root, so no setuid helper is
-//! involved) and then runs a `fuser` session on the already-mounted `/dev/fuse`
+//! It mounts with `mount(2)` itself through [`sys`](super::sys) (we run as root,
+//! so no setuid helper is involved) and then runs a `fuser` session on the already-mounted `/dev/fuse`
 //! descriptor, on a few worker threads with one cloned descriptor each.
-//! Unmounting is done by the caller with `umount2(2)`; the workers end when the
+//! Unmounting is done by the caller (with [`sys::umount`]); the workers end when the
 //! kernel tears the connection down.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -26,6 +26,7 @@ use fuser::{
     ReplyXattr, Request, SessionACL,
 };
 
+use super::sys::{self, MountFlags};
 use super::{Errno, LayerFs, NodeAttr, NodeKind, ReadReply, XattrAnswer};
 
 /// Kernel-side options of one FUSE mount.
@@ -92,32 +93,14 @@ pub(crate) fn start(
     );
     // Largest read the kernel may send us in one request; matches max_pages.
     opts.push_str(",max_read=1048576");
-    let mut flags = libc::MS_RDONLY | libc::MS_NOATIME;
+    let mut flags = MountFlags::RDONLY | MountFlags::NOATIME;
     if !config.dev {
-        flags |= libc::MS_NODEV;
+        flags |= MountFlags::NODEV;
     }
     if !config.suid {
-        flags |= libc::MS_NOSUID;
+        flags |= MountFlags::NOSUID;
     }
-    let c_source = CString::new(config.source.as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mount source has a NUL"))?;
-    let c_target = CString::new(mountpoint.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mountpoint has a NUL"))?;
-    let c_fstype = c"fuse.zest";
-    let c_opts = CString::new(opts).map_err(|_| io::Error::other("mount options have a NUL"))?;
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c_source.as_ptr(),
-            c_target.as_ptr(),
-            c_fstype.as_ptr(),
-            flags,
-            c_opts.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    sys::mount(&config.source, mountpoint, "fuse.zest", flags, &opts)?;
 
     let mut fuse_config = Config::default();
     fuse_config.acl = SessionACL::All;
@@ -131,8 +114,7 @@ pub(crate) fn start(
     let session = match fuser::Session::from_fd(adapter, fd, SessionACL::All, fuse_config) {
         Ok(s) => s,
         Err(e) => {
-            // SAFETY: c_target is a valid path string.
-            unsafe { libc::umount2(c_target.as_ptr(), libc::MNT_DETACH) };
+            let _ = sys::detach(mountpoint);
             return Err(e);
         }
     };
@@ -142,8 +124,7 @@ pub(crate) fn start(
     match thread {
         Ok(t) => Ok(FuseSession { thread: Some(t) }),
         Err(e) => {
-            // SAFETY: c_target is a valid path string.
-            unsafe { libc::umount2(c_target.as_ptr(), libc::MNT_DETACH) };
+            let _ = sys::detach(mountpoint);
             Err(e)
         }
     }

@@ -10,15 +10,14 @@
 //! FUSE workers keep serving the remaining open files, then end with the
 //! connection.
 
-use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::fuse_adapter::{self, FuseMountConfig, FuseSession};
 use super::layer::{LayerFs, LayerFsOptions};
+use super::sys::{self, BindOptions, Overlay, SysError};
 use zest_fetch::prefetch::{BackgroundFetch, PrefetchTask};
 use zest_fetch::Fetcher;
 
@@ -38,7 +37,7 @@ pub enum MountError {
         #[source]
         source: io::Error,
     },
-    /// The overlay (or bind) mount failed.
+    /// The overlay's target directory cannot be used.
     #[error("mounting overlay on {path}: {source}")]
     Overlay {
         /// Target directory.
@@ -47,14 +46,10 @@ pub enum MountError {
         #[source]
         source: io::Error,
     },
-    /// A path cannot be used in overlayfs options.
-    #[error("path {path} cannot be used as an overlay layer: {reason}")]
-    UnsupportedPath {
-        /// The offending path.
-        path: PathBuf,
-        /// Why.
-        reason: &'static str,
-    },
+    /// The overlay (or bind) mount itself failed, or a layer path cannot be
+    /// used in overlay options.
+    #[error(transparent)]
+    Stack(SysError),
     /// The mount is in use; close the files under it (or stop the container) first.
     #[error("{path} is busy: files under it are still open")]
     Busy {
@@ -208,28 +203,19 @@ impl LayerMount {
         let Some(mut session) = self.session.take() else {
             return Ok(());
         };
-        match umount(&self.mountpoint, 0) {
-            Ok(()) => {
+        match unmount_path(&self.mountpoint) {
+            Ok(Unmounted::Now) => {
                 session.join(JOIN_TIMEOUT);
                 Ok(())
             }
-            // Not mounted any more (someone unmounted it behind our back).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Someone unmounted it behind our back: the workers are ending already.
+            Ok(Unmounted::Already) => {
                 session.join(Duration::from_millis(100));
                 Ok(())
             }
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(e) => {
                 self.session = Some(session);
-                Err(MountError::Busy {
-                    path: self.mountpoint.clone(),
-                })
-            }
-            Err(source) => {
-                self.session = Some(session);
-                Err(MountError::Unmount {
-                    path: self.mountpoint.clone(),
-                    source,
-                })
+                Err(e)
             }
         }
     }
@@ -241,7 +227,7 @@ impl LayerMount {
             Ok(()) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "detaching layer mount");
-                if let Err(e) = umount(&self.mountpoint, libc::MNT_DETACH) {
+                if let Err(e) = sys::detach(&self.mountpoint) {
                     tracing::error!(error = %e, path = %self.mountpoint.display(), "detach failed");
                 }
                 // The workers keep serving open files; do not wait for them.
@@ -279,39 +265,18 @@ impl ImageMount {
                 path: target.to_path_buf(),
                 source,
             })?;
-        let overlay_err = |source| MountError::Overlay {
-            path: target.clone(),
-            source,
-        };
         if let [only] = layers.as_slice() {
-            bind_readonly(only.mountpoint(), &target).map_err(overlay_err)?;
+            let readonly = BindOptions {
+                recursive: false,
+                readonly: true,
+            };
+            sys::bind(only.mountpoint(), &target, readonly).map_err(MountError::Stack)?;
         } else {
-            let mut opts = String::from("lowerdir=");
-            for (i, layer) in layers.iter().rev().enumerate() {
-                let p = layer.mountpoint();
-                check_overlay_path(p)?;
-                if i > 0 {
-                    opts.push(':');
-                }
-                // check_overlay_path guarantees UTF-8 without separators.
-                opts.push_str(&p.to_string_lossy());
-            }
-            // The kernel takes mount options as one page.
-            if opts.len() >= 4096 {
-                return Err(MountError::Overlay {
-                    path: target.clone(),
-                    source: io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!(
-                            "{} layers need {} bytes of overlay options, over the kernel's 4095; \
-                             mount the layers on shorter paths",
-                            layers.len(),
-                            opts.len()
-                        ),
-                    ),
-                });
-            }
-            mount_overlay(&target, &opts).map_err(overlay_err)?;
+            let stack = Overlay {
+                lower: layers.iter().rev().map(LayerMount::mountpoint).collect(),
+                upper: None,
+            };
+            sys::overlay(&target, &stack).map_err(MountError::Stack)?;
         }
         Ok(ImageMount {
             target,
@@ -356,21 +321,8 @@ impl ImageMount {
     /// [`MountError::Busy`] (and stays mounted) while files under it are open.
     pub fn unmount(&mut self) -> Result<(), MountError> {
         if self.mounted {
-            match umount(&self.target, 0) {
-                Ok(()) => self.mounted = false,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.mounted = false,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    return Err(MountError::Busy {
-                        path: self.target.clone(),
-                    })
-                }
-                Err(source) => {
-                    return Err(MountError::Unmount {
-                        path: self.target.clone(),
-                        source,
-                    })
-                }
-            }
+            unmount_path(&self.target)?;
+            self.mounted = false;
         }
         // Top layer first (the reverse of mounting order).
         while let Some(mut layer) = self.layers.pop() {
@@ -386,12 +338,10 @@ impl ImageMount {
 impl Drop for ImageMount {
     fn drop(&mut self) {
         if self.mounted {
-            if let Err(e) = umount(&self.target, 0) {
-                if e.raw_os_error() != Some(libc::EINVAL) {
-                    tracing::warn!(error = %e, path = %self.target.display(), "detaching busy image mount");
-                    if let Err(e) = umount(&self.target, libc::MNT_DETACH) {
-                        tracing::error!(error = %e, "detach failed");
-                    }
+            if let Err(e) = unmount_path(&self.target) {
+                tracing::warn!(error = %e, "detaching image mount");
+                if let Err(e) = sys::detach(&self.target) {
+                    tracing::error!(error = %e, "detach failed");
                 }
             }
             self.mounted = false;
@@ -402,95 +352,26 @@ impl Drop for ImageMount {
     }
 }
 
-/// overlayfs splits `lowerdir` at `:` and options at `,`; refuse paths that would
-/// need escaping rather than risk a mis-parse.
-fn check_overlay_path(p: &Path) -> Result<(), MountError> {
-    let bytes = p.as_os_str().as_bytes();
-    let bad = |reason| MountError::UnsupportedPath {
-        path: p.to_path_buf(),
-        reason,
-    };
-    if std::str::from_utf8(bytes).is_err() {
-        return Err(bad("not UTF-8"));
-    }
-    if bytes
-        .iter()
-        .any(|b| matches!(b, b':' | b',' | b'\\' | b'\n'))
-    {
-        return Err(bad("contains ':', ',', '\\' or a newline"));
-    }
-    Ok(())
+/// What [`unmount_path`] found.
+enum Unmounted {
+    /// It was mounted and is unmounted now.
+    Now,
+    /// It was not mounted any more.
+    Already,
 }
 
-fn cstring(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
-}
-
-fn mount_overlay(target: &Path, opts: &str) -> io::Result<()> {
-    let t = cstring(target)?;
-    let o = CString::new(opts)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "options contain a NUL byte"))?;
-    // SAFETY: valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"overlay".as_ptr(),
-            t.as_ptr(),
-            c"overlay".as_ptr(),
-            libc::MS_RDONLY,
-            o.as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn bind_readonly(source: &Path, target: &Path) -> io::Result<()> {
-    let s = cstring(source)?;
-    let t = cstring(target)?;
-    // SAFETY: valid NUL-terminated strings that outlive the calls.
-    let rc = unsafe {
-        libc::mount(
-            s.as_ptr(),
-            t.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // A bind mount takes its read-only flag only from a remount.
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            t.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        let _ = umount(target, libc::MNT_DETACH);
-        return Err(err);
-    }
-    Ok(())
-}
-
-/// `umount2(2)`.
-pub fn umount(path: &Path, flags: libc::c_int) -> io::Result<()> {
-    let p = cstring(path)?;
-    // SAFETY: valid NUL-terminated string.
-    let rc = unsafe { libc::umount2(p.as_ptr(), flags) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+/// Unmounts `path`: [`MountError::Busy`] (still mounted) while files under it
+/// are open, success if it was unmounted already.
+fn unmount_path(path: &Path) -> Result<Unmounted, MountError> {
+    match sys::umount(path) {
+        Ok(()) => Ok(Unmounted::Now),
+        Err(e) if e.is_not_mounted() => Ok(Unmounted::Already),
+        Err(e) if e.is_busy() => Err(MountError::Busy {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(MountError::Unmount {
+            path: path.to_path_buf(),
+            source: e.into(),
+        }),
     }
 }

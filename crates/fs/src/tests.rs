@@ -195,9 +195,7 @@ fn read_answers_from_a_task_then_from_memory() {
 }
 
 fn is_mounted(path: &std::path::Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let p = path.to_string_lossy();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
+    crate::sys::is_mount_point(path).unwrap()
 }
 
 fn can_mount() -> bool {
@@ -214,6 +212,13 @@ fn can_mount() -> bool {
     false
 }
 
+/// The sample layer mounted on `dir/mnt`.
+fn mount_sample(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> LayerMount {
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    LayerMount::mount(sample_fetcher(rt, dir), &mnt, &MountOptions::default()).unwrap()
+}
+
 #[test]
 fn fuse_mount_serves_the_layer_and_unmounts_cleanly() {
     if !can_mount() {
@@ -221,10 +226,7 @@ fn fuse_mount_serves_the_layer_and_unmounts_cleanly() {
     }
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let fetcher = sample_fetcher(&rt, dir.path());
-    let mut m = LayerMount::mount(fetcher, &mnt, &MountOptions::default()).unwrap();
+    let mut m = mount_sample(&rt, dir.path());
     let mnt = m.mountpoint().to_path_buf();
     assert!(is_mounted(&mnt));
 
@@ -291,14 +293,7 @@ fn busy_mount_refuses_unmount_and_drop_detaches() {
     }
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mut m = LayerMount::mount(
-        sample_fetcher(&rt, dir.path()),
-        &mnt,
-        &MountOptions::default(),
-    )
-    .unwrap();
+    let mut m = mount_sample(&rt, dir.path());
     let mnt = m.mountpoint().to_path_buf();
     let f = std::fs::File::open(mnt.join("etc/hosts")).unwrap();
     assert!(matches!(m.unmount(), Err(MountError::Busy { .. })));

@@ -5,7 +5,9 @@
 //!   zstd:chunked, with the same diff_ids;
 //! - [`optimize`]: startup profiles: run the image's command on a lazy mount in a
 //!   sandbox, record what it reads, and republish its layers with those files first
-//!   and prefetched.
+//!   and prefetched;
+//! - [`sandbox`]: the Linux sandbox `optimize` runs the workload in (private mount
+//!   namespace, throw-away overlay, chroot, process group, timeout, ready line).
 //!
 //! Both publish nothing unverified and leave the source image untouched.
 //!
@@ -13,3 +15,4 @@
 
 pub mod convert;
 pub mod optimize;
+pub mod sandbox;

@@ -1,8 +1,8 @@
 //! Startup-profile optimization: `zest optimize SRC DST [-- CMD...]`.
 //!
 //! The image (zstd:chunked) is mounted lazily with an [`AccessRecorder`] on every
-//! layer, the workload runs in a private mount namespace chrooted into a
-//! writable overlay of the layers, and the regular files it opens or reads are
+//! layer, the workload runs in a [`sandbox`](crate::sandbox) (a private mount
+//! namespace chrooted into a writable overlay of the layers), and the regular files it opens or reads are
 //! recorded per layer in first-access order. Each layer with recorded files is
 //! then rewritten: its tar is reordered so that the recorded files (and the
 //! directories above them) come first, in access order, and it is written as
@@ -20,16 +20,12 @@
 //! - Every mount made for the run is removed before the layers are rewritten,
 //!   and the workload's process group is killed when it exits or times out.
 
-use std::ffi::CString;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::ops::Range;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -43,8 +39,8 @@ use zest_oci::digest::{Digest, Hasher};
 use zest_oci::{media_type, Descriptor, ImageConfig, ImageManifest, OciJsonError, Platform};
 use zest_store::{ImageStore, StoreError};
 
-/// Default `PATH` when the image config sets none (the one container runtimes use).
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use crate::sandbox::RunOutcome;
+use crate::sandbox::{self, Limits, SandboxError, Workload, DEFAULT_PATH};
 
 /// Settings of an optimization.
 #[derive(Debug, Clone)]
@@ -77,30 +73,6 @@ impl OptimizeOptions {
             write: WriteOptions::default(),
             work_dir,
             memory_cache_bytes: 256 << 20,
-        }
-    }
-}
-
-/// How the workload ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunOutcome {
-    /// It exited with this status code.
-    Exited(i32),
-    /// It was killed by this signal (not by zest).
-    Signaled(i32),
-    /// It was still running at the timeout and was killed (normal for servers).
-    TimedOut,
-    /// It printed its ready line and was stopped there.
-    Ready,
-}
-
-impl std::fmt::Display for RunOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RunOutcome::Exited(c) => write!(f, "exited with status {c}"),
-            RunOutcome::Signaled(s) => write!(f, "killed by signal {s}"),
-            RunOutcome::TimedOut => f.write_str("still running at the timeout; killed"),
-            RunOutcome::Ready => f.write_str("printed its ready line; stopped there"),
         }
     }
 }
@@ -182,14 +154,10 @@ pub enum OptimizeError {
         /// Image.
         image: String,
     },
-    /// The command's program is not in the image.
-    #[error("{program:?} is not in the image (searched PATH {path})")]
-    CommandNotFound {
-        /// The program.
-        program: String,
-        /// The PATH searched.
-        path: String,
-    },
+    /// The workload could not be run (its program is missing, or a sandbox
+    /// mount failed).
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
     /// A layer's table of contents could not be read.
     #[error("layer {index} ({digest}): {source}")]
     Fetch {
@@ -224,7 +192,7 @@ pub enum OptimizeError {
         /// Computed.
         actual: Digest,
     },
-    /// Local file, mount or process work failed.
+    /// Local file work failed.
     #[error("{op} {path}: {source}")]
     Io {
         /// What was being done.
@@ -290,7 +258,7 @@ pub async fn optimize(
             diff_ids: diff_ids.len(),
         });
     }
-    let run = RunSpec::from_config(&config, opts.command.clone(), &image)?;
+    let workload = workload_from_config(&config, opts.command.clone(), &image)?;
 
     std::fs::create_dir_all(&opts.work_dir).map_err(io_err("create", &opts.work_dir))?;
     let scratch = tempfile::Builder::new()
@@ -335,14 +303,16 @@ pub async fn optimize(
         .map(|_| Arc::new(AccessRecorder::new()))
         .collect();
     let run_dir = scratch.path().join("run");
-    let (timeout, ready) = (opts.timeout, opts.ready.clone());
+    let limits = Limits {
+        timeout: opts.timeout,
+        ready: opts.ready.clone(),
+    };
     let recs = recorders.clone();
-    let spec = run.clone();
-    let (outcome, run_time) = tokio::task::spawn_blocking(move || {
-        profile_run(fetchers, recs, &run_dir, &spec, timeout, ready.as_deref())
-    })
-    .await
-    .map_err(|e| OptimizeError::Worker(e.to_string()))??;
+    let spec = workload.clone();
+    let (outcome, run_time) =
+        tokio::task::spawn_blocking(move || profile_run(fetchers, recs, &run_dir, &spec, &limits))
+            .await
+            .map_err(|e| OptimizeError::Worker(e.to_string()))??;
     tracing::info!(%outcome, ms = run_time.as_millis() as u64, "profile run done");
 
     // 2. Rewrite every layer with recorded files.
@@ -391,7 +361,7 @@ pub async fn optimize(
         .await?;
     Ok(OptimizeReport {
         root,
-        command: run.argv,
+        command: workload.argv,
         outcome,
         run_time,
         layers,
@@ -539,169 +509,65 @@ fn reorder_layer(
 // ---------------------------------------------------------------------------
 // Running the workload
 
-/// What to run and how.
-#[derive(Debug, Clone)]
-struct RunSpec {
-    argv: Vec<String>,
-    env: Vec<(String, String)>,
-    cwd: String,
-}
-
-impl RunSpec {
-    fn from_config(
-        config: &ImageConfig,
-        command: Option<Vec<String>>,
-        image: &str,
-    ) -> Result<RunSpec, OptimizeError> {
-        let json_err = |source| OptimizeError::Json {
-            what: "config".into(),
+/// The workload from `command` or, without one, the image config's Entrypoint
+/// and Cmd, with the config's environment (PATH defaulted) and working directory.
+fn workload_from_config(
+    config: &ImageConfig,
+    command: Option<Vec<String>>,
+    image: &str,
+) -> Result<Workload, OptimizeError> {
+    let json_err = |source| OptimizeError::Json {
+        what: "config".into(),
+        image: image.to_string(),
+        source,
+    };
+    let argv = match command.filter(|c| !c.is_empty()) {
+        Some(c) => c,
+        None => {
+            let mut argv = config.entrypoint().map_err(json_err)?.unwrap_or_default();
+            argv.extend(config.cmd().map_err(json_err)?.unwrap_or_default());
+            argv
+        }
+    };
+    if argv.is_empty() {
+        return Err(OptimizeError::NoCommand {
             image: image.to_string(),
-            source,
-        };
-        let argv = match command.filter(|c| !c.is_empty()) {
-            Some(c) => c,
-            None => {
-                let mut argv = config.entrypoint().map_err(json_err)?.unwrap_or_default();
-                argv.extend(config.cmd().map_err(json_err)?.unwrap_or_default());
-                argv
-            }
-        };
-        if argv.is_empty() {
-            return Err(OptimizeError::NoCommand {
-                image: image.to_string(),
-            });
-        }
-        let section = config.as_json().get("config");
-        let mut env: Vec<(String, String)> = section
-            .and_then(|c| c.get("Env"))
-            .and_then(|e| e.as_array())
-            .map(|list| {
-                list.iter()
-                    .filter_map(|v| v.as_str())
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !env.iter().any(|(k, _)| k == "PATH") {
-            env.push(("PATH".into(), DEFAULT_PATH.into()));
-        }
-        let cwd = section
-            .and_then(|c| c.get("WorkingDir"))
-            .and_then(|w| w.as_str())
-            .filter(|w| w.starts_with('/'))
-            .unwrap_or("/")
-            .to_string();
-        Ok(RunSpec { argv, env, cwd })
+        });
     }
-
-    fn path_var(&self) -> &str {
-        self.env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map_or(DEFAULT_PATH, |(_, v)| v.as_str())
-    }
-
-    /// The program's path inside the image: searched in the image's PATH
-    /// (std would search the host's filesystem before the chroot takes effect).
-    fn program(&self, root: &Path) -> Result<String, OptimizeError> {
-        let program = self.argv.first().map(String::as_str).unwrap_or_default();
-        if program.contains('/') {
-            return Ok(program.to_string());
-        }
-        for dir in self.path_var().split(':').filter(|d| d.starts_with('/')) {
-            let inside = format!("{}/{program}", dir.trim_end_matches('/'));
-            if root
-                .join(inside.trim_start_matches('/'))
-                .symlink_metadata()
-                .is_ok()
-            {
-                return Ok(inside);
-            }
-        }
-        Err(OptimizeError::CommandNotFound {
-            program: program.to_string(),
-            path: self.path_var().to_string(),
+    let section = config.as_json().get("config");
+    let mut env: Vec<(String, String)> = section
+        .and_then(|c| c.get("Env"))
+        .and_then(|e| e.as_array())
+        .map(|list| {
+            list.iter()
+                .filter_map(|v| v.as_str())
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         })
+        .unwrap_or_default();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), DEFAULT_PATH.into()));
     }
+    let cwd = section
+        .and_then(|c| c.get("WorkingDir"))
+        .and_then(|w| w.as_str())
+        .filter(|w| w.starts_with('/'))
+        .unwrap_or("/")
+        .to_string();
+    Ok(Workload { argv, env, cwd })
 }
 
-/// The mounts of a profile run, removed in reverse order when dropped.
-struct RunMounts {
-    layers: Vec<LayerMount>,
-    tmpfs: Option<PathBuf>,
-    root: Option<PathBuf>,
-}
-
-impl Drop for RunMounts {
-    fn drop(&mut self) {
-        for p in [self.root.take(), self.tmpfs.take()].into_iter().flatten() {
-            if let Err(e) = unmount(&p) {
-                tracing::warn!(path = %p.display(), error = %e, "unmount failed; detaching");
-                if let Ok(c) = cstring(&p) {
-                    // SAFETY: valid NUL-terminated path.
-                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                }
-            }
-        }
-        for mut l in self.layers.drain(..).rev() {
-            if l.unmount().is_err() {
-                l.unmount_or_detach();
-            }
-        }
-    }
-}
-
-fn cstring(p: &Path) -> std::io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))
-}
-
-fn unmount(p: &Path) -> std::io::Result<()> {
-    let c = cstring(p)?;
-    for attempt in 0..20 {
-        // SAFETY: valid NUL-terminated path.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EBUSY) || attempt == 19 {
-            return Err(e);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-fn mount(source: &str, target: &Path, fstype: &str, data: &str) -> std::io::Result<()> {
-    let s = CString::new(source)?;
-    let t = cstring(target)?;
-    let f = CString::new(fstype)?;
-    let d = CString::new(data)?;
-    // SAFETY: valid NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, d.as_ptr().cast()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Mounts the layers with recorders, stacks them under a throw-away writable
-/// upper layer, runs the workload chrooted there, and unmounts everything.
+/// Mounts the layers with recorders and runs the workload in a sandbox on top
+/// of them; every layer is unmounted again before this returns.
 fn profile_run(
     fetchers: Vec<Arc<Fetcher>>,
     recorders: Vec<Arc<AccessRecorder>>,
     dir: &Path,
-    spec: &RunSpec,
-    timeout: Duration,
-    ready: Option<&str>,
+    workload: &Workload,
+    limits: &Limits,
 ) -> Result<(RunOutcome, Duration), OptimizeError> {
-    let mut mounts = RunMounts {
-        layers: Vec::new(),
-        tmpfs: None,
-        root: None,
-    };
+    let mut layers = LayerMounts(Vec::new());
     for (i, (fetcher, recorder)) in fetchers.into_iter().zip(recorders).enumerate() {
         let mp = dir.join("l").join(i.to_string());
         std::fs::create_dir_all(&mp).map_err(io_err("create", &mp))?;
@@ -715,191 +581,23 @@ fn profile_run(
             source_name: "zest-optimize".into(),
             ..MountOptions::default()
         };
-        mounts
-            .layers
-            .push(LayerMount::mount(fetcher, &mp, &options)?);
+        layers.0.push(LayerMount::mount(fetcher, &mp, &options)?);
     }
-    // A tmpfs upper layer: the workload may write (logs, pid files) and every
-    // write is discarded.
-    let rw = dir.join("rw");
-    std::fs::create_dir_all(&rw).map_err(io_err("create", &rw))?;
-    mount("tmpfs", &rw, "tmpfs", "mode=0755").map_err(io_err("mount tmpfs on", &rw))?;
-    mounts.tmpfs = Some(rw.clone());
-    let (upper, work, root) = (rw.join("upper"), rw.join("work"), dir.join("root"));
-    for d in [&upper, &work, &root] {
-        std::fs::create_dir_all(d).map_err(io_err("create", d))?;
-    }
-    let lower: Vec<String> = mounts
-        .layers
-        .iter()
-        .rev()
-        .map(|l| l.mountpoint().to_string_lossy().into_owned())
-        .collect();
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.join(":"),
-        upper.display(),
-        work.display()
-    );
-    let bad_path = |p: &str| p.contains(',') || p.contains(':');
-    let unusable = lower.iter().any(|l| bad_path(l))
-        || bad_path(&upper.to_string_lossy())
-        || bad_path(&work.to_string_lossy());
-    if opts.len() >= 4096 || unusable {
-        return Err(OptimizeError::Io {
-            op: "mount overlay on",
-            path: root,
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "too many layers, or a work directory path with ',' or ':'; use a short, plain work directory",
-            ),
-        });
-    }
-    mount("overlay", &root, "overlay", &opts).map_err(io_err("mount overlay on", &root))?;
-    mounts.root = Some(root.clone());
-
-    // Mountpoints for /proc and /dev, in the discarded upper layer.
-    let proc_dir = root.join("proc");
-    let dev_dir = root.join("dev");
-    let _ = std::fs::create_dir_all(&proc_dir);
-    let _ = std::fs::create_dir_all(&dev_dir);
-    let program = spec.program(&root)?;
-    let c_root = cstring(&root).map_err(io_err("use", &root))?;
-    let c_proc = cstring(&proc_dir).map_err(io_err("use", &proc_dir))?;
-    let c_dev = cstring(&dev_dir).map_err(io_err("use", &dev_dir))?;
-    let c_cwd = CString::new(spec.cwd.as_str()).unwrap_or_else(|_| c"/".to_owned());
-
-    let mut cmd = Command::new(&program);
-    cmd.args(spec.argv.iter().skip(1))
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .process_group(0);
-    if ready.is_some() {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    }
-    // SAFETY: the closure runs in the forked child before exec and makes only
-    // async-signal-safe system calls on strings prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let private = libc::MS_REC | libc::MS_PRIVATE;
-            if libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                private,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // /proc and /dev are best effort: most startups work without them.
-            libc::mount(
-                c"proc".as_ptr(),
-                c_proc.as_ptr(),
-                c"proc".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            );
-            libc::mount(
-                c"/dev".as_ptr(),
-                c_dev.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
-            );
-            if libc::chroot(c_root.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::chdir(c_cwd.as_ptr()) != 0 && libc::chdir(c"/".as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let started = Instant::now();
-    let mut child = cmd.spawn().map_err(io_err("start", Path::new(&program)))?;
-    let pgid = child.id() as libc::pid_t;
-    let seen_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(marker) = ready {
-        let streams: [Option<Box<dyn Read + Send>>; 2] = [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ];
-        for stream in streams.into_iter().flatten() {
-            watch_for_ready(stream, marker.to_string(), seen_ready.clone());
-        }
-    }
-    let deadline = started + timeout;
-    let outcome = loop {
-        if seen_ready.load(std::sync::atomic::Ordering::Acquire) {
-            // SAFETY: signalling the workload's own process group.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            let _ = child.wait();
-            break RunOutcome::Ready;
-        }
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                break match (status.code(), status.signal()) {
-                    (Some(c), _) => RunOutcome::Exited(c),
-                    (None, Some(s)) => RunOutcome::Signaled(s),
-                    (None, None) => RunOutcome::Exited(-1),
-                };
-            }
-            Ok(None) if Instant::now() >= deadline => {
-                // SAFETY: signalling the workload's own process group.
-                unsafe { libc::kill(-pgid, libc::SIGKILL) };
-                let _ = child.wait();
-                break RunOutcome::TimedOut;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(io_err("wait for", Path::new(&program))(e)),
-        }
-    };
-    let run_time = started.elapsed();
-    // Whatever the workload left running in its group goes too.
-    // SAFETY: signalling the workload's own process group.
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
-    drop(mounts);
-    Ok((outcome, run_time))
+    let lower: Vec<&Path> = layers.0.iter().rev().map(LayerMount::mountpoint).collect();
+    Ok(sandbox::run(&lower, dir, workload, limits)?)
 }
 
-/// Copies the workload's output to our stderr line by line and raises `seen`
-/// when a line contains `marker`. The thread ends with the stream (when the
-/// workload's process group is gone).
-fn watch_for_ready(
-    stream: Box<dyn Read + Send>,
-    marker: String,
-    seen: Arc<std::sync::atomic::AtomicBool>,
-) {
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut reader = BufReader::new(stream);
-        let mut line = Vec::new();
-        // Lines are bounded so a workload printing without newlines cannot grow memory.
-        while let Ok(n) = std::io::Read::by_ref(&mut reader)
-            .take(64 << 10)
-            .read_until(b'\n', &mut line)
-        {
-            if n == 0 {
-                break;
+/// The layer mounts of a profile run, unmounted top layer first when dropped.
+struct LayerMounts(Vec<LayerMount>);
+
+impl Drop for LayerMounts {
+    fn drop(&mut self) {
+        for mut l in self.0.drain(..).rev() {
+            if l.unmount().is_err() {
+                l.unmount_or_detach();
             }
-            let _ = std::io::stderr().write_all(&line);
-            if String::from_utf8_lossy(&line).contains(&marker) {
-                seen.store(true, std::sync::atomic::Ordering::Release);
-            }
-            line.clear();
         }
-    });
+    }
 }
 
 #[cfg(test)]
@@ -912,16 +610,16 @@ mod tests {
             br#"{"config":{"Entrypoint":["/bin/sh","-c"],"Cmd":["echo hi"],"Env":["A=1=2"],"WorkingDir":"/srv"}}"#,
         )
         .unwrap();
-        let spec = RunSpec::from_config(&config, None, "img").unwrap();
+        let spec = workload_from_config(&config, None, "img").unwrap();
         assert_eq!(spec.argv, vec!["/bin/sh", "-c", "echo hi"]);
         assert_eq!(spec.cwd, "/srv");
         assert!(spec.env.contains(&("A".into(), "1=2".into())));
         assert_eq!(spec.path_var(), DEFAULT_PATH);
-        let given = RunSpec::from_config(&config, Some(vec!["true".into()]), "img").unwrap();
+        let given = workload_from_config(&config, Some(vec!["true".into()]), "img").unwrap();
         assert_eq!(given.argv, vec!["true"]);
         let empty = ImageConfig::from_json(br#"{"config":{}}"#).unwrap();
         assert!(matches!(
-            RunSpec::from_config(&empty, None, "img"),
+            workload_from_config(&empty, None, "img"),
             Err(OptimizeError::NoCommand { .. })
         ));
     }

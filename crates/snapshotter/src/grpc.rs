@@ -1,10 +1,14 @@
 //! The gRPC face of the snapshotter: converts containerd's protobuf messages to and
-//! from the domain types of [`SnapshotStore`] and maps [`SnapshotError`] to gRPC codes.
+//! from the domain types of [`SnapshotStore`], maps [`SnapshotError`] to gRPC codes,
+//! and runs the gRPC server on a listener ([`serve`]).
 //! The only file of the snapshotter that names tonic or the generated types.
 
+use std::future::Future;
 use std::pin::Pin;
 
 use futures::Stream;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Code, Request, Response, Status};
 
 use super::store::{SnapshotStore, UpdateInfo};
@@ -33,6 +37,26 @@ impl SnapshotService {
     pub fn into_server(self) -> SnapshotsServer<Self> {
         SnapshotsServer::new(self)
     }
+}
+
+/// The gRPC server failed (accepting connections or speaking HTTP/2); the
+/// transport's own error is the source.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TransportError(#[source] tonic::transport::Error);
+
+/// Serves `store` on `listener` until `shutdown` completes, then lets in-flight
+/// requests finish.
+pub(crate) async fn serve(
+    store: SnapshotStore,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), TransportError> {
+    tonic::transport::Server::builder()
+        .add_service(SnapshotService::new(store).into_server())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .map_err(TransportError)
 }
 
 /// Maps a domain error to the gRPC status containerd turns back into its error kinds.

@@ -1082,7 +1082,7 @@ fn stored_details(
 
 /// Detaches whatever is mounted on `dir` (a dead mount of a previous run).
 fn detach_stale(dir: &Path) {
-    match zest_fs::mount::umount(dir, libc::MNT_DETACH) {
+    match zest_fs::sys::detach(dir) {
         Ok(()) => {
             tracing::info!(dir = %dir.display(), "detached a stale mount left by a previous run")
         }

@@ -17,8 +17,8 @@
 //! | `remote.rs` | [`RemoteLayerProvider`], requests, fallback reasons and counters |
 //! | `lazy.rs` | [`LazyLayerProvider`]: zstd:chunked layers mounted from the registry (FUSE) |
 //! | `metrics.rs` | Prometheus text exposition and its tiny HTTP listener |
-//! | `fsutil.rs` | disk usage, mount-safe directory removal |
-//! | `grpc.rs` | the only tonic-aware file: protobuf <-> domain, error codes |
+//! | `fsutil.rs` | disk usage, durable renames (mount-safe removal is `zest_fs::sys`) |
+//! | `grpc.rs` | the only tonic-aware file: protobuf <-> domain, error codes, the gRPC server |
 //! | `server.rs` | socket, systemd readiness, signals, graceful shutdown |
 //! | `config.rs` | the configuration file ([`ServiceConfig`]) and `zest serve` arguments |
 //!
@@ -43,8 +43,7 @@ pub use config::{
     CacheSection, ConfigError, ConfigOverrides, FetchSection, LazySection, RegistrySection,
     ServiceConfig, SnapshotterConfig, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
 };
-pub use fsutil::remove_tree;
-pub use grpc::SnapshotService;
+pub use grpc::{SnapshotService, TransportError};
 pub use lazy::{
     LazyConfig, LazyError, LazyLayerProvider, LazyStats, DETAIL_AUTHENTICATED, DETAIL_DESCRIPTOR,
     DETAIL_REPOSITORY,

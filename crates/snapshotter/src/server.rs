@@ -14,10 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use super::config::SnapshotterConfig;
-use super::grpc::SnapshotService;
+use super::grpc::{self, TransportError};
 use super::remote::{RemoteLayerProvider, ShutdownMode};
 use super::store::{SnapshotStore, StoreOptions};
 use super::types::SnapshotError;
@@ -45,7 +44,7 @@ pub enum ServeError {
     Signals(#[source] io::Error),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    Transport(#[from] TransportError),
 }
 
 /// A bound, not yet serving snapshotter: the store is open and the socket accepts
@@ -112,10 +111,7 @@ impl Server {
             notify_systemd("STOPPING=1");
             let _ = mode_tx.send(mode);
         };
-        let result = tonic::transport::Server::builder()
-            .add_service(SnapshotService::new(store.clone()).into_server())
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
-            .await;
+        let result = grpc::serve(store.clone(), listener, signal).await;
         let mode = mode_rx.await.unwrap_or(ShutdownMode::Terminate);
         store.provider().shutdown(mode).await;
         if let Err(e) = std::fs::remove_file(&socket) {

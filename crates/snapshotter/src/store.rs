@@ -33,6 +33,7 @@ use super::remote::{
 };
 use super::types::{normalize_labels, Info, Kind, Labels, Mount, SnapshotError, Usage};
 use zest_api::labels::{LABEL_REMOTE, LABEL_SNAPSHOT_REF};
+use zest_fs::sys;
 
 /// Options of a [`SnapshotStore`].
 #[derive(Clone)]
@@ -415,7 +416,7 @@ impl SnapshotStore {
             }
         }
         let path = dir.clone();
-        if let Err(e) = self.blocking(move |_| fsutil::remove_tree(&path)).await {
+        if let Err(e) = self.blocking(move |_| Ok(sys::remove_tree(&path)?)).await {
             tracing::warn!(path = %dir.display(), error = %e, "cannot remove snapshot directory; cleanup will retry");
         }
     }
@@ -623,7 +624,8 @@ impl SnapshotStore {
                     if inner.busy.contains(&name) {
                         return Ok(false);
                     }
-                    fsutil::remove_tree(&path).map(|()| true)
+                    sys::remove_tree(&path)?;
+                    Ok(true)
                 })
                 .await;
             match result {
@@ -743,7 +745,7 @@ impl Inner {
                 // Only a crash between a rename and its metadata commit leaves a
                 // directory with a never-committed id: an orphan, safe to delete.
                 if fs::symlink_metadata(&target).is_ok() {
-                    fsutil::remove_tree(&target)?;
+                    sys::remove_tree(&target)?;
                 }
                 fs::rename(&temp, &target)
                     .map_err(|e| SnapshotError::io("rename into place", &target, e))?;
@@ -753,7 +755,7 @@ impl Inner {
         match result {
             Ok((record, chain)) => Ok(self.mounts_for(kind, record.id, &chain)),
             Err(e) => {
-                if let Err(cleanup) = fsutil::remove_tree(&temp) {
+                if let Err(cleanup) = sys::remove_tree(&temp) {
                     tracing::warn!(path = %temp.display(), error = %cleanup, "cannot remove temporary directory");
                 }
                 Err(e)

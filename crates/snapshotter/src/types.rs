@@ -11,6 +11,7 @@ use std::time::SystemTime;
 pub type Labels = BTreeMap<String, String>;
 
 use zest_api::labels::MAX_LABEL_SIZE;
+use zest_fs::SysError;
 
 /// The kind of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -128,6 +129,17 @@ impl SnapshotError {
             op,
             path: path.into(),
             source,
+        }
+    }
+}
+
+impl From<SysError> for SnapshotError {
+    fn from(e: SysError) -> Self {
+        match e {
+            SysError::Io { op, path, source } => SnapshotError::Io { op, path, source },
+            // Deleting would reach into a live mount: the caller must unmount first.
+            e @ SysError::StillMounted { .. } => SnapshotError::FailedPrecondition(e.to_string()),
+            e => SnapshotError::InvalidArgument(e.to_string()),
         }
     }
 }
