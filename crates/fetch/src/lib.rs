@@ -536,10 +536,14 @@ impl Fetcher {
         let deadline = self.config.read_timeout;
         match tokio::time::timeout(deadline, self.read_inner(id, offset, len)).await {
             Ok(r) => r,
-            Err(_) => Err(FetchError::Timeout {
-                blob: self.describe(),
-                secs: deadline.as_secs(),
-            }),
+            Err(_) => {
+                let err = FetchError::Timeout {
+                    blob: self.describe(),
+                    secs: deadline.as_secs(),
+                };
+                tracing::warn!(kind = err.kind().label(), error = %err, "read deadline passed");
+                Err(err)
+            }
         }
     }
 

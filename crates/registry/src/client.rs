@@ -614,7 +614,7 @@ impl RegistryClient {
             let host = ep.host.clone();
             match op(ep).await {
                 Err(e) if i + 1 < n && e.allows_fallback() => {
-                    tracing::warn!(endpoint = %host, error = %e, "registry endpoint failed, trying the next one");
+                    tracing::warn!(endpoint = %host, kind = e.kind().label(), error = %e, "registry endpoint failed, trying the next one");
                     last = e;
                 }
                 r => return r,

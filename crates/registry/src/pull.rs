@@ -466,7 +466,7 @@ impl RegistryClient {
                     return Ok(st.written);
                 }
                 Err(e) if i + 1 < n && e.allows_fallback() => {
-                    tracing::warn!(endpoint = %ep.host, error = %e, "registry endpoint failed, trying the next one");
+                    tracing::warn!(endpoint = %ep.host, kind = e.kind().label(), error = %e, "registry endpoint failed, trying the next one");
                     last = e;
                 }
                 Err(e) => return Err(e),
