@@ -413,6 +413,7 @@ pub fn test_client_config(plain_http: PlainHttp) -> RegistryConfig {
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(100),
             max_retry_after: Duration::from_secs(2),
+            ..RetryPolicy::default()
         },
         ..RegistryConfig::default()
     }

@@ -40,30 +40,34 @@ use tokio::runtime::Handle;
 use tokio::sync::{Notify, Semaphore};
 
 use inflight::{Claim, ClaimGuard, InFlight, Waiter};
-pub use stats::{FetchStats, FetchStatsSnapshot};
+pub use stats::{FailureCounts, FetchStats, FetchStatsSnapshot};
 use zest_cache::ChunkCache;
 use zest_format::{Chunk, ChunkDecoder, EntryId, EntryKind, FormatError, LayerIndex};
 use zest_oci::digest::Digest;
+use zest_registry::ErrorKind;
 use zest_store::{BlobSource, SourceError};
 
 /// Why a read could not be served. Cloned to every reader waiting on a chunk.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum FetchError {
-    /// The blob source failed (after retries, when the failure looked transient).
+    /// The blob source failed (after the source's own retries of transient
+    /// failures; the fetcher does not retry them again).
     #[error("{0}")]
     Source(Arc<SourceError>),
-    /// Fetched bytes did not decompress to the chunk's digest (after retries).
-    #[error("chunk at blob offset {offset} of {blob} failed verification: {reason}")]
+    /// Fetched bytes did not decompress to the chunk's digest, every time they
+    /// were fetched ([`FetchConfig::attempts`]); never served.
+    #[error("{blob}: {source}")]
     Verification {
         /// The blob.
         blob: String,
         /// Blob offset of the chunk.
         offset: u64,
         /// What did not match.
-        reason: String,
+        #[source]
+        source: Arc<FormatError>,
     },
-    /// The read did not complete within [`FetchConfig::read_timeout`].
-    #[error("read of {blob} timed out after {secs} s")]
+    /// The read did not complete within its deadline.
+    #[error("read of {blob} timed out after {secs} s; the registry or network is slow or down: retry later")]
     Timeout {
         /// The blob.
         blob: String,
@@ -90,6 +94,130 @@ pub enum FetchError {
     Internal(String),
 }
 
+/// What kind of failure a [`FetchError`] is: the source's kind
+/// ([`zest_registry::ErrorKind`]) carried through, plus the fetcher's own. The
+/// labels are stable (logs and metric labels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FetchErrorKind {
+    /// The blob (or repository) is unknown to the registry (404).
+    NotFound,
+    /// Access denied (401/403): credentials missing, wrong or insufficient.
+    Denied,
+    /// The registry rate-limits (429).
+    RateLimited,
+    /// The registry failed (5xx).
+    Server,
+    /// No answer in time.
+    Timeout,
+    /// No connection, or it broke off.
+    Transport,
+    /// Content did not match its digest (a chunk, or the TOC).
+    DigestMismatch,
+    /// The source answered against the protocol.
+    Protocol,
+    /// A request that cannot be satisfied (range outside the blob, ...).
+    Invalid,
+    /// Local configuration or file trouble.
+    Local,
+    /// The layer's TOC is unusable (not a digest mismatch).
+    TocInvalid,
+    /// The fetch was abandoned (shutdown).
+    Cancelled,
+    /// A read of something that is not a regular file.
+    NotAFile,
+    /// A bug or resource failure inside zest.
+    Internal,
+}
+
+impl FetchErrorKind {
+    /// Number of kinds.
+    pub const COUNT: usize = 14;
+
+    /// Every kind, in a fixed order.
+    pub const ALL: [FetchErrorKind; Self::COUNT] = [
+        FetchErrorKind::NotFound,
+        FetchErrorKind::Denied,
+        FetchErrorKind::RateLimited,
+        FetchErrorKind::Server,
+        FetchErrorKind::Timeout,
+        FetchErrorKind::Transport,
+        FetchErrorKind::DigestMismatch,
+        FetchErrorKind::Protocol,
+        FetchErrorKind::Invalid,
+        FetchErrorKind::Local,
+        FetchErrorKind::TocInvalid,
+        FetchErrorKind::Cancelled,
+        FetchErrorKind::NotAFile,
+        FetchErrorKind::Internal,
+    ];
+
+    /// A stable snake_case label; the source's kinds keep the registry's labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            FetchErrorKind::NotFound => ErrorKind::NotFound.label(),
+            FetchErrorKind::Denied => ErrorKind::Denied.label(),
+            FetchErrorKind::RateLimited => ErrorKind::RateLimited.label(),
+            FetchErrorKind::Server => ErrorKind::Server.label(),
+            FetchErrorKind::Timeout => ErrorKind::Timeout.label(),
+            FetchErrorKind::Transport => ErrorKind::Transport.label(),
+            FetchErrorKind::DigestMismatch => ErrorKind::DigestMismatch.label(),
+            FetchErrorKind::Protocol => ErrorKind::Protocol.label(),
+            FetchErrorKind::Invalid => ErrorKind::Invalid.label(),
+            FetchErrorKind::Local => ErrorKind::Local.label(),
+            FetchErrorKind::TocInvalid => "toc_invalid",
+            FetchErrorKind::Cancelled => "cancelled",
+            FetchErrorKind::NotAFile => "not_a_file",
+            FetchErrorKind::Internal => "internal",
+        }
+    }
+
+    /// Position in [`FetchErrorKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<ErrorKind> for FetchErrorKind {
+    fn from(k: ErrorKind) -> Self {
+        match k {
+            ErrorKind::NotFound => FetchErrorKind::NotFound,
+            ErrorKind::Denied => FetchErrorKind::Denied,
+            ErrorKind::RateLimited => FetchErrorKind::RateLimited,
+            ErrorKind::Server => FetchErrorKind::Server,
+            ErrorKind::Timeout => FetchErrorKind::Timeout,
+            ErrorKind::Transport => FetchErrorKind::Transport,
+            ErrorKind::DigestMismatch => FetchErrorKind::DigestMismatch,
+            ErrorKind::Protocol => FetchErrorKind::Protocol,
+            ErrorKind::Invalid => FetchErrorKind::Invalid,
+            ErrorKind::Local => FetchErrorKind::Local,
+        }
+    }
+}
+
+impl std::fmt::Display for FetchErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl FetchError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> FetchErrorKind {
+        match self {
+            FetchError::Source(e) => e.kind().into(),
+            FetchError::Verification { .. } => FetchErrorKind::DigestMismatch,
+            FetchError::Timeout { .. } => FetchErrorKind::Timeout,
+            FetchError::Cancelled => FetchErrorKind::Cancelled,
+            FetchError::Toc { source, .. } => match source.as_ref() {
+                FormatError::TocDigestMismatch { .. } => FetchErrorKind::DigestMismatch,
+                _ => FetchErrorKind::TocInvalid,
+            },
+            FetchError::NotAFile => FetchErrorKind::NotAFile,
+            FetchError::Internal(_) => FetchErrorKind::Internal,
+        }
+    }
+}
+
 /// Tuning of a [`Fetcher`].
 #[derive(Clone, Debug)]
 pub struct FetchConfig {
@@ -105,14 +233,32 @@ pub struct FetchConfig {
     pub max_readahead_bytes: u64,
     /// Largest request of prefetch and background fetch.
     pub prefetch_request_bytes: u64,
-    /// Attempts per range (first try included).
+    /// Fetches of a run of chunks while some fail digest verification (first
+    /// included). Transport failures are not retried here: the source (the
+    /// registry client's [`zest_registry::RetryPolicy`]) already did.
     pub attempts: u32,
-    /// Timeout of one range request.
+    /// Deadline of one range read from a source that does not bound its reads
+    /// itself (local blob files). A registry source's deadline is derived from
+    /// its retry policy instead ([`BlobSource::read_deadline`] plus a margin).
     pub request_timeout: Duration,
-    /// Delay before the first retry; doubles each retry.
+    /// Delay before the first re-fetch of a chunk that failed verification;
+    /// doubles each time.
     pub retry_backoff: Duration,
     /// Deadline of a whole read (waits included); then the reader gets EIO.
     pub read_timeout: Duration,
+}
+
+/// Added to a source's own read deadline when guarding a read with a timeout:
+/// the source's typed error, not this guard, ends a slow read.
+const SOURCE_DEADLINE_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long the fetcher lets one `read_range` of `source` run: the source's own
+/// bound plus a margin, else `fallback`.
+pub(crate) fn source_deadline(source: &dyn BlobSource, fallback: Duration) -> Duration {
+    match source.read_deadline() {
+        Some(d) => d.saturating_add(SOURCE_DEADLINE_MARGIN),
+        None => fallback,
+    }
 }
 
 /// Read-ahead budget for the files after the one being read (blob order is
@@ -390,10 +536,14 @@ impl Fetcher {
         let deadline = self.config.read_timeout;
         match tokio::time::timeout(deadline, self.read_inner(id, offset, len)).await {
             Ok(r) => r,
-            Err(_) => Err(FetchError::Timeout {
-                blob: self.describe(),
-                secs: deadline.as_secs(),
-            }),
+            Err(_) => {
+                let err = FetchError::Timeout {
+                    blob: self.describe(),
+                    secs: deadline.as_secs(),
+                };
+                tracing::warn!(kind = err.kind().label(), error = %err, "read deadline passed");
+                Err(err)
+            }
         }
     }
 
@@ -668,11 +818,16 @@ impl Fetcher {
 
     /// Fetches one run of claimed chunks (one range request per attempt),
     /// verifies and caches each chunk and publishes the outcome to its waiters.
+    ///
+    /// Only chunks that fail verification are fetched again (at most
+    /// [`FetchConfig::attempts`] fetches in all): the source has already retried
+    /// transport failures under its policy, so its errors end the run at once.
     async fn fetch_run(&self, run: Vec<Owned>, priority: Priority) {
         let all = self.index.all_chunks();
         let mut remaining = run;
         let mut last_err: Option<FetchError> = None;
         let attempts = self.config.attempts.max(1);
+        let deadline = source_deadline(self.source.as_ref(), self.config.request_timeout);
         for attempt in 0..attempts {
             if remaining.is_empty() {
                 return;
@@ -707,39 +862,27 @@ impl Fetcher {
             };
             self.stats.add_range_requests(1);
             let expected = range.end - range.start;
-            let fetched = tokio::time::timeout(
-                self.config.request_timeout,
-                self.source.read_range(range.clone()),
-            )
-            .await;
-            let bytes = match fetched {
-                Ok(Ok(b)) if b.len() as u64 == expected => b,
-                Ok(Ok(b)) => {
-                    last_err = Some(FetchError::Source(Arc::new(SourceError::Transient {
-                        blob: self.describe(),
-                        start: range.start,
-                        end: range.end,
-                        reason: format!("got {} bytes, expected {expected}", b.len()),
-                    })));
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    let transient = e.is_transient();
-                    tracing::debug!(error = %e, attempt, "range request failed");
+            let fetched =
+                tokio::time::timeout(deadline, self.source.read_range(range.clone())).await;
+            let source_err = match fetched {
+                Ok(Ok(b)) if b.len() as u64 == expected => Ok(b),
+                Ok(Ok(b)) => Err(SourceError::WrongLength {
+                    blob: self.describe(),
+                    range: range.clone(),
+                    got: b.len() as u64,
+                }),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(SourceError::Timeout {
+                    blob: self.describe(),
+                    range: range.clone(),
+                    after: deadline,
+                }),
+            };
+            let bytes = match source_err {
+                Ok(b) => b,
+                Err(e) => {
                     last_err = Some(FetchError::Source(Arc::new(e)));
-                    if transient {
-                        continue;
-                    }
                     break;
-                }
-                Err(_) => {
-                    last_err = Some(FetchError::Source(Arc::new(SourceError::Transient {
-                        blob: self.describe(),
-                        start: range.start,
-                        end: range.end,
-                        reason: format!("timed out after {:?}", self.config.request_timeout),
-                    })));
-                    continue;
                 }
             };
             self.stats.add_bytes_fetched(expected);
@@ -757,7 +900,7 @@ impl Fetcher {
                         let hi = lo + c.compressed_len as usize;
                         match bytes.get(lo..hi) {
                             Some(slice) => with_decoder(|d| d.decode(c, slice))
-                                .and_then(|r| r.map_err(|e| verification_error(&blob, c, &e))),
+                                .and_then(|r| r.map_err(|e| verification_error(&blob, c, e))),
                             None => Err(FetchError::Internal("chunk outside fetched range".into())),
                         }
                     })
@@ -768,7 +911,7 @@ impl Fetcher {
                 Ok(d) => d,
                 Err(e) => {
                     last_err = Some(FetchError::Internal(format!("decode task failed: {e}")));
-                    continue;
+                    break;
                 }
             };
             let mut failed = Vec::new();
@@ -785,7 +928,7 @@ impl Fetcher {
                     Err(e) => {
                         if matches!(e, FetchError::Verification { .. }) {
                             self.stats.add_verification_failures(1);
-                            tracing::warn!(error = %e, attempt, "chunk failed verification; retrying");
+                            tracing::warn!(kind = e.kind().label(), error = %e, attempt, "chunk failed verification; fetching it again");
                         }
                         last_err = Some(e);
                         failed.push(owned);
@@ -793,11 +936,18 @@ impl Fetcher {
                 }
             }
             remaining = failed;
+            // Only verification failures are worth another fetch.
+            if !matches!(last_err, Some(FetchError::Verification { .. }) | None) {
+                break;
+            }
+        }
+        if remaining.is_empty() {
+            return;
         }
         let err = last_err.unwrap_or(FetchError::Cancelled);
-        if !remaining.is_empty() {
-            tracing::error!(error = %err, chunks = remaining.len(), blob = %self.describe(), "giving up on chunks");
-        }
+        let kind = err.kind();
+        self.stats.add_failure(kind);
+        tracing::error!(kind = kind.label(), error = %err, chunks = remaining.len(), blob = %self.describe(), "giving up on chunks");
         for owned in remaining {
             owned.guard.complete(Err(err.clone()));
         }
@@ -975,11 +1125,19 @@ impl Fetcher {
             .map_err(|e| FetchError::Internal(format!("hash task failed: {e}")))?;
         if !ok {
             self.stats.add_verification_failures(1);
-            return Err(FetchError::Verification {
+            let err = FetchError::Verification {
                 blob: self.describe(),
                 offset: c.compressed_offset,
-                reason: format!("zero chunk of {len} bytes does not match its digest {digest}"),
-            });
+                source: Arc::new(FormatError::ChunkDigestMismatch {
+                    offset: c.compressed_offset,
+                    file_offset: c.file_offset,
+                    expected: digest,
+                    actual: zeros_digest(len),
+                }),
+            };
+            self.stats.add_failure(err.kind());
+            tracing::error!(kind = err.kind().label(), error = %err, "zero chunk failed verification");
+            return Err(err);
         }
         self.zeros_checked
             .lock()
@@ -1002,11 +1160,11 @@ fn zeros_digest(len: u64) -> Digest {
     h.finish()
 }
 
-fn verification_error(blob: &str, c: &Chunk, e: &FormatError) -> FetchError {
+fn verification_error(blob: &str, c: &Chunk, e: FormatError) -> FetchError {
     FetchError::Verification {
         blob: blob.to_string(),
         offset: c.compressed_offset,
-        reason: e.to_string(),
+        source: Arc::new(e),
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::FetchErrorKind;
+
 /// Live counters of one fetcher (one layer blob).
 #[derive(Debug, Default)]
 pub struct FetchStats {
@@ -16,6 +18,41 @@ pub struct FetchStats {
     memory_hits: AtomicU64,
     disk_hits: AtomicU64,
     deduplicated_waits: AtomicU64,
+    failures: [AtomicU64; FetchErrorKind::COUNT],
+}
+
+/// Failed fetches per [`FetchErrorKind`]: a fetch is one run of chunks (one
+/// range request, and its re-fetches while chunks fail verification) that ended
+/// in an error every waiting reader got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FailureCounts([u64; FetchErrorKind::COUNT]);
+
+impl FailureCounts {
+    /// Failed fetches of `kind`.
+    pub fn get(&self, kind: FetchErrorKind) -> u64 {
+        self.0.get(kind.index()).copied().unwrap_or(0)
+    }
+
+    /// Every kind with its count (zeros included), in [`FetchErrorKind::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (FetchErrorKind, u64)> + '_ {
+        FetchErrorKind::ALL.iter().map(|&k| (k, self.get(k)))
+    }
+
+    /// Failed fetches of every kind.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+impl std::ops::Add for FailureCounts {
+    type Output = FailureCounts;
+    fn add(self, other: FailureCounts) -> FailureCounts {
+        let mut out = self;
+        for (a, b) in out.0.iter_mut().zip(other.0) {
+            *a += b;
+        }
+        out
+    }
 }
 
 /// A point-in-time copy of [`FetchStats`].
@@ -42,6 +79,8 @@ pub struct FetchStatsSnapshot {
     pub disk_hits: u64,
     /// Chunk waits that joined a fetch already in flight instead of fetching.
     pub deduplicated_waits: u64,
+    /// Failed fetches per kind of failure.
+    pub failures: FailureCounts,
 }
 
 macro_rules! counter {
@@ -65,6 +104,13 @@ impl FetchStats {
     counter!(disk_hits, add_disk_hits);
     counter!(deduplicated_waits, add_deduplicated_waits);
 
+    /// Counts one failed fetch of `kind`.
+    pub fn add_failure(&self, kind: FetchErrorKind) {
+        if let Some(c) = self.failures.get(kind.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// A consistent-enough copy of every counter.
     pub fn snapshot(&self) -> FetchStatsSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -79,6 +125,7 @@ impl FetchStats {
             memory_hits: g(&self.memory_hits),
             disk_hits: g(&self.disk_hits),
             deduplicated_waits: g(&self.deduplicated_waits),
+            failures: FailureCounts(std::array::from_fn(|i| self.failures.get(i).map_or(0, g))),
         }
     }
 }

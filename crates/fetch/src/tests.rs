@@ -543,3 +543,127 @@ async fn a_reader_reclaims_chunks_of_an_abandoned_fetch() {
         .expect("the reader fetches again instead of failing");
     assert_eq!(&got[..], &a[..]);
 }
+
+/// A blob whose reads always fail with a registry error of `status`.
+#[derive(Debug)]
+struct FailingBlob {
+    status: u16,
+    requests: AtomicU64,
+    size: u64,
+}
+
+impl BlobSource for FailingBlob {
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        Box::pin(async move {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            let source = match self.status {
+                404 => zest_registry::RegistryError::NotFound {
+                    host: "registry.test".into(),
+                    repository: "app".into(),
+                    what: "blob sha256:x".into(),
+                    errors: Default::default(),
+                },
+                status => zest_registry::RegistryError::Status {
+                    host: "registry.test".into(),
+                    repository: "app".into(),
+                    what: "range read of blob sha256:x".into(),
+                    status,
+                    errors: Default::default(),
+                },
+            };
+            Err(SourceError::Registry {
+                blob: "app@sha256:x".into(),
+                range,
+                source,
+            })
+        })
+    }
+    fn size(&self) -> Option<u64> {
+        Some(self.size)
+    }
+    fn describe(&self) -> String {
+        "app@sha256:x".into()
+    }
+    fn read_deadline(&self) -> Option<Duration> {
+        Some(Duration::from_secs(1))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_failures_are_not_retried_and_keep_their_kind() {
+    let a = pattern(20_000, 50);
+    let blob = build(
+        &[TestFile {
+            name: "a",
+            data: &a,
+            chunk: 4000,
+        }],
+        vec![],
+    );
+    for (status, kind) in [
+        (503, FetchErrorKind::Server),
+        (429, FetchErrorKind::RateLimited),
+        (404, FetchErrorKind::NotFound),
+    ] {
+        let src = Arc::new(FailingBlob {
+            status,
+            requests: AtomicU64::new(0),
+            size: blob.bytes.len() as u64,
+        });
+        let f = Fetcher::new(
+            Arc::new(blob.index()),
+            src.clone(),
+            memory_cache(),
+            FetchLimits::default(),
+            fast_config(),
+            tokio::runtime::Handle::current(),
+        );
+        let id = id_of(&f, "a");
+        let err = f.read(id, 0, 1000).await.unwrap_err();
+        assert_eq!(err.kind(), kind, "{status}: {err}");
+        // The source retried under its policy already: one request here.
+        assert_eq!(src.requests.load(Ordering::SeqCst), 1, "{status}");
+        let s = f.stats();
+        assert_eq!(s.retries, 0, "{s:?}");
+        assert_eq!(s.failures.get(kind), 1, "{s:?}");
+        assert_eq!(s.failures.total(), 1, "{s:?}");
+        assert!(err.to_string().contains(&format!("HTTP {status}")) || status == 404);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_chunks_count_one_digest_mismatch_failure() {
+    let a = pattern(20_000, 51);
+    let (f, src) = fetcher_for(
+        &[TestFile {
+            name: "a",
+            data: &a,
+            chunk: 4000,
+        }],
+        fast_config(),
+    );
+    src.corrupt.store(true, Ordering::SeqCst);
+    let err = f.read(id_of(&f, "a"), 0, 1000).await.unwrap_err();
+    assert_eq!(err.kind(), FetchErrorKind::DigestMismatch, "{err}");
+    let s = f.stats();
+    assert_eq!(s.failures.get(FetchErrorKind::DigestMismatch), 1, "{s:?}");
+    assert_eq!(s.retries, u64::from(f.config().attempts) - 1, "{s:?}");
+}
+
+#[test]
+fn kinds_index_their_counters_and_have_distinct_labels() {
+    let mut labels = std::collections::BTreeSet::new();
+    for (i, k) in FetchErrorKind::ALL.iter().enumerate() {
+        assert_eq!(k.index(), i);
+        assert!(labels.insert(k.label()), "duplicate label {}", k.label());
+    }
+    for k in zest_registry::ErrorKind::ALL {
+        assert_eq!(FetchErrorKind::from(k).label(), k.label());
+    }
+    let stats = FetchStats::default();
+    stats.add_failure(FetchErrorKind::Timeout);
+    stats.add_failure(FetchErrorKind::Timeout);
+    let snap = stats.snapshot();
+    assert_eq!(snap.failures.get(FetchErrorKind::Timeout), 2);
+    assert_eq!((snap.failures + snap.failures).total(), 4);
+}

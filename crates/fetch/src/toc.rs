@@ -29,10 +29,11 @@ pub struct TocFetchOptions {
     pub tail_bytes: u64,
     /// Refuse a TOC whose digest is not vouched for by an annotation.
     pub require_digest: bool,
-    /// Attempts per request (transient failures are retried).
-    pub attempts: u32,
-    /// Timeout of one request.
-    pub request_timeout: Duration,
+    /// The caller's own deadline for the whole TOC fetch (e.g. while containerd
+    /// waits for a mount); `None`: only the source's bound. Requests are retried
+    /// by the source under its policy (the registry's [`zest_registry::RetryPolicy`]),
+    /// not again here.
+    pub deadline: Option<Duration>,
 }
 
 impl Default for TocFetchOptions {
@@ -40,11 +41,14 @@ impl Default for TocFetchOptions {
         TocFetchOptions {
             tail_bytes: 64 << 10,
             require_digest: false,
-            attempts: 3,
-            request_timeout: Duration::from_secs(30),
+            deadline: None,
         }
     }
 }
+
+/// Deadline of one TOC read from a source that does not bound its reads itself
+/// (local blob files).
+const UNBOUNDED_SOURCE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the TOC was found and how many requests it took.
 #[derive(Debug)]
@@ -67,6 +71,28 @@ pub async fn fetch_layer_index(
     annotations: &BTreeMap<String, String>,
     options: &TocFetchOptions,
 ) -> Result<FetchedIndex, FetchError> {
+    let fetch = locate_and_fetch(source, blob_size, annotations, options);
+    let result = match options.deadline {
+        Some(d) => tokio::time::timeout(d, fetch).await.unwrap_or_else(|_| {
+            Err(FetchError::Timeout {
+                blob: source.describe(),
+                secs: d.as_secs(),
+            })
+        }),
+        None => fetch.await,
+    };
+    if let Err(e) = &result {
+        tracing::debug!(kind = e.kind().label(), error = %e, blob = %source.describe(), "TOC fetch failed");
+    }
+    result
+}
+
+async fn locate_and_fetch(
+    source: &dyn BlobSource,
+    blob_size: u64,
+    annotations: &BTreeMap<String, String>,
+    options: &TocFetchOptions,
+) -> Result<FetchedIndex, FetchError> {
     let blob = source.describe();
     let toc_err = |e: FormatError| FetchError::Toc {
         blob: blob.clone(),
@@ -84,7 +110,7 @@ pub async fn fetch_layer_index(
         }
     };
     if let Some(loc) = location {
-        let bytes = read(source, loc.toc_range(), options, &mut requests).await?;
+        let bytes = read(source, loc.toc_range(), &mut requests).await?;
         let index = LayerIndex::decode(&bytes, &loc, blob_size).map_err(toc_err)?;
         return Ok(FetchedIndex {
             index,
@@ -102,12 +128,12 @@ pub async fn fetch_layer_index(
     }
     let tail_len = options.tail_bytes.max(FOOTER_FETCH_LEN).min(blob_size);
     let tail_start = blob_size - tail_len;
-    let tail = read(source, tail_start..blob_size, options, &mut requests).await?;
+    let tail = read(source, tail_start..blob_size, &mut requests).await?;
     let footer = parse_footer(&tail, blob_size).map_err(toc_err)?;
     let loc = footer.location();
     let toc_bytes = match loc.toc_in_tail(&tail, tail_start) {
         Some(b) => Bytes::copy_from_slice(b),
-        None => read(source, loc.toc_range(), options, &mut requests).await?,
+        None => read(source, loc.toc_range(), &mut requests).await?,
     };
     tracing::debug!(blob = %blob, requests, "TOC located by footer (not authenticated by the manifest)");
     let index = LayerIndex::decode(&toc_bytes, &loc, blob_size).map_err(toc_err)?;
@@ -118,48 +144,31 @@ pub async fn fetch_layer_index(
     })
 }
 
-/// One range read with timeout and bounded retries of transient failures.
+/// One range read. The source retries transient failures under its own policy;
+/// the timeout here is only a guard longer than the source's bound.
 async fn read(
     source: &dyn BlobSource,
     range: std::ops::Range<u64>,
-    options: &TocFetchOptions,
     requests: &mut u32,
 ) -> Result<Bytes, FetchError> {
-    let attempts = options.attempts.max(1);
-    let mut last = None;
-    for attempt in 0..attempts {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
-        }
-        *requests += 1;
-        let expected = range.end - range.start;
-        match tokio::time::timeout(options.request_timeout, source.read_range(range.clone())).await
-        {
-            Ok(Ok(b)) if b.len() as u64 == expected => return Ok(b),
-            Ok(Ok(b)) => {
-                last = Some(SourceError::Transient {
-                    blob: source.describe(),
-                    start: range.start,
-                    end: range.end,
-                    reason: format!("got {} bytes, expected {expected}", b.len()),
-                });
-            }
-            Ok(Err(e)) if e.is_transient() => last = Some(e),
-            Ok(Err(e)) => return Err(FetchError::Source(Arc::new(e))),
-            Err(_) => {
-                last = Some(SourceError::Transient {
-                    blob: source.describe(),
-                    start: range.start,
-                    end: range.end,
-                    reason: format!("timed out after {:?}", options.request_timeout),
-                });
-            }
-        }
-    }
-    Err(match last {
-        Some(e) => FetchError::Source(Arc::new(e)),
-        None => FetchError::Cancelled,
-    })
+    *requests += 1;
+    let expected = range.end - range.start;
+    let deadline = super::source_deadline(source, UNBOUNDED_SOURCE_TIMEOUT);
+    let err = match tokio::time::timeout(deadline, source.read_range(range.clone())).await {
+        Ok(Ok(b)) if b.len() as u64 == expected => return Ok(b),
+        Ok(Ok(b)) => SourceError::WrongLength {
+            blob: source.describe(),
+            range,
+            got: b.len() as u64,
+        },
+        Ok(Err(e)) => e,
+        Err(_) => SourceError::Timeout {
+            blob: source.describe(),
+            range,
+            after: deadline,
+        },
+    };
+    Err(FetchError::Source(Arc::new(err)))
 }
 
 /// Fetches the TOC of the blob behind `source` and returns a [`Fetcher`] ready

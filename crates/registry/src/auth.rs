@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 
 use super::credentials::{Credential, DockerCredentials};
-use super::error::RegistryError;
+use super::error::{ErrorKind, RegistryError};
 
 /// One challenge of a `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,6 +263,7 @@ pub(crate) fn parse_token_response(body: &[u8], host: &str) -> Result<IssuedToke
         expires_in: Option<u64>,
     }
     let r: Resp = serde_json::from_slice(body).map_err(|e| RegistryError::Auth {
+        kind: ErrorKind::Protocol,
         host: host.to_string(),
         detail: format!("token service answered with invalid JSON: {e}"),
         hint: "check the registry's token service; a proxy may be intercepting the request",
@@ -272,12 +273,14 @@ pub(crate) fn parse_token_response(body: &[u8], host: &str) -> Result<IssuedToke
         .filter(|t| !t.is_empty())
         .or(r.access_token.filter(|t| !t.is_empty()))
         .ok_or_else(|| RegistryError::Auth {
+            kind: ErrorKind::Protocol,
             host: host.to_string(),
             detail: "token service response has neither token nor access_token".into(),
             hint: "check the registry's token service",
         })?;
     if value.bytes().any(|c| c.is_ascii_control() || c == b' ') {
         return Err(RegistryError::Auth {
+            kind: ErrorKind::Protocol,
             host: host.to_string(),
             detail: "token service returned a token with invalid characters".into(),
             hint: "check the registry's token service",

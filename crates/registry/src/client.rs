@@ -20,7 +20,7 @@ use reqwest::{Method, Url};
 use super::auth::{self, AuthState, HostScheme, IssuedToken};
 use super::config::{Capabilities, EndpointOptions, HostConfig, RegistryConfig};
 use super::credentials::{Credential, DockerCredentials};
-use super::error::{ApiErrors, RegistryError};
+use super::error::{ApiErrors, ErrorKind, RegistryError};
 use super::stats::{Counters, RegistryStats, RequestKind};
 use zest_oci::Repository;
 
@@ -114,6 +114,15 @@ impl Ctx {
 
     pub fn protocol(&self, detail: impl Into<String>) -> RegistryError {
         RegistryError::Protocol {
+            host: self.host.clone(),
+            repository: self.repository.clone(),
+            what: self.what.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    pub fn interrupted(&self, detail: impl Into<String>) -> RegistryError {
+        RegistryError::Interrupted {
             host: self.host.clone(),
             repository: self.repository.clone(),
             what: self.what.clone(),
@@ -605,7 +614,7 @@ impl RegistryClient {
             let host = ep.host.clone();
             match op(ep).await {
                 Err(e) if i + 1 < n && e.allows_fallback() => {
-                    tracing::warn!(endpoint = %host, error = %e, "registry endpoint failed, trying the next one");
+                    tracing::warn!(endpoint = %host, kind = e.kind().label(), error = %e, "registry endpoint failed, trying the next one");
                     last = e;
                 }
                 r => return r,
@@ -614,10 +623,14 @@ impl RegistryClient {
         Err(last)
     }
 
-    /// Repeats `attempt` while it fails transiently, up to the policy's attempts.
+    /// Repeats `attempt` while it fails transiently, up to `max_attempts` and, when
+    /// given, until `deadline`: a retry whose wait would end past the deadline is not
+    /// made (the last failure is returned at once). This is the only retry loop of a
+    /// request; nothing above it retries transport failures again.
     pub(crate) async fn retrying<T, F, Fut>(
         &self,
         max_attempts: u32,
+        deadline: Option<tokio::time::Instant>,
         mut attempt: F,
     ) -> Result<T, RegistryError>
     where
@@ -636,16 +649,22 @@ impl RegistryClient {
                     if n >= max {
                         return Err(e);
                     }
-                    let mut delay = policy.backoff(n);
-                    if let Some(a) = after {
-                        delay = delay.max(a.min(policy.max_retry_after));
+                    let delay = policy.delay(n, after);
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() + delay >= d) {
+                        tracing::debug!(kind = e.kind().label(), error = %e, attempt = n, ?delay, "transient registry failure, no time left to retry");
+                        return Err(e);
                     }
-                    tracing::debug!(error = %e, attempt = n, ?delay, "transient registry failure, retrying");
+                    tracing::debug!(kind = e.kind().label(), error = %e, attempt = n, ?delay, "transient registry failure, retrying");
                     self.inner.stats.retry();
                     tokio::time::sleep(delay).await;
                 }
             }
         }
+    }
+
+    /// See [`RegistryConfig::range_read_deadline`].
+    pub fn range_read_deadline(&self) -> Duration {
+        self.inner.config.range_read_deadline()
     }
 
     pub(crate) fn max_attempts(&self) -> u32 {
@@ -751,7 +770,9 @@ impl RegistryClient {
         limit: u64,
     ) -> Result<Exchange, RegistryError> {
         let attempts = if req.retry { self.max_attempts() } else { 1 };
-        self.retrying(attempts, || async {
+        let deadline =
+            tokio::time::Instant::now() + self.inner.config.retry.deadline_for(req.timeout);
+        self.retrying(attempts, Some(deadline), || async {
             let resp = self.execute(ep, req).await?;
             let status = resp.status().as_u16();
             let headers = resp.headers().clone();
@@ -941,6 +962,7 @@ impl RegistryClient {
             return Ok(matches!(cred, Some(Credential::Basic { .. })) && !already_sent_basic);
         }
         Err(Failure::Fatal(RegistryError::Auth {
+            kind: ErrorKind::Protocol,
             host: ep.host.clone(),
             detail: format!(
                 "{}: HTTP 401 without a Bearer or Basic challenge (WWW-Authenticate: {:?})",
@@ -960,13 +982,15 @@ impl RegistryClient {
         scopes: &str,
         ctx: &Ctx,
     ) -> Result<IssuedToken, Failure> {
-        let auth_err = |detail: String, hint: &'static str| RegistryError::Auth {
+        let auth_err = |kind: ErrorKind, detail: String, hint: &'static str| RegistryError::Auth {
+            kind,
             host: ep.host.clone(),
             detail,
             hint,
         };
         let url = Url::parse(realm).map_err(|e| {
             auth_err(
+                ErrorKind::Protocol,
                 format!("token realm {realm:?} is not a URL: {e}"),
                 "the registry's WWW-Authenticate header is broken",
             )
@@ -978,12 +1002,14 @@ impl RegistryClient {
             "http" if ep.plain_http || !has_cred => {}
             "http" => {
                 return Err(Failure::Fatal(auth_err(
+                    ErrorKind::Protocol,
                     format!("token realm {realm} is plain HTTP while the registry is HTTPS"),
                     "refusing to send credentials unencrypted; fix the registry's token realm",
                 )))
             }
             other => {
                 return Err(Failure::Fatal(auth_err(
+                    ErrorKind::Protocol,
                     format!("token realm {realm:?} has unsupported scheme {other:?}"),
                     "the registry's WWW-Authenticate header is broken",
                 )))
@@ -991,7 +1017,8 @@ impl RegistryClient {
         }
         let timeout = self.inner.config.request_timeout;
         let inner = &self.inner;
-        self.retrying(self.max_attempts(), || {
+        let deadline = tokio::time::Instant::now() + inner.config.retry.deadline_for(timeout);
+        self.retrying(self.max_attempts(), Some(deadline), || {
             let mut rb = match &cred {
                 Some(Credential::IdentityToken { token, .. }) => {
                     let mut form = vec![
@@ -1032,6 +1059,7 @@ impl RegistryClient {
                     Ok(Err(e)) => {
                         return Err(Failure::Transient(
                             auth_err(
+                                ErrorKind::Transport,
                                 format!("token service {realm_host} unreachable: {}", chain(&e)),
                                 "check the network path to the registry's token service",
                             ),
@@ -1046,6 +1074,7 @@ impl RegistryClient {
                 match status {
                     200 => auth::parse_token_response(&body, &ep.host).map_err(Failure::Fatal),
                     401 | 403 => Err(Failure::Fatal(auth_err(
+                        ErrorKind::Denied,
                         format!(
                             "token service {realm_host} refused {} for {scopes} (HTTP {status}){}",
                             if has_cred { "the credentials" } else { "anonymous access" },
@@ -1059,12 +1088,14 @@ impl RegistryClient {
                     ))),
                     429 | 500..=599 => Err(Failure::Transient(
                         auth_err(
+                            if status == 429 { ErrorKind::RateLimited } else { ErrorKind::Server },
                             format!("token service {realm_host} answered HTTP {status}"),
                             "retry later",
                         ),
                         after,
                     )),
                     _ => Err(Failure::Fatal(auth_err(
+                        ErrorKind::Protocol,
                         format!("token service {realm_host} answered HTTP {status}"),
                         "check the registry's token service",
                     ))),
@@ -1121,7 +1152,7 @@ pub(crate) async fn read_body(
         let chunk = match tokio::time::timeout(idle, resp.chunk()).await {
             Err(_) => return Err(BodyError::Failed(ctx.timeout(idle))),
             Ok(Err(e)) => {
-                return Err(BodyError::Failed(ctx.protocol(format!(
+                return Err(BodyError::Failed(ctx.interrupted(format!(
                     "response body broke off after {} bytes: {}",
                     buf.len(),
                     chain(&e)

@@ -278,9 +278,19 @@ pub enum DockerConfigSource {
     Disabled,
 }
 
-/// Retry policy for transient failures: connection errors, timeouts, HTTP 5xx and
-/// 429, and truncated bodies. The delay doubles from `initial_backoff` up to
-/// `max_backoff`, with random jitter, or follows `Retry-After` (capped).
+/// The one retry and timeout policy of zest's network reads. It is applied at
+/// exactly one layer, the registry client: callers (blob sources, the fetcher, TOC
+/// loading) do not retry transport failures again, and derive their own deadlines
+/// from [`RegistryConfig::range_read_deadline`] so they never cut an attempt short.
+///
+/// Transient failures are retried: connection errors, timeouts, broken or
+/// truncated bodies, HTTP 5xx and 429. The delay doubles from `initial_backoff` up
+/// to `max_backoff`, with random jitter; a `Retry-After` header is honoured up to
+/// `max_retry_after`. A 401 refreshes the token once within an attempt. Final
+/// failures (404, 401/403 after the refresh, bad ranges, protocol violations) are
+/// never retried. Per-attempt timeouts are [`RegistryConfig::request_timeout`] and
+/// [`RegistryConfig::range_timeout`]; `deadline` bounds all attempts of one
+/// request and the waits between them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts per request, first included (1 disables retries).
@@ -291,6 +301,9 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Largest delay honoured from a `Retry-After` header.
     pub max_retry_after: Duration,
+    /// Longest one request may take, every attempt and wait included; no retry is
+    /// started that would end past it. Never shorter than one attempt's timeout.
+    pub deadline: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -300,6 +313,9 @@ impl Default for RetryPolicy {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
             max_retry_after: Duration::from_secs(30),
+            // Below the fetcher's default read deadline (180 s), so that a reader
+            // gets the registry's own error, not a bare timeout.
+            deadline: Duration::from_secs(120),
         }
     }
 }
@@ -316,6 +332,22 @@ impl RetryPolicy {
         let half = base / 2;
         let jitter_ms = rand::random::<u64>() % (half.as_millis() as u64 + 1);
         half + Duration::from_millis(jitter_ms)
+    }
+
+    /// The delay before attempt `attempt + 1`: backoff, or the server's
+    /// `Retry-After` when longer, capped at `max_retry_after`.
+    pub(crate) fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let backoff = self.backoff(attempt);
+        match retry_after {
+            Some(a) => backoff.max(a.min(self.max_retry_after)),
+            None => backoff,
+        }
+    }
+
+    /// The overall deadline of a request whose attempts each may take
+    /// `attempt_timeout`: `deadline`, but at least one whole attempt.
+    pub fn deadline_for(&self, attempt_timeout: Duration) -> Duration {
+        self.deadline.max(attempt_timeout)
     }
 }
 
@@ -350,6 +382,16 @@ pub struct RegistryConfig {
     pub max_range_size: u64,
     /// `User-Agent` header.
     pub user_agent: String,
+}
+
+impl RegistryConfig {
+    /// The longest [`super::RegistryClient::get_range`] takes before it returns,
+    /// every attempt, wait and endpoint included. Callers that guard a range read
+    /// with a timeout of their own use this (plus a margin) so that they never cut
+    /// an attempt short and always get the client's typed error.
+    pub fn range_read_deadline(&self) -> Duration {
+        self.retry.deadline_for(self.range_timeout)
+    }
 }
 
 impl Default for RegistryConfig {
@@ -482,5 +524,19 @@ future_key = "ignored"
             assert!(d <= r.max_backoff, "{d:?}");
         }
         assert!(r.backoff(1) >= r.initial_backoff / 2);
+        // Retry-After is honoured within bounds.
+        assert_eq!(
+            r.delay(1, Some(Duration::from_secs(3600))),
+            r.max_retry_after
+        );
+        assert!(r.delay(1, Some(Duration::from_secs(2))) >= Duration::from_secs(2));
+        // The deadline always allows one whole attempt.
+        assert_eq!(r.deadline_for(Duration::from_secs(1)), r.deadline);
+        assert_eq!(
+            r.deadline_for(Duration::from_secs(900)),
+            Duration::from_secs(900)
+        );
+        let c = RegistryConfig::default();
+        assert!(c.range_read_deadline() >= c.range_timeout);
     }
 }

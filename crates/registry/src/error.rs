@@ -57,10 +57,93 @@ impl fmt::Display for ApiErrors {
     }
 }
 
+/// What kind of failure an error is: small, stable, and the same through the
+/// registry client, the blob sources and the fetcher, so that logs and metrics can
+/// tell a missing blob from a denied one, a rate limit, a slow network or corrupt
+/// data without parsing messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ErrorKind {
+    /// 404: the manifest, tag, blob or repository is unknown.
+    NotFound,
+    /// 401/403 or a token service refusal: missing, wrong or insufficient credentials.
+    Denied,
+    /// 429: the registry asks to slow down.
+    RateLimited,
+    /// 5xx: the registry failed.
+    Server,
+    /// No answer (or no complete answer) in time.
+    Timeout,
+    /// No connection, or it broke off mid-answer.
+    Transport,
+    /// Content that does not hash to its digest.
+    DigestMismatch,
+    /// An answer that breaks the protocol (wrong range, unexpected status, bad JSON).
+    Protocol,
+    /// A request that cannot be satisfied as asked (bad range, too large, bad argument).
+    Invalid,
+    /// Local configuration or file trouble (hosts.toml, CA, config.json, disk).
+    Local,
+}
+
+impl ErrorKind {
+    /// Every kind, in a fixed order (for counters indexed by kind).
+    pub const ALL: [ErrorKind; 10] = [
+        ErrorKind::NotFound,
+        ErrorKind::Denied,
+        ErrorKind::RateLimited,
+        ErrorKind::Server,
+        ErrorKind::Timeout,
+        ErrorKind::Transport,
+        ErrorKind::DigestMismatch,
+        ErrorKind::Protocol,
+        ErrorKind::Invalid,
+        ErrorKind::Local,
+    ];
+
+    /// A stable snake_case label for logs and metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Denied => "denied",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Server => "server_error",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Transport => "transport",
+            ErrorKind::DigestMismatch => "digest_mismatch",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Local => "local",
+        }
+    }
+
+    /// Whether the same request may succeed later (the client retries these).
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::RateLimited | ErrorKind::Server | ErrorKind::Timeout | ErrorKind::Transport
+        )
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// What to do about an unexpected status, with a leading separator.
+fn status_hint(status: &u16) -> &'static str {
+    match status {
+        429 => "; the registry is rate-limiting requests: retry later, or configure credentials for a higher limit",
+        500..=599 => "; the registry failed: retry later, or check the registry's health",
+        _ => "",
+    }
+}
+
 /// Errors of [`super::RegistryClient`].
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    /// No connection could be made, or it broke before an answer (after retries).
+    /// No connection could be made (after retries).
     #[error("cannot talk to registry {host} at {url}: {detail}{hint}")]
     Connect {
         /// Registry host.
@@ -71,6 +154,18 @@ pub enum RegistryError {
         detail: String,
         /// What to try, with a leading separator (may be empty).
         hint: &'static str,
+    },
+    /// The connection broke off in the middle of an answer (after retries).
+    #[error("{what} on {host}/{repository}: the connection broke off: {detail}; the network or the registry is unreliable: retry later")]
+    Interrupted {
+        /// Registry host.
+        host: String,
+        /// Repository.
+        repository: String,
+        /// The operation.
+        what: String,
+        /// The transport's error chain.
+        detail: String,
     },
     /// No answer in time (after retries).
     #[error("{what} on {host}/{repository}: no answer within {timeout:?}; the registry or network is slow or down: retry later or raise the timeout")]
@@ -103,6 +198,8 @@ pub enum RegistryError {
     /// Token service or challenge problems.
     #[error("authentication with {host} failed: {detail}; {hint}")]
     Auth {
+        /// What kind of failure (denied, unreachable, rate limited, broken answer).
+        kind: ErrorKind,
         /// Registry (or token service) host.
         host: String,
         /// What went wrong.
@@ -111,7 +208,7 @@ pub enum RegistryError {
         hint: &'static str,
     },
     /// 404 (manifest, tag, blob or repository unknown).
-    #[error("{what} not found in {host}/{repository}{errors}")]
+    #[error("{what} not found in {host}/{repository}{errors}; check the image reference (a blob may have been deleted from the registry since the image was pulled: pull it again)")]
     NotFound {
         /// Registry host.
         host: String,
@@ -123,7 +220,10 @@ pub enum RegistryError {
         errors: ApiErrors,
     },
     /// Any other unexpected HTTP status (after retries for 5xx/429).
-    #[error("{what} on {host}/{repository} failed: HTTP {status}{errors}")]
+    #[error(
+        "{what} on {host}/{repository} failed: HTTP {status}{errors}{}",
+        status_hint(status)
+    )]
     Status {
         /// Registry host.
         host: String,
@@ -247,12 +347,39 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RegistryError::Connect { .. }
+            | RegistryError::Interrupted { .. }
+            | RegistryError::Truncated { .. } => ErrorKind::Transport,
+            RegistryError::Timeout { .. } => ErrorKind::Timeout,
+            RegistryError::Unauthorized { .. } => ErrorKind::Denied,
+            RegistryError::Auth { kind, .. } => *kind,
+            RegistryError::NotFound { .. } | RegistryError::PlatformNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            RegistryError::Status { status: 429, .. } => ErrorKind::RateLimited,
+            RegistryError::Status { status, .. } if (500..600).contains(status) => {
+                ErrorKind::Server
+            }
+            RegistryError::Status { .. } | RegistryError::Protocol { .. } => ErrorKind::Protocol,
+            RegistryError::DigestMismatch { .. } => ErrorKind::DigestMismatch,
+            RegistryError::RangeNotSatisfiable { .. }
+            | RegistryError::TooLarge { .. }
+            | RegistryError::Manifest { .. }
+            | RegistryError::InvalidArgument(_) => ErrorKind::Invalid,
+            RegistryError::Config { .. } | RegistryError::Io { .. } => ErrorKind::Local,
+        }
+    }
+
     /// Whether another endpoint (a mirror, then the upstream server) might succeed
     /// where this one failed.
     pub(crate) fn allows_fallback(&self) -> bool {
         matches!(
             self,
             RegistryError::Connect { .. }
+                | RegistryError::Interrupted { .. }
                 | RegistryError::Timeout { .. }
                 | RegistryError::NotFound { .. }
                 | RegistryError::Unauthorized { .. }
@@ -281,6 +408,25 @@ mod tests {
         assert_eq!(e.to_string(), ": BLOB_UNKNOWN: blob unknown to registry");
         assert_eq!(ApiErrors::parse(b"<html>").to_string(), "");
         assert_eq!(ApiErrors::parse(br#"{"errors":null}"#).0.len(), 0);
+    }
+
+    #[test]
+    fn kinds_have_distinct_stable_labels() {
+        let labels: std::collections::BTreeSet<_> =
+            ErrorKind::ALL.iter().map(|k| k.label()).collect();
+        assert_eq!(labels.len(), ErrorKind::ALL.len());
+        let status = |status| RegistryError::Status {
+            host: "h".into(),
+            repository: "r".into(),
+            what: "blob x".into(),
+            status,
+            errors: ApiErrors::default(),
+        };
+        assert_eq!(status(429).kind(), ErrorKind::RateLimited);
+        assert_eq!(status(503).kind(), ErrorKind::Server);
+        assert_eq!(status(418).kind(), ErrorKind::Protocol);
+        assert!(status(429).to_string().contains("retry later"));
+        assert!(status(429).kind().is_transient() && !ErrorKind::NotFound.is_transient());
     }
 
     #[test]

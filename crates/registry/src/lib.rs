@@ -36,7 +36,7 @@ pub use config::{
     RegistryConfig, RetryPolicy, DEFAULT_HOSTS_DIR,
 };
 pub use credentials::{normalize_host, Credential, DockerCredentials};
-pub use error::{ApiError, ApiErrors, RegistryError};
+pub use error::{ApiError, ApiErrors, ErrorKind, RegistryError};
 pub use pull::{FetchedManifest, ResolvedImage};
 pub use push::{PushOutcome, UploadBody};
 pub use stats::{RegistryStats, RequestKind};

@@ -440,11 +440,8 @@ impl RegistryClient {
                         if attempt >= self.max_attempts() {
                             break Err(e);
                         }
-                        let policy = &self.inner.config.retry;
-                        let delay = policy
-                            .backoff(attempt)
-                            .max(after.unwrap_or_default().min(policy.max_retry_after));
-                        tracing::debug!(error = %e, attempt, resume_at = st.written, "blob download interrupted, resuming");
+                        let delay = self.inner.config.retry.delay(attempt, after);
+                        tracing::debug!(kind = e.kind().label(), error = %e, attempt, resume_at = st.written, "blob download interrupted, resuming");
                         self.inner.stats.retry();
                         tokio::time::sleep(delay).await;
                     }
@@ -469,7 +466,7 @@ impl RegistryClient {
                     return Ok(st.written);
                 }
                 Err(e) if i + 1 < n && e.allows_fallback() => {
-                    tracing::warn!(endpoint = %ep.host, error = %e, "registry endpoint failed, trying the next one");
+                    tracing::warn!(endpoint = %ep.host, kind = e.kind().label(), error = %e, "registry endpoint failed, trying the next one");
                     last = e;
                 }
                 Err(e) => return Err(e),
@@ -552,7 +549,7 @@ impl RegistryClient {
                 }
                 Ok(Err(e)) => {
                     return Err(Failure::Transient(
-                        ctx.protocol(format!("body broke off after {} bytes: {e}", st.written)),
+                        ctx.interrupted(format!("body broke off after {} bytes: {e}", st.written)),
                         None,
                     ))
                 }
@@ -612,12 +609,21 @@ impl RegistryClient {
             )));
         }
         let range = &range;
+        // One deadline for every attempt on every endpoint: callers rely on
+        // `range_read_deadline` bounding the whole call.
+        let total = self.inner.config.range_read_deadline();
+        let deadline = tokio::time::Instant::now() + total;
+        let per_attempt = self.inner.config.range_timeout;
         self.on_endpoints(repo, Cap::Pull, |ep| async move {
             let ctx = Ctx::new(&ep, repo, format!("range read of blob {digest}"));
             let ctx = &ctx;
             let ep = &ep;
-            let timeout = self.inner.config.range_timeout;
-            self.retrying(self.max_attempts(), || async move {
+            self.retrying(self.max_attempts(), Some(deadline), || async move {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    return Err(Failure::Fatal(ctx.timeout(total)));
+                }
+                let timeout = per_attempt.min(left);
                 match tokio::time::timeout(
                     timeout,
                     self.range_attempt(ep, ctx, repo, digest, range),

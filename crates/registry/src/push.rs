@@ -91,7 +91,8 @@ impl RegistryClient {
             let ctx = &ctx;
             let ep = &ep;
             let mut first = true;
-            self.retrying(self.max_attempts(), || {
+            // Uploads of large blobs take long: bounded by attempts, not a deadline.
+            self.retrying(self.max_attempts(), None, || {
                 let again = !first;
                 first = false;
                 async move {

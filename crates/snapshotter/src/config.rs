@@ -219,7 +219,7 @@ pub struct RegistrySection {
     pub connect_timeout_secs: u64,
     /// Time allowed for response headers of a request, seconds.
     pub request_timeout_secs: u64,
-    /// Time allowed for a whole range read, seconds.
+    /// Time allowed for one attempt of a range read, seconds.
     pub range_timeout_secs: u64,
     /// Attempts per request on transient failures (network errors, 5xx, 429).
     pub max_attempts: u32,
@@ -289,11 +289,12 @@ pub struct FetchSection {
     pub max_readahead_size: ByteSize,
     /// Largest request of prefetch and background fetch.
     pub prefetch_request_size: ByteSize,
-    /// Attempts per range (a chunk failing verification is fetched again).
+    /// Fetches of a chunk failing verification (network failures: `registry.max_attempts`).
     pub attempts: u32,
-    /// Timeout of one range request, seconds.
+    /// Timeout of one range read from a local blob file, seconds (registry reads
+    /// follow the registry's retry policy).
     pub request_timeout_secs: u64,
-    /// Delay before the first retry, milliseconds; doubles each retry.
+    /// Delay before re-fetching a chunk that failed verification, milliseconds; doubles.
     pub retry_backoff_ms: u64,
     /// Deadline of one read from a container, seconds; then it fails with EIO.
     pub read_timeout_secs: u64,

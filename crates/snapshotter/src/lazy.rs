@@ -443,6 +443,7 @@ fn add_stats(a: &FetchStatsSnapshot, b: &FetchStatsSnapshot) -> FetchStatsSnapsh
         memory_hits: a.memory_hits + b.memory_hits,
         disk_hits: a.disk_hits + b.disk_hits,
         deduplicated_waits: a.deduplicated_waits + b.deduplicated_waits,
+        failures: a.failures + b.failures,
     }
 }
 
@@ -798,7 +799,7 @@ impl Inner {
             },
             TocSource::Footer => {
                 let options = TocFetchOptions {
-                    request_timeout: self.config.mount_timeout,
+                    deadline: Some(self.config.mount_timeout),
                     ..TocFetchOptions::default()
                 };
                 let fetched =

@@ -8,47 +8,102 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use zest_oci::digest::Digest;
 use zest_oci::Repository;
-use zest_registry::RegistryClient;
+use zest_registry::{ErrorKind, RegistryClient, RegistryError};
 
-/// Why a range read failed.
+/// Why a range read failed: which blob and bytes, what kind of failure
+/// ([`SourceError::kind`]), and the underlying error as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// A transient failure (network, timeout, server error): worth retrying.
-    #[error("reading bytes {start}..{end} of {blob}: {reason}")]
-    Transient {
+    /// The registry client failed (after its own retries of transient failures).
+    #[error("reading bytes {}..{} of {blob}: {source}", range.start, range.end)]
+    Registry {
         /// The blob (source description).
         blob: String,
-        /// First byte asked for.
-        start: u64,
-        /// End (exclusive) of the range asked for.
-        end: u64,
-        /// What went wrong.
-        reason: String,
+        /// The bytes asked for (end exclusive).
+        range: Range<u64>,
+        /// The registry's error.
+        #[source]
+        source: RegistryError,
     },
-    /// A failure that retrying will not fix (not found, denied, bad range).
-    #[error("reading bytes {start}..{end} of {blob}: {reason}")]
-    Permanent {
-        /// The blob (source description).
+    /// A local blob file could not be read.
+    #[error("reading bytes {}..{} of {blob}: {source}; check the file and the disk", range.start, range.end)]
+    Io {
+        /// The blob (file path).
         blob: String,
-        /// First byte asked for.
-        start: u64,
-        /// End (exclusive) of the range asked for.
-        end: u64,
-        /// What went wrong.
-        reason: String,
+        /// The bytes asked for (end exclusive).
+        range: Range<u64>,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The range is not inside the blob.
+    #[error("reading bytes {}..{} of {blob}: outside the blob of {size} bytes; the layer's table of contents does not match the blob", range.start, range.end)]
+    OutOfRange {
+        /// The blob.
+        blob: String,
+        /// The bytes asked for (end exclusive).
+        range: Range<u64>,
+        /// The blob's size.
+        size: u64,
+    },
+    /// The source answered with a different number of bytes than asked for.
+    #[error("reading bytes {}..{} of {blob}: got {got} bytes, expected {}; the source misbehaves", range.start, range.end, range.end - range.start)]
+    WrongLength {
+        /// The blob.
+        blob: String,
+        /// The bytes asked for (end exclusive).
+        range: Range<u64>,
+        /// Bytes received.
+        got: u64,
+    },
+    /// The read did not finish within the caller's deadline (which is longer than
+    /// the source's own bound, so this means the source hung).
+    #[error("reading bytes {}..{} of {blob}: no answer within {after:?}; the registry or network is slow or down: retry later", range.start, range.end)]
+    Timeout {
+        /// The blob.
+        blob: String,
+        /// The bytes asked for (end exclusive).
+        range: Range<u64>,
+        /// The deadline that expired.
+        after: Duration,
     },
 }
 
 impl SourceError {
-    /// Whether a retry may succeed.
+    /// What kind of failure this is (the registry's kind for registry errors).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SourceError::Registry { source, .. } => source.kind(),
+            SourceError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+                std::io::ErrorKind::PermissionDenied => ErrorKind::Denied,
+                _ => ErrorKind::Local,
+            },
+            SourceError::OutOfRange { .. } => ErrorKind::Invalid,
+            SourceError::WrongLength { .. } => ErrorKind::Protocol,
+            SourceError::Timeout { .. } => ErrorKind::Timeout,
+        }
+    }
+
+    /// Whether the same read may succeed later. Informational: sources retry
+    /// transient failures themselves, callers do not retry them again.
     pub fn is_transient(&self) -> bool {
-        matches!(self, SourceError::Transient { .. })
+        self.kind().is_transient()
+    }
+
+    /// The registry's error, when the registry failed.
+    pub fn registry_error(&self) -> Option<&RegistryError> {
+        match self {
+            SourceError::Registry { source, .. } => Some(source),
+            _ => None,
+        }
     }
 }
 
@@ -66,6 +121,14 @@ pub trait BlobSource: Send + Sync + fmt::Debug + 'static {
 
     /// A short description for logs and errors (e.g. `repo@sha256:...`).
     fn describe(&self) -> String;
+
+    /// The longest one [`BlobSource::read_range`] takes before it returns, its own
+    /// retries included, when the source bounds it (a registry's retry policy).
+    /// A caller guarding a read with a timeout uses a longer one, so that it
+    /// never cuts the source's attempts short and gets its typed error.
+    fn read_deadline(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A blob stored in a local file (for example in an OCI image layout).
@@ -95,17 +158,15 @@ impl BlobSource for FileBlob {
         let size = self.size;
         let blob = self.path.display().to_string();
         Box::pin(async move {
-            let permanent = |reason: String| SourceError::Permanent {
-                blob: blob.clone(),
-                start: range.start,
-                end: range.end,
-                reason,
-            };
             if range.start > range.end || range.end > size {
-                return Err(permanent(format!("outside the blob of {size} bytes")));
+                return Err(SourceError::OutOfRange { blob, range, size });
             }
-            let len = usize::try_from(range.end - range.start)
-                .map_err(|_| permanent("range too large".into()))?;
+            let len =
+                usize::try_from(range.end - range.start).map_err(|_| SourceError::OutOfRange {
+                    blob: blob.clone(),
+                    range: range.clone(),
+                    size,
+                })?;
             let start = range.start;
             // File reads block: keep them off the async workers.
             let res = tokio::task::spawn_blocking(move || {
@@ -115,13 +176,16 @@ impl BlobSource for FileBlob {
             .await;
             match res {
                 Ok(Ok(buf)) => Ok(Bytes::from(buf)),
-                Ok(Err(e)) => Err(SourceError::Transient {
-                    blob: blob.clone(),
-                    start: range.start,
-                    end: range.end,
-                    reason: e.to_string(),
+                Ok(Err(source)) => Err(SourceError::Io {
+                    blob,
+                    range,
+                    source,
                 }),
-                Err(e) => Err(permanent(format!("read task failed: {e}"))),
+                Err(e) => Err(SourceError::Io {
+                    blob,
+                    range,
+                    source: std::io::Error::other(format!("read task failed: {e}")),
+                }),
             }
         })
     }
@@ -137,9 +201,9 @@ impl BlobSource for FileBlob {
 
 /// A layer blob in a registry, read with HTTP range requests.
 ///
-/// The client already retries transport failures (with its own backoff and
-/// token refresh), so its errors are reported as permanent: the fetcher's own
-/// retries are kept for content that fails verification.
+/// The client retries transient failures itself (its [`zest_registry::RetryPolicy`]:
+/// backoff, `Retry-After`, token refresh, one overall deadline); its errors are
+/// passed on typed, and callers do not retry them again.
 #[derive(Debug, Clone)]
 pub struct RegistryBlob {
     client: RegistryClient,
@@ -185,11 +249,10 @@ impl BlobSource for RegistryBlob {
             self.client
                 .get_range(&self.repo, &self.digest, range.clone())
                 .await
-                .map_err(|e| SourceError::Permanent {
+                .map_err(|source| SourceError::Registry {
                     blob: self.describe(),
-                    start: range.start,
-                    end: range.end,
-                    reason: e.to_string(),
+                    range,
+                    source,
                 })
         })
     }
@@ -200,5 +263,9 @@ impl BlobSource for RegistryBlob {
 
     fn describe(&self) -> String {
         format!("{}@{}", self.repo, self.digest)
+    }
+
+    fn read_deadline(&self) -> Option<Duration> {
+        Some(self.client.range_read_deadline())
     }
 }
