@@ -18,9 +18,9 @@ use tokio::process::{Child, Command};
 use zest_api::snapshots::snapshots_client::SnapshotsClient;
 use zest_api::types::Mount as PbMount;
 use zest_cache::{CacheConfig, ChunkCache};
+use zest_daemon::{LazyConfig, LazyLayerProvider};
 use zest_snapshotter::{
-    LazyConfig, LazyLayerProvider, RemoteLayerProvider, ServeError, Server, ShutdownMode,
-    SnapshotStore, SnapshotterConfig,
+    RemoteLayerProvider, ServeError, Server, ShutdownMode, SnapshotStore, SnapshotterConfig,
 };
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;

@@ -29,7 +29,8 @@ use super::filter::{Filter, FilterTarget};
 use super::fsutil;
 use super::meta::{Ancestor, MetaStore, NewSnapshot, Record};
 use super::remote::{
-    FallbackCounters, FallbackReason, RemoteLayer, RemoteLayerProvider, RemoteLayerRequest,
+    Fallback, FallbackCounters, FallbackReason, RemoteLayer, RemoteLayerProvider,
+    RemoteLayerRequest,
 };
 use super::types::{normalize_labels, Info, Kind, Labels, Mount, SnapshotError, Usage};
 use zest_api::labels::{LABEL_REMOTE, LABEL_SNAPSHOT_REF};
@@ -110,7 +111,7 @@ enum RemoteOutcome {
     /// The layer is committed under its chain ID: answer ALREADY_EXISTS.
     Committed(String),
     /// Pull normally.
-    Fallback(FallbackReason),
+    Fallback(Fallback),
     /// The request is invalid (parent missing or not committed): the normal path
     /// reports the precise error; nothing to count.
     Invalid,
@@ -149,7 +150,7 @@ impl SnapshotStore {
     }
 
     /// Number of layers pulled normally instead of remotely, per reason code.
-    pub fn fallback_counts(&self) -> std::collections::BTreeMap<&'static str, u64> {
+    pub fn fallback_counts(&self) -> std::collections::BTreeMap<FallbackReason, u64> {
         self.inner.fallbacks.snapshot()
     }
 
@@ -185,8 +186,8 @@ impl SnapshotStore {
             // (containerd 1.6's `ctr images pull`): say so, it cannot be lazy.
             Ok(None) if is_unpack_key(key) => self.record_fallback(
                 key,
-                &FallbackReason::new(
-                    FallbackReason::MISSING_LABELS,
+                &Fallback::new(
+                    FallbackReason::MissingLabels,
                     format!("the client sent no {LABEL_SNAPSHOT_REF} label for this layer; lazy pulling needs a client that passes the layer labels (CRI, or zest's own pull)"),
                 ),
             ),
@@ -217,12 +218,13 @@ impl SnapshotStore {
         self.create(Kind::View, key, parent, labels).await
     }
 
-    fn record_fallback(&self, key: &str, reason: &FallbackReason) {
-        self.inner.fallbacks.record(reason);
-        if reason.code == FallbackReason::NOT_CONFIGURED {
-            tracing::info!(key, reason = reason.code, detail = %reason.detail, "layer is pulled normally");
+    fn record_fallback(&self, key: &str, fallback: &Fallback) {
+        self.inner.fallbacks.record(fallback);
+        let reason = fallback.reason.code();
+        if fallback.reason == FallbackReason::NotConfigured {
+            tracing::info!(key, reason, detail = %fallback.detail, "layer is pulled normally");
         } else {
-            tracing::warn!(key, reason = reason.code, detail = %reason.detail, "layer is pulled normally instead of lazily");
+            tracing::warn!(key, reason, detail = %fallback.detail, "layer is pulled normally instead of lazily");
         }
     }
 
@@ -312,8 +314,8 @@ impl SnapshotStore {
             return Ok(if same_layer(&existing, &request) {
                 RemoteOutcome::Committed(chain_id)
             } else {
-                RemoteOutcome::Fallback(FallbackReason::new(
-                    FallbackReason::CONFLICT,
+                RemoteOutcome::Fallback(Fallback::new(
+                    FallbackReason::Conflict,
                     format!("snapshot {chain_id} exists with another parent or origin"),
                 ))
             });
@@ -393,8 +395,8 @@ impl SnapshotStore {
                             Some(w) if same_layer(&w, &request) => {
                                 RemoteOutcome::Committed(chain_id)
                             }
-                            _ => RemoteOutcome::Fallback(FallbackReason::new(
-                                FallbackReason::CONFLICT,
+                            _ => RemoteOutcome::Fallback(Fallback::new(
+                                FallbackReason::Conflict,
                                 format!("snapshot {key} or {chain_id} exists already"),
                             )),
                         })

@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::lazy::LazyLayerProvider;
-use super::store::SnapshotStore;
+use crate::lazy::LazyLayerProvider;
+use zest_snapshotter::SnapshotStore;
 
 /// Largest request head read from a scraper.
 const MAX_REQUEST_HEAD: usize = 8 << 10;
@@ -96,7 +96,7 @@ impl Metrics {
             "Layers pulled normally instead of mounted lazily, by reason.",
         );
         for (reason, count) in self.store.fallback_counts() {
-            e.value("zest_fallbacks_total", &[("reason", reason)], count);
+            e.value("zest_fallbacks_total", &[("reason", reason.code())], count);
         }
         e.single(
             "zest_lazy_enabled",
@@ -434,7 +434,7 @@ mod tests {
     #[tokio::test]
     async fn lazy_exposition_is_well_formed() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let store = SnapshotStore::open(dir.path(), super::super::StoreOptions::default())?;
+        let store = SnapshotStore::open(dir.path(), zest_snapshotter::StoreOptions::default())?;
         let cache = zest_cache::ChunkCache::open(&zest_cache::CacheConfig {
             disk_root: dir.path().join("cache"),
             disk_bytes: 1 << 20,
@@ -448,7 +448,7 @@ mod tests {
         let provider = LazyLayerProvider::new(
             client,
             Arc::new(cache),
-            super::super::LazyConfig::new(dir.path().join("tocs")),
+            crate::LazyConfig::new(dir.path().join("tocs")),
         )?;
         let text = Metrics::new(store, Some(provider)).render();
         assert_families_grouped(&text);
@@ -466,7 +466,7 @@ mod tests {
     #[tokio::test]
     async fn serves_the_exposition_over_http() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let store = SnapshotStore::open(dir.path(), super::super::StoreOptions::default())?;
+        let store = SnapshotStore::open(dir.path(), zest_snapshotter::StoreOptions::default())?;
         let listener = bind_metrics(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let address = listener.local_addr()?;
         let server = tokio::spawn(serve_metrics(listener, Metrics::new(store, None)));
