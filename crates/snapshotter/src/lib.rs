@@ -27,7 +27,7 @@
 //! [`Server::bind`] with a provider and [`Server::run`] with [`shutdown_signal`].
 
 mod config;
-pub mod filter;
+mod filter;
 mod fsutil;
 mod grpc;
 mod meta;
@@ -38,11 +38,10 @@ mod types;
 
 pub use config::{ConfigError, SnapshotterConfig, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 pub use fsutil::remove_tree;
-pub use grpc::SnapshotService;
 pub use remote::{
-    Fallback, FallbackCounters, FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer,
-    RemoteLayerProvider, RemoteLayerRequest, RemoteMounted, ShutdownMode,
+    Fallback, FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayerProvider,
+    RemoteLayerRequest, RemoteMounted, ShutdownMode,
 };
-pub use server::{notify_systemd, shutdown_signal, ServeError, Server};
+pub use server::{shutdown_signal, ServeError, Server};
 pub use store::{SnapshotStore, StoreOptions, UpdateInfo};
 pub use types::{Info, Kind, Labels, Mount, SnapshotError, Usage};
