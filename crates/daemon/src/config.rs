@@ -205,7 +205,7 @@ impl Default for FetchSection {
 
 impl FetchSection {
     /// The fetcher settings.
-    pub fn fetch_config(&self) -> FetchConfig {
+    pub(crate) fn fetch_config(&self) -> FetchConfig {
         FetchConfig {
             max_request_bytes: self.max_request_size.0,
             max_gap_bytes: self.max_gap_size.0,
@@ -279,7 +279,7 @@ impl Default for LazySection {
 
 impl LazySection {
     /// The background fetch setting of a mount.
-    pub fn background(&self) -> Option<BackgroundFetch> {
+    pub(crate) fn background(&self) -> Option<BackgroundFetch> {
         self.background_fetch.then_some(BackgroundFetch {
             bytes_per_sec: self.background_fetch_rate.0,
         })
@@ -288,7 +288,7 @@ impl LazySection {
 
 impl ServiceConfig {
     /// Reads the whole file from TOML text.
-    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let config: ServiceConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             source: Box::new(e),
@@ -307,7 +307,7 @@ impl ServiceConfig {
     }
 
     /// Checks values that TOML types cannot express.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.snapshotter.validate()?;
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         if self.cache.dir.as_ref().is_some_and(|d| !d.is_absolute()) {

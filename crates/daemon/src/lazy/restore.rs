@@ -96,6 +96,15 @@ fn detach_stale(dir: &Path) {
     }
 }
 
+/// Whether `dir` is a directory, asked off the async workers (a stat can wait on a
+/// mount).
+async fn is_dir(dir: &Path) -> bool {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || dir.is_dir())
+        .await
+        .unwrap_or(false)
+}
+
 fn cancelled() -> RemoteError {
     RemoteError("restore cancelled: the snapshot was removed or the service is stopping".into())
 }
@@ -130,7 +139,7 @@ pub(super) async fn restore(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let result = if target_dir.is_dir() {
+        let result = if is_dir(target_dir).await {
             // Bounded like TOC prefetch: a start with many layers whose TOCs must
             // come from the registry does not open them all at once.
             let Ok(_permit) = inner.toc_work.acquire().await else {
@@ -172,7 +181,7 @@ pub(super) async fn restore(
             Err(fallback) => {
                 inner.counters.bump(&inner.counters.restore_failures, 1);
                 *lock(&last_error) = fallback.to_string();
-                if is_permanent(fallback.reason) || !target_dir.is_dir() {
+                if is_permanent(fallback.reason) || !is_dir(target_dir).await {
                     return Err(RemoteError(format!(
                         "cannot mount layer {} again: {fallback}",
                         desc.digest
