@@ -17,6 +17,7 @@
 //! | `layers` | one fetcher per layer digest, leases, idle LRU |
 //! | `tocs` | the on-disk TOC store, re-verified when read back |
 //! | `restore` | details stored with a mount, remounting after a restart |
+//! | `settings` | [`LazyConfig`], [`LazyError`], [`LazyStats`] |
 //! | `sync` | poison-tolerant locks, cancellation |
 //!
 //! Sharing: one fetcher per layer digest, so a layer used by two chains is fetched
@@ -39,155 +40,38 @@ mod classify;
 mod layers;
 mod manifests;
 mod restore;
+mod settings;
 mod sync;
 mod tocs;
+
+pub use settings::{LazyConfig, LazyError, LazyStats};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
-use crate::config::ServiceConfig;
 use classify::{classify, TocSource};
 use layers::{LayerLease, LayerTable, OpenedLayer};
 use manifests::Manifests;
 use restore::{mount_details, stored_descriptor};
 use sync::{lock, Cancel};
 use tocs::TocStore;
-use zest_cache::{CacheStats, ChunkCache};
+use zest_cache::ChunkCache;
 use zest_fetch::toc::{fetch_layer_index, FetchedIndex, TocFetchOptions};
-use zest_fetch::{FetchConfig, FetchError, FetchLimits, FetchStatsSnapshot, Fetcher};
-use zest_fs::{LayerMount, MountOptions};
+use zest_fetch::{FetchError, FetchLimits, Fetcher};
+use zest_fs::LayerMount;
 use zest_oci::digest::Digest;
-use zest_oci::{Descriptor, ImageManifest, Platform, Reference, Repository};
-use zest_registry::{RegistryClient, RegistryStats};
+use zest_oci::{Descriptor, ImageManifest, Reference, Repository};
+use zest_registry::RegistryClient;
 use zest_snapshotter::{
     Fallback, FallbackReason, RemoteError, RemoteLayer, RemoteLayerProvider, RemoteLayerRequest,
     RemoteMounted, ShutdownMode,
 };
 use zest_store::RegistryBlob;
-
-/// Settings of a [`LazyLayerProvider`].
-#[derive(Debug, Clone)]
-pub struct LazyConfig {
-    /// Range request tuning of each layer's fetcher.
-    pub fetch: FetchConfig,
-    /// Concurrent on-demand range requests per registry.
-    pub requests_per_registry: usize,
-    /// Concurrent prefetch/background range requests per registry.
-    pub background_requests_per_registry: usize,
-    /// How each layer is mounted (FUSE threads, prefetch, background fetch).
-    pub mount: MountOptions,
-    /// Refuse layers whose TOC is found by footer only (not vouched for by the
-    /// manifest).
-    pub require_authenticated_toc: bool,
-    /// Fetch the TOCs of an image's following layers in the background.
-    pub toc_prefetch: bool,
-    /// TOCs fetched at once by that background work.
-    pub toc_prefetch_parallelism: usize,
-    /// Layer indexes kept for layers not mounted.
-    pub max_idle_layers: usize,
-    /// Time allowed for a manifest or TOC fetch while containerd waits.
-    pub mount_timeout: Duration,
-    /// A successful reachability check is trusted for this long (zero: always check).
-    pub check_interval: Duration,
-    /// Time allowed for a reachability check.
-    pub check_timeout: Duration,
-    /// Longest delay between two restore attempts.
-    pub restore_max_backoff: Duration,
-    /// Directory keeping the compressed TOCs of mounted layers, for restarts.
-    pub toc_dir: PathBuf,
-    /// Platform picked when a manifest digest names an index.
-    pub platform: Platform,
-}
-
-impl LazyConfig {
-    /// Defaults, with TOCs kept in `toc_dir`.
-    pub fn new(toc_dir: PathBuf) -> Self {
-        LazyConfig::from_service(&ServiceConfig::default(), toc_dir)
-    }
-
-    /// The settings the configuration file describes, TOCs kept in `toc_dir`
-    /// (`zest serve` uses `<state_dir>/tocs`).
-    pub fn from_service(config: &ServiceConfig, toc_dir: PathBuf) -> Self {
-        let lazy = &config.lazy;
-        LazyConfig {
-            fetch: config.fetch.fetch_config(),
-            requests_per_registry: config.fetch.requests_per_registry,
-            background_requests_per_registry: config.fetch.background_requests_per_registry,
-            mount: MountOptions {
-                threads: lazy.fuse_threads,
-                prefetch: lazy.prefetch,
-                background: lazy.background(),
-                ..MountOptions::default()
-            },
-            require_authenticated_toc: lazy.require_authenticated_toc,
-            toc_prefetch: lazy.toc_prefetch,
-            toc_prefetch_parallelism: lazy.toc_prefetch_parallelism,
-            max_idle_layers: lazy.max_idle_layers,
-            mount_timeout: Duration::from_secs(lazy.mount_timeout_secs),
-            check_interval: Duration::from_secs(lazy.check_interval_secs),
-            check_timeout: Duration::from_secs(lazy.check_timeout_secs),
-            restore_max_backoff: Duration::from_secs(lazy.restore_max_backoff_secs),
-            toc_dir,
-            platform: Platform::host(),
-        }
-    }
-}
-
-/// Error setting up a [`LazyLayerProvider`].
-#[derive(Debug, thiserror::Error)]
-pub enum LazyError {
-    /// The TOC directory cannot be created.
-    #[error("cannot create the TOC directory {path}: {source} (check that the state directory is writable)")]
-    TocDir {
-        /// The directory.
-        path: PathBuf,
-        /// OS error.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Counters and gauges of a [`LazyLayerProvider`], for metrics.
-#[derive(Debug, Clone, Default)]
-pub struct LazyStats {
-    /// Snapshot directories with a live lazy mount.
-    pub mounted: usize,
-    /// Stored layers waiting to be mounted again (restore in progress or failed).
-    pub restoring: usize,
-    /// Layer indexes in memory (mounted or idle).
-    pub layers: usize,
-    /// Of those, the ones no mount uses.
-    pub idle_layers: usize,
-    /// Lazy mounts made (prepares and restores).
-    pub mounts_total: u64,
-    /// Stored layers mounted again after a restart.
-    pub restores_total: u64,
-    /// Failed restore attempts (each retried with backoff unless permanent).
-    pub restore_failures_total: u64,
-    /// TOCs fetched from a registry.
-    pub toc_fetches_total: u64,
-    /// Compressed TOC bytes fetched from registries.
-    pub toc_bytes_total: u64,
-    /// TOCs read back from the local TOC store (no request).
-    pub toc_local_loads_total: u64,
-    /// TOCs fetched ahead of their prepare for an image's following layers.
-    pub toc_prefetches_total: u64,
-    /// Image manifests fetched.
-    pub manifest_fetches_total: u64,
-    /// Reachability checks that failed.
-    pub check_failures_total: u64,
-    /// Fetch counters summed over every layer, past ones included.
-    pub fetch: FetchStatsSnapshot,
-    /// The chunk cache.
-    pub cache: CacheStats,
-    /// The registry client.
-    pub registry: RegistryStats,
-}
 
 /// Mounts zstd:chunked layers lazily. Cheap to share (`Arc`); see the module docs.
 pub struct LazyLayerProvider {
