@@ -34,12 +34,12 @@ use zest_api::labels::{
 use zest_api::snapshots as pb;
 use zest_api::snapshots::snapshots_client::SnapshotsClient;
 use zest_api::types::Mount as PbMount;
+use zest_daemon::Metrics;
 use zest_format::WriteOptions;
 use zest_image::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
 use zest_oci::digest::Digest;
 use zest_oci::{media_type, Descriptor, ImageManifest, LayerCompression, Platform, Reference};
 use zest_registry::RegistryClient;
-use zest_snapshotter::metrics::Metrics;
 use zest_snapshotter::FallbackReason;
 use zest_store::{ImageRef, ImageStore};
 
@@ -567,7 +567,7 @@ async fn lazy_pull_through_containerd() -> TestResult {
         service
             .store
             .fallback_counts()
-            .get(FallbackReason::NOT_CHUNKED),
+            .get(&FallbackReason::NotChunked),
         Some(&1)
     );
     let text = Metrics::new(service.store.clone(), Some(lazy.clone())).render();
@@ -1047,11 +1047,11 @@ async fn indexes_and_fallback_reasons() -> TestResult {
     let lazy = lazy_provider(&registry, &state, TestCache::Disk).await?;
     let service = ZestService::start(dir.path(), lazy.clone()).await?;
     let mut direct = service.client().await?;
-    let counts = |service: &ZestService, code: &str| {
+    let counts = |service: &ZestService, reason: FallbackReason| {
         service
             .store
             .fallback_counts()
-            .get(code)
+            .get(&reason)
             .copied()
             .unwrap_or(0)
     };
@@ -1075,16 +1075,16 @@ async fn indexes_and_fallback_reasons() -> TestResult {
             Digest::of(rand::random::<u64>().to_string().as_bytes()).to_string(),
         );
     };
-    let cases: Vec<(&str, LabelTweak)> = vec![
+    let cases: Vec<(FallbackReason, LabelTweak)> = vec![
         (
-            FallbackReason::MISSING_LABELS,
+            FallbackReason::MissingLabels,
             Box::new(move |l: &mut HashMap<String, String>| {
                 other_chain(l);
                 l.remove(LABEL_MANIFEST_DIGEST);
             }),
         ),
         (
-            FallbackReason::MANIFEST_UNAVAILABLE,
+            FallbackReason::ManifestUnavailable,
             Box::new(move |l: &mut HashMap<String, String>| {
                 other_chain(l);
                 l.insert(
@@ -1094,7 +1094,7 @@ async fn indexes_and_fallback_reasons() -> TestResult {
             }),
         ),
         (
-            FallbackReason::MANIFEST_UNAVAILABLE,
+            FallbackReason::ManifestUnavailable,
             Box::new(move |l: &mut HashMap<String, String>| {
                 other_chain(l);
                 l.insert(
@@ -1104,7 +1104,7 @@ async fn indexes_and_fallback_reasons() -> TestResult {
             }),
         ),
         (
-            FallbackReason::INVALID_LABELS,
+            FallbackReason::InvalidLabels,
             Box::new(move |l: &mut HashMap<String, String>| {
                 other_chain(l);
                 l.insert(LABEL_IMAGE_REF.to_owned(), "UPPER/Case:bad ref".to_owned());
@@ -1124,7 +1124,7 @@ async fn indexes_and_fallback_reasons() -> TestResult {
         prepare_direct(&mut direct, &stripped, 0, other_chain).await?,
         Code::Ok
     );
-    assert_eq!(counts(&service, FallbackReason::NOT_CHUNKED), 1);
+    assert_eq!(counts(&service, FallbackReason::NotChunked), 1);
     assert_eq!(lazy.stats().mounted, 1);
     service.stop().await?;
     drop(lazy);

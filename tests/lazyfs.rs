@@ -148,7 +148,7 @@ impl Env {
 
     /// Mount points under this test's directory.
     fn leftover_mounts(&self) -> Vec<PathBuf> {
-        zest_fs::sys::mount_points_under(self.dir.path()).expect("mount table")
+        zest_mount::mount_points_under(self.dir.path()).expect("mount table")
     }
 }
 

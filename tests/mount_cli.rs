@@ -14,7 +14,7 @@ use zest_oci::Platform;
 use support::{Auth, Registry, REGISTRY_BIN};
 
 fn mounted(path: &Path) -> bool {
-    zest_fs::sys::is_mount_point(path).unwrap_or(false)
+    zest_mount::is_mount_point(path).unwrap_or(false)
 }
 
 fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
@@ -129,7 +129,7 @@ async fn mount_reads_lazily_and_cleans_up() {
     );
     assert!(stdout.contains("unmounted; fetched"), "{stdout}");
     assert!(!mounted(&target_c), "overlay left mounted");
-    let leftovers = zest_fs::sys::mount_points_under(Path::new("/"))
+    let leftovers = zest_mount::mount_points_under(Path::new("/"))
         .unwrap()
         .iter()
         .filter(|p| p.to_string_lossy().contains("zest-mount."))

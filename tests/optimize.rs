@@ -136,7 +136,7 @@ fn optimized_image_prefetches_the_recorded_startup_files() {
     );
     assert!(data.prefetch_extent.is_some());
     // No mount is left behind.
-    let mounts = zest_fs::sys::mount_points_under(dir.path()).expect("mount table");
+    let mounts = zest_mount::mount_points_under(dir.path()).expect("mount table");
     assert!(
         mounts.is_empty(),
         "mounts left under the work directory: {mounts:?}"

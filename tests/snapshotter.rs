@@ -32,7 +32,7 @@ use zest_api::snapshots as pb;
 use zest_api::snapshots::snapshots_client::SnapshotsClient;
 use zest_api::types::Mount as PbMount;
 use zest_snapshotter::{
-    FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayerProvider,
+    Fallback, FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayerProvider,
     RemoteLayerRequest, RemoteMounted, ServeError, Server, SnapshotterConfig,
 };
 
@@ -775,16 +775,16 @@ impl RemoteLayerProvider for BindProvider {
         &self,
         request: &RemoteLayerRequest,
         target_dir: &Path,
-    ) -> Result<RemoteMounted, FallbackReason> {
+    ) -> Result<RemoteMounted, Fallback> {
         if self.decline.load(Ordering::SeqCst) {
-            return Err(FallbackReason::new(
-                FallbackReason::UNSUPPORTED_LAYER,
+            return Err(Fallback::new(
+                FallbackReason::UnsupportedLayer,
                 "test provider declines",
             ));
         }
         if request.layer_digest.is_none() {
-            return Err(FallbackReason::new(
-                FallbackReason::MISSING_LABELS,
+            return Err(Fallback::new(
+                FallbackReason::MissingLabels,
                 "no layer digest",
             ));
         }
@@ -795,7 +795,7 @@ impl RemoteLayerProvider for BindProvider {
             options: vec!["rbind".into()],
         };
         mount_at(&mount, target_dir)
-            .map_err(|e| FallbackReason::new(FallbackReason::MOUNT_FAILED, e.to_string()))?;
+            .map_err(|e| Fallback::new(FallbackReason::MountFailed, e.to_string()))?;
         self.mounts.fetch_add(1, Ordering::SeqCst);
         Ok(RemoteMounted {
             details: BTreeMap::from([("source".to_owned(), self.source.display().to_string())]),
@@ -896,7 +896,7 @@ async fn remote_snapshot_handshake() -> TestResult {
         service
             .store
             .fallback_counts()
-            .get(FallbackReason::UNSUPPORTED_LAYER),
+            .get(&FallbackReason::UnsupportedLayer),
         Some(&1)
     );
     commit(
@@ -948,8 +948,8 @@ async fn remote_snapshot_handshake() -> TestResult {
     bad.insert(LABEL_LAYER_DIGEST.into(), "sha256:zz".into());
     prepare(&mut c, "bad", "", bad).await?;
     let counts = service.store.fallback_counts();
-    assert_eq!(counts.get(FallbackReason::MISSING_LABELS), Some(&1));
-    assert_eq!(counts.get(FallbackReason::INVALID_LABELS), Some(&1));
+    assert_eq!(counts.get(&FallbackReason::MissingLabels), Some(&1));
+    assert_eq!(counts.get(&FallbackReason::InvalidLabels), Some(&1));
     assert_eq!(list(&mut c, &["kind==active"]).await?, ["bad", "plain"]);
     service.stop().await
 }
@@ -965,7 +965,7 @@ async fn default_provider_falls_back_and_counts() -> TestResult {
         service
             .store
             .fallback_counts()
-            .get(FallbackReason::NOT_CONFIGURED),
+            .get(&FallbackReason::NotConfigured),
         Some(&1)
     );
     // An ordinary container snapshot (no snapshot.ref label) is not a fallback.
@@ -1199,7 +1199,7 @@ async fn pull_and_run_through_zest() -> TestResult {
         service
             .store
             .fallback_counts()
-            .get(FallbackReason::MISSING_LABELS),
+            .get(&FallbackReason::MissingLabels),
         Some(&2)
     );
 

@@ -20,12 +20,12 @@ use zest_bench::report;
 use zest_bench::results::{BenchRun, ModeChoice, Sample};
 use zest_bench::runner::{self, BenchPlan, NamedProfile, Progress};
 use zest_bench::workload::{self, Workload};
+use zest_daemon::ServiceConfig;
 use zest_format::WriteOptions;
 use zest_image::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
 use zest_image::optimize::{optimize, OptimizeOptions};
 use zest_oci::Platform;
 use zest_registry::{PlainHttp, RegistryClient, RegistryConfig};
-use zest_snapshotter::ServiceConfig;
 use zest_store::{ImageRef, ImageStore};
 
 /// Arguments of `zest bench`.

@@ -244,7 +244,7 @@ async fn wait_for_exit(mountpoint: &std::path::Path) {
 /// Whether `path` is still mounted; `true` when the mount table cannot be read, so
 /// an unreadable table never makes us tear the mount down.
 fn is_mountpoint(path: &std::path::Path) -> bool {
-    zest_fs::sys::is_mount_point(path).unwrap_or(true)
+    zest_mount::is_mount_point(path).unwrap_or(true)
 }
 
 /// Unmounts, retrying while files are still open under the mount (bounded).

@@ -9,12 +9,11 @@ use anyhow::Context;
 use clap::Args;
 
 use zest_cache::ChunkCache;
-use zest_registry::RegistryClient;
-use zest_snapshotter::metrics::{bind_metrics, serve_metrics, Metrics};
-use zest_snapshotter::{
-    shutdown_signal, ConfigOverrides, LazyConfig, LazyLayerProvider, NoRemoteLayers,
-    RemoteLayerProvider, Server,
+use zest_daemon::{
+    bind_metrics, serve_metrics, ConfigOverrides, LazyConfig, LazyLayerProvider, Metrics,
 };
+use zest_registry::RegistryClient;
+use zest_snapshotter::{shutdown_signal, NoRemoteLayers, RemoteLayerProvider, Server};
 
 /// Arguments of `zest serve`.
 #[derive(Debug, Args)]

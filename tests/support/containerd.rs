@@ -17,10 +17,9 @@ use tokio::process::{Child, Command};
 use zest_api::snapshots::snapshots_client::SnapshotsClient;
 use zest_api::types::Mount as PbMount;
 use zest_cache::{CacheConfig, ChunkCache};
-use zest_fs::sys;
+use zest_daemon::{LazyConfig, LazyLayerProvider};
 use zest_snapshotter::{
-    LazyConfig, LazyLayerProvider, RemoteLayerProvider, ServeError, Server, ShutdownMode,
-    SnapshotStore, SnapshotterConfig,
+    RemoteLayerProvider, ServeError, Server, ShutdownMode, SnapshotStore, SnapshotterConfig,
 };
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -77,12 +76,12 @@ where
 
 /// Mount points at or below `root`, deepest first, from this process's mount table.
 pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
-    sys::mount_points_under(root).unwrap_or_default()
+    zest_mount::mount_points_under(root).unwrap_or_default()
 }
 
 /// Detaches every mount below `root` (deepest first).
 pub fn unmount_under(root: &Path) {
-    if let Err(e) = sys::detach_all_under(root) {
+    if let Err(e) = zest_mount::detach_all_under(root) {
         eprintln!("detaching the mounts under {}: {e}", root.display());
     }
 }
@@ -99,14 +98,20 @@ pub fn only(mounts: &[PbMount]) -> TestResult<&PbMount> {
 /// with option `rbind`), or a filesystem of `m`'s type with its options as data.
 pub fn mount_at(m: &PbMount, target: &Path) -> TestResult {
     let result = if m.r#type == "bind" {
-        let options = sys::BindOptions {
+        let options = zest_mount::BindOptions {
             recursive: m.options.iter().any(|o| o == "rbind"),
             readonly: false,
         };
-        sys::bind(Path::new(&m.source), target, options)
+        zest_mount::bind(Path::new(&m.source), target, options)
     } else {
         let data = m.options.join(",");
-        sys::mount(&m.source, target, &m.r#type, sys::MountFlags::NONE, &data)
+        zest_mount::mount(
+            &m.source,
+            target,
+            &m.r#type,
+            zest_mount::MountFlags::NONE,
+            &data,
+        )
     };
     result.map_err(|e| fail(format!("mount {m:?}: {e}")))
 }
@@ -114,7 +119,10 @@ pub fn mount_at(m: &PbMount, target: &Path) -> TestResult {
 /// Unmounts `target`. Retries while it is busy for a moment: a process forked by a
 /// concurrent test briefly holds copies of our open files until it execs.
 pub fn unmount(target: &Path) -> TestResult {
-    Ok(sys::umount_patiently(target, Duration::from_secs(5))?)
+    Ok(zest_mount::umount_patiently(
+        target,
+        Duration::from_secs(5),
+    )?)
 }
 
 /// A temporary directory whose mounts are detached before it is deleted, so that a

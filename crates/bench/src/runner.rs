@@ -29,11 +29,11 @@ use tokio::process::{Child, Command};
 use crate::link::{CountersHandle, LinkConfig, LinkEmulator, LinkError, LinkProfile};
 use crate::results::{BenchRun, Mode, ModeChoice, ProfileInfo, RunInfo, Sample, WorkloadInfo};
 use crate::workload::Workload;
+use zest_daemon::ServiceConfig;
 use zest_fetch::toc::{fetch_layer_index, TocFetchOptions};
-use zest_fs::sys::remove_tree;
+use zest_mount::remove_tree;
 use zest_oci::Platform;
 use zest_registry::RegistryClient;
-use zest_snapshotter::ServiceConfig;
 use zest_store::{ImageRef, ImageStore, StoreError};
 
 /// containerd namespace the benchmark's images and containers live in.

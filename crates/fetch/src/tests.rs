@@ -397,6 +397,16 @@ async fn toc_from_annotations_takes_one_request_and_footer_two_at_most() {
             .await
             .is_err()
     );
+    // Malformed annotations are refused, not bypassed through the footer.
+    let mut malformed = HashMap::new();
+    malformed.insert(
+        zest_format::annotations::OLD_MANIFEST_POSITION.to_string(),
+        "not:a:position".to_string(),
+    );
+    assert!(matches!(
+        fetch_layer_index(src.as_ref(), size, &malformed, &TocFetchOptions::default()).await,
+        Err(super::FetchError::Toc { .. })
+    ));
 }
 
 #[test]

@@ -7,6 +7,10 @@
 //! it: two requests at most. A TOC found by footer alone is not authenticated
 //! by the manifest; callers that require it set
 //! [`TocFetchOptions::require_digest`].
+//!
+//! Policy: malformed zstd:chunked annotations are an error (a manifest that names a
+//! TOC wrongly is not second-guessed through the footer), and TOCs are decoded on
+//! the blocking pool ([`decode_index`]), never on an async worker.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -59,6 +63,8 @@ pub struct FetchedIndex {
     pub requests: u32,
     /// Whether the TOC digest came from the manifest (authenticated).
     pub authenticated: bool,
+    /// The compressed TOC as fetched (e.g. to keep it for a restart).
+    pub toc: Bytes,
 }
 
 /// Locates, fetches and validates the TOC of the blob behind `source`.
@@ -99,23 +105,17 @@ async fn locate_and_fetch(
         source: Arc::new(e),
     };
     let mut requests = 0u32;
-    let location = match TocLocation::from_annotations(annotations) {
-        Ok(Some(loc)) => Some(loc),
-        Ok(None) => None,
-        Err(e) => {
-            // A malformed annotation must not make the layer unusable: the footer
-            // still locates the TOC (unauthenticated, so only if allowed).
-            tracing::warn!(error = %e, blob = %blob, "ignoring malformed zstd:chunked annotations");
-            None
-        }
-    };
+    // Malformed annotations are refused rather than bypassed through the footer:
+    // the manifest vouches for them, so a bad value means a bad manifest.
+    let location = TocLocation::from_annotations(annotations).map_err(toc_err)?;
     if let Some(loc) = location {
         let bytes = read(source, loc.toc_range(), &mut requests).await?;
-        let index = LayerIndex::decode(&bytes, &loc, blob_size).map_err(toc_err)?;
+        let index = decode_index(bytes.clone(), loc, blob_size, &blob).await?;
         return Ok(FetchedIndex {
             index,
             requests,
             authenticated: loc.toc_digest.is_some(),
+            toc: bytes,
         });
     }
     if options.require_digest {
@@ -136,12 +136,35 @@ async fn locate_and_fetch(
         None => read(source, loc.toc_range(), &mut requests).await?,
     };
     tracing::debug!(blob = %blob, requests, "TOC located by footer (not authenticated by the manifest)");
-    let index = LayerIndex::decode(&toc_bytes, &loc, blob_size).map_err(toc_err)?;
+    let index = decode_index(toc_bytes.clone(), loc, blob_size, &blob).await?;
     Ok(FetchedIndex {
         index,
         requests,
         authenticated: false,
+        toc: toc_bytes,
     })
+}
+
+/// Decodes and validates the compressed TOC `bytes` of the blob `blob` (of
+/// `blob_size` bytes) found at `location`, verifying it against the TOC digest when
+/// the location has one. Runs on the blocking pool: decompressing and parsing a
+/// large TOC takes milliseconds that an async worker must not spend.
+pub async fn decode_index(
+    bytes: Bytes,
+    location: TocLocation,
+    blob_size: u64,
+    blob: &str,
+) -> Result<LayerIndex, FetchError> {
+    let decoded =
+        tokio::task::spawn_blocking(move || LayerIndex::decode(&bytes, &location, blob_size)).await;
+    match decoded {
+        Ok(result) => result.map_err(|e| FetchError::Toc {
+            blob: blob.to_owned(),
+            source: Arc::new(e),
+        }),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(FetchError::Cancelled),
+    }
 }
 
 /// One range read. The source retries transient failures under its own policy;

@@ -2,10 +2,10 @@
 //! crate) and [`LayerFs`]. This is the only file that names `fuser`: changing
 //! the FUSE library means rewriting this file and nothing else.
 //!
-//! It mounts with `mount(2)` itself through [`sys`](super::sys) (we run as root,
+//! It mounts with `mount(2)` itself through `zest_mount` (we run as root,
 //! so no setuid helper is involved) and then runs a `fuser` session on the already-mounted `/dev/fuse`
 //! descriptor, on a few worker threads with one cloned descriptor each.
-//! Unmounting is done by the caller (with [`sys::umount`]); the workers end when the
+//! Unmounting is done by the caller (with [`zest_mount::umount`]); the workers end when the
 //! kernel tears the connection down.
 
 use std::collections::HashMap;
@@ -26,8 +26,8 @@ use fuser::{
     ReplyXattr, Request, SessionACL,
 };
 
-use super::sys::{self, MountFlags};
 use super::{Errno, LayerFs, NodeAttr, NodeKind, ReadReply, XattrAnswer};
+use zest_mount::{self, MountFlags};
 
 /// Kernel-side options of one FUSE mount.
 #[derive(Clone, Debug)]
@@ -100,7 +100,7 @@ pub(crate) fn start(
     if !config.suid {
         flags |= MountFlags::NOSUID;
     }
-    sys::mount(&config.source, mountpoint, "fuse.zest", flags, &opts)?;
+    zest_mount::mount(&config.source, mountpoint, "fuse.zest", flags, &opts)?;
 
     let mut fuse_config = Config::default();
     fuse_config.acl = SessionACL::All;
@@ -114,7 +114,7 @@ pub(crate) fn start(
     let session = match fuser::Session::from_fd(adapter, fd, SessionACL::All, fuse_config) {
         Ok(s) => s,
         Err(e) => {
-            let _ = sys::detach(mountpoint);
+            let _ = zest_mount::detach(mountpoint);
             return Err(e);
         }
     };
@@ -124,7 +124,7 @@ pub(crate) fn start(
     match thread {
         Ok(t) => Ok(FuseSession { thread: Some(t) }),
         Err(e) => {
-            let _ = sys::detach(mountpoint);
+            let _ = zest_mount::detach(mountpoint);
             Err(e)
         }
     }

@@ -16,8 +16,8 @@
 //!   overlayfs ([`ImageMount`]); every mount is undone on drop.
 //! - [`passthrough`]: FUSE passthrough of fully cached files (Linux 6.9+),
 //!   optional.
-//! - [`sys`]: the mount system calls and the mount table, for the whole workspace
-//!   (the only code that calls `mount(2)`/`umount2(2)` or reads mountinfo).
+//!
+//! Mount system calls go through `zest-mount`, the only code of zest that makes them.
 //!
 //! Invariants:
 //! - Metadata is answered from the in-memory [`LayerIndex`](zest_format::LayerIndex)
@@ -33,14 +33,12 @@ mod fuse_adapter;
 pub mod layer;
 pub mod mount;
 pub mod passthrough;
-pub mod sys;
 
 use std::time::SystemTime;
 
 pub use layer::{AccessRecorder, LayerFs, LayerFsOptions, LayerFsStats, OpaqueXattr};
 pub use mount::{ImageMount, LayerMount, MountError, MountOptions};
 pub use passthrough::PassthroughStore;
-pub use sys::SysError;
 
 /// An error number answered to the kernel (a positive `errno` value).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

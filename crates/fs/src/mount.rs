@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use super::fuse_adapter::{self, FuseMountConfig, FuseSession};
 use super::layer::{LayerFs, LayerFsOptions};
-use super::sys::{self, BindOptions, Overlay, SysError};
 use zest_fetch::prefetch::{BackgroundFetch, PrefetchTask};
 use zest_fetch::Fetcher;
+use zest_mount::{BindOptions, Overlay, SysError};
 
 /// How long unmount waits for the FUSE workers to end after the kernel
 /// released the mount.
@@ -227,7 +227,7 @@ impl LayerMount {
             Ok(()) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "detaching layer mount");
-                if let Err(e) = sys::detach(&self.mountpoint) {
+                if let Err(e) = zest_mount::detach(&self.mountpoint) {
                     tracing::error!(error = %e, path = %self.mountpoint.display(), "detach failed");
                 }
                 // The workers keep serving open files; do not wait for them.
@@ -270,13 +270,13 @@ impl ImageMount {
                 recursive: false,
                 readonly: true,
             };
-            sys::bind(only.mountpoint(), &target, readonly).map_err(MountError::Stack)?;
+            zest_mount::bind(only.mountpoint(), &target, readonly).map_err(MountError::Stack)?;
         } else {
             let stack = Overlay {
                 lower: layers.iter().rev().map(LayerMount::mountpoint).collect(),
                 upper: None,
             };
-            sys::overlay(&target, &stack).map_err(MountError::Stack)?;
+            zest_mount::overlay(&target, &stack).map_err(MountError::Stack)?;
         }
         Ok(ImageMount {
             target,
@@ -340,7 +340,7 @@ impl Drop for ImageMount {
         if self.mounted {
             if let Err(e) = unmount_path(&self.target) {
                 tracing::warn!(error = %e, "detaching image mount");
-                if let Err(e) = sys::detach(&self.target) {
+                if let Err(e) = zest_mount::detach(&self.target) {
                     tracing::error!(error = %e, "detach failed");
                 }
             }
@@ -363,7 +363,7 @@ enum Unmounted {
 /// Unmounts `path`: [`MountError::Busy`] (still mounted) while files under it
 /// are open, success if it was unmounted already.
 fn unmount_path(path: &Path) -> Result<Unmounted, MountError> {
-    match sys::umount(path) {
+    match zest_mount::umount(path) {
         Ok(()) => Ok(Unmounted::Now),
         Err(e) if e.is_not_mounted() => Ok(Unmounted::Already),
         Err(e) if e.is_busy() => Err(MountError::Busy {

@@ -195,7 +195,7 @@ fn read_answers_from_a_task_then_from_memory() {
 }
 
 fn is_mounted(path: &std::path::Path) -> bool {
-    crate::sys::is_mount_point(path).unwrap()
+    zest_mount::is_mount_point(path).unwrap()
 }
 
 fn can_mount() -> bool {

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use zest_fs::sys::{self, ChildMount, Overlay, SysError};
+use zest_mount::{self, ChildMount, Overlay, SysError};
 
 /// Default `PATH` when the workload's environment sets none (the one container
 /// runtimes use).
@@ -157,7 +157,7 @@ pub fn run(
     // write is discarded.
     let rw = dir.join("rw");
     std::fs::create_dir_all(&rw).map_err(io_err("create", &rw))?;
-    sys::tmpfs(&rw, 0o755)?;
+    zest_mount::tmpfs(&rw, 0o755)?;
     mounts.0.push(rw.clone());
     let (upper, work, root) = (rw.join("upper"), rw.join("work"), dir.join("root"));
     for d in [&upper, &work, &root] {
@@ -167,7 +167,7 @@ pub fn run(
         lower: lower.to_vec(),
         upper: Some((&upper, &work)),
     };
-    sys::overlay(&root, &layers)?;
+    zest_mount::overlay(&root, &layers)?;
     mounts.0.push(root.clone());
 
     let program = workload.program(&root)?;
@@ -294,9 +294,9 @@ struct Mounts(Vec<PathBuf>);
 impl Drop for Mounts {
     fn drop(&mut self) {
         while let Some(p) = self.0.pop() {
-            if let Err(e) = sys::umount_patiently(&p, UNMOUNT_PATIENCE) {
+            if let Err(e) = zest_mount::umount_patiently(&p, UNMOUNT_PATIENCE) {
                 tracing::warn!(error = %e, "unmount failed; detaching");
-                let _ = sys::detach(&p);
+                let _ = zest_mount::detach(&p);
             }
         }
     }

@@ -61,6 +61,9 @@ impl FetchedManifest {
 pub struct ResolvedImage {
     /// The index the reference pointed to, if it was multi-platform.
     pub index: Option<FetchedManifest>,
+    /// The index entry picked for the platform (with its platform and annotations),
+    /// when there was an index.
+    pub entry: Option<Descriptor>,
     /// The platform's image manifest (verified bytes).
     pub manifest: FetchedManifest,
     /// `manifest`, parsed.
@@ -229,6 +232,7 @@ impl RegistryClient {
             ManifestKind::Image(image) => {
                 return Ok(ResolvedImage {
                     index: None,
+                    entry: None,
                     manifest: top,
                     image,
                 })
@@ -258,6 +262,7 @@ impl RegistryClient {
         match ManifestKind::parse(&manifest.media_type, &manifest.bytes) {
             Ok(ManifestKind::Image(image)) => Ok(ResolvedImage {
                 index: Some(top),
+                entry: Some(desc.clone()),
                 manifest,
                 image,
             }),

@@ -1,6 +1,6 @@
 //! Filesystem helpers of the snapshotter: disk usage of an upper directory, durable
 //! renames, the overlay feature probe. Removing a snapshot directory that may have
-//! mounts below it is [`zest_fs::sys::remove_tree`].
+//! mounts below it is [`zest_mount::remove_tree`].
 
 use std::collections::HashSet;
 use std::fs;

@@ -1,4 +1,4 @@
-//! The containerd proxy snapshotter: zest's long-running service (`zest serve`).
+//! The containerd proxy snapshotter: the snapshot service of `zest serve`.
 //!
 //! containerd talks to it over gRPC on a unix socket
 //! (`containerd.services.snapshots.v1.Snapshots`). Snapshots behave like those of
@@ -6,8 +6,11 @@
 //! same errors — with metadata in a transactional embedded database so that a crash
 //! never leaves it half-written. Image layers can instead be mounted lazily by a
 //! [`RemoteLayerProvider`] through containerd's remote snapshot handshake; without one
-//! (or when it declines a layer) the layer is pulled normally and the reason is logged
-//! and counted.
+//! (or when it declines a layer) the layer is pulled normally and the
+//! [`FallbackReason`] is logged and counted.
+//!
+//! This crate knows nothing of registries, TOCs or caches: the lazy layer provider,
+//! the whole configuration file and the metrics live in `zest-daemon`.
 //!
 //! | file | concern |
 //! |---|---|
@@ -15,43 +18,30 @@
 //! | `meta.rs` | the metadata database (redb) |
 //! | `filter.rs` | containerd filter expressions for `List` |
 //! | `remote.rs` | [`RemoteLayerProvider`], requests, fallback reasons and counters |
-//! | `lazy.rs` | [`LazyLayerProvider`]: zstd:chunked layers mounted from the registry (FUSE) |
-//! | `metrics.rs` | Prometheus text exposition and its tiny HTTP listener |
-//! | `fsutil.rs` | disk usage, durable renames (mount-safe removal is `zest_fs::sys`) |
+//! | `fsutil.rs` | disk usage, durable renames (mount-safe removal is `zest_mount`) |
 //! | `grpc.rs` | the only tonic-aware file: protobuf <-> domain, error codes, the gRPC server |
 //! | `server.rs` | socket, systemd readiness, signals, graceful shutdown |
-//! | `config.rs` | the configuration file ([`ServiceConfig`]) and `zest serve` arguments |
+//! | `config.rs` | the `[snapshotter]` section ([`SnapshotterConfig`]) |
 //!
-//! Wiring `zest serve`: read [`ConfigOverrides::service_config`], build a [`LazyLayerProvider`] (registry client,
-//! chunk cache, [`LazyConfig::from_service`]), then [`Server::bind`] and
-//! [`Server::run`] with [`shutdown_signal`];
-//! initialise logging from [`SnapshotterConfig::log_level`] first.
+//! Wiring: initialise logging from [`SnapshotterConfig::log_level`], then
+//! [`Server::bind`] with a provider and [`Server::run`] with [`shutdown_signal`].
 
 mod config;
-pub mod filter;
+mod filter;
 mod fsutil;
 mod grpc;
-mod lazy;
 mod meta;
-pub mod metrics;
 mod remote;
 mod server;
 mod store;
 mod types;
 
-pub use config::{
-    CacheSection, ConfigError, ConfigOverrides, FetchSection, LazySection, RegistrySection,
-    ServiceConfig, SnapshotterConfig, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
-};
-pub use grpc::{SnapshotService, TransportError};
-pub use lazy::{
-    LazyConfig, LazyError, LazyLayerProvider, LazyStats, DETAIL_AUTHENTICATED, DETAIL_DESCRIPTOR,
-    DETAIL_REPOSITORY,
-};
+pub use config::{ConfigError, SnapshotterConfig, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+pub use grpc::TransportError;
 pub use remote::{
-    FallbackCounters, FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer,
-    RemoteLayerProvider, RemoteLayerRequest, RemoteMounted, ShutdownMode,
+    Fallback, FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayerProvider,
+    RemoteLayerRequest, RemoteMounted, ShutdownMode,
 };
-pub use server::{notify_systemd, shutdown_signal, ServeError, Server};
+pub use server::{shutdown_signal, ServeError, Server};
 pub use store::{SnapshotStore, StoreOptions, UpdateInfo};
 pub use types::{Info, Kind, Labels, Mount, SnapshotError, Usage};

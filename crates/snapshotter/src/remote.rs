@@ -48,20 +48,17 @@ impl RemoteLayerRequest {
     /// Builds the request from a prepare request's labels. `Ok(None)` when the labels
     /// do not describe an image layer (no [`LABEL_SNAPSHOT_REF`]): an ordinary
     /// container snapshot. A malformed digest label is a fallback reason.
-    pub fn from_labels(
-        parent: Option<&str>,
-        labels: &Labels,
-    ) -> Result<Option<Self>, FallbackReason> {
+    pub fn from_labels(parent: Option<&str>, labels: &Labels) -> Result<Option<Self>, Fallback> {
         let Some(chain_id) = labels.get(LABEL_SNAPSHOT_REF) else {
             return Ok(None);
         };
-        let digest = |key: &str| -> Result<Option<Digest>, FallbackReason> {
+        let digest = |key: &str| -> Result<Option<Digest>, Fallback> {
             labels
                 .get(key)
                 .map(|value| {
                     value.parse::<Digest>().map_err(|e| {
-                        FallbackReason::new(
-                            FallbackReason::INVALID_LABELS,
+                        Fallback::new(
+                            FallbackReason::InvalidLabels,
                             format!("label {key}={value:?} is not a sha256 digest: {e}"),
                         )
                     })
@@ -76,8 +73,8 @@ impl RemoteLayerRequest {
                 .take(MAX_IMAGE_LAYERS)
                 .map(|d| {
                     d.trim().parse::<Digest>().map_err(|e| {
-                        FallbackReason::new(
-                            FallbackReason::INVALID_LABELS,
+                        Fallback::new(
+                            FallbackReason::InvalidLabels,
                             format!("label {LABEL_IMAGE_LAYERS} has an invalid digest {d:?}: {e}"),
                         )
                     })
@@ -114,50 +111,82 @@ pub struct RemoteLayer {
     pub mounted: RemoteMounted,
 }
 
-/// Why a layer is pulled normally instead of mounted remotely.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {detail}")]
-pub struct FallbackReason {
-    /// Stable, low-cardinality reason code: the metrics key.
-    pub code: &'static str,
-    /// Human explanation for the log.
-    pub detail: String,
+/// Why a layer is pulled normally instead of mounted remotely: a closed set, each
+/// with a stable [`code`](FallbackReason::code) used as the metrics label and in logs.
+/// The human explanation travels separately, in [`Fallback::detail`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FallbackReason {
+    /// No provider is configured for lazy pulling.
+    NotConfigured,
+    /// The client did not pass the labels a lazy pull needs (plain `ctr pull`).
+    MissingLabels,
+    /// A label is present but malformed.
+    InvalidLabels,
+    /// The layer's format cannot be served lazily (not an image layer zest knows).
+    UnsupportedLayer,
+    /// Mounting failed.
+    MountFailed,
+    /// The chain ID exists already with another parent, or a concurrent prepare won.
+    Conflict,
+    /// The layer is not zstd:chunked (gzip, plain tar, or zstd without a TOC): it
+    /// can only be pulled whole. Convert the image with `zest convert`.
+    NotChunked,
+    /// The layer's TOC is not vouched for by the manifest (found by footer only) and
+    /// the configuration requires an authenticated one.
+    UnauthenticatedToc,
+    /// The image manifest could not be fetched or verified, or does not list the layer.
+    ManifestUnavailable,
+    /// The layer's TOC could not be fetched from the registry.
+    TocUnavailable,
+    /// The layer's TOC (or its annotations) failed validation.
+    TocInvalid,
+    /// The service is stopping.
+    ShuttingDown,
 }
 
 impl FallbackReason {
-    /// No provider is configured for lazy pulling.
-    pub const NOT_CONFIGURED: &'static str = "not-configured";
-    /// The client did not pass the labels a lazy pull needs (plain `ctr pull`).
-    pub const MISSING_LABELS: &'static str = "missing-labels";
-    /// A label is present but malformed.
-    pub const INVALID_LABELS: &'static str = "invalid-labels";
-    /// The layer's format cannot be served lazily (e.g. not zstd:chunked).
-    pub const UNSUPPORTED_LAYER: &'static str = "unsupported-layer";
-    /// The registry could not be reached or refused the request.
-    pub const REGISTRY: &'static str = "registry-error";
-    /// Mounting failed.
-    pub const MOUNT_FAILED: &'static str = "mount-failed";
-    /// The chain ID exists already with another parent, or a concurrent prepare won.
-    pub const CONFLICT: &'static str = "conflict";
-    /// The layer is not zstd:chunked (gzip, plain tar, or zstd without a TOC): it
-    /// can only be pulled whole. Convert the image with `zest convert`.
-    pub const NOT_CHUNKED: &'static str = "not-chunked";
-    /// The layer's TOC is not vouched for by the manifest (found by footer only) and
-    /// the configuration requires an authenticated one.
-    pub const UNAUTHENTICATED_TOC: &'static str = "unauthenticated-toc";
-    /// The image manifest could not be fetched or verified, or does not list the layer.
-    pub const MANIFEST_UNAVAILABLE: &'static str = "manifest-unavailable";
-    /// The layer's TOC could not be fetched from the registry.
-    pub const TOC_UNAVAILABLE: &'static str = "toc-unavailable";
-    /// The layer's TOC (or its annotations) failed validation.
-    pub const TOC_INVALID: &'static str = "toc-invalid";
-    /// The service is stopping.
-    pub const SHUTTING_DOWN: &'static str = "shutting-down";
+    /// The stable, low-cardinality code: the `reason` label of
+    /// `zest_fallbacks_total` and the prefix of log messages. Never change one.
+    pub const fn code(self) -> &'static str {
+        match self {
+            FallbackReason::NotConfigured => "not-configured",
+            FallbackReason::MissingLabels => "missing-labels",
+            FallbackReason::InvalidLabels => "invalid-labels",
+            FallbackReason::UnsupportedLayer => "unsupported-layer",
+            FallbackReason::MountFailed => "mount-failed",
+            FallbackReason::Conflict => "conflict",
+            FallbackReason::NotChunked => "not-chunked",
+            FallbackReason::UnauthenticatedToc => "unauthenticated-toc",
+            FallbackReason::ManifestUnavailable => "manifest-unavailable",
+            FallbackReason::TocUnavailable => "toc-unavailable",
+            FallbackReason::TocInvalid => "toc-invalid",
+            FallbackReason::ShuttingDown => "shutting-down",
+        }
+    }
+}
 
-    /// Builds a reason.
-    pub fn new(code: &'static str, detail: impl Into<String>) -> Self {
-        FallbackReason {
-            code,
+impl std::fmt::Display for FallbackReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A layer pulled normally instead of mounted remotely: the reason, and what exactly
+/// happened for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Fallback {
+    /// Why, as a stable code.
+    pub reason: FallbackReason,
+    /// Human explanation: what failed, on which object, what the user can do.
+    pub detail: String,
+}
+
+impl Fallback {
+    /// A fallback for `reason`, explained by `detail`.
+    pub fn new(reason: FallbackReason, detail: impl Into<String>) -> Self {
+        Fallback {
+            reason,
             detail: detail.into(),
         }
     }
@@ -188,12 +217,12 @@ pub trait RemoteLayerProvider: Send + Sync + 'static {
     /// directory must be left unmounted; the layer is then pulled normally and the
     /// reason is logged and counted. A request without `layer_digest` comes from a
     /// client that did not pass the layer labels: answer
-    /// [`FallbackReason::MISSING_LABELS`].
+    /// [`FallbackReason::MissingLabels`].
     async fn try_mount(
         &self,
         request: &RemoteLayerRequest,
         target_dir: &Path,
-    ) -> Result<RemoteMounted, FallbackReason>;
+    ) -> Result<RemoteMounted, Fallback>;
 
     /// Re-establishes the mount of a stored remote layer after a restart of the
     /// service, if it is not mounted any more. `target_dir` may still hold a dead
@@ -220,7 +249,7 @@ pub trait RemoteLayerProvider: Send + Sync + 'static {
 }
 
 /// The provider used when lazy pulling is not configured: every layer is pulled
-/// normally, with the reason [`FallbackReason::NOT_CONFIGURED`].
+/// normally, with the reason [`FallbackReason::NotConfigured`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoRemoteLayers;
 
@@ -230,9 +259,9 @@ impl RemoteLayerProvider for NoRemoteLayers {
         &self,
         _request: &RemoteLayerRequest,
         _target_dir: &Path,
-    ) -> Result<RemoteMounted, FallbackReason> {
-        Err(FallbackReason::new(
-            FallbackReason::NOT_CONFIGURED,
+    ) -> Result<RemoteMounted, Fallback> {
+        Err(Fallback::new(
+            FallbackReason::NotConfigured,
             "lazy pulling not configured",
         ))
     }
@@ -241,20 +270,20 @@ impl RemoteLayerProvider for NoRemoteLayers {
 /// Counts fallbacks per reason code, for metrics.
 #[derive(Debug, Default)]
 pub struct FallbackCounters {
-    counts: Mutex<BTreeMap<&'static str, u64>>,
+    counts: Mutex<BTreeMap<FallbackReason, u64>>,
 }
 
 impl FallbackCounters {
     /// Counts one fallback.
-    pub fn record(&self, reason: &FallbackReason) {
+    pub fn record(&self, fallback: &Fallback) {
         // A poisoned lock only means another thread panicked mid-increment; the map
         // is still a valid map, so keep counting.
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        *counts.entry(reason.code).or_insert(0) += 1;
+        *counts.entry(fallback.reason).or_insert(0) += 1;
     }
 
-    /// A snapshot of the counters: reason code -> number of fallbacks.
-    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+    /// A snapshot of the counters: reason -> number of fallbacks.
+    pub fn snapshot(&self) -> BTreeMap<FallbackReason, u64> {
         self.counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -290,8 +319,8 @@ mod tests {
         let err = RemoteLayerRequest::from_labels(None, &labels);
         assert!(matches!(
             err,
-            Err(FallbackReason {
-                code: FallbackReason::INVALID_LABELS,
+            Err(Fallback {
+                reason: FallbackReason::InvalidLabels,
                 ..
             })
         ));
@@ -300,12 +329,14 @@ mod tests {
     #[test]
     fn counters() {
         let counters = FallbackCounters::default();
-        let reason = FallbackReason::new(FallbackReason::NOT_CONFIGURED, "x");
+        let reason = Fallback::new(FallbackReason::NotConfigured, "x");
         counters.record(&reason);
         counters.record(&reason);
         assert_eq!(
-            counters.snapshot().get(FallbackReason::NOT_CONFIGURED),
+            counters.snapshot().get(&FallbackReason::NotConfigured),
             Some(&2)
         );
+        assert_eq!(FallbackReason::NotConfigured.to_string(), "not-configured");
+        assert_eq!(reason.to_string(), "not-configured: x");
     }
 }

@@ -29,11 +29,11 @@ use super::filter::{Filter, FilterTarget};
 use super::fsutil;
 use super::meta::{Ancestor, MetaStore, NewSnapshot, Record};
 use super::remote::{
-    FallbackCounters, FallbackReason, RemoteLayer, RemoteLayerProvider, RemoteLayerRequest,
+    Fallback, FallbackCounters, FallbackReason, RemoteLayer, RemoteLayerProvider,
+    RemoteLayerRequest,
 };
 use super::types::{normalize_labels, Info, Kind, Labels, Mount, SnapshotError, Usage};
 use zest_api::labels::{LABEL_REMOTE, LABEL_SNAPSHOT_REF};
-use zest_fs::sys;
 
 /// Options of a [`SnapshotStore`].
 #[derive(Clone)]
@@ -111,7 +111,7 @@ enum RemoteOutcome {
     /// The layer is committed under its chain ID: answer ALREADY_EXISTS.
     Committed(String),
     /// Pull normally.
-    Fallback(FallbackReason),
+    Fallback(Fallback),
     /// The request is invalid (parent missing or not committed): the normal path
     /// reports the precise error; nothing to count.
     Invalid,
@@ -150,7 +150,7 @@ impl SnapshotStore {
     }
 
     /// Number of layers pulled normally instead of remotely, per reason code.
-    pub fn fallback_counts(&self) -> std::collections::BTreeMap<&'static str, u64> {
+    pub fn fallback_counts(&self) -> std::collections::BTreeMap<FallbackReason, u64> {
         self.inner.fallbacks.snapshot()
     }
 
@@ -186,8 +186,8 @@ impl SnapshotStore {
             // (containerd 1.6's `ctr images pull`): say so, it cannot be lazy.
             Ok(None) if is_unpack_key(key) => self.record_fallback(
                 key,
-                &FallbackReason::new(
-                    FallbackReason::MISSING_LABELS,
+                &Fallback::new(
+                    FallbackReason::MissingLabels,
                     format!("the client sent no {LABEL_SNAPSHOT_REF} label for this layer; lazy pulling needs a client that passes the layer labels (CRI, or zest's own pull)"),
                 ),
             ),
@@ -218,12 +218,13 @@ impl SnapshotStore {
         self.create(Kind::View, key, parent, labels).await
     }
 
-    fn record_fallback(&self, key: &str, reason: &FallbackReason) {
-        self.inner.fallbacks.record(reason);
-        if reason.code == FallbackReason::NOT_CONFIGURED {
-            tracing::info!(key, reason = reason.code, detail = %reason.detail, "layer is pulled normally");
+    fn record_fallback(&self, key: &str, fallback: &Fallback) {
+        self.inner.fallbacks.record(fallback);
+        let reason = fallback.reason.code();
+        if fallback.reason == FallbackReason::NotConfigured {
+            tracing::info!(key, reason, detail = %fallback.detail, "layer is pulled normally");
         } else {
-            tracing::warn!(key, reason = reason.code, detail = %reason.detail, "layer is pulled normally instead of lazily");
+            tracing::warn!(key, reason, detail = %fallback.detail, "layer is pulled normally instead of lazily");
         }
     }
 
@@ -313,8 +314,8 @@ impl SnapshotStore {
             return Ok(if same_layer(&existing, &request) {
                 RemoteOutcome::Committed(chain_id)
             } else {
-                RemoteOutcome::Fallback(FallbackReason::new(
-                    FallbackReason::CONFLICT,
+                RemoteOutcome::Fallback(Fallback::new(
+                    FallbackReason::Conflict,
                     format!("snapshot {chain_id} exists with another parent or origin"),
                 ))
             });
@@ -394,8 +395,8 @@ impl SnapshotStore {
                             Some(w) if same_layer(&w, &request) => {
                                 RemoteOutcome::Committed(chain_id)
                             }
-                            _ => RemoteOutcome::Fallback(FallbackReason::new(
-                                FallbackReason::CONFLICT,
+                            _ => RemoteOutcome::Fallback(Fallback::new(
+                                FallbackReason::Conflict,
                                 format!("snapshot {key} or {chain_id} exists already"),
                             )),
                         })
@@ -416,7 +417,10 @@ impl SnapshotStore {
             }
         }
         let path = dir.clone();
-        if let Err(e) = self.blocking(move |_| Ok(sys::remove_tree(&path)?)).await {
+        if let Err(e) = self
+            .blocking(move |_| Ok(zest_mount::remove_tree(&path)?))
+            .await
+        {
             tracing::warn!(path = %dir.display(), error = %e, "cannot remove snapshot directory; cleanup will retry");
         }
     }
@@ -624,7 +628,7 @@ impl SnapshotStore {
                     if inner.busy.contains(&name) {
                         return Ok(false);
                     }
-                    sys::remove_tree(&path)?;
+                    zest_mount::remove_tree(&path)?;
                     Ok(true)
                 })
                 .await;
@@ -745,7 +749,7 @@ impl Inner {
                 // Only a crash between a rename and its metadata commit leaves a
                 // directory with a never-committed id: an orphan, safe to delete.
                 if fs::symlink_metadata(&target).is_ok() {
-                    sys::remove_tree(&target)?;
+                    zest_mount::remove_tree(&target)?;
                 }
                 fs::rename(&temp, &target)
                     .map_err(|e| SnapshotError::io("rename into place", &target, e))?;
@@ -755,7 +759,7 @@ impl Inner {
         match result {
             Ok((record, chain)) => Ok(self.mounts_for(kind, record.id, &chain)),
             Err(e) => {
-                if let Err(cleanup) = sys::remove_tree(&temp) {
+                if let Err(cleanup) = zest_mount::remove_tree(&temp) {
                     tracing::warn!(path = %temp.display(), error = %cleanup, "cannot remove temporary directory");
                 }
                 Err(e)

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 pub type Labels = BTreeMap<String, String>;
 
 use zest_api::labels::MAX_LABEL_SIZE;
-use zest_fs::SysError;
+use zest_mount::SysError;
 
 /// The kind of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

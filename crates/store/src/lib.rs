@@ -389,8 +389,19 @@ pub struct ResolvedManifest {
 
 impl ImageStore {
     /// The image manifest for `platform`: the reference's own manifest, or the
-    /// index entry that best matches the platform.
+    /// index entry that best matches the platform. From a registry this is
+    /// [`RegistryClient::resolve_image`], the one resolver of registry manifests.
     pub async fn resolve(&self, platform: &Platform) -> Result<ResolvedManifest, StoreError> {
+        if let ImageStore::Registry { client, reference } = self {
+            let resolved = client.resolve_image(reference, platform).await?;
+            return Ok(ResolvedManifest {
+                descriptor: resolved
+                    .entry
+                    .unwrap_or_else(|| resolved.manifest.descriptor()),
+                manifest: resolved.image,
+                index: resolved.index.map(|index| index.descriptor()),
+            });
+        }
         let root = self.root().await?;
         let json_err = |digest, source| StoreError::Json {
             digest,

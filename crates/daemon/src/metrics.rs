@@ -3,7 +3,8 @@
 //!
 //! What is exported: fallbacks to a normal pull by reason, lazy mounts and restores,
 //! TOC and manifest fetches, the fetchers' counters summed over every layer (range
-//! requests, bytes, blocking misses, verification failures), the chunk cache (hits,
+//! requests, bytes, blocking misses, verification failures, failed fetches by error
+//! kind), the chunk cache (hits,
 //! misses, bytes, evictions) and the registry client (requests and bytes per kind).
 //!
 //! The HTTP side is deliberately tiny: one request per connection, `GET /metrics`
@@ -18,8 +19,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::lazy::LazyLayerProvider;
-use super::store::SnapshotStore;
+use crate::lazy::LazyLayerProvider;
+use zest_snapshotter::SnapshotStore;
 
 /// Largest request head read from a scraper.
 const MAX_REQUEST_HEAD: usize = 8 << 10;
@@ -96,7 +97,7 @@ impl Metrics {
             "Layers pulled normally instead of mounted lazily, by reason.",
         );
         for (reason, count) in self.store.fallback_counts() {
-            e.value("zest_fallbacks_total", &[("reason", reason)], count);
+            e.value("zest_fallbacks_total", &[("reason", reason.code())], count);
         }
         e.single(
             "zest_lazy_enabled",
@@ -206,7 +207,7 @@ impl Metrics {
             ),
             (
                 "zest_fetch_retries_total",
-                "Range requests retried.",
+                "Chunk runs fetched again after failing verification (network retries are zest_registry_retries_total).",
                 s.fetch.retries,
             ),
             (
@@ -222,6 +223,18 @@ impl Metrics {
         ];
         for (name, help, value) in counters {
             e.single(name, "counter", help, value);
+        }
+        e.family(
+            "zest_fetch_failures_total",
+            "counter",
+            "Fetches of chunk runs that failed, by kind (not_found, denied, rate_limited, timeout, digest_mismatch, ...).",
+        );
+        for (kind, count) in s.fetch.failures.iter() {
+            e.value(
+                "zest_fetch_failures_total",
+                &[("kind", kind.label())],
+                count,
+            );
         }
 
         // Every sample of a family must follow its header: one family at a time,
@@ -434,7 +447,7 @@ mod tests {
     #[tokio::test]
     async fn lazy_exposition_is_well_formed() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let store = SnapshotStore::open(dir.path(), super::super::StoreOptions::default())?;
+        let store = SnapshotStore::open(dir.path(), zest_snapshotter::StoreOptions::default())?;
         let cache = zest_cache::ChunkCache::open(&zest_cache::CacheConfig {
             disk_root: dir.path().join("cache"),
             disk_bytes: 1 << 20,
@@ -448,7 +461,7 @@ mod tests {
         let provider = LazyLayerProvider::new(
             client,
             Arc::new(cache),
-            super::super::LazyConfig::new(dir.path().join("tocs")),
+            crate::LazyConfig::new(dir.path().join("tocs")),
         )?;
         let text = Metrics::new(store, Some(provider)).render();
         assert_families_grouped(&text);
@@ -457,6 +470,9 @@ mod tests {
             "zest_cache_hits_total{tier=\"disk\"} 0",
             "zest_registry_requests_total{kind=\"range\"} 0",
             "zest_fetch_blocking_misses_total 0",
+            "zest_fetch_failures_total{kind=\"not_found\"} 0",
+            "zest_fetch_failures_total{kind=\"digest_mismatch\"} 0",
+            "zest_fetch_failures_total{kind=\"timeout\"} 0",
         ] {
             assert!(text.contains(expected), "{expected} missing:\n{text}");
         }
@@ -466,7 +482,7 @@ mod tests {
     #[tokio::test]
     async fn serves_the_exposition_over_http() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let store = SnapshotStore::open(dir.path(), super::super::StoreOptions::default())?;
+        let store = SnapshotStore::open(dir.path(), zest_snapshotter::StoreOptions::default())?;
         let listener = bind_metrics(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let address = listener.local_addr()?;
         let server = tokio::spawn(serve_metrics(listener, Metrics::new(store, None)));

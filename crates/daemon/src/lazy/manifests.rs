@@ -1,0 +1,106 @@
+//! Image manifests by digest, for the layers of an image being prepared one after
+//! the other: resolved by [`RegistryClient::resolve_image`] (the one owner of
+//! manifest resolution: fetched by digest and verified, an index resolved to the
+//! configured platform) and fetched once however many layers ask.
+//!
+//! Invariants: a resolution that failed is not cached (the next prepare tries
+//! again); the cache is bounded; every resolution is bounded by a timeout.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+
+use super::sync::lock;
+use zest_oci::digest::Digest;
+use zest_oci::{ImageManifest, Platform, Reference, Repository};
+use zest_registry::RegistryClient;
+use zest_snapshotter::{Fallback, FallbackReason};
+
+/// Manifests kept in memory.
+const ENTRIES: usize = 32;
+
+/// A manifest fetched once for every layer of an image that asks.
+type Cell = Arc<OnceCell<Arc<ImageManifest>>>;
+
+/// Recently used image manifests.
+pub(super) struct Manifests {
+    client: RegistryClient,
+    platform: Platform,
+    timeout: Duration,
+    cache: Mutex<lru::LruCache<(Repository, Digest), Cell>>,
+    /// Manifest documents fetched (an index and its platform's manifest count two).
+    fetches: AtomicU64,
+}
+
+impl Manifests {
+    pub(super) fn new(client: RegistryClient, platform: Platform, timeout: Duration) -> Self {
+        Manifests {
+            client,
+            platform,
+            timeout,
+            cache: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(ENTRIES).unwrap_or(NonZeroUsize::MIN),
+            )),
+            fetches: AtomicU64::new(0),
+        }
+    }
+
+    /// Manifest documents fetched so far.
+    pub(super) fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// The image manifest `digest` of `reference`'s repository (an index resolves
+    /// to the configured platform).
+    pub(super) async fn get(
+        &self,
+        reference: &Reference,
+        digest: Digest,
+    ) -> Result<Arc<ImageManifest>, Fallback> {
+        let key = (reference.repository.clone(), digest);
+        let cell = {
+            let mut cache = lock(&self.cache);
+            Arc::clone(cache.get_or_insert(key.clone(), || Arc::new(OnceCell::new())))
+        };
+        let result = cell
+            .get_or_try_init(|| self.resolve(reference, digest))
+            .await
+            .cloned();
+        if result.is_err() {
+            let mut cache = lock(&self.cache);
+            if cache
+                .peek(&key)
+                .is_some_and(|c| Arc::ptr_eq(c, &cell) && !c.initialized())
+            {
+                cache.pop(&key);
+            }
+        }
+        result
+    }
+
+    async fn resolve(
+        &self,
+        reference: &Reference,
+        digest: Digest,
+    ) -> Result<Arc<ImageManifest>, Fallback> {
+        let pinned = reference.with_digest(digest);
+        let timeout = self.timeout;
+        let unavailable =
+            |detail: String| Fallback::new(FallbackReason::ManifestUnavailable, detail);
+        let resolved =
+            tokio::time::timeout(timeout, self.client.resolve_image(&pinned, &self.platform))
+                .await
+                .map_err(|_| {
+                    unavailable(format!(
+                        "manifest {pinned}: no answer within {timeout:?} (lazy.mount_timeout_secs)"
+                    ))
+                })?
+                .map_err(|e| unavailable(format!("manifest {pinned}: {e}")))?;
+        let documents = if resolved.index.is_some() { 2 } else { 1 };
+        self.fetches.fetch_add(documents, Ordering::Relaxed);
+        Ok(Arc::new(resolved.image))
+    }
+}

@@ -1,0 +1,660 @@
+//! Lazy layer mounts: [`LazyLayerProvider`], the [`RemoteLayerProvider`] that serves
+//! zstd:chunked image layers straight from their registry through FUSE.
+//!
+//! On a remote prepare it resolves the image manifest by its digest (verified; an
+//! index resolves to this host's platform), finds the layer, reads the layer's TOC
+//! with one authenticated range request, and mounts a [`LayerMount`] on the snapshot
+//! directory. Anything else — gzip or plain layers, a TOC the manifest does not vouch
+//! for, an unreachable registry — is a [`Fallback`] with a stable reason code, and
+//! containerd pulls the layer normally.
+//!
+//! This file only orchestrates; each concern has its module:
+//!
+//! | module | owns |
+//! |---|---|
+//! | `classify` | which layers can be mounted lazily, and why not |
+//! | `manifests` | image manifests by digest (through the registry client), cached |
+//! | `layers` | one fetcher per layer digest, leases, idle LRU |
+//! | `tocs` | the on-disk TOC store, re-verified when read back |
+//! | `restore` | details stored with a mount, remounting after a restart |
+//! | `settings` | [`LazyConfig`], [`LazyError`], [`LazyStats`] |
+//! | `sync` | poison-tolerant locks, cancellation |
+//!
+//! Sharing: one fetcher per layer digest, so a layer used by two chains is fetched
+//! and indexed once. Each snapshot directory still gets its own FUSE mount of that
+//! fetcher rather than a bind mount of the first one: mounts then have independent
+//! lifetimes (removing one chain never touches another's mount), and the cost of a
+//! second mount is a few idle threads, the data coming from the shared chunk cache.
+//!
+//! FUSE mounts are served by this process and cannot outlive it: when it exits, the
+//! kernel aborts their connections and running containers get `ENOTCONN` on lazy
+//! layers. So both shutdown modes release the mounts (state, TOCs and the chunk cache
+//! are kept, and the layers are mounted again at the next start).
+//!
+//! Invariants: every byte served is verified through the chain manifest digest →
+//! TOC digest → chunk digest; no lock is held across an await; every network wait is
+//! bounded by a timeout; TOCs are decoded on the blocking pool; background tasks end
+//! when the service stops.
+
+mod classify;
+mod layers;
+mod manifests;
+mod restore;
+mod settings;
+mod sync;
+mod tocs;
+
+pub use settings::{LazyConfig, LazyError, LazyStats};
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+
+use classify::{classify, TocSource};
+use layers::{LayerLease, LayerTable, OpenedLayer};
+use manifests::Manifests;
+use restore::{mount_details, stored_descriptor};
+use sync::{lock, Cancel};
+use tocs::TocStore;
+use zest_cache::ChunkCache;
+use zest_fetch::toc::{fetch_layer_index, FetchedIndex, TocFetchOptions};
+use zest_fetch::{FetchError, FetchLimits, Fetcher};
+use zest_fs::LayerMount;
+use zest_oci::digest::Digest;
+use zest_oci::{Descriptor, ImageManifest, Reference, Repository};
+use zest_registry::RegistryClient;
+use zest_snapshotter::{
+    Fallback, FallbackReason, RemoteError, RemoteLayer, RemoteLayerProvider, RemoteLayerRequest,
+    RemoteMounted, ShutdownMode,
+};
+use zest_store::RegistryBlob;
+
+/// Mounts zstd:chunked layers lazily. Cheap to share (`Arc`); see the module docs.
+pub struct LazyLayerProvider {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for LazyLayerProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyLayerProvider")
+            .field("toc_dir", &self.inner.tocs.dir())
+            .finish()
+    }
+}
+
+struct Inner {
+    client: RegistryClient,
+    cache: Arc<ChunkCache>,
+    config: LazyConfig,
+    limits: Mutex<HashMap<String, FetchLimits>>,
+    manifests: Manifests,
+    layers: Arc<LayerTable>,
+    tocs: TocStore,
+    mounts: Mutex<HashMap<PathBuf, Slot>>,
+    counters: Counters,
+    stop: Arc<Cancel>,
+    /// Bounds background TOC work: prefetch of following layers, and restores.
+    toc_work: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct Counters {
+    mounts: AtomicU64,
+    restores: AtomicU64,
+    restore_failures: AtomicU64,
+    toc_fetches: AtomicU64,
+    toc_bytes: AtomicU64,
+    toc_local: AtomicU64,
+    toc_prefetches: AtomicU64,
+    check_failures: AtomicU64,
+}
+
+impl Counters {
+    fn bump(&self, counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// What is at a snapshot directory.
+enum Slot {
+    /// A live FUSE mount.
+    Mounted(Box<MountedLayer>),
+    /// A stored layer not mounted yet (restore in progress, or given up).
+    Restoring {
+        digest: Digest,
+        cancel: Arc<Cancel>,
+        last_error: Arc<Mutex<String>>,
+    },
+}
+
+struct MountedLayer {
+    mount: LayerMount,
+    lease: LayerLease,
+}
+
+impl LazyLayerProvider {
+    /// A provider reading through `client`, caching chunks in `cache`. Creates
+    /// [`LazyConfig::toc_dir`]. Must be called inside a tokio runtime (mounts run their
+    /// fetches on it).
+    pub fn new(
+        client: RegistryClient,
+        cache: Arc<ChunkCache>,
+        config: LazyConfig,
+    ) -> Result<Arc<Self>, LazyError> {
+        let tocs = TocStore::open(config.toc_dir.clone())?;
+        Ok(Arc::new(LazyLayerProvider {
+            inner: Arc::new(Inner {
+                manifests: Manifests::new(
+                    client.clone(),
+                    config.platform.clone(),
+                    config.mount_timeout,
+                ),
+                client,
+                cache,
+                limits: Mutex::new(HashMap::new()),
+                layers: LayerTable::new(config.max_idle_layers),
+                tocs,
+                mounts: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
+                stop: Arc::new(Cancel::default()),
+                toc_work: Arc::new(Semaphore::new(config.toc_prefetch_parallelism.max(1))),
+                config,
+            }),
+        }))
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> LazyStats {
+        let inner = &self.inner;
+        let (mounted, restoring) = {
+            let mounts = lock(&inner.mounts);
+            let mounted = mounts
+                .values()
+                .filter(|s| matches!(s, Slot::Mounted(_)))
+                .count();
+            (mounted, mounts.len() - mounted)
+        };
+        let (layers, idle_layers, fetch) = inner.layers.stats();
+        let c = &inner.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        LazyStats {
+            mounted,
+            restoring,
+            layers,
+            idle_layers,
+            mounts_total: g(&c.mounts),
+            restores_total: g(&c.restores),
+            restore_failures_total: g(&c.restore_failures),
+            toc_fetches_total: g(&c.toc_fetches),
+            toc_bytes_total: g(&c.toc_bytes),
+            toc_local_loads_total: g(&c.toc_local),
+            toc_prefetches_total: g(&c.toc_prefetches),
+            manifest_fetches_total: inner.manifests.fetches(),
+            check_failures_total: g(&c.check_failures),
+            fetch,
+            cache: inner.cache.stats(),
+            registry: inner.client.stats(),
+        }
+    }
+}
+
+impl Inner {
+    fn limits(&self, registry: &str) -> FetchLimits {
+        lock(&self.limits)
+            .entry(registry.to_owned())
+            .or_insert_with(|| {
+                FetchLimits::new(
+                    self.config.requests_per_registry,
+                    self.config.background_requests_per_registry,
+                )
+            })
+            .clone()
+    }
+
+    /// Holds the shared layer for `desc`, opening it (TOC from the local store, else
+    /// from the registry) unless it is open or being opened already.
+    async fn open_shared(
+        &self,
+        repository: &Repository,
+        desc: &Descriptor,
+    ) -> Result<LayerLease, Fallback> {
+        let lease = self.layers.hold(desc.digest);
+        lease
+            .entry
+            .opened
+            .get_or_try_init(|| self.open_layer(repository, desc))
+            .await?;
+        Ok(lease)
+    }
+
+    async fn open_layer(
+        &self,
+        repository: &Repository,
+        desc: &Descriptor,
+    ) -> Result<Arc<OpenedLayer>, Fallback> {
+        let source = classify(desc, self.config.require_authenticated_toc)?;
+        let blob = Arc::new(RegistryBlob::for_layer(
+            self.client.clone(),
+            repository.clone(),
+            desc,
+        ));
+        let local = match &source {
+            TocSource::Annotated(loc) => self.tocs.load(desc, *loc).await,
+            TocSource::Footer => None,
+        };
+        let (index, toc, authenticated) = match local {
+            Some(index) => {
+                self.counters.bump(&self.counters.toc_local, 1);
+                (index, None, true)
+            }
+            None => {
+                let fetched = self.fetch_toc(&blob, desc, &source).await?;
+                self.counters.bump(&self.counters.toc_fetches, 1);
+                // Only a TOC the manifest vouches for is kept: it is re-verified
+                // against that digest when read back.
+                let toc = fetched.authenticated.then_some(fetched.toc);
+                if let Some(toc) = &toc {
+                    self.counters
+                        .bump(&self.counters.toc_bytes, toc.len() as u64);
+                }
+                (fetched.index, toc, fetched.authenticated)
+            }
+        };
+        let fetcher = Fetcher::new(
+            Arc::new(index),
+            blob,
+            Arc::clone(&self.cache),
+            self.limits(&repository.registry),
+            self.config.fetch.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        tracing::debug!(layer = %desc.digest, repository = %repository, authenticated, "layer index loaded");
+        Ok(Arc::new(OpenedLayer {
+            fetcher,
+            repository: repository.clone(),
+            descriptor: stored_descriptor(desc),
+            authenticated,
+            toc: Mutex::new(toc),
+        }))
+    }
+
+    /// The TOC from the registry through [`fetch_layer_index`]: one range request
+    /// when annotated (verified against the manifest's TOC digest), else through
+    /// the footer; the whole bounded by the mount timeout.
+    async fn fetch_toc(
+        &self,
+        blob: &RegistryBlob,
+        desc: &Descriptor,
+        source: &TocSource,
+    ) -> Result<FetchedIndex, Fallback> {
+        let timeout = self.config.mount_timeout;
+        let options = TocFetchOptions {
+            deadline: Some(timeout),
+            require_digest: self.config.require_authenticated_toc,
+            ..TocFetchOptions::default()
+        };
+        // A footer-located TOC ignores a position annotation that has no digest:
+        // neither is authenticated, and the footer is what the blob itself says.
+        let no_annotations = BTreeMap::new();
+        let annotations = match source {
+            TocSource::Annotated(_) => &desc.annotations,
+            TocSource::Footer => &no_annotations,
+        };
+        let what = format!("TOC of layer {}", desc.digest);
+        let fetched = tokio::time::timeout(
+            timeout,
+            fetch_layer_index(blob, desc.size, annotations, &options),
+        )
+        .await
+        .map_err(|_| {
+            Fallback::new(
+                FallbackReason::TocUnavailable,
+                format!("{what}: no answer within {timeout:?} (lazy.mount_timeout_secs)"),
+            )
+        })?;
+        fetched.map_err(|e| match (e, source) {
+            (e @ FetchError::Toc { .. }, TocSource::Annotated(_)) => {
+                Fallback::new(FallbackReason::TocInvalid, format!("{what}: {e}"))
+            }
+            (e @ FetchError::Toc { .. }, TocSource::Footer) => Fallback::new(
+                FallbackReason::NotChunked,
+                format!(
+                    "layer {} has no readable zstd:chunked footer: {e}",
+                    desc.digest
+                ),
+            ),
+            (e, _) => Fallback::new(FallbackReason::TocUnavailable, format!("{what}: {e}")),
+        })
+    }
+
+    /// Mounts the held layer on `target` (blocking work off the async workers), then
+    /// keeps its TOC for restarts.
+    async fn mount(&self, lease: LayerLease, target: &Path) -> Result<MountedLayer, Fallback> {
+        let Some(opened) = lease.opened().cloned() else {
+            return Err(Fallback::new(
+                FallbackReason::MountFailed,
+                format!(
+                    "layer {}: index missing after open (internal error)",
+                    lease.entry.digest
+                ),
+            ));
+        };
+        let fetcher = Arc::clone(&opened.fetcher);
+        let options = self.config.mount.clone();
+        let dir = target.to_path_buf();
+        let failed = |e: String| {
+            Fallback::new(
+                FallbackReason::MountFailed,
+                format!(
+                    "cannot mount layer {} on {}: {e}",
+                    opened.descriptor.digest,
+                    target.display()
+                ),
+            )
+        };
+        let mounted =
+            tokio::task::spawn_blocking(move || LayerMount::mount(fetcher, &dir, &options))
+                .await
+                .map_err(|e| failed(format!("mount task failed: {e}")))?
+                .map_err(|e| failed(e.to_string()))?;
+        self.counters.bump(&self.counters.mounts, 1);
+        let toc = lock(&opened.toc).take();
+        if let Some(toc) = toc {
+            self.tocs.keep(opened.descriptor.digest, toc).await;
+        }
+        Ok(MountedLayer {
+            mount: mounted,
+            lease,
+        })
+    }
+
+    /// Deletes the stored TOC of `digest` unless a snapshot directory still uses it.
+    async fn forget_toc_if_unused(&self, digest: Digest) {
+        let used = lock(&self.mounts).values().any(|slot| match slot {
+            Slot::Mounted(m) => m.lease.entry.digest == digest,
+            Slot::Restoring { digest: d, .. } => *d == digest,
+        });
+        if !used {
+            self.tocs.forget(digest).await;
+        }
+    }
+
+    /// Starts fetching, in the background, the TOCs of the layers listed after
+    /// `current` in the request, so that their prepares need no request.
+    fn prefetch_following(
+        self: &Arc<Self>,
+        repository: &Repository,
+        manifest: &ImageManifest,
+        request: &RemoteLayerRequest,
+        current: Digest,
+    ) {
+        for digest in request.image_layers.iter().filter(|d| **d != current) {
+            let Some(desc) = manifest.layers.iter().find(|l| l.digest == *digest) else {
+                continue;
+            };
+            if classify(desc, self.config.require_authenticated_toc).is_err()
+                || self.layers.is_open(digest)
+            {
+                continue;
+            }
+            let inner = Arc::clone(self);
+            let repository = repository.clone();
+            let desc = desc.clone();
+            tokio::spawn(async move {
+                let work = async {
+                    let Ok(_permit) = inner.toc_work.acquire().await else {
+                        return;
+                    };
+                    if inner.layers.is_open(&desc.digest) {
+                        return;
+                    }
+                    match inner.open_shared(&repository, &desc).await {
+                        Ok(_lease) => {
+                            inner.counters.bump(&inner.counters.toc_prefetches, 1);
+                            tracing::debug!(layer = %desc.digest, "TOC prefetched");
+                        }
+                        Err(fallback) => {
+                            tracing::debug!(layer = %desc.digest, %fallback, "TOC prefetch failed")
+                        }
+                    }
+                };
+                tokio::select! {
+                    () = work => {}
+                    () = inner.stop.cancelled() => {}
+                }
+            });
+        }
+    }
+}
+
+/// The labels a lazy prepare needs, or the fallback naming those missing.
+fn required_labels(request: &RemoteLayerRequest) -> Result<(&str, Digest, Digest), Fallback> {
+    if let (Some(image_ref), Some(manifest_digest), Some(layer_digest)) = (
+        request.image_ref.as_deref(),
+        request.manifest_digest,
+        request.layer_digest,
+    ) {
+        return Ok((image_ref, manifest_digest, layer_digest));
+    }
+    let missing: Vec<&str> = [
+        (
+            request.image_ref.is_none(),
+            zest_api::labels::LABEL_IMAGE_REF,
+        ),
+        (
+            request.manifest_digest.is_none(),
+            zest_api::labels::LABEL_MANIFEST_DIGEST,
+        ),
+        (
+            request.layer_digest.is_none(),
+            zest_api::labels::LABEL_LAYER_DIGEST,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(missing, label)| missing.then_some(label))
+    .collect();
+    Err(Fallback::new(
+        FallbackReason::MissingLabels,
+        format!(
+            "no {} label; lazy pulling needs a client that passes the image's layer labels (CRI, or zest pull)",
+            missing.join(", ")
+        ),
+    ))
+}
+
+#[async_trait::async_trait]
+impl RemoteLayerProvider for LazyLayerProvider {
+    async fn try_mount(
+        &self,
+        request: &RemoteLayerRequest,
+        target_dir: &Path,
+    ) -> Result<RemoteMounted, Fallback> {
+        let inner = &self.inner;
+        if inner.stop.is_cancelled() {
+            return Err(Fallback::new(
+                FallbackReason::ShuttingDown,
+                "the snapshotter is stopping",
+            ));
+        }
+        let (image_ref, manifest_digest, layer_digest) = required_labels(request)?;
+        let reference: Reference = image_ref.parse().map_err(|e| {
+            Fallback::new(
+                FallbackReason::InvalidLabels,
+                format!("image reference label {image_ref:?}: {e}"),
+            )
+        })?;
+        let manifest = inner.manifests.get(&reference, manifest_digest).await?;
+        let desc = manifest
+            .layers
+            .iter()
+            .find(|l| l.digest == layer_digest)
+            .cloned()
+            .ok_or_else(|| {
+                Fallback::new(
+                    FallbackReason::ManifestUnavailable,
+                    format!(
+                        "manifest {manifest_digest} of {image_ref} does not list layer {layer_digest}"
+                    ),
+                )
+            })?;
+        classify(&desc, inner.config.require_authenticated_toc)?;
+        if inner.config.toc_prefetch {
+            inner.prefetch_following(&reference.repository, &manifest, request, layer_digest);
+        }
+        let lease = inner.open_shared(&reference.repository, &desc).await?;
+        let authenticated = lease.opened().is_some_and(|o| o.authenticated);
+        let details = mount_details(&reference.repository, &desc, authenticated)?;
+        let mounted = inner.mount(lease, target_dir).await?;
+        {
+            let mut mounts = lock(&inner.mounts);
+            if let Some(Slot::Mounted(old)) =
+                mounts.insert(target_dir.to_path_buf(), Slot::Mounted(Box::new(mounted)))
+            {
+                // The snapshotter hands out fresh directories; never expected.
+                tracing::error!(dir = %target_dir.display(), "a lazy mount replaced another on the same directory");
+                drop(old);
+            }
+        }
+        tracing::info!(
+            chain_id = %request.chain_id,
+            layer = %layer_digest,
+            image = %image_ref,
+            dir = %target_dir.display(),
+            "layer mounted lazily"
+        );
+        Ok(details)
+    }
+
+    async fn restore(&self, layer: &RemoteLayer, target_dir: &Path) -> Result<(), RemoteError> {
+        restore::restore(&self.inner, layer, target_dir).await
+    }
+
+    async fn check(&self, _layer: &RemoteLayer, target_dir: &Path) -> Result<(), RemoteError> {
+        let inner = &self.inner;
+        let (entry, repository, desc) = {
+            let mounts = lock(&inner.mounts);
+            match mounts.get(target_dir) {
+                Some(Slot::Mounted(m)) => {
+                    let Some(opened) = m.lease.opened() else {
+                        return Err(RemoteError(format!(
+                            "layer {}: index missing (internal error)",
+                            m.lease.entry.digest
+                        )));
+                    };
+                    (
+                        Arc::clone(&m.lease.entry),
+                        opened.repository.clone(),
+                        opened.descriptor.clone(),
+                    )
+                }
+                Some(Slot::Restoring { last_error, .. }) => {
+                    inner.counters.bump(&inner.counters.check_failures, 1);
+                    return Err(RemoteError(format!(
+                        "the lazy layer is not mounted yet (being restored in the background; last attempt: {})",
+                        lock(last_error)
+                    )));
+                }
+                None => {
+                    inner.counters.bump(&inner.counters.check_failures, 1);
+                    return Err(RemoteError(
+                        "the lazy layer is not mounted by this service".into(),
+                    ));
+                }
+            }
+        };
+        let interval = inner.config.check_interval;
+        if !interval.is_zero() && lock(&entry.last_check).is_some_and(|t| t.elapsed() < interval) {
+            return Ok(());
+        }
+        let timeout = inner.config.check_timeout;
+        let answer =
+            tokio::time::timeout(timeout, inner.client.blob_exists(&repository, &desc.digest))
+                .await;
+        let failure = match answer {
+            Ok(Ok(Some(size))) if size == desc.size => None,
+            Ok(Ok(Some(size))) => Some(format!(
+                "{repository} serves blob {} with {size} bytes, the manifest says {}",
+                desc.digest, desc.size
+            )),
+            Ok(Ok(None)) => Some(format!("{repository} no longer has blob {}", desc.digest)),
+            Ok(Err(e)) => Some(format!(
+                "registry unreachable for blob {}: {e}",
+                desc.digest
+            )),
+            Err(_) => Some(format!(
+                "registry did not answer for blob {} within {timeout:?}",
+                desc.digest
+            )),
+        };
+        match failure {
+            None => {
+                *lock(&entry.last_check) = Some(Instant::now());
+                Ok(())
+            }
+            Some(message) => {
+                inner.counters.bump(&inner.counters.check_failures, 1);
+                Err(RemoteError(message))
+            }
+        }
+    }
+
+    async fn unmount(&self, _layer: &RemoteLayer, target_dir: &Path) -> Result<(), RemoteError> {
+        let inner = &self.inner;
+        let slot = lock(&inner.mounts).remove(target_dir);
+        match slot {
+            Some(Slot::Mounted(mounted)) => {
+                let digest = mounted.lease.entry.digest;
+                let joined = tokio::task::spawn_blocking(move || {
+                    let mut mounted = mounted;
+                    mounted.mount.unmount_or_detach();
+                })
+                .await;
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "unmount task failed");
+                }
+                inner.forget_toc_if_unused(digest).await;
+                tracing::debug!(dir = %target_dir.display(), layer = %digest, "lazy layer unmounted");
+            }
+            Some(Slot::Restoring { cancel, digest, .. }) => {
+                cancel.cancel();
+                inner.forget_toc_if_unused(digest).await;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    async fn shutdown(&self, mode: ShutdownMode) {
+        let inner = &self.inner;
+        inner.stop.cancel();
+        let slots: Vec<(PathBuf, Slot)> = lock(&inner.mounts).drain().collect();
+        let count = slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Mounted(_)))
+            .count();
+        let cache = Arc::clone(&inner.cache);
+        // FUSE sessions live in this process and end with it whatever the mode, so
+        // release them cleanly now; stored state, TOCs and the cache stay.
+        let joined = tokio::task::spawn_blocking(move || {
+            for (_, slot) in slots {
+                if let Slot::Mounted(mut mounted) = slot {
+                    mounted.mount.unmount_or_detach();
+                }
+            }
+            cache.flush();
+        })
+        .await;
+        if let Err(e) = joined {
+            tracing::error!(error = %e, "releasing lazy mounts failed");
+        }
+        tracing::info!(
+            ?mode,
+            released = count,
+            "lazy layer mounts released; they are mounted again at the next start"
+        );
+    }
+}

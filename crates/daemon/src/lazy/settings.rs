@@ -1,0 +1,135 @@
+//! What a [`LazyLayerProvider`](super::LazyLayerProvider) is built from and what it reports: its settings
+//! ([`LazyConfig`], derived from the configuration file), its setup error and its
+//! counters ([`LazyStats`]).
+//!
+//! Invariant: every setting has its key in the configuration file
+//! ([`LazyConfig::from_service`] is the only mapping between them).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::ServiceConfig;
+use zest_cache::CacheStats;
+use zest_fetch::{FetchConfig, FetchStatsSnapshot};
+use zest_fs::MountOptions;
+use zest_oci::Platform;
+use zest_registry::RegistryStats;
+
+/// Settings of a [`LazyLayerProvider`](super::LazyLayerProvider).
+#[derive(Debug, Clone)]
+pub struct LazyConfig {
+    /// Range request tuning of each layer's fetcher.
+    pub fetch: FetchConfig,
+    /// Concurrent on-demand range requests per registry.
+    pub requests_per_registry: usize,
+    /// Concurrent prefetch/background range requests per registry.
+    pub background_requests_per_registry: usize,
+    /// How each layer is mounted (FUSE threads, prefetch, background fetch).
+    pub mount: MountOptions,
+    /// Refuse layers whose TOC is found by footer only (not vouched for by the
+    /// manifest).
+    pub require_authenticated_toc: bool,
+    /// Fetch the TOCs of an image's following layers in the background.
+    pub toc_prefetch: bool,
+    /// TOCs fetched at once by that background work.
+    pub toc_prefetch_parallelism: usize,
+    /// Layer indexes kept for layers not mounted.
+    pub max_idle_layers: usize,
+    /// Time allowed for a manifest or TOC fetch while containerd waits.
+    pub mount_timeout: Duration,
+    /// A successful reachability check is trusted for this long (zero: always check).
+    pub check_interval: Duration,
+    /// Time allowed for a reachability check.
+    pub check_timeout: Duration,
+    /// Longest delay between two restore attempts.
+    pub restore_max_backoff: Duration,
+    /// Directory keeping the compressed TOCs of mounted layers, for restarts.
+    pub toc_dir: PathBuf,
+    /// Platform picked when a manifest digest names an index.
+    pub platform: Platform,
+}
+
+impl LazyConfig {
+    /// Defaults, with TOCs kept in `toc_dir`.
+    pub fn new(toc_dir: PathBuf) -> Self {
+        LazyConfig::from_service(&ServiceConfig::default(), toc_dir)
+    }
+
+    /// The settings the configuration file describes, TOCs kept in `toc_dir`
+    /// (`zest serve` uses `<state_dir>/tocs`).
+    pub fn from_service(config: &ServiceConfig, toc_dir: PathBuf) -> Self {
+        let lazy = &config.lazy;
+        LazyConfig {
+            fetch: config.fetch.fetch_config(),
+            requests_per_registry: config.fetch.requests_per_registry,
+            background_requests_per_registry: config.fetch.background_requests_per_registry,
+            mount: MountOptions {
+                threads: lazy.fuse_threads,
+                prefetch: lazy.prefetch,
+                background: lazy.background(),
+                ..MountOptions::default()
+            },
+            require_authenticated_toc: lazy.require_authenticated_toc,
+            toc_prefetch: lazy.toc_prefetch,
+            toc_prefetch_parallelism: lazy.toc_prefetch_parallelism,
+            max_idle_layers: lazy.max_idle_layers,
+            mount_timeout: Duration::from_secs(lazy.mount_timeout_secs),
+            check_interval: Duration::from_secs(lazy.check_interval_secs),
+            check_timeout: Duration::from_secs(lazy.check_timeout_secs),
+            restore_max_backoff: Duration::from_secs(lazy.restore_max_backoff_secs),
+            toc_dir,
+            platform: Platform::host(),
+        }
+    }
+}
+
+/// Error setting up a [`LazyLayerProvider`](super::LazyLayerProvider).
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// The TOC directory cannot be created.
+    #[error("cannot create the TOC directory {path}: {source} (check that the state directory is writable)")]
+    TocDir {
+        /// The directory.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters and gauges of a [`LazyLayerProvider`](super::LazyLayerProvider), for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct LazyStats {
+    /// Snapshot directories with a live lazy mount.
+    pub mounted: usize,
+    /// Stored layers waiting to be mounted again (restore in progress or failed).
+    pub restoring: usize,
+    /// Layer indexes in memory (mounted or idle).
+    pub layers: usize,
+    /// Of those, the ones no mount uses.
+    pub idle_layers: usize,
+    /// Lazy mounts made (prepares and restores).
+    pub mounts_total: u64,
+    /// Stored layers mounted again after a restart.
+    pub restores_total: u64,
+    /// Failed restore attempts (each retried with backoff unless permanent).
+    pub restore_failures_total: u64,
+    /// TOCs fetched from a registry.
+    pub toc_fetches_total: u64,
+    /// Compressed TOC bytes fetched from registries.
+    pub toc_bytes_total: u64,
+    /// TOCs read back from the local TOC store (no request).
+    pub toc_local_loads_total: u64,
+    /// TOCs fetched ahead of their prepare for an image's following layers.
+    pub toc_prefetches_total: u64,
+    /// Image manifests fetched.
+    pub manifest_fetches_total: u64,
+    /// Reachability checks that failed.
+    pub check_failures_total: u64,
+    /// Fetch counters summed over every layer, past ones included.
+    pub fetch: FetchStatsSnapshot,
+    /// The chunk cache.
+    pub cache: CacheStats,
+    /// The registry client.
+    pub registry: RegistryStats,
+}
