@@ -26,12 +26,13 @@
 //! forwarded are held once, which is exact for a client that waits for each answer
 //! (every registry client) and approximate for pipelining or `100 Continue`.
 
+use parking_lot::Mutex;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -227,7 +228,7 @@ impl TokenBucket {
             let now = Instant::now();
             // A poisoned lock only means another sender panicked mid-update; the
             // schedule in it is still a valid instant.
-            let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+            let mut next = self.next_free.lock();
             let start = match *next {
                 Some(t) if t > now => t,
                 _ => now,

@@ -34,6 +34,7 @@
 //! the cost of one `futimens` per chunk per interval. (atime is not used: `noatime`
 //! mounts never update it and backup scans update all of it.)
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -41,14 +42,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use lru::LruCache;
 
 use super::hash::DigestHashBuilder;
-use super::{lock, CacheError};
+use super::CacheError;
 use zest_oci::digest::Digest;
 
 /// The allocation unit a chunk file is charged in.
@@ -325,7 +326,7 @@ impl DiskCache {
 
     /// Whether the chunk is indexed (no IO, no recency update).
     pub fn contains(&self, digest: &Digest) -> bool {
-        lock(&self.index).lru.contains(digest)
+        self.index.lock().lru.contains(digest)
     }
 
     /// The chunk's verified bytes, or `None`. Marks it most recently used. A file that
@@ -354,7 +355,7 @@ impl DiskCache {
 
     /// Finds the index entry and promotes it; counts a miss if absent or busy.
     fn lookup(&self, digest: &Digest) -> Option<Entry> {
-        let entry = lock(&self.index).lru.get(digest).copied();
+        let entry = self.index.lock().lru.get(digest).copied();
         if entry.is_none() {
             self.counters.misses.fetch_add(1, Relaxed);
         }
@@ -452,7 +453,7 @@ impl DiskCache {
     /// Drops the entry (if it is still the same file) and deletes its file.
     fn discard(&self, digest: &Digest, generation: u64) {
         let charge = {
-            let mut index = lock(&self.index);
+            let mut index = self.index.lock();
             match index.lru.peek(digest) {
                 Some(e) if e.generation == generation => {
                     let charge = footprint(e.len);
@@ -470,7 +471,7 @@ impl DiskCache {
 
     /// Removes the chunk if stored; returns whether it was. Blocking.
     pub fn remove(&self, digest: &Digest) -> bool {
-        let generation = match lock(&self.index).lru.peek(digest) {
+        let generation = match self.index.lock().lru.peek(digest) {
             Some(e) => e.generation,
             None => return false,
         };
@@ -493,7 +494,7 @@ impl DiskCache {
         let mut rounds = 0;
         loop {
             let victims = {
-                let mut index = lock(&self.index);
+                let mut index = self.index.lock();
                 if index.lru.get(digest).is_some() {
                     return Ok(InsertOutcome::AlreadyPresent);
                 }
@@ -541,7 +542,7 @@ impl DiskCache {
             rounds += 1;
         }
         let written = self.write_chunk(digest, data);
-        let mut index = lock(&self.index);
+        let mut index = self.index.lock();
         index.busy.remove(digest);
         index.busy_bytes -= charge;
         match written {
@@ -593,7 +594,7 @@ impl DiskCache {
                 }
             }
         }
-        let mut index = lock(&self.index);
+        let mut index = self.index.lock();
         for (digest, charge) in victims {
             index.busy.remove(digest);
             index.busy_bytes -= charge;
@@ -650,7 +651,7 @@ impl DiskCache {
 
     /// What the cache holds now.
     pub fn usage(&self) -> DiskUsage {
-        let index = lock(&self.index);
+        let index = self.index.lock();
         DiskUsage {
             bytes: index.charged,
             entries: index.lru.len() as u64,
@@ -680,7 +681,7 @@ impl DiskCache {
 
     /// Digests from least to most recently used (for inspection and tests; O(n)).
     pub fn digests_lru_first(&self) -> Vec<Digest> {
-        let index = lock(&self.index);
+        let index = self.index.lock();
         index.lru.iter().rev().map(|(d, _)| *d).collect()
     }
 }

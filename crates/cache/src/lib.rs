@@ -94,7 +94,7 @@ pub use size::ByteSize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -134,12 +134,6 @@ pub enum CacheError {
     /// A blocking task on tokio's pool failed (panicked or was cancelled).
     #[error("chunk cache: background task failed: {0}")]
     Task(String),
-}
-
-/// Locks a mutex, ignoring poisoning: every critical section in this module leaves the
-/// guarded state consistent at each step, so a panic elsewhere cannot corrupt it.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Settings of a [`ChunkCache`].

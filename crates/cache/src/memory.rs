@@ -7,13 +7,12 @@
 //!   `Bytes`, so a hit clones a refcount; evicted values are dropped after the lock is
 //!   released, because freeing a multi-MiB buffer can take an `munmap`.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use lru::LruCache;
 
 use super::hash::DigestHashBuilder;
-use super::lock;
 use zest_oci::digest::Digest;
 
 /// What one entry costs beyond its bytes: the map slot, the list node, the `Bytes`
@@ -80,7 +79,7 @@ impl MemoryCache {
 
     /// The chunk, if held; marks it most recently used. The clone is a refcount bump.
     pub fn get(&self, digest: &Digest) -> Option<Bytes> {
-        let mut inner = lock(&self.inner);
+        let mut inner = self.inner.lock();
         let found = inner.lru.get(digest).cloned();
         if found.is_some() {
             inner.hits += 1;
@@ -92,7 +91,7 @@ impl MemoryCache {
 
     /// Whether the chunk is held, without touching recency or counters.
     pub fn contains(&self, digest: &Digest) -> bool {
-        lock(&self.inner).lru.contains(digest)
+        self.inner.lock().lru.contains(digest)
     }
 
     /// Stores a chunk as most recently used, evicting least recently used ones until the
@@ -103,13 +102,13 @@ impl MemoryCache {
     pub fn insert(&self, digest: Digest, data: Bytes) -> bool {
         let cost = data.len() as u64 + ENTRY_OVERHEAD;
         if cost > self.capacity {
-            lock(&self.inner).rejected += 1;
+            self.inner.lock().rejected += 1;
             return false;
         }
         // Values displaced or evicted here are dropped after the guard, outside the lock.
         let mut dropped: Vec<Bytes> = Vec::new();
         {
-            let mut inner = lock(&self.inner);
+            let mut inner = self.inner.lock();
             if let Some(old) = inner.lru.put(digest, data) {
                 // Same digest, so normally the same length; account exactly regardless.
                 inner.charged -= old.len() as u64 + ENTRY_OVERHEAD;
@@ -135,7 +134,7 @@ impl MemoryCache {
     /// Removes a chunk; returns whether it was held.
     pub fn remove(&self, digest: &Digest) -> bool {
         let removed = {
-            let mut inner = lock(&self.inner);
+            let mut inner = self.inner.lock();
             let removed = inner.lru.pop(digest);
             if let Some(v) = &removed {
                 inner.charged -= v.len() as u64 + ENTRY_OVERHEAD;
@@ -147,7 +146,7 @@ impl MemoryCache {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> MemoryStats {
-        let inner = lock(&self.inner);
+        let inner = self.inner.lock();
         MemoryStats {
             hits: inner.hits,
             misses: inner.misses,

@@ -9,8 +9,9 @@
 //!   finds the chunk in the cache (the owner caches before completing) or
 //!   starts a fresh fetch after a failure.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -52,7 +53,7 @@ pub(crate) struct Waiter {
 impl InFlight {
     /// Claims `digest`, or subscribes to the fetch already claimed.
     pub(crate) fn claim(self: &Arc<Self>, digest: Digest) -> Claim {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.map.lock();
         if let Some(rx) = map.get(&digest) {
             return Claim::Waiter(Waiter { rx: rx.clone() });
         }
@@ -67,19 +68,13 @@ impl InFlight {
 
     /// Whether `digest` is being fetched right now.
     pub(crate) fn contains(&self, digest: &Digest) -> bool {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(digest)
+        self.map.lock().contains_key(digest)
     }
 
     /// Number of chunks in flight.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.map.lock().len()
     }
 }
 
@@ -106,11 +101,7 @@ impl ClaimGuard {
         let Some(tx) = self.tx.take() else { return };
         // Leave the map first: from now on a new reader either finds the chunk in
         // the cache or starts its own fetch; it never subscribes to a finished one.
-        self.inflight
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.digest);
+        self.inflight.map.lock().remove(&self.digest);
         // Waiters that already hold a receiver see the value even though the
         // sender is dropped right after.
         let _ = tx.send(Some(outcome));

@@ -28,11 +28,12 @@ pub mod prefetch;
 pub mod stats;
 pub mod toc;
 
+use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -676,10 +677,7 @@ impl Fetcher {
             return 0;
         }
         let max = self.config.max_readahead_bytes.max(base);
-        let mut seq = self
-            .sequential
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut seq = self.sequential.lock();
         if seq.len() >= MAX_TRACKED_FILES {
             seq.clear();
         }
@@ -1107,10 +1105,7 @@ impl Fetcher {
     }
 
     fn zeros_known(&self, c: &Chunk) -> bool {
-        self.zeros_checked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&(c.digest, c.len))
+        self.zeros_checked.lock().contains(&(c.digest, c.len))
     }
 
     /// Checks once that a zero chunk's digest is the digest of `len` zeros: the
@@ -1139,10 +1134,7 @@ impl Fetcher {
             tracing::error!(kind = err.kind().label(), error = %err, "zero chunk failed verification");
             return Err(err);
         }
-        self.zeros_checked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert((digest, len));
+        self.zeros_checked.lock().insert((digest, len));
         Ok(())
     }
 }

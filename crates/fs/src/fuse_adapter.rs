@@ -8,6 +8,7 @@
 //! Unmounting is done by the caller (with [`zest_mount::umount`]); the workers end when the
 //! kernel tears the connection down.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
@@ -15,7 +16,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -282,7 +283,7 @@ impl Filesystem for FuseLayer {
         if o.keep_cache {
             f |= FopenFlags::FOPEN_KEEP_CACHE;
         }
-        let mut opens = self.opens.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut opens = self.opens.lock();
         match opens.get_mut(&ino.0) {
             Some(OpenMode::Passthrough(id, n)) => {
                 *n += 1;
@@ -336,7 +337,7 @@ impl Filesystem for FuseLayer {
     ) {
         reply.ok();
         {
-            let mut opens = self.opens.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut opens = self.opens.lock();
             let last = match opens.get_mut(&ino.0) {
                 Some(OpenMode::Cached(n)) | Some(OpenMode::Passthrough(_, n)) => {
                     *n = n.saturating_sub(1);

@@ -8,9 +8,10 @@
 //! found in a layer's TOC are hidden: a layer must not be able to steer
 //! overlayfs (redirects, metacopy) from inside the image.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::passthrough::PassthroughStore;
@@ -73,7 +74,7 @@ impl AccessRecorder {
 
     /// Notes an access to file `id` of `index` (only the first one counts).
     pub fn record(&self, index: &LayerIndex, id: EntryId) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock();
         if state.seen.insert(id) {
             let path = index.entry(id).path();
             state.order.push(path);
@@ -82,20 +83,12 @@ impl AccessRecorder {
 
     /// The paths recorded so far, in first-access order.
     pub fn paths(&self) -> Vec<String> {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .order
-            .clone()
+        self.state.lock().order.clone()
     }
 
     /// How many files were recorded.
     pub fn len(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .order
-            .len()
+        self.state.lock().order.len()
     }
 
     /// Whether nothing was recorded.

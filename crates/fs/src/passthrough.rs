@@ -15,11 +15,12 @@
 //!   stored (reads keep working through FUSE);
 //! - materialization runs on the fetcher's runtime, never on a FUSE worker.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use zest_fetch::Fetcher;
 use zest_format::{EntryId, EntryKind};
@@ -83,10 +84,7 @@ impl PassthroughStore {
 
     /// Files stored.
     pub fn len(&self) -> usize {
-        self.files
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.files.lock().len()
     }
 
     /// Whether the store is empty.
@@ -109,12 +107,7 @@ impl PassthroughStore {
     /// Opens the stored copy of file `id`, if there is one. Cheap: an `open(2)`.
     pub(crate) fn open_file(&self, fetcher: &Fetcher, id: EntryId) -> Option<std::fs::File> {
         let key = Self::key(fetcher, id);
-        let path = self
-            .files
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-            .cloned()?;
+        let path = self.files.lock().get(&key).cloned()?;
         std::fs::File::open(path).ok()
     }
 
@@ -126,12 +119,7 @@ impl PassthroughStore {
             return;
         }
         let key = Self::key(fetcher, id);
-        if self
-            .files
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(&key)
-        {
+        if self.files.lock().contains_key(&key) {
             return;
         }
         let cache = fetcher.cache();
@@ -143,12 +131,7 @@ impl PassthroughStore {
         if !all_cached {
             return;
         }
-        if !self
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key)
-        {
+        if !self.pending.lock().insert(key) {
             return;
         }
         // Reserve the space first, so concurrent stores cannot overshoot.
@@ -160,10 +143,7 @@ impl PassthroughStore {
             })
             .is_ok();
         if !reserved {
-            self.pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&key);
+            self.pending.lock().remove(&key);
             return;
         }
         let store = Arc::clone(self);
@@ -173,11 +153,7 @@ impl PassthroughStore {
                 store.used.fetch_sub(size, Ordering::Relaxed);
                 tracing::warn!(error = %e, "passthrough: file not stored");
             }
-            store
-                .pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&key);
+            store.pending.lock().remove(&key);
         });
     }
 
@@ -241,10 +217,7 @@ impl PassthroughStore {
         }
         drop(file);
         std::fs::rename(&tmp, &final_path).map_err(|e| e.to_string())?;
-        self.files
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, final_path);
+        self.files.lock().insert(key, final_path);
         tracing::debug!(file = %e.path(), size, "passthrough: file stored");
         Ok(())
     }

@@ -14,10 +14,11 @@
 //! - Nothing unverified is published: source blobs are verified before they are read
 //!   into the writer's output, which is only pushed once complete.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -416,13 +417,10 @@ impl Job<'_> {
     /// The converted form of `layer`, converting it on first use.
     async fn layer(&self, layer: Descriptor) -> Result<LayerReport, ConvertError> {
         let cell = {
-            let mut map = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.layers.lock();
             map.entry(layer.digest)
                 .or_insert_with(|| {
-                    self.order
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(layer.digest);
+                    self.order.lock().push(layer.digest);
                     Arc::new(OnceCell::new())
                 })
                 .clone()
@@ -433,8 +431,8 @@ impl Job<'_> {
     }
 
     fn finished_layers(&self) -> Vec<LayerReport> {
-        let map = self.layers.lock().unwrap_or_else(|p| p.into_inner());
-        let order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.layers.lock();
+        let order = self.order.lock();
         order
             .iter()
             .filter_map(|d| map.get(d).and_then(|c| c.get().cloned()))

@@ -9,8 +9,9 @@
 //! request). Credentials never go to a token realm over plain HTTP unless the
 //! registry itself is plain HTTP.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -183,15 +184,15 @@ impl AuthState {
     }
 
     pub fn scheme(&self, host: &str) -> Option<HostScheme> {
-        lock(&self.schemes).get(host).cloned()
+        self.schemes.lock().get(host).cloned()
     }
 
     pub fn set_scheme(&self, host: &str, scheme: HostScheme) {
-        lock(&self.schemes).insert(host.to_string(), scheme);
+        self.schemes.lock().insert(host.to_string(), scheme);
     }
 
     pub fn cached_token(&self, host: &str, scope: &str) -> Option<String> {
-        let tokens = lock(&self.tokens);
+        let tokens = self.tokens.lock();
         tokens
             .get(&(host.to_string(), scope.to_string()))
             .filter(|t| Instant::now() < t.refresh_at)
@@ -202,7 +203,7 @@ impl AuthState {
         // Refresh a little early so a token never expires in flight.
         let margin = (token.lifetime / 5).min(Duration::from_secs(30));
         let refresh_at = Instant::now() + token.lifetime.saturating_sub(margin);
-        let mut tokens = lock(&self.tokens);
+        let mut tokens = self.tokens.lock();
         // Bound the cache: scopes are per repository, so a long-lived client that
         // touches many repositories must not grow without limit.
         if tokens.len() >= 1024 {
@@ -223,7 +224,7 @@ impl AuthState {
 
     /// The lock serialising token requests for (host, scope).
     pub fn fetch_lock(&self, host: &str, scope: &str) -> FetchLock {
-        let mut locks = lock(&self.fetching);
+        let mut locks = self.fetching.lock();
         if locks.len() >= 1024 {
             // Forget locks nobody is holding or waiting for.
             locks.retain(|_, l| Arc::strong_count(l) > 1);
@@ -235,7 +236,9 @@ impl AuthState {
     }
 
     pub fn drop_token(&self, host: &str, scope: &str) {
-        lock(&self.tokens).remove(&(host.to_string(), scope.to_string()));
+        self.tokens
+            .lock()
+            .remove(&(host.to_string(), scope.to_string()));
     }
 
     /// The credential for an endpoint host, else for the registry it serves.
@@ -244,11 +247,6 @@ impl AuthState {
             .get(endpoint_host)
             .or_else(|| self.creds.get(registry))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding these locks cannot leave the maps inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Parses a token service response: `token` or `access_token`, `expires_in`.

@@ -7,10 +7,11 @@
 //! repeats transient failures with backoff. Operations that span several endpoints
 //! (mirrors, then the server) go through [`RegistryClient::on_endpoints`].
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -400,10 +401,6 @@ impl std::fmt::Debug for RegistryClient {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn read_certs(path: &PathBuf) -> Result<Vec<reqwest::Certificate>, RegistryError> {
     let pem = std::fs::read(path).map_err(|source| RegistryError::Io {
         op: "read CA file",
@@ -469,7 +466,7 @@ impl RegistryClient {
             return Ok(self.inner.default_client.clone());
         }
         let key: TlsKey = (opts.skip_verify, opts.ca.clone());
-        if let Some(c) = lock(&self.inner.tls_clients).get(&key) {
+        if let Some(c) = self.inner.tls_clients.lock().get(&key) {
             return Ok(c.clone());
         }
         let mut roots = self.inner.extra_roots.clone();
@@ -477,7 +474,7 @@ impl RegistryClient {
             roots.extend(read_certs(p)?);
         }
         let client = build_http_client(&self.inner.config, &roots, opts.skip_verify)?;
-        lock(&self.inner.tls_clients).insert(key, client.clone());
+        self.inner.tls_clients.lock().insert(key, client.clone());
         Ok(client)
     }
 
@@ -547,7 +544,7 @@ impl RegistryClient {
         repo: &Repository,
     ) -> Result<Arc<[Arc<Endpoint>]>, RegistryError> {
         let registry = repo.registry.as_str();
-        if let Some(p) = lock(&self.inner.plans).get(registry) {
+        if let Some(p) = self.inner.plans.lock().get(registry) {
             return Ok(p.clone());
         }
         let cfg = &self.inner.config;
@@ -583,7 +580,10 @@ impl RegistryClient {
             &source,
         )?);
         let plan: Arc<[Arc<Endpoint>]> = eps.into();
-        lock(&self.inner.plans).insert(registry.to_string(), plan.clone());
+        self.inner
+            .plans
+            .lock()
+            .insert(registry.to_string(), plan.clone());
         Ok(plan)
     }
 

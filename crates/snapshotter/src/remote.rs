@@ -7,9 +7,9 @@
 //! reasons and their counters. Invariant: every fallback to a normal (downloading)
 //! pull is logged with its reason and counted under a stable reason code, never silent.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use zest_oci::digest::Digest;
 
@@ -278,16 +278,13 @@ impl FallbackCounters {
     pub fn record(&self, fallback: &Fallback) {
         // A poisoned lock only means another thread panicked mid-increment; the map
         // is still a valid map, so keep counting.
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = self.counts.lock();
         *counts.entry(fallback.reason).or_insert(0) += 1;
     }
 
     /// A snapshot of the counters: reason -> number of fallbacks.
     pub fn snapshot(&self) -> BTreeMap<FallbackReason, u64> {
-        self.counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.counts.lock().clone()
     }
 }
 

@@ -19,11 +19,12 @@
 //!
 //! This module knows nothing about gRPC; the error enum says which code to send.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::filter::{Filter, FilterTarget};
 use super::fsutil;
@@ -83,7 +84,7 @@ struct BusyGuard {
 
 impl Busy {
     fn claim(&self, name: String) -> BusyGuard {
-        self.lock().insert(name.clone());
+        self.0.lock().insert(name.clone());
         BusyGuard {
             busy: self.clone(),
             name,
@@ -91,18 +92,13 @@ impl Busy {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.lock().contains(name)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        // The set stays valid even if a holder panicked.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.lock().contains(name)
     }
 }
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.busy.lock().remove(&self.name);
+        self.busy.0.lock().remove(&self.name);
     }
 }
 

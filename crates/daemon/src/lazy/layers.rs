@@ -8,15 +8,15 @@
 //! `max_idle`, least recently used dropped first; fetch counters of dropped entries
 //! are kept, so totals never go down.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
-use super::sync::lock;
 use zest_fetch::{FetchStatsSnapshot, Fetcher};
 use zest_oci::digest::Digest;
 use zest_oci::{Descriptor, Repository};
@@ -69,7 +69,7 @@ impl LayerTable {
 
     /// A lease on the entry of `digest`, created (not opened) if absent.
     pub(super) fn hold(self: &Arc<Self>, digest: Digest) -> LayerLease {
-        let mut entries = lock(&self.entries);
+        let mut entries = self.entries.lock();
         let entry = Arc::clone(entries.entry(digest).or_insert_with(|| {
             Arc::new(LayerEntry {
                 digest,
@@ -88,17 +88,18 @@ impl LayerTable {
 
     /// Whether the layer's index is in memory already.
     pub(super) fn is_open(&self, digest: &Digest) -> bool {
-        lock(&self.entries)
+        self.entries
+            .lock()
             .get(digest)
             .is_some_and(|e| e.opened.initialized())
     }
 
     fn release(&self, entry: &Arc<LayerEntry>) {
-        let mut entries = lock(&self.entries);
+        let mut entries = self.entries.lock();
         if entry.users.fetch_sub(1, Ordering::Relaxed) != 1 {
             return;
         }
-        *lock(&entry.idle_since) = Instant::now();
+        *entry.idle_since.lock() = Instant::now();
         let same = entries
             .get(&entry.digest)
             .is_some_and(|e| Arc::ptr_eq(e, entry));
@@ -117,7 +118,7 @@ impl LayerTable {
         let mut idle: Vec<(Instant, Digest)> = entries
             .values()
             .filter(|e| e.users.load(Ordering::Relaxed) == 0 && e.opened.initialized())
-            .map(|e| (*lock(&e.idle_since), e.digest))
+            .map(|e| (*e.idle_since.lock(), e.digest))
             .collect();
         if idle.len() <= self.max_idle {
             return;
@@ -127,7 +128,7 @@ impl LayerTable {
         for (_, digest) in idle.into_iter().take(excess) {
             if let Some(entry) = entries.remove(&digest) {
                 if let Some(opened) = entry.opened.get() {
-                    let mut retired = lock(&self.retired);
+                    let mut retired = self.retired.lock();
                     *retired = add_stats(&retired, &opened.fetcher.stats());
                 }
                 tracing::debug!(layer = %digest, "dropping idle layer index");
@@ -137,8 +138,8 @@ impl LayerTable {
 
     /// (layers, idle layers, fetch counters of all layers ever held).
     pub(super) fn stats(&self) -> (usize, usize, FetchStatsSnapshot) {
-        let entries = lock(&self.entries);
-        let mut total = *lock(&self.retired);
+        let entries = self.entries.lock();
+        let mut total = *self.retired.lock();
         let (mut layers, mut idle) = (0, 0);
         for entry in entries.values() {
             if let Some(opened) = entry.opened.get() {
@@ -245,7 +246,7 @@ mod tests {
             .await;
         assert!(failed.is_err());
         drop(lease);
-        assert!(lock(&table.entries).is_empty());
+        assert!(table.entries.lock().is_empty());
 
         // Two leases of one digest share one entry, opened once.
         let first = table.hold(d1);

@@ -6,14 +6,14 @@
 //! Invariants: a resolution that failed is not cached (the next prepare tries
 //! again); the cache is bounded; every resolution is bounded by a timeout.
 
+use parking_lot::Mutex;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
-use super::sync::lock;
 use zest_oci::digest::Digest;
 use zest_oci::{ImageManifest, Platform, Reference, Repository};
 use zest_registry::RegistryClient;
@@ -62,7 +62,7 @@ impl Manifests {
     ) -> Result<Arc<ImageManifest>, Fallback> {
         let key = (reference.repository.clone(), digest);
         let cell = {
-            let mut cache = lock(&self.cache);
+            let mut cache = self.cache.lock();
             Arc::clone(cache.get_or_insert(key.clone(), || Arc::new(OnceCell::new())))
         };
         let result = cell
@@ -70,7 +70,7 @@ impl Manifests {
             .await
             .cloned();
         if result.is_err() {
-            let mut cache = lock(&self.cache);
+            let mut cache = self.cache.lock();
             if cache
                 .peek(&key)
                 .is_some_and(|c| Arc::ptr_eq(c, &cell) && !c.initialized())

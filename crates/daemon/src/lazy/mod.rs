@@ -18,7 +18,7 @@
 //! | `tocs` | the on-disk TOC store, re-verified when read back |
 //! | `restore` | details stored with a mount, remounting after a restart |
 //! | `settings` | [`LazyConfig`], [`LazyError`], [`LazyStats`] |
-//! | `sync` | poison-tolerant locks, cancellation |
+//! | `cancel` | the cancellation flag of background tasks |
 //!
 //! Sharing: one fetcher per layer digest, so a layer used by two chains is fetched
 //! and indexed once. Each snapshot directory still gets its own FUSE mount of that
@@ -36,29 +36,30 @@
 //! bounded by a timeout; TOCs are decoded on the blocking pool; background tasks end
 //! when the service stops.
 
+mod cancel;
 mod classify;
 mod layers;
 mod manifests;
 mod restore;
 mod settings;
-mod sync;
 mod tocs;
 
 pub use settings::{LazyConfig, LazyError, LazyStats};
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
+use cancel::Cancel;
 use classify::{classify, TocSource};
 use layers::{LayerLease, LayerTable, OpenedLayer};
 use manifests::Manifests;
 use restore::{mount_details, stored_descriptor};
-use sync::{lock, Cancel};
 use tocs::TocStore;
 use zest_cache::ChunkCache;
 use zest_fetch::toc::{fetch_layer_index, FetchedIndex, TocFetchOptions};
@@ -171,7 +172,7 @@ impl LazyLayerProvider {
     pub fn stats(&self) -> LazyStats {
         let inner = &self.inner;
         let (mounted, restoring) = {
-            let mounts = lock(&inner.mounts);
+            let mounts = inner.mounts.lock();
             let mounted = mounts
                 .values()
                 .filter(|s| matches!(s, Slot::Mounted(_)))
@@ -204,7 +205,8 @@ impl LazyLayerProvider {
 
 impl Inner {
     fn limits(&self, registry: &str) -> FetchLimits {
-        lock(&self.limits)
+        self.limits
+            .lock()
             .entry(registry.to_owned())
             .or_insert_with(|| {
                 FetchLimits::new(
@@ -362,7 +364,7 @@ impl Inner {
                 .map_err(|e| failed(format!("mount task failed: {e}")))?
                 .map_err(|e| failed(e.to_string()))?;
         self.counters.bump(&self.counters.mounts, 1);
-        let toc = lock(&opened.toc).take();
+        let toc = opened.toc.lock().take();
         if let Some(toc) = toc {
             self.tocs.keep(opened.descriptor.digest, toc).await;
         }
@@ -374,7 +376,7 @@ impl Inner {
 
     /// Deletes the stored TOC of `digest` unless a snapshot directory still uses it.
     async fn forget_toc_if_unused(&self, digest: Digest) {
-        let used = lock(&self.mounts).values().any(|slot| match slot {
+        let used = self.mounts.lock().values().any(|slot| match slot {
             Slot::Mounted(m) => m.lease.entry.digest == digest,
             Slot::Restoring { digest: d, .. } => *d == digest,
         });
@@ -510,7 +512,7 @@ impl RemoteLayerProvider for LazyLayerProvider {
         let details = mount_details(&reference.repository, &desc, authenticated)?;
         let mounted = inner.mount(lease, target_dir).await?;
         {
-            let mut mounts = lock(&inner.mounts);
+            let mut mounts = inner.mounts.lock();
             if let Some(Slot::Mounted(old)) =
                 mounts.insert(target_dir.to_path_buf(), Slot::Mounted(Box::new(mounted)))
             {
@@ -536,7 +538,7 @@ impl RemoteLayerProvider for LazyLayerProvider {
     async fn check(&self, _layer: &RemoteLayer, target_dir: &Path) -> Result<(), RemoteError> {
         let inner = &self.inner;
         let (entry, repository, desc) = {
-            let mounts = lock(&inner.mounts);
+            let mounts = inner.mounts.lock();
             match mounts.get(target_dir) {
                 Some(Slot::Mounted(m)) => {
                     let Some(opened) = m.lease.opened() else {
@@ -555,7 +557,7 @@ impl RemoteLayerProvider for LazyLayerProvider {
                     inner.counters.bump(&inner.counters.check_failures, 1);
                     return Err(RemoteError(format!(
                         "the lazy layer is not mounted yet (being restored in the background; last attempt: {})",
-                        lock(last_error)
+                        last_error.lock()
                     )));
                 }
                 None => {
@@ -567,7 +569,12 @@ impl RemoteLayerProvider for LazyLayerProvider {
             }
         };
         let interval = inner.config.check_interval;
-        if !interval.is_zero() && lock(&entry.last_check).is_some_and(|t| t.elapsed() < interval) {
+        if !interval.is_zero()
+            && entry
+                .last_check
+                .lock()
+                .is_some_and(|t| t.elapsed() < interval)
+        {
             return Ok(());
         }
         let timeout = inner.config.check_timeout;
@@ -592,7 +599,7 @@ impl RemoteLayerProvider for LazyLayerProvider {
         };
         match failure {
             None => {
-                *lock(&entry.last_check) = Some(Instant::now());
+                *entry.last_check.lock() = Some(Instant::now());
                 Ok(())
             }
             Some(message) => {
@@ -604,7 +611,7 @@ impl RemoteLayerProvider for LazyLayerProvider {
 
     async fn unmount(&self, _layer: &RemoteLayer, target_dir: &Path) -> Result<(), RemoteError> {
         let inner = &self.inner;
-        let slot = lock(&inner.mounts).remove(target_dir);
+        let slot = inner.mounts.lock().remove(target_dir);
         match slot {
             Some(Slot::Mounted(mounted)) => {
                 let digest = mounted.lease.entry.digest;
@@ -631,7 +638,7 @@ impl RemoteLayerProvider for LazyLayerProvider {
     async fn shutdown(&self, mode: ShutdownMode) {
         let inner = &self.inner;
         inner.stop.cancel();
-        let slots: Vec<(PathBuf, Slot)> = lock(&inner.mounts).drain().collect();
+        let slots: Vec<(PathBuf, Slot)> = inner.mounts.lock().drain().collect();
         let count = slots
             .iter()
             .filter(|(_, s)| matches!(s, Slot::Mounted(_)))

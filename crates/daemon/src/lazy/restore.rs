@@ -8,13 +8,14 @@
 //! snapshot is removed or the service stops, and then undoes a mount it made
 //! meanwhile; concurrent restores are bounded by the TOC work semaphore.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::cancel::Cancel;
 use super::classify::is_permanent;
-use super::sync::{lock, Cancel};
 use super::{Inner, Slot};
 use zest_oci::{Descriptor, Repository};
 use zest_snapshotter::{Fallback, FallbackReason, RemoteError, RemoteLayer, RemoteMounted};
@@ -120,7 +121,7 @@ pub(super) async fn restore(
     let cancel = Arc::new(Cancel::default());
     let last_error = Arc::new(Mutex::new(String::from("not attempted yet")));
     {
-        let mut mounts = lock(&inner.mounts);
+        let mut mounts = inner.mounts.lock();
         if mounts.contains_key(target_dir) {
             return Ok(());
         }
@@ -160,7 +161,7 @@ pub(super) async fn restore(
                 // Install the mount unless the snapshot was removed (or the
                 // service began stopping) meanwhile; then undo it instead.
                 let unwanted = {
-                    let mut mounts = lock(&inner.mounts);
+                    let mut mounts = inner.mounts.lock();
                     let ours = matches!(mounts.get(target_dir), Some(Slot::Restoring { cancel: c, .. }) if Arc::ptr_eq(c, &cancel));
                     if !ours || cancel.is_cancelled() || inner.stop.is_cancelled() {
                         Some(mounted)
@@ -180,7 +181,7 @@ pub(super) async fn restore(
             }
             Err(fallback) => {
                 inner.counters.bump(&inner.counters.restore_failures, 1);
-                *lock(&last_error) = fallback.to_string();
+                *last_error.lock() = fallback.to_string();
                 if is_permanent(fallback.reason) || !is_dir(target_dir).await {
                     return Err(RemoteError(format!(
                         "cannot mount layer {} again: {fallback}",

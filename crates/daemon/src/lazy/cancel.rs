@@ -1,19 +1,9 @@
-//! Small synchronisation helpers of the provider: a poison-tolerant lock and a
-//! cancellation flag that async waits can select on.
-//!
-//! Invariant: [`lock`] guards are never held across an await (every critical section
-//! in the provider is a few map operations).
+//! A cancellation flag that async waits can select on, for the provider's
+//! background tasks.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
-
-/// Locks a mutex, ignoring poisoning: every critical section of the provider leaves
-/// the data consistent at each step, so a panic elsewhere does not corrupt it.
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A cancellation flag that async waits can select on.
 #[derive(Default)]
