@@ -47,8 +47,6 @@ const WRITE_CHUNK: usize = 1 << 20;
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Limit for applying one layer (decompressing and unpacking a large tar).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Upper bound on the snapshots read from one List stream.
-const MAX_LISTED: usize = 1_000_000;
 
 /// Error of a call to containerd.
 #[derive(Debug, thiserror::Error)]
@@ -639,21 +637,6 @@ impl ContainerdClient {
         }
     }
 
-    /// Deletes image `name`; with `sync`, containerd collects garbage before answering.
-    pub async fn delete_image(&self, name: &str, sync: bool) -> Result<(), ContainerdError> {
-        let request = pb_images::DeleteImageRequest {
-            name: name.to_owned(),
-            sync,
-        };
-        bounded(
-            "image delete",
-            &name,
-            CALL_TIMEOUT,
-            ImagesClient::new(self.channel.clone()).delete(self.request(request)),
-        )
-        .await
-    }
-
     // ----- snapshots ----------------------------------------------------------------
 
     /// Prepares active snapshot `key` on `parent` (empty: none) in `snapshotter`;
@@ -747,34 +730,6 @@ impl ContainerdClient {
             SnapshotsClient::new(self.channel.clone()).remove(self.request(request)),
         )
         .await
-    }
-
-    /// Snapshots of `snapshotter` in this namespace matching any of `filters`.
-    pub async fn list_snapshots(
-        &self,
-        snapshotter: &str,
-        filters: &[&str],
-    ) -> Result<Vec<pb_snapshots::Info>, ContainerdError> {
-        const OP: &str = "snapshot list";
-        let request = pb_snapshots::ListSnapshotsRequest {
-            snapshotter: snapshotter.to_owned(),
-            filters: filters.iter().map(|f| (*f).to_owned()).collect(),
-        };
-        let list = async {
-            let mut stream = SnapshotsClient::new(self.channel.clone())
-                .list(self.request(request))
-                .await?
-                .into_inner();
-            let mut out = Vec::new();
-            while let Some(batch) = stream.message().await? {
-                out.extend(batch.info);
-                if out.len() > MAX_LISTED {
-                    return Err(Status::out_of_range("too many snapshots"));
-                }
-            }
-            Ok(tonic::Response::new(out))
-        };
-        bounded(OP, &snapshotter, CALL_TIMEOUT, list).await
     }
 }
 
