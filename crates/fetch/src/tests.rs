@@ -611,9 +611,9 @@ async fn source_failures_are_not_retried_and_keep_their_kind() {
         vec![],
     );
     for (status, kind) in [
-        (503, FetchErrorKind::Server),
-        (429, FetchErrorKind::RateLimited),
-        (404, FetchErrorKind::NotFound),
+        (503, FetchErrorKind::Source(ErrorKind::Server)),
+        (429, FetchErrorKind::Source(ErrorKind::RateLimited)),
+        (404, FetchErrorKind::Source(ErrorKind::NotFound)),
     ] {
         let src = Arc::new(FailingBlob {
             status,
@@ -654,9 +654,18 @@ async fn corrupt_chunks_count_one_digest_mismatch_failure() {
     );
     src.corrupt.store(true, Ordering::SeqCst);
     let err = f.read(id_of(&f, "a"), 0, 1000).await.unwrap_err();
-    assert_eq!(err.kind(), FetchErrorKind::DigestMismatch, "{err}");
+    assert_eq!(
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::DigestMismatch),
+        "{err}"
+    );
     let s = f.stats();
-    assert_eq!(s.failures.get(FetchErrorKind::DigestMismatch), 1, "{s:?}");
+    assert_eq!(
+        s.failures
+            .get(FetchErrorKind::Source(ErrorKind::DigestMismatch)),
+        1,
+        "{s:?}"
+    );
     assert_eq!(s.retries, u64::from(f.config().attempts) - 1, "{s:?}");
 }
 
@@ -671,9 +680,13 @@ fn kinds_index_their_counters_and_have_distinct_labels() {
         assert_eq!(FetchErrorKind::from(k).label(), k.label());
     }
     let stats = FetchStats::default();
-    stats.add_failure(FetchErrorKind::Timeout);
-    stats.add_failure(FetchErrorKind::Timeout);
+    stats.add_failure(FetchErrorKind::Source(ErrorKind::Timeout));
+    stats.add_failure(FetchErrorKind::Source(ErrorKind::Timeout));
     let snap = stats.snapshot();
-    assert_eq!(snap.failures.get(FetchErrorKind::Timeout), 2);
+    assert_eq!(
+        snap.failures
+            .get(FetchErrorKind::Source(ErrorKind::Timeout)),
+        2
+    );
     assert_eq!((snap.failures + snap.failures).total(), 4);
 }
