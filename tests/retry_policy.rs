@@ -192,16 +192,14 @@ fn source(client: &RegistryClient, server: &FakeServer, layer: &Layer) -> Arc<dy
     ))
 }
 
-/// Serves a layer, opens it (TOC over HTTP), and returns with the server answering
-/// correctly; `adjust` tunes the registry client's configuration.
-async fn env_with(adjust: impl FnOnce(&mut RegistryConfig)) -> Env {
-    let layer = layer();
-    let (server, mode) = serve(&layer).await;
-    let mut cfg = test_client_config(PlainHttp::Hosts(vec![server.host()]));
-    adjust(&mut cfg);
-    let client = RegistryClient::new(cfg).expect("client");
-    let fetcher = open_layer(
-        source(&client, &server, &layer),
+/// Opens `layer` (its TOC over HTTP) through `client`.
+async fn open(
+    client: &RegistryClient,
+    server: &FakeServer,
+    layer: &Layer,
+) -> Result<Arc<Fetcher>, FetchError> {
+    open_layer(
+        source(client, server, layer),
         layer.blob.len() as u64,
         &layer.annotations,
         memory_cache(),
@@ -210,7 +208,17 @@ async fn env_with(adjust: impl FnOnce(&mut RegistryConfig)) -> Env {
         &TocFetchOptions::default(),
     )
     .await
-    .expect("open layer");
+}
+
+/// Serves a layer, opens it (TOC over HTTP), and returns with the server answering
+/// correctly; `adjust` tunes the registry client's configuration.
+async fn env_with(adjust: impl FnOnce(&mut RegistryConfig)) -> Env {
+    let layer = layer();
+    let (server, mode) = serve(&layer).await;
+    let mut cfg = test_client_config(PlainHttp::Hosts(vec![server.host()]));
+    adjust(&mut cfg);
+    let client = RegistryClient::new(cfg).expect("client");
+    let fetcher = open(&client, &server, &layer).await.expect("open layer");
     Env {
         server,
         mode,
@@ -473,17 +481,9 @@ async fn toc_fetching_uses_the_same_single_retry_layer() {
     mode.store(Mode::Unavailable as u8, Ordering::SeqCst);
     let client = RegistryClient::new(test_client_config(PlainHttp::Hosts(vec![server.host()])))
         .expect("client");
-    let err = open_layer(
-        source(&client, &server, &layer),
-        layer.blob.len() as u64,
-        &layer.annotations,
-        memory_cache(),
-        FetchLimits::default(),
-        fetch_config(),
-        &TocFetchOptions::default(),
-    )
-    .await
-    .expect_err("TOC unavailable");
+    let err = open(&client, &server, &layer)
+        .await
+        .expect_err("TOC unavailable");
     assert_eq!(
         server.requests().len(),
         client.config().retry.max_attempts as usize
