@@ -168,16 +168,7 @@ async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
 
     // A container from it runs (started with ctr in CRI's namespace; no pod needed).
     let out = containerd
-        .ctr_ok(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "zest",
-            &image,
-            "cri-echo",
-            "/bin/cat",
-            "/data/hello.txt",
-        ])
+        .run_on_zest(&image, "cri-echo", &["/bin/cat", "/data/hello.txt"])
         .await?;
     assert_eq!(out.trim(), "hello from zest");
     for layer in &manifest.layers {

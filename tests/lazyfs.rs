@@ -429,6 +429,14 @@ fn list_xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+/// The inode numbers of `paths` under `root`, in order.
+fn inodes_of(root: &Path, paths: &[PathBuf]) -> Vec<u64> {
+    paths
+        .iter()
+        .map(|p| std::fs::symlink_metadata(root.join(p)).expect("stat").ino())
+        .collect()
+}
+
 fn node(p: &Path, with_nlink: bool) -> Node {
     let md = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
     let ft = md.file_type();
@@ -841,14 +849,7 @@ fn reads_are_lazy_cached_and_survive_a_restart() {
 
     // One small file: one request, a small one (read-ahead is bounded).
     let small = m.mountpoint().join("small.txt");
-    let inodes: Vec<u64> = paths
-        .iter()
-        .map(|p| {
-            std::fs::symlink_metadata(m.mountpoint().join(p))
-                .expect("stat")
-                .ino()
-        })
-        .collect();
+    let inodes = inodes_of(m.mountpoint(), &paths);
     assert_eq!(std::fs::read(&small).expect("read"), b"a small file\n");
     assert_eq!(
         range_gets(&env, &desc),
@@ -883,14 +884,7 @@ fn reads_are_lazy_cached_and_survive_a_restart() {
     let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
     let mut m = env.mount(Arc::clone(&fetcher), "mnt2");
     // Inode numbers are a function of the layer: the same after a remount.
-    let again: Vec<u64> = paths
-        .iter()
-        .map(|p| {
-            std::fs::symlink_metadata(m.mountpoint().join(p))
-                .expect("stat")
-                .ino()
-        })
-        .collect();
+    let again = inodes_of(m.mountpoint(), &paths);
     assert_eq!(again, inodes);
     let toc_requests = 1;
     assert!(std::fs::read(m.mountpoint().join("data/f003")).expect("read") == want);

@@ -192,16 +192,14 @@ fn source(client: &RegistryClient, server: &FakeServer, layer: &Layer) -> Arc<dy
     ))
 }
 
-/// Serves a layer, opens it (TOC over HTTP), and returns with the server answering
-/// correctly; `adjust` tunes the registry client's configuration.
-async fn env_with(adjust: impl FnOnce(&mut RegistryConfig)) -> Env {
-    let layer = layer();
-    let (server, mode) = serve(&layer).await;
-    let mut cfg = test_client_config(PlainHttp::Hosts(vec![server.host()]));
-    adjust(&mut cfg);
-    let client = RegistryClient::new(cfg).expect("client");
-    let fetcher = open_layer(
-        source(&client, &server, &layer),
+/// Opens `layer` (its TOC over HTTP) through `client`.
+async fn open(
+    client: &RegistryClient,
+    server: &FakeServer,
+    layer: &Layer,
+) -> Result<Arc<Fetcher>, FetchError> {
+    open_layer(
+        source(client, server, layer),
         layer.blob.len() as u64,
         &layer.annotations,
         memory_cache(),
@@ -210,7 +208,17 @@ async fn env_with(adjust: impl FnOnce(&mut RegistryConfig)) -> Env {
         &TocFetchOptions::default(),
     )
     .await
-    .expect("open layer");
+}
+
+/// Serves a layer, opens it (TOC over HTTP), and returns with the server answering
+/// correctly; `adjust` tunes the registry client's configuration.
+async fn env_with(adjust: impl FnOnce(&mut RegistryConfig)) -> Env {
+    let layer = layer();
+    let (server, mode) = serve(&layer).await;
+    let mut cfg = test_client_config(PlainHttp::Hosts(vec![server.host()]));
+    adjust(&mut cfg);
+    let client = RegistryClient::new(cfg).expect("client");
+    let fetcher = open(&client, &server, &layer).await.expect("open layer");
     Env {
         server,
         mode,
@@ -239,7 +247,11 @@ async fn not_found_is_not_retried_and_stays_not_found() {
     let before = env.requests();
     let err = env.read().await.expect_err("a missing blob fails the read");
     assert_eq!(env.requests() - before, 1, "a 404 is final: one request");
-    assert_eq!(err.kind(), FetchErrorKind::NotFound, "{err}");
+    assert_eq!(
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::NotFound),
+        "{err}"
+    );
     assert_eq!(registry_kind(&err), Some(ErrorKind::NotFound), "{err}");
     assert_eq!(err.kind().label(), "not_found");
     let msg = err.to_string();
@@ -248,7 +260,11 @@ async fn not_found_is_not_retried_and_stays_not_found() {
         "{msg}"
     );
     let s = env.fetcher.stats();
-    assert_eq!(s.failures.get(FetchErrorKind::NotFound), 1, "{s:?}");
+    assert_eq!(
+        s.failures.get(FetchErrorKind::Source(ErrorKind::NotFound)),
+        1,
+        "{s:?}"
+    );
     assert_eq!(s.failures.total(), 1, "{s:?}");
     assert_eq!((s.range_requests, s.retries), (1, 0), "{s:?}");
     assert_eq!(env.client.stats().retries, 0);
@@ -261,9 +277,19 @@ async fn denied_is_not_retried_and_says_to_configure_credentials() {
     let before = env.requests();
     let err = env.read().await.expect_err("denied");
     assert_eq!(env.requests() - before, 1, "a 403 is final: one request");
-    assert_eq!(err.kind(), FetchErrorKind::Denied, "{err}");
+    assert_eq!(
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::Denied),
+        "{err}"
+    );
     assert!(err.to_string().contains("credentials"), "{err}");
-    assert_eq!(env.fetcher.stats().failures.get(FetchErrorKind::Denied), 1);
+    assert_eq!(
+        env.fetcher
+            .stats()
+            .failures
+            .get(FetchErrorKind::Source(ErrorKind::Denied)),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,11 +304,19 @@ async fn server_errors_are_retried_by_the_policy_once_not_again_by_the_fetcher()
         attempts,
         "exactly the policy's attempts, not attempts x fetcher attempts"
     );
-    assert_eq!(err.kind(), FetchErrorKind::Server, "{err}");
+    assert_eq!(
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::Server),
+        "{err}"
+    );
     assert!(err.to_string().contains("HTTP 503"), "{err}");
     let s = env.fetcher.stats();
     assert_eq!((s.range_requests, s.retries), (1, 0), "{s:?}");
-    assert_eq!(s.failures.get(FetchErrorKind::Server), 1, "{s:?}");
+    assert_eq!(
+        s.failures.get(FetchErrorKind::Source(ErrorKind::Server)),
+        1,
+        "{s:?}"
+    );
     assert_eq!(env.client.stats().retries, attempts as u64 - 1);
     // The registry recovers: the same read succeeds.
     env.set(Mode::Ok);
@@ -303,12 +337,16 @@ async fn rate_limits_honour_retry_after_and_stay_rate_limited() {
         "Retry-After: 1 honoured between attempts: {:?}",
         t0.elapsed()
     );
-    assert_eq!(err.kind(), FetchErrorKind::RateLimited, "{err}");
+    assert_eq!(
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::RateLimited),
+        "{err}"
+    );
     assert_eq!(
         env.fetcher
             .stats()
             .failures
-            .get(FetchErrorKind::RateLimited),
+            .get(FetchErrorKind::Source(ErrorKind::RateLimited)),
         1
     );
 }
@@ -331,7 +369,11 @@ async fn a_retry_after_past_the_deadline_is_not_waited_for() {
         "waiting 60 s would pass the deadline"
     );
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
-    assert_eq!(err.kind(), FetchErrorKind::RateLimited, "{err}");
+    assert_eq!(
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::RateLimited),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,12 +394,20 @@ async fn a_hung_registry_is_a_timeout_within_the_policy_deadline() {
         took < deadline + Duration::from_millis(500),
         "the overall deadline bounds every attempt: {took:?}"
     );
-    assert_eq!(err.kind(), FetchErrorKind::Timeout, "{err}");
+    assert_eq!(
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::Timeout),
+        "{err}"
+    );
     // The registry's own timeout, not the fetcher's guard, ended the read.
     assert_eq!(registry_kind(&err), Some(ErrorKind::Timeout), "{err}");
     let s = env.fetcher.stats();
     assert_eq!((s.range_requests, s.retries), (1, 0), "{s:?}");
-    assert_eq!(s.failures.get(FetchErrorKind::Timeout), 1, "{s:?}");
+    assert_eq!(
+        s.failures.get(FetchErrorKind::Source(ErrorKind::Timeout)),
+        1,
+        "{s:?}"
+    );
     assert!(env.client.stats().retries >= 2, "{:?}", env.client.stats());
 }
 
@@ -369,9 +419,16 @@ async fn a_broken_connection_is_a_transport_failure_after_the_policy_attempts() 
     let before = env.requests();
     let err = env.read().await.expect_err("truncated answers");
     assert_eq!(env.requests() - before, attempts);
-    assert_eq!(err.kind(), FetchErrorKind::Transport, "{err}");
     assert_eq!(
-        env.fetcher.stats().failures.get(FetchErrorKind::Transport),
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::Transport),
+        "{err}"
+    );
+    assert_eq!(
+        env.fetcher
+            .stats()
+            .failures
+            .get(FetchErrorKind::Source(ErrorKind::Transport)),
         1
     );
 }
@@ -391,13 +448,22 @@ async fn corrupt_chunks_are_fetched_again_a_bounded_number_of_times_then_a_diges
         attempts,
         "the registry cannot see corruption: only the fetcher's re-fetches"
     );
-    assert_eq!(err.kind(), FetchErrorKind::DigestMismatch, "{err}");
+    assert_eq!(
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::DigestMismatch),
+        "{err}"
+    );
     assert_eq!(err.kind().label(), "digest_mismatch");
     assert!(matches!(err, FetchError::Verification { .. }), "{err}");
     let s = env.fetcher.stats();
     assert!(s.verification_failures >= attempts as u64, "{s:?}");
     assert_eq!(s.retries, attempts as u64 - 1, "{s:?}");
-    assert_eq!(s.failures.get(FetchErrorKind::DigestMismatch), 1, "{s:?}");
+    assert_eq!(
+        s.failures
+            .get(FetchErrorKind::Source(ErrorKind::DigestMismatch)),
+        1,
+        "{s:?}"
+    );
     let id = env
         .fetcher
         .index()
@@ -415,22 +481,18 @@ async fn toc_fetching_uses_the_same_single_retry_layer() {
     mode.store(Mode::Unavailable as u8, Ordering::SeqCst);
     let client = RegistryClient::new(test_client_config(PlainHttp::Hosts(vec![server.host()])))
         .expect("client");
-    let err = open_layer(
-        source(&client, &server, &layer),
-        layer.blob.len() as u64,
-        &layer.annotations,
-        memory_cache(),
-        FetchLimits::default(),
-        fetch_config(),
-        &TocFetchOptions::default(),
-    )
-    .await
-    .expect_err("TOC unavailable");
+    let err = open(&client, &server, &layer)
+        .await
+        .expect_err("TOC unavailable");
     assert_eq!(
         server.requests().len(),
         client.config().retry.max_attempts as usize
     );
-    assert_eq!(err.kind(), FetchErrorKind::Server, "{err}");
+    assert_eq!(
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::Server),
+        "{err}"
+    );
     match &err {
         FetchError::Source(e) => {
             assert!(matches!(e.as_ref(), SourceError::Registry { .. }), "{e:?}")

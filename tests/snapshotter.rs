@@ -1204,29 +1204,11 @@ async fn pull_and_run_through_zest() -> TestResult {
     );
 
     let out = containerd
-        .ctr_ok(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "zest",
-            &image,
-            "zest-echo",
-            "/bin/echo",
-            "hello",
-        ])
+        .run_on_zest(&image, "zest-echo", &["/bin/echo", "hello"])
         .await?;
     assert_eq!(out.trim(), "hello");
     let out = containerd
-        .ctr_ok(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "zest",
-            &image,
-            "zest-cat",
-            "/bin/cat",
-            "/etc/zest-hello",
-        ])
+        .run_on_zest(&image, "zest-cat", &["/bin/cat", "/etc/zest-hello"])
         .await?;
     assert_eq!(out.trim(), "hello from the second layer");
 

@@ -520,6 +520,19 @@ disabled_plugins = [{disabled_cri}
         }
         Ok(out.stdout)
     }
+
+    /// Runs `command` in a throw-away container `name` of `image` on the zest
+    /// snapshotter; it must succeed. Returns stdout.
+    pub async fn run_on_zest(
+        &self,
+        image: &str,
+        name: &str,
+        command: &[&str],
+    ) -> TestResult<String> {
+        let mut args = vec!["run", "--rm", "--snapshotter", "zest", image, name];
+        args.extend_from_slice(command);
+        self.ctr_ok(&args).await
+    }
 }
 
 /// The snippet shipped in `packaging/containerd-config.toml` (so the tests prove it

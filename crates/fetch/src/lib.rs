@@ -100,26 +100,10 @@ pub enum FetchError {
 /// labels are stable (logs and metric labels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FetchErrorKind {
-    /// The blob (or repository) is unknown to the registry (404).
-    NotFound,
-    /// Access denied (401/403): credentials missing, wrong or insufficient.
-    Denied,
-    /// The registry rate-limits (429).
-    RateLimited,
-    /// The registry failed (5xx).
-    Server,
-    /// No answer in time.
-    Timeout,
-    /// No connection, or it broke off.
-    Transport,
-    /// Content did not match its digest (a chunk, or the TOC).
-    DigestMismatch,
-    /// The source answered against the protocol.
-    Protocol,
-    /// A request that cannot be satisfied (range outside the blob, ...).
-    Invalid,
-    /// Local configuration or file trouble.
-    Local,
+    /// A kind the registry client and blob sources share (not found, denied, rate
+    /// limited, ...); a chunk or TOC that does not match its digest is
+    /// `Source(ErrorKind::DigestMismatch)` too.
+    Source(ErrorKind),
     /// The layer's TOC is unusable (not a digest mismatch).
     TocInvalid,
     /// The fetch was abandoned (shutdown).
@@ -131,40 +115,38 @@ pub enum FetchErrorKind {
 }
 
 impl FetchErrorKind {
-    /// Number of kinds.
-    pub const COUNT: usize = 14;
-
-    /// Every kind, in a fixed order.
-    pub const ALL: [FetchErrorKind; Self::COUNT] = [
-        FetchErrorKind::NotFound,
-        FetchErrorKind::Denied,
-        FetchErrorKind::RateLimited,
-        FetchErrorKind::Server,
-        FetchErrorKind::Timeout,
-        FetchErrorKind::Transport,
-        FetchErrorKind::DigestMismatch,
-        FetchErrorKind::Protocol,
-        FetchErrorKind::Invalid,
-        FetchErrorKind::Local,
+    /// The fetcher's own kinds, after the source's in [`FetchErrorKind::ALL`].
+    const OWN: [FetchErrorKind; 4] = [
         FetchErrorKind::TocInvalid,
         FetchErrorKind::Cancelled,
         FetchErrorKind::NotAFile,
         FetchErrorKind::Internal,
     ];
 
+    /// Number of kinds.
+    pub const COUNT: usize = ErrorKind::ALL.len() + Self::OWN.len();
+
+    /// Every kind, in a fixed order: the source's kinds in
+    /// [`zest_registry::ErrorKind::ALL`] order, then the fetcher's own.
+    pub const ALL: [FetchErrorKind; Self::COUNT] = {
+        let mut all = [FetchErrorKind::Internal; Self::COUNT];
+        let mut i = 0;
+        while i < ErrorKind::ALL.len() {
+            all[i] = FetchErrorKind::Source(ErrorKind::ALL[i]);
+            i += 1;
+        }
+        let mut j = 0;
+        while j < Self::OWN.len() {
+            all[i + j] = Self::OWN[j];
+            j += 1;
+        }
+        all
+    };
+
     /// A stable snake_case label; the source's kinds keep the registry's labels.
     pub fn label(self) -> &'static str {
         match self {
-            FetchErrorKind::NotFound => ErrorKind::NotFound.label(),
-            FetchErrorKind::Denied => ErrorKind::Denied.label(),
-            FetchErrorKind::RateLimited => ErrorKind::RateLimited.label(),
-            FetchErrorKind::Server => ErrorKind::Server.label(),
-            FetchErrorKind::Timeout => ErrorKind::Timeout.label(),
-            FetchErrorKind::Transport => ErrorKind::Transport.label(),
-            FetchErrorKind::DigestMismatch => ErrorKind::DigestMismatch.label(),
-            FetchErrorKind::Protocol => ErrorKind::Protocol.label(),
-            FetchErrorKind::Invalid => ErrorKind::Invalid.label(),
-            FetchErrorKind::Local => ErrorKind::Local.label(),
+            FetchErrorKind::Source(k) => k.label(),
             FetchErrorKind::TocInvalid => "toc_invalid",
             FetchErrorKind::Cancelled => "cancelled",
             FetchErrorKind::NotAFile => "not_a_file",
@@ -174,24 +156,21 @@ impl FetchErrorKind {
 
     /// Position in [`FetchErrorKind::ALL`].
     pub fn index(self) -> usize {
-        self as usize
+        let own = ErrorKind::ALL.len();
+        match self {
+            // `ErrorKind::ALL` lists the kinds in declaration order.
+            FetchErrorKind::Source(k) => k as usize,
+            FetchErrorKind::TocInvalid => own,
+            FetchErrorKind::Cancelled => own + 1,
+            FetchErrorKind::NotAFile => own + 2,
+            FetchErrorKind::Internal => own + 3,
+        }
     }
 }
 
 impl From<ErrorKind> for FetchErrorKind {
     fn from(k: ErrorKind) -> Self {
-        match k {
-            ErrorKind::NotFound => FetchErrorKind::NotFound,
-            ErrorKind::Denied => FetchErrorKind::Denied,
-            ErrorKind::RateLimited => FetchErrorKind::RateLimited,
-            ErrorKind::Server => FetchErrorKind::Server,
-            ErrorKind::Timeout => FetchErrorKind::Timeout,
-            ErrorKind::Transport => FetchErrorKind::Transport,
-            ErrorKind::DigestMismatch => FetchErrorKind::DigestMismatch,
-            ErrorKind::Protocol => FetchErrorKind::Protocol,
-            ErrorKind::Invalid => FetchErrorKind::Invalid,
-            ErrorKind::Local => FetchErrorKind::Local,
-        }
+        FetchErrorKind::Source(k)
     }
 }
 
@@ -206,11 +185,11 @@ impl FetchError {
     pub fn kind(&self) -> FetchErrorKind {
         match self {
             FetchError::Source(e) => e.kind().into(),
-            FetchError::Verification { .. } => FetchErrorKind::DigestMismatch,
-            FetchError::Timeout { .. } => FetchErrorKind::Timeout,
+            FetchError::Verification { .. } => ErrorKind::DigestMismatch.into(),
+            FetchError::Timeout { .. } => ErrorKind::Timeout.into(),
             FetchError::Cancelled => FetchErrorKind::Cancelled,
             FetchError::Toc { source, .. } => match source.as_ref() {
-                FormatError::TocDigestMismatch { .. } => FetchErrorKind::DigestMismatch,
+                FormatError::TocDigestMismatch { .. } => ErrorKind::DigestMismatch.into(),
                 _ => FetchErrorKind::TocInvalid,
             },
             FetchError::NotAFile => FetchErrorKind::NotAFile,

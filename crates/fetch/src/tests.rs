@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use super::toc::{fetch_layer_index, TocFetchOptions};
 use super::*;
 use zest_cache::{CacheConfig, ChunkCache};
-use zest_format::testblob::{build, TestFile};
+use zest_format::testblob::{build, build_one, TestBlob, TestFile};
 
 /// A blob in memory that counts requests and can corrupt or delay answers.
 #[derive(Debug, Default)]
@@ -105,7 +105,15 @@ fn fast_config() -> FetchConfig {
 }
 
 fn fetcher_for(files: &[TestFile<'_>], config: FetchConfig) -> (Arc<Fetcher>, Arc<MemBlob>) {
-    let blob = build(files, vec![]);
+    fetcher_over(build(files, vec![]), config)
+}
+
+/// A fetcher over a blob holding only the file "a".
+fn fetcher_for_a(data: &[u8], chunk: usize, config: FetchConfig) -> (Arc<Fetcher>, Arc<MemBlob>) {
+    fetcher_over(build_one("a", data, chunk), config)
+}
+
+fn fetcher_over(blob: TestBlob, config: FetchConfig) -> (Arc<Fetcher>, Arc<MemBlob>) {
     let index = Arc::new(blob.index());
     let src = MemBlob::new(blob.bytes);
     let f = Fetcher::new(
@@ -177,17 +185,12 @@ async fn reads_verified_bytes_and_merges_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readahead_is_bounded_and_requests_are_capped() {
     let a = pattern(64 << 10, 3);
-    let files = [TestFile {
-        name: "a",
-        data: &a,
-        chunk: 4096,
-    }];
     let config = FetchConfig {
         readahead_bytes: 0,
         max_request_bytes: 8 << 10,
         ..fast_config()
     };
-    let (f, src) = fetcher_for(&files, config);
+    let (f, src) = fetcher_for_a(&a, 4096, config);
     let id = id_of(&f, "a");
     let got = f.read(id, 0, 100).await.unwrap();
     assert_eq!(&got[..], &a[..100]);
@@ -206,12 +209,7 @@ async fn readahead_is_bounded_and_requests_are_capped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_readers_share_one_fetch() {
     let a = pattern(50_000, 4);
-    let files = [TestFile {
-        name: "a",
-        data: &a,
-        chunk: 5000,
-    }];
-    let (f, src) = fetcher_for(&files, fast_config());
+    let (f, src) = fetcher_for_a(&a, 5000, fast_config());
     src.delay_ms.store(50, Ordering::SeqCst);
     let id = id_of(&f, "a");
     let mut tasks = Vec::new();
@@ -235,12 +233,7 @@ async fn concurrent_readers_share_one_fetch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_bytes_are_never_served() {
     let a = pattern(20_000, 5);
-    let files = [TestFile {
-        name: "a",
-        data: &a,
-        chunk: 4000,
-    }];
-    let (f, src) = fetcher_for(&files, fast_config());
+    let (f, src) = fetcher_for_a(&a, 4000, fast_config());
     src.corrupt.store(true, Ordering::SeqCst);
     let id = id_of(&f, "a");
     let err = f.read(id, 0, 1000).await.unwrap_err();
@@ -255,12 +248,7 @@ async fn corrupt_bytes_are_never_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_corruption_is_retried() {
     let a = pattern(20_000, 6);
-    let files = [TestFile {
-        name: "a",
-        data: &a,
-        chunk: 4000,
-    }];
-    let (f, src) = fetcher_for(&files, fast_config());
+    let (f, src) = fetcher_for_a(&a, 4000, fast_config());
     src.corrupt_first.store(1, Ordering::SeqCst);
     let id = id_of(&f, "a");
     let got = f.read(id, 0, 20_000).await.unwrap();
@@ -273,16 +261,11 @@ async fn zero_chunks_are_synthesized() {
     let mut a = pattern(4096, 7);
     a.extend(vec![0u8; 8192]);
     a.extend(pattern(4096, 8));
-    let files = [TestFile {
-        name: "a",
-        data: &a,
-        chunk: 4096,
-    }];
     let config = FetchConfig {
         readahead_bytes: 0,
         ..fast_config()
     };
-    let (f, src) = fetcher_for(&files, config);
+    let (f, src) = fetcher_for_a(&a, 4096, config);
     let id = id_of(&f, "a");
     assert!(f.index().entry(id).chunks().iter().any(|c| c.zeros));
     let got = f.read(id, 4096, 8192).await.unwrap();
@@ -326,14 +309,7 @@ async fn background_fetch_fills_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn toc_from_annotations_takes_one_request_and_footer_two_at_most() {
     let a = pattern(5000, 11);
-    let blob = build(
-        &[TestFile {
-            name: "a",
-            data: &a,
-            chunk: 1000,
-        }],
-        vec![],
-    );
+    let blob = build_one("a", &a, 1000);
     let src = MemBlob::new(blob.bytes.clone());
     let size = blob.bytes.len() as u64;
     let loc = blob.location;
@@ -493,14 +469,7 @@ async fn on_demand_reads_overtake_background_fetch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readahead_window_grows_for_sequential_misses_and_resets_on_jumps() {
     let a = pattern(1000, 30);
-    let (f, _src) = fetcher_for(
-        &[TestFile {
-            name: "a",
-            data: &a,
-            chunk: 500,
-        }],
-        fast_config(),
-    );
+    let (f, _src) = fetcher_for_a(&a, 500, fast_config());
     let id = id_of(&f, "a");
     let base = f.config().readahead_bytes;
     let max = f.config().max_readahead_bytes;
@@ -523,14 +492,7 @@ async fn readahead_window_grows_for_sequential_misses_and_resets_on_jumps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_reclaims_chunks_of_an_abandoned_fetch() {
     let a = pattern(20_000, 40);
-    let (f, src) = fetcher_for(
-        &[TestFile {
-            name: "a",
-            data: &a,
-            chunk: 5000,
-        }],
-        fast_config(),
-    );
+    let (f, src) = fetcher_for_a(&a, 5000, fast_config());
     src.delay_ms.store(300, Ordering::SeqCst);
     let end = f.index().location().data_end();
     // A background fetch claims everything, then is stopped mid-request.
@@ -602,18 +564,11 @@ impl BlobSource for FailingBlob {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_failures_are_not_retried_and_keep_their_kind() {
     let a = pattern(20_000, 50);
-    let blob = build(
-        &[TestFile {
-            name: "a",
-            data: &a,
-            chunk: 4000,
-        }],
-        vec![],
-    );
+    let blob = build_one("a", &a, 4000);
     for (status, kind) in [
-        (503, FetchErrorKind::Server),
-        (429, FetchErrorKind::RateLimited),
-        (404, FetchErrorKind::NotFound),
+        (503, FetchErrorKind::Source(ErrorKind::Server)),
+        (429, FetchErrorKind::Source(ErrorKind::RateLimited)),
+        (404, FetchErrorKind::Source(ErrorKind::NotFound)),
     ] {
         let src = Arc::new(FailingBlob {
             status,
@@ -644,19 +599,21 @@ async fn source_failures_are_not_retried_and_keep_their_kind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_chunks_count_one_digest_mismatch_failure() {
     let a = pattern(20_000, 51);
-    let (f, src) = fetcher_for(
-        &[TestFile {
-            name: "a",
-            data: &a,
-            chunk: 4000,
-        }],
-        fast_config(),
-    );
+    let (f, src) = fetcher_for_a(&a, 4000, fast_config());
     src.corrupt.store(true, Ordering::SeqCst);
     let err = f.read(id_of(&f, "a"), 0, 1000).await.unwrap_err();
-    assert_eq!(err.kind(), FetchErrorKind::DigestMismatch, "{err}");
+    assert_eq!(
+        err.kind(),
+        FetchErrorKind::Source(ErrorKind::DigestMismatch),
+        "{err}"
+    );
     let s = f.stats();
-    assert_eq!(s.failures.get(FetchErrorKind::DigestMismatch), 1, "{s:?}");
+    assert_eq!(
+        s.failures
+            .get(FetchErrorKind::Source(ErrorKind::DigestMismatch)),
+        1,
+        "{s:?}"
+    );
     assert_eq!(s.retries, u64::from(f.config().attempts) - 1, "{s:?}");
 }
 
@@ -671,9 +628,13 @@ fn kinds_index_their_counters_and_have_distinct_labels() {
         assert_eq!(FetchErrorKind::from(k).label(), k.label());
     }
     let stats = FetchStats::default();
-    stats.add_failure(FetchErrorKind::Timeout);
-    stats.add_failure(FetchErrorKind::Timeout);
+    stats.add_failure(FetchErrorKind::Source(ErrorKind::Timeout));
+    stats.add_failure(FetchErrorKind::Source(ErrorKind::Timeout));
     let snap = stats.snapshot();
-    assert_eq!(snap.failures.get(FetchErrorKind::Timeout), 2);
+    assert_eq!(
+        snap.failures
+            .get(FetchErrorKind::Source(ErrorKind::Timeout)),
+        2
+    );
     assert_eq!((snap.failures + snap.failures).total(), 4);
 }

@@ -169,6 +169,25 @@ pub fn parse_footer(tail: &[u8], blob_size: u64) -> Result<Footer> {
     Ok(footer)
 }
 
+/// The current generation's footer: the payload of its skippable frame, which
+/// [`parse_footer`] reads back.
+pub(crate) fn new_footer_payload(toc: &Extent, tar_split: &Extent) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(FOOTER_LEN_NEW);
+    for v in [
+        toc.offset,
+        toc.compressed_len,
+        toc.uncompressed_len,
+        MANIFEST_TYPE_CRFS,
+        tar_split.offset,
+        tar_split.compressed_len,
+        tar_split.uncompressed_len,
+    ] {
+        payload.extend_from_slice(&v.to_le_bytes());
+    }
+    payload.extend_from_slice(&MAGIC_NEW);
+    payload
+}
+
 impl Footer {
     /// The TOC location this footer describes (no digest: a footer cannot vouch
     /// for the TOC).
@@ -391,18 +410,7 @@ mod tests {
         let mut v = Vec::new();
         v.extend_from_slice(&SKIPPABLE_FRAME_MAGIC);
         v.extend_from_slice(&64u32.to_le_bytes());
-        for x in [
-            toc.offset,
-            toc.compressed_len,
-            toc.uncompressed_len,
-            1,
-            ts.offset,
-            ts.compressed_len,
-            ts.uncompressed_len,
-        ] {
-            v.extend_from_slice(&x.to_le_bytes());
-        }
-        v.extend_from_slice(&MAGIC_NEW);
+        v.extend_from_slice(&new_footer_payload(&toc, &ts));
         v
     }
 

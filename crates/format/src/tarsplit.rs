@@ -309,6 +309,22 @@ where
 mod tests {
     use super::*;
 
+    /// Reassembles `lines` with `payload` as every file's content.
+    fn reassemble_with(lines: &[u8], payload: &[u8]) -> (Result<u64>, Vec<u8>) {
+        let mut out = Vec::new();
+        let r = reassemble(
+            lines,
+            |_, _, w| {
+                w.write_all(payload).map_err(|source| FormatError::Io {
+                    context: "t",
+                    source,
+                })
+            },
+            &mut out,
+        );
+        (r, out)
+    }
+
     #[test]
     fn crc_matches_go() {
         // Go: crc64.Checksum([]byte("123456789"), crc64.MakeTable(crc64.ISO)).
@@ -343,30 +359,10 @@ mod tests {
         assert!(text.contains(r#"{"type":2,"payload":"","position":4}"#));
         let all: Vec<_> = entries(&lines).collect::<Result<_>>().unwrap();
         assert_eq!(all.len(), 5);
-        let mut out = Vec::new();
-        reassemble(
-            &lines,
-            |_, _, w| {
-                w.write_all(b"hello").map_err(|source| FormatError::Io {
-                    context: "t",
-                    source,
-                })
-            },
-            &mut out,
-        )
-        .unwrap();
+        let (r, out) = reassemble_with(&lines, b"hello");
+        r.unwrap();
         assert_eq!(out, b"HDRhello");
-        let mut out = Vec::new();
-        let r = reassemble(
-            &lines,
-            |_, _, w| {
-                w.write_all(b"hellO").map_err(|source| FormatError::Io {
-                    context: "t",
-                    source,
-                })
-            },
-            &mut out,
-        );
+        let (r, _) = reassemble_with(&lines, b"hellO");
         assert!(matches!(r, Err(FormatError::TarSplit { .. })));
         assert!(entries(b"{\"type\":7}").next().unwrap().is_err());
         assert!(entries(b"not json").next().unwrap().is_err());

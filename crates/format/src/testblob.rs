@@ -33,6 +33,11 @@ fn frame(data: &[u8]) -> Vec<u8> {
     zstd::bulk::compress(data, 3).expect("zstd compress")
 }
 
+/// Builds a blob holding only the file `name` (the set-up most tests need).
+pub fn build_one(name: &str, data: &[u8], chunk: usize) -> TestBlob {
+    build(&[TestFile { name, data, chunk }], Vec::new())
+}
+
 /// Builds a blob holding `files` (each file's chunks as separate frames, a
 /// small "header" frame between files), plus `extra` TOC entries (dirs,
 /// links, whiteouts...).

@@ -23,7 +23,7 @@ use fastcdc::v2020 as cdc;
 
 use super::annotations as ann;
 use super::error::{trunc, FormatError};
-use super::footer::{Extent, MAGIC_NEW, SKIPPABLE_FRAME_MAGIC, SKIPPABLE_HEADER_LEN};
+use super::footer::{new_footer_payload, Extent, SKIPPABLE_FRAME_MAGIC, SKIPPABLE_HEADER_LEN};
 use super::index::{normalize, MAX_TOC_UNCOMPRESSED};
 use super::tar::{next_header, BlockSource, Kind, BLOCK};
 use super::tarsplit::{TarSplitWriter, CRC64};
@@ -428,20 +428,7 @@ impl<R: Read, W: Write> Writer<R, W> {
             uncompressed_len: ts_len,
         };
         out.skippable(&ts_compressed)?;
-        let mut footer = Vec::with_capacity(64);
-        for v in [
-            toc.offset,
-            toc.compressed_len,
-            toc.uncompressed_len,
-            1,
-            tar_split.offset,
-            tar_split.compressed_len,
-            tar_split.uncompressed_len,
-        ] {
-            footer.extend_from_slice(&v.to_le_bytes());
-        }
-        footer.extend_from_slice(&MAGIC_NEW);
-        out.skippable(&footer)?;
+        out.skippable(&new_footer_payload(&toc, &tar_split))?;
         out.w.flush().map_err(|source| FormatError::Io {
             context: "flushing the output blob",
             source,

@@ -419,32 +419,21 @@ impl LayerFs {
             return Err(Errno::ENOTDIR);
         }
         let mut pos = offset;
-        if pos == 0 {
-            let a = self.attr_of(&d);
-            let e = DirEntry {
-                ino: a.ino,
-                next_offset: 1,
-                kind: NodeKind::Directory,
-                name: b".",
-            };
-            if add(e, &a) {
-                return Ok(());
+        // "." and ".." come first, at offsets 0 and 1.
+        for (at, id, name) in [(0, dir, &b"."[..]), (1, d.parent(), &b".."[..])] {
+            if pos == at {
+                let a = self.attr_of(&self.index.entry(id));
+                let e = DirEntry {
+                    ino: a.ino,
+                    next_offset: at + 1,
+                    kind: NodeKind::Directory,
+                    name,
+                };
+                if add(e, &a) {
+                    return Ok(());
+                }
+                pos = at + 1;
             }
-            pos = 1;
-        }
-        if pos == 1 {
-            let p = self.index.entry(d.parent());
-            let a = self.attr_of(&p);
-            let e = DirEntry {
-                ino: a.ino,
-                next_offset: 2,
-                kind: NodeKind::Directory,
-                name: b"..",
-            };
-            if add(e, &a) {
-                return Ok(());
-            }
-            pos = 2;
         }
         let skip = usize::try_from(pos - 2).unwrap_or(usize::MAX);
         let mut children = self.index.children(dir);

@@ -212,22 +212,37 @@ fn can_mount() -> bool {
     false
 }
 
-/// The sample layer mounted on `dir/mnt`.
-fn mount_sample(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> LayerMount {
-    let mnt = dir.join("mnt");
+/// The sample layer mounted in a fresh directory, with its mountpoint, and the
+/// runtime and directory it needs (drop them after the mount); `None` where FUSE
+/// mounts are impossible.
+fn mount_sample() -> Option<(
+    tokio::runtime::Runtime,
+    tempfile::TempDir,
+    LayerMount,
+    std::path::PathBuf,
+)> {
+    if !can_mount() {
+        return None;
+    }
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    LayerMount::mount(sample_fetcher(rt, dir), &mnt, &MountOptions::default()).unwrap()
+    let m = LayerMount::mount(
+        sample_fetcher(&rt, dir.path()),
+        &mnt,
+        &MountOptions::default(),
+    )
+    .unwrap();
+    let mnt = m.mountpoint().to_path_buf();
+    Some((rt, dir, m, mnt))
 }
 
 #[test]
 fn fuse_mount_serves_the_layer_and_unmounts_cleanly() {
-    if !can_mount() {
+    let Some((_rt, _dir, mut m, mnt)) = mount_sample() else {
         return;
-    }
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let mut m = mount_sample(&rt, dir.path());
-    let mnt = m.mountpoint().to_path_buf();
+    };
     assert!(is_mounted(&mnt));
 
     let md = std::fs::symlink_metadata(mnt.join("etc/shadow")).unwrap();
@@ -288,13 +303,9 @@ fn fuse_mount_serves_the_layer_and_unmounts_cleanly() {
 
 #[test]
 fn busy_mount_refuses_unmount_and_drop_detaches() {
-    if !can_mount() {
+    let Some((_rt, _dir, mut m, mnt)) = mount_sample() else {
         return;
-    }
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let mut m = mount_sample(&rt, dir.path());
-    let mnt = m.mountpoint().to_path_buf();
+    };
     let f = std::fs::File::open(mnt.join("etc/hosts")).unwrap();
     assert!(matches!(m.unmount(), Err(MountError::Busy { .. })));
     assert!(is_mounted(&mnt));

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::media_type;
@@ -57,6 +58,19 @@ where
     T: Default + Deserialize<'de>,
 {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// `bytes` parsed as JSON of a `what`.
+fn parse<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, OciJsonError> {
+    serde_json::from_slice(bytes).map_err(|source| OciJsonError::Json { what, source })
+}
+
+/// Fails unless `found` is 2, the only schema version of manifests and indexes.
+fn check_schema_v2(what: &'static str, found: u64) -> Result<(), OciJsonError> {
+    if found != 2 {
+        return Err(OciJsonError::SchemaVersion { what, found });
+    }
+    Ok(())
 }
 
 /// A content descriptor: media type, digest and size of a blob or manifest.
@@ -150,17 +164,8 @@ pub struct ImageManifest {
 impl ImageManifest {
     /// Parses and validates (schema version 2) a manifest.
     pub fn from_json(bytes: &[u8]) -> Result<Self, OciJsonError> {
-        let m: ImageManifest =
-            serde_json::from_slice(bytes).map_err(|source| OciJsonError::Json {
-                what: "image manifest",
-                source,
-            })?;
-        if m.schema_version != 2 {
-            return Err(OciJsonError::SchemaVersion {
-                what: "image manifest",
-                found: m.schema_version,
-            });
-        }
+        let m: ImageManifest = parse(bytes, "image manifest")?;
+        check_schema_v2("image manifest", m.schema_version)?;
         Ok(m)
     }
 
@@ -225,16 +230,8 @@ impl ImageIndex {
 
     /// Parses and validates (schema version 2) an index.
     pub fn from_json(bytes: &[u8]) -> Result<Self, OciJsonError> {
-        let m: ImageIndex = serde_json::from_slice(bytes).map_err(|source| OciJsonError::Json {
-            what: "image index",
-            source,
-        })?;
-        if m.schema_version != 2 {
-            return Err(OciJsonError::SchemaVersion {
-                what: "image index",
-                found: m.schema_version,
-            });
-        }
+        let m: ImageIndex = parse(bytes, "image index")?;
+        check_schema_v2("image index", m.schema_version)?;
         Ok(m)
     }
 
@@ -309,10 +306,7 @@ impl ManifestKind {
             manifests: Option<serde::de::IgnoredAny>,
             layers: Option<serde::de::IgnoredAny>,
         }
-        let probe: Probe = serde_json::from_slice(bytes).map_err(|source| OciJsonError::Json {
-            what: "manifest",
-            source,
-        })?;
+        let probe: Probe = parse(bytes, "manifest")?;
         match probe.media_type.as_deref() {
             Some(t) if media_type::is_index(t) => ImageIndex::from_json(bytes).map(Self::Index),
             Some(t) if media_type::is_image_manifest(t) => {
@@ -344,12 +338,7 @@ pub struct ImageConfig {
 impl ImageConfig {
     /// Parses a configuration blob; it must be a JSON object.
     pub fn from_json(bytes: &[u8]) -> Result<Self, OciJsonError> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|source| OciJsonError::Json {
-                what: "image config",
-                source,
-            })?;
-        match value {
+        match parse(bytes, "image config")? {
             serde_json::Value::Object(raw) => Ok(ImageConfig { raw }),
             _ => Err(OciJsonError::BadField {
                 what: "image config",

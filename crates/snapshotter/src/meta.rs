@@ -177,8 +177,7 @@ impl MetaStore {
                 source: Box::new(other.into()),
             },
         })?;
-        let txn = db.begin_write().db("begin")?;
-        {
+        write(&db, |txn| {
             txn.open_table(SNAPSHOTS).db("create table")?;
             txn.open_table(CHILDREN).db("create table")?;
             let mut meta = txn.open_table(META).db("create table")?;
@@ -195,8 +194,8 @@ impl MetaStore {
                     )))
                 }
             }
-        }
-        txn.commit().db("commit")?;
+            Ok(())
+        })?;
         Ok(MetaStore { db })
     }
 
@@ -240,13 +239,10 @@ impl MetaStore {
     /// Allocates an id in its own transaction, for a directory that must exist before
     /// the snapshot's record can be written (a remote mount target).
     pub fn reserve_id(&self) -> Result<u64, SnapshotError> {
-        let txn = self.db.begin_write().db("begin")?;
-        let id = {
+        write(&self.db, |txn| {
             let mut meta = txn.open_table(META).db("open table")?;
-            next_id(&mut meta)?
-        };
-        txn.commit().db("commit")?;
-        Ok(id)
+            next_id(&mut meta)
+        })
     }
 
     /// Creates a snapshot record. `place(id, ancestors)` runs inside the transaction
@@ -257,8 +253,7 @@ impl MetaStore {
         new: NewSnapshot,
         place: impl FnOnce(u64, &[Ancestor]) -> Result<(), SnapshotError>,
     ) -> Result<(Record, Vec<Ancestor>), SnapshotError> {
-        let txn = self.db.begin_write().db("begin")?;
-        let result = {
+        write(&self.db, |txn| {
             let mut snapshots = txn.open_table(SNAPSHOTS).db("open table")?;
             let mut children = txn.open_table(CHILDREN).db("open table")?;
             let mut meta = txn.open_table(META).db("open table")?;
@@ -320,10 +315,8 @@ impl MetaStore {
                     .db("write parent link")?;
             }
             place(id, &chain)?;
-            (record, chain)
-        };
-        txn.commit().db("commit")?;
-        Ok(result)
+            Ok((record, chain))
+        })
     }
 
     /// Turns active snapshot `key` into committed snapshot `name`, with `labels`
@@ -337,8 +330,7 @@ impl MetaStore {
         parent: Option<&str>,
         usage: Usage,
     ) -> Result<Record, SnapshotError> {
-        let txn = self.db.begin_write().db("begin")?;
-        let record = {
+        write(&self.db, |txn| {
             let mut snapshots = txn.open_table(SNAPSHOTS).db("open table")?;
             let mut children = txn.open_table(CHILDREN).db("open table")?;
             if snapshots.get(name).db("read snapshot")?.is_some() {
@@ -391,10 +383,8 @@ impl MetaStore {
             snapshots
                 .insert(name, encode(&record)?.as_slice())
                 .db("write snapshot")?;
-            record
-        };
-        txn.commit().db("commit")?;
-        Ok(record)
+            Ok(record)
+        })
     }
 
     /// Removes the record of `key`, which must have no children. `before_commit` runs
@@ -405,8 +395,7 @@ impl MetaStore {
         key: &str,
         before_commit: impl FnOnce(&Record),
     ) -> Result<Record, SnapshotError> {
-        let txn = self.db.begin_write().db("begin")?;
-        let record = {
+        write(&self.db, |txn| {
             let mut snapshots = txn.open_table(SNAPSHOTS).db("open table")?;
             let mut children = txn.open_table(CHILDREN).db("open table")?;
             let record = get(&snapshots, key)?
@@ -430,10 +419,8 @@ impl MetaStore {
             }
             snapshots.remove(key).db("remove snapshot")?;
             before_commit(&record);
-            record
-        };
-        txn.commit().db("commit")?;
-        Ok(record)
+            Ok(record)
+        })
     }
 
     /// Changes the labels of `name` with `change`, and its update time.
@@ -442,8 +429,7 @@ impl MetaStore {
         name: &str,
         change: impl FnOnce(&mut Labels) -> Result<(), SnapshotError>,
     ) -> Result<Record, SnapshotError> {
-        let txn = self.db.begin_write().db("begin")?;
-        let record = {
+        write(&self.db, |txn| {
             let mut snapshots = txn.open_table(SNAPSHOTS).db("open table")?;
             let mut record = get(&snapshots, name)?
                 .ok_or_else(|| SnapshotError::NotFound(format!("snapshot {name}")))?;
@@ -452,10 +438,8 @@ impl MetaStore {
             snapshots
                 .insert(name, encode(&record)?.as_slice())
                 .db("write snapshot")?;
-            record
-        };
-        txn.commit().db("commit")?;
-        Ok(record)
+            Ok(record)
+        })
     }
 
     /// Runs `f` with the ids of all stored snapshots and the next id to be allocated,
@@ -483,6 +467,18 @@ impl MetaStore {
         txn.abort().db("abort")?;
         Ok(result)
     }
+}
+
+/// Runs `f` in one write transaction, committed if `f` succeeds; an error drops
+/// the transaction, which aborts it.
+fn write<T>(
+    db: &Database,
+    f: impl FnOnce(&redb::WriteTransaction) -> Result<T, SnapshotError>,
+) -> Result<T, SnapshotError> {
+    let txn = db.begin_write().db("begin")?;
+    let out = f(&txn)?;
+    txn.commit().db("commit")?;
+    Ok(out)
 }
 
 fn next_id(meta: &mut redb::Table<'_, &'static str, u64>) -> Result<u64, SnapshotError> {

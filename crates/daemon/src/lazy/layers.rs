@@ -190,19 +190,12 @@ mod tests {
     use std::time::Duration;
     use zest_cache::ChunkCache;
     use zest_fetch::{FetchConfig, FetchLimits};
-    use zest_format::testblob::{build, TestFile};
+    use zest_format::testblob::build_one;
 
     /// An opened layer backed by a small blob file.
     fn opened(dir: &Path, seed: u8) -> Arc<OpenedLayer> {
         let data = vec![seed; 10_000];
-        let blob = build(
-            &[TestFile {
-                name: "f",
-                data: &data,
-                chunk: 4096,
-            }],
-            Vec::new(),
-        );
+        let blob = build_one("f", &data, 4096);
         let path = dir.join(format!("blob-{seed}"));
         std::fs::write(&path, &blob.bytes).unwrap_or_else(|e| panic!("{e}"));
         let source = zest_store::FileBlob::open(&path).unwrap_or_else(|e| panic!("{e}"));

@@ -144,21 +144,14 @@ async fn remove(path: PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zest_format::testblob::{build, TestFile};
+    use zest_format::testblob::build_one;
 
     #[tokio::test]
     async fn kept_tocs_are_verified_when_read_back() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let store = TocStore::open(dir.path().join("tocs"))?;
         let data = vec![7u8; 10_000];
-        let blob = build(
-            &[TestFile {
-                name: "f",
-                data: &data,
-                chunk: 4096,
-            }],
-            Vec::new(),
-        );
+        let blob = build_one("f", &data, 4096);
         let mut loc = blob.location;
         let range = loc.toc_range();
         let toc = Bytes::copy_from_slice(&blob.bytes[range.start as usize..range.end as usize]);
