@@ -299,11 +299,6 @@ impl FetchLimits {
         }
     }
 
-    /// Number of on-demand reads waiting for the network right now.
-    pub fn waiting_reads(&self) -> usize {
-        self.inner.waiting.load(Ordering::Relaxed)
-    }
-
     fn waiting_guard(&self) -> WaitingGuard {
         self.inner.waiting.fetch_add(1, Ordering::Relaxed);
         WaitingGuard {
