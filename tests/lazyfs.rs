@@ -26,14 +26,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use zest_cache::{CacheConfig, ChunkCache};
-use zest_fetch::toc::{open_layer, open_registry_layers, TocFetchOptions};
+use zest_fetch::toc::{open_image_layers, open_layer, TocFetchOptions};
 use zest_fetch::{FetchConfig, FetchLimits, Fetcher};
 use zest_format::{write_chunked, WriteOptions};
 use zest_fs::{ImageMount, LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
 use zest_oci::digest::Digest;
 use zest_oci::{media_type, Descriptor, ImageManifest, Reference, Repository};
 use zest_registry::{PlainHttp, RegistryClient};
-use zest_store::{BlobSource, RegistryBlob};
+use zest_store::{BlobSource, ImageStore, RegistryBlob};
 
 use support::{pseudo_random, require_root_and_fuse, require_tool, Auth, Registry, REGISTRY_BIN};
 
@@ -749,10 +749,16 @@ fn overlay_of_layers_matches_layers_applied_in_order() {
         .collect();
     let fetchers = env
         .rt
-        .block_on(open_registry_layers(
-            &env.client,
-            &repo,
-            &descs,
+        .block_on(open_image_layers(
+            &ImageStore::Registry {
+                client: env.client.clone(),
+                reference: Reference {
+                    repository: repo.clone(),
+                    tag: Some("latest".into()),
+                    digest: None,
+                },
+            },
+            descs.iter().enumerate(),
             &cache,
             &FetchLimits::default(),
             &fast_fetch(),

@@ -15,8 +15,8 @@ use clap::Args;
 use indicatif::HumanBytes;
 
 use zest_cache::{CacheConfig, ChunkCache};
-use zest_fetch::toc::{open_layer, TocFetchOptions};
-use zest_fetch::{FetchConfig, FetchLimits, Fetcher};
+use zest_fetch::toc::{open_image_layers, TocFetchOptions};
+use zest_fetch::{FetchConfig, FetchLimits};
 use zest_fs::{ImageMount, LayerMount, MountOptions};
 use zest_oci::{LayerCompression, Platform};
 use zest_store::{ImageRef, ImageStore};
@@ -113,33 +113,16 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     );
     let limits = FetchLimits::new(8, 2);
 
-    // Every layer's TOC at once: mounting costs one round trip, not one per layer.
-    let opened = futures::future::try_join_all(layers.iter().map(|(i, layer)| {
-        let source = store.layer_source(layer);
-        let cache = cache.clone();
-        let limits = limits.clone();
-        async move {
-            let source = source?;
-            open_layer(
-                source,
-                layer.size,
-                &layer.annotations,
-                cache,
-                limits,
-                FetchConfig::default(),
-                &TocFetchOptions::default(),
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "layer {i} ({}): reading its table of contents",
-                    layer.digest
-                )
-            })
-        }
-    }))
-    .await?;
-    let fetchers: Vec<Arc<Fetcher>> = opened;
+    let fetchers = open_image_layers(
+        &store,
+        layers.iter().map(|(i, layer)| (*i, layer)),
+        &cache,
+        &limits,
+        &FetchConfig::default(),
+        &TocFetchOptions::default(),
+    )
+    .await
+    .with_context(|| format!("opening the layers of {image}"))?;
 
     let options = MountOptions {
         threads: args.threads,

@@ -21,9 +21,8 @@ use bytes::Bytes;
 use super::{FetchConfig, FetchError, FetchLimits, Fetcher};
 use zest_cache::ChunkCache;
 use zest_format::{parse_footer, FormatError, LayerIndex, TocLocation, FOOTER_FETCH_LEN};
-use zest_oci::{Descriptor, Repository};
-use zest_registry::RegistryClient;
-use zest_store::{BlobSource, RegistryBlob, SourceError};
+use zest_oci::{Descriptor, Digest};
+use zest_store::{BlobSource, ImageStore, SourceError, StoreError};
 
 /// Options of [`fetch_layer_index`].
 #[derive(Clone, Debug)]
@@ -224,22 +223,50 @@ pub async fn open_layer(
     ))
 }
 
-/// Opens every layer of an image (descriptors bottom layer first) from a
-/// registry: the TOCs are fetched concurrently, one request per layer when
-/// the descriptors carry zstd:chunked annotations. Fetchers share `limits`
-/// (one registry) and `cache`.
-pub async fn open_registry_layers(
-    client: &RegistryClient,
-    repo: &Repository,
-    layers: &[Descriptor],
+/// Why one layer of an image could not be opened by [`open_image_layers`].
+#[derive(Debug, thiserror::Error)]
+#[error("layer {index} ({digest}): {source}")]
+pub struct LayerOpenError {
+    /// The layer's position in the image (bottom layer 0).
+    pub index: usize,
+    /// The layer blob's digest.
+    pub digest: Digest,
+    /// What failed.
+    #[source]
+    pub source: LayerOpenFailure,
+}
+
+/// What failed in opening one layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerOpenFailure {
+    /// The store cannot read the layer's blob.
+    #[error("opening its blob: {0}")]
+    Source(#[from] StoreError),
+    /// Its table of contents could not be fetched or validated.
+    #[error("reading its table of contents: {0}")]
+    Toc(#[from] FetchError),
+}
+
+/// Opens the given layers of an image held by `store` (each with its position in the
+/// image): the TOCs are fetched concurrently, so mounting costs one round trip, not
+/// one per layer (one request per layer when the descriptors carry zstd:chunked
+/// annotations). Fetchers share `limits` and `cache`; they come back in the order
+/// of `layers`.
+pub async fn open_image_layers<'a>(
+    store: &ImageStore,
+    layers: impl IntoIterator<Item = (usize, &'a Descriptor)>,
     cache: &Arc<ChunkCache>,
     limits: &FetchLimits,
     config: &FetchConfig,
     toc_options: &TocFetchOptions,
-) -> Result<Vec<Arc<Fetcher>>, FetchError> {
-    let opens = layers.iter().map(|layer| {
-        let source: Arc<dyn BlobSource> =
-            Arc::new(RegistryBlob::for_layer(client.clone(), repo.clone(), layer));
+) -> Result<Vec<Arc<Fetcher>>, LayerOpenError> {
+    let opens = layers.into_iter().map(|(index, layer)| async move {
+        let failed = |source: LayerOpenFailure| LayerOpenError {
+            index,
+            digest: layer.digest,
+            source,
+        };
+        let source = store.layer_source(layer).map_err(|e| failed(e.into()))?;
         open_layer(
             source,
             layer.size,
@@ -249,6 +276,8 @@ pub async fn open_registry_layers(
             config.clone(),
             toc_options,
         )
+        .await
+        .map_err(|e| failed(e.into()))
     });
     futures::future::try_join_all(opens).await
 }

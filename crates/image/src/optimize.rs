@@ -30,8 +30,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use zest_cache::{CacheConfig, CacheError, ChunkCache};
-use zest_fetch::toc::{open_layer, TocFetchOptions};
-use zest_fetch::{FetchConfig, FetchError, FetchLimits, Fetcher};
+use zest_fetch::toc::{open_image_layers, LayerOpenError, TocFetchOptions};
+use zest_fetch::{FetchConfig, FetchLimits, Fetcher};
 use zest_format::reorder::reorder_tar;
 use zest_format::{write_chunked, FormatError, TocLocation, WriteOptions, WriteSummary};
 use zest_fs::{AccessRecorder, LayerFsOptions, LayerMount, MountError, MountOptions};
@@ -158,16 +158,9 @@ pub enum OptimizeError {
     /// mount failed).
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
-    /// A layer's table of contents could not be read.
-    #[error("layer {index} ({digest}): {source}")]
-    Fetch {
-        /// Layer position.
-        index: usize,
-        /// Layer digest.
-        digest: Digest,
-        /// Cause.
-        source: FetchError,
-    },
+    /// A layer could not be opened for the lazy mount.
+    #[error(transparent)]
+    Layer(#[from] Box<LayerOpenError>),
     /// The chunk cache could not be set up.
     #[error("chunk cache: {0}")]
     Cache(#[from] CacheError),
@@ -274,30 +267,16 @@ pub async fn optimize(
         ..CacheConfig::default()
     })?);
     let limits = FetchLimits::new(8, 2);
-    let fetchers: Vec<Arc<Fetcher>> =
-        futures::future::try_join_all(manifest.layers.iter().enumerate().map(|(index, layer)| {
-            let cache = cache.clone();
-            let limits = limits.clone();
-            async move {
-                let source = src.layer_source(layer)?;
-                open_layer(
-                    source,
-                    layer.size,
-                    &layer.annotations,
-                    cache,
-                    limits,
-                    FetchConfig::default(),
-                    &TocFetchOptions::default(),
-                )
-                .await
-                .map_err(|source| OptimizeError::Fetch {
-                    index,
-                    digest: layer.digest,
-                    source,
-                })
-            }
-        }))
-        .await?;
+    let fetchers = open_image_layers(
+        src,
+        manifest.layers.iter().enumerate(),
+        &cache,
+        &limits,
+        &FetchConfig::default(),
+        &TocFetchOptions::default(),
+    )
+    .await
+    .map_err(Box::new)?;
     let recorders: Vec<Arc<AccessRecorder>> = fetchers
         .iter()
         .map(|_| Arc::new(AccessRecorder::new()))
