@@ -167,7 +167,7 @@ impl Metrics {
             ),
             (
                 "zest_toc_local_loads_total",
-                "Layer TOCs read back from the local TOC store.",
+                "Layer TOCs read back from the local TOC directory.",
                 s.toc_local_loads_total,
             ),
             (

@@ -28,7 +28,7 @@ pub(super) struct OpenedLayer {
     /// The descriptor as stored for restarts (zstd:chunked annotations only).
     pub(super) descriptor: Descriptor,
     pub(super) authenticated: bool,
-    /// The compressed TOC as fetched, until it is written to the TOC store.
+    /// The compressed TOC as fetched, until it is written to the TOC directory.
     pub(super) toc: Mutex<Option<Bytes>>,
 }
 

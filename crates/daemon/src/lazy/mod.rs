@@ -15,7 +15,7 @@
 //! | `classify` | which layers can be mounted lazily, and why not |
 //! | `manifests` | image manifests by digest (through the registry client), cached |
 //! | `layers` | one fetcher per layer digest, leases, idle LRU |
-//! | `tocs` | the on-disk TOC store, re-verified when read back |
+//! | `tocs` | the TOC directory: TOCs kept for restarts, re-verified when read back |
 //! | `restore` | details stored with a mount, remounting after a restart |
 //! | `settings` | [`LazyConfig`], [`LazyError`], [`LazyStats`] |
 //! | `cancel` | the cancellation flag of background tasks |

@@ -2,7 +2,7 @@
 //! snapshot ([`RemoteMounted::details`]) and the background loop that remounts it,
 //! with exponential backoff while its TOC cannot be had.
 //!
-//! Invariants: a restore never touches the network when the TOC store has the
+//! Invariants: a restore never touches the network when the TOC directory has the
 //! layer's TOC; it gives up at once on a permanent reason (the layer itself cannot
 //! be served) or when the snapshot directory is gone; it is cancelled when the
 //! snapshot is removed or the service stops, and then undoes a mount it made

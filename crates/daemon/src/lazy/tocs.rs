@@ -1,4 +1,4 @@
-//! The on-disk TOC store: the compressed TOC of every mounted layer, kept so that a
+//! The TOC directory: the compressed TOC of every mounted layer, kept so that a
 //! restart mounts the layers again without a request (`<dir>/<layer hex>.toc`).
 //!
 //! Invariants: a TOC read back is trusted only after it is decoded and verified
