@@ -114,6 +114,14 @@ async fn bench_prepares_images_and_measures_every_mode() {
 
     let run: BenchRun =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    // Provenance: the build (commit and profile) and the machine's load.
+    assert!(
+        run.info.build.starts_with("commit ") && run.info.build.ends_with(" build"),
+        "build: {:?}",
+        run.info.build
+    );
+    assert_eq!(run.info.load_start.split_whitespace().count(), 5);
+    assert_eq!(run.info.load_end.split_whitespace().count(), 5);
     for mode in Mode::ALL {
         let n = run.samples.iter().filter(|s| s.mode == mode).count();
         assert_eq!(n, 2, "samples of {mode}: {:#?}", run.samples);
@@ -125,8 +133,14 @@ async fn bench_prepares_images_and_measures_every_mode() {
             .filter(|s| s.mode == mode)
             .map(f)
             .collect();
-        v.sort();
-        v[0]
+        v.sort_unstable();
+        // The median; for an even count, the mean of the two middle values.
+        let mid = v.len() / 2;
+        if v.len() % 2 == 0 {
+            (v[mid - 1] + v[mid]) / 2
+        } else {
+            v[mid]
+        }
     };
     let full = median(Mode::Full, |s| s.fetched_bytes);
     let lazy = median(Mode::Lazy, |s| s.fetched_bytes);

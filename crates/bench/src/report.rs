@@ -157,6 +157,13 @@ impl<'a> View<'a> {
         };
         let _ = writeln!(out, "- Machine: {}", field(&info.machine));
         let _ = writeln!(out, "- zest: {}", field(&info.zest_version));
+        let _ = writeln!(out, "- Build: {}", field(&info.build));
+        let _ = writeln!(
+            out,
+            "- Load (/proc/loadavg): {} at the start, {} at the end",
+            field(&info.load_start),
+            field(&info.load_end)
+        );
         let _ = writeln!(out, "- Started: {}", field(&info.started));
         let _ = writeln!(out, "- Samples: {}\n", self.run.samples.len());
 
@@ -1231,6 +1238,9 @@ mod tests {
                 command: "zest bench --profiles region,wan --samples 5".into(),
                 machine: "test machine, 2 cores".into(),
                 zest_version: "0.1.0".into(),
+                build: "commit 0123abc, release build".into(),
+                load_start: "0.10 0.20 0.30 1/100 42".into(),
+                load_end: "1.50 0.60 0.40 2/101 43".into(),
                 started: "2025-01-02T03:04:05Z".into(),
                 profiles: vec![
                     ProfileInfo {
@@ -1383,6 +1393,8 @@ mod tests {
         assert!(md.contains("```sh\nzest bench --profiles region,wan --samples 5\n```"));
         assert!(md.contains("- Machine: test machine, 2 cores"));
         assert!(md.contains("- zest: 0.1.0"));
+        assert!(md.contains("- Build: commit 0123abc, release build"));
+        assert!(md.contains("- Load (/proc/loadavg): 0.10 0.20 0.30 1/100 42 at the start"));
         assert!(md.contains("- Started: 2025-01-02T03:04:05Z"));
         assert!(md.contains("- Samples: 100"));
         assert!(md.contains("| region | 20 ms | 200 Mbit/s |"));

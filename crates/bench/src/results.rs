@@ -140,6 +140,17 @@ pub struct RunInfo {
     pub machine: String,
     /// zest's version.
     pub zest_version: String,
+    /// The build that ran: git commit (with `-dirty` when the work tree had
+    /// uncommitted changes when it was built) and cargo profile.
+    #[serde(default)]
+    pub build: String,
+    /// `/proc/loadavg` when the run started: load averages over 1, 5 and 15
+    /// minutes, runnable/total tasks. A busy machine shows here.
+    #[serde(default)]
+    pub load_start: String,
+    /// `/proc/loadavg` when the run ended (or failed).
+    #[serde(default)]
+    pub load_end: String,
     /// When the run started (RFC 3339).
     pub started: String,
     /// The link profiles used, by name, in the order they ran.
@@ -458,5 +469,14 @@ mod tests {
         let json = serde_json::to_string(&run).unwrap();
         let back: BenchRun = serde_json::from_str(&json).unwrap();
         assert_eq!(back, run);
+    }
+
+    #[test]
+    fn results_written_before_provenance_was_recorded_still_load() {
+        let json = r#"{"info": {"command": "zest bench", "machine": "m", "zest_version": "0.1.0",
+            "started": "2025-01-02T03:04:05Z", "profiles": [], "workloads": []}, "samples": []}"#;
+        let run: BenchRun = serde_json::from_str(json).unwrap();
+        assert_eq!(run.info.build, "");
+        assert_eq!(run.info.load_start, "");
     }
 }

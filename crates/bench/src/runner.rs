@@ -242,6 +242,9 @@ pub async fn run(
             command: plan.command_line.clone(),
             machine: machine_description(),
             zest_version: env!("CARGO_PKG_VERSION").to_string(),
+            build: build_description(),
+            load_start: load_average(),
+            load_end: String::new(),
             started: chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             profiles: plan
                 .profiles
@@ -257,19 +260,29 @@ pub async fn run(
         samples: Vec::new(),
     };
     progress.status("reading the benchmark images");
+    let result = run_plan(plan, client, progress, &mut out).await;
+    out.info.load_end = load_average();
+    match result {
+        Ok(()) => Ok(out),
+        Err(e) => Err((out, e)),
+    }
+}
+
+async fn run_plan(
+    plan: &BenchPlan,
+    client: &RegistryClient,
+    progress: &dyn Progress,
+    out: &mut BenchRun,
+) -> Result<(), BenchError> {
     for w in &plan.workloads {
-        match describe_workload(plan, client, w).await {
-            Ok(info) => out.info.workloads.push(info),
-            Err(e) => return Err((out, e)),
-        }
+        let info = describe_workload(plan, client, w).await?;
+        out.info.workloads.push(info);
     }
     progress.start(plan.sample_count());
     for profile in &plan.profiles {
-        if let Err(e) = run_profile(plan, profile, progress, &mut out).await {
-            return Err((out, e));
-        }
+        run_profile(plan, profile, progress, out).await?;
     }
-    Ok(out)
+    Ok(())
 }
 
 async fn run_profile(
@@ -964,6 +977,23 @@ fn sum_metric(text: &str, name: &str) -> u64 {
             (metric == name).then(|| value.parse::<f64>().ok())?
         })
         .sum::<f64>() as u64
+}
+
+/// The git commit and cargo profile this code was built from (recorded by the
+/// crate's build script), as one line.
+pub fn build_description() -> String {
+    format!(
+        "commit {}, {} build",
+        env!("ZEST_BUILD_COMMIT"),
+        env!("ZEST_BUILD_PROFILE")
+    )
+}
+
+/// `/proc/loadavg` as it reads now ("unknown" where it cannot be read).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
 }
 
 /// CPU model and count, memory, kernel and OS, as one line.
