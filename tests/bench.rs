@@ -136,7 +136,7 @@ async fn bench_prepares_images_and_measures_every_mode() {
         v.sort_unstable();
         // The median; for an even count, the mean of the two middle values.
         let mid = v.len() / 2;
-        if v.len() % 2 == 0 {
+        if v.len().is_multiple_of(2) {
             (v[mid - 1] + v[mid]) / 2
         } else {
             v[mid]
