@@ -684,3 +684,61 @@ fn installer_points_containerd_at_zest() -> TestResult {
     }
     Ok(())
 }
+
+/// docs/operations.md covers every configuration key of packaging/config.toml, every
+/// metric zest exports and every fallback reason, so a new one cannot ship without
+/// its operator documentation.
+#[test]
+fn operations_doc_covers_keys_metrics_and_reasons() -> TestResult {
+    let read = |p: &str| std::fs::read_to_string(Path::new(REPO).join(p));
+    let doc = read("docs/operations.md")?;
+    let mut missing = Vec::new();
+
+    let key = regex::Regex::new(r"^(?:# )?([a-z_]+) = ")?;
+    let mut section = String::new();
+    let mut keys = 0;
+    for line in read("packaging/config.toml")?.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+        } else if let Some(k) = key.captures(line).and_then(|c| c.get(1)) {
+            keys += 1;
+            let name = format!("`{section}.{}`", k.as_str());
+            if !doc.contains(&name) {
+                missing.push(name);
+            }
+        }
+    }
+    assert!(keys > 40, "only {keys} keys found in packaging/config.toml");
+
+    let metric = regex::Regex::new(r#""(zest_[a-z_]+)""#)?;
+    let metrics_rs = read("crates/daemon/src/metrics.rs")?;
+    let production = metrics_rs.split("#[cfg(test)]").next().unwrap_or_default();
+    let names: BTreeSet<&str> = metric
+        .captures_iter(production)
+        .filter_map(|c| c.get(1).map(|m| m.as_str()))
+        .collect();
+    assert!(names.len() > 30, "only {} metrics found", names.len());
+    for name in names {
+        if !doc.contains(&format!("| `{name}` |")) {
+            missing.push(name.to_owned());
+        }
+    }
+
+    let reason = regex::Regex::new(r#"FallbackReason::\w+ => "([a-z-]+)""#)?;
+    let remote_rs = read("crates/snapshotter/src/remote.rs")?;
+    let codes: Vec<&str> = reason
+        .captures_iter(&remote_rs)
+        .filter_map(|c| c.get(1).map(|m| m.as_str()))
+        .collect();
+    assert!(codes.len() >= 10, "fallback codes found: {codes:?}");
+    for code in codes {
+        if !doc.contains(&format!("| `{code}` |")) {
+            missing.push(code.to_owned());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md does not document: {missing:?}"
+    );
+    Ok(())
+}
