@@ -48,7 +48,7 @@ install_file() {
   fi
   # Called as a condition, where set -e does not apply: every step checks itself.
   mkdir -p "$(dirname "$dst")" || die "cannot create $(dirname "$dst")"
-  cp "$src" "$dst.zest-new" && chmod "$mode" "$dst.zest-new" || die "cannot write $dst.zest-new"
+  { cp "$src" "$dst.zest-new" && chmod "$mode" "$dst.zest-new"; } || die "cannot write $dst.zest-new"
   # rename(2): a running binary is replaced without "text file busy".
   mv -f "$dst.zest-new" "$dst" || die "cannot replace $dst"
   log "installed $dst"
