@@ -8,7 +8,13 @@
 //!   configuration until its socket answers a snapshot call; then reinstall, remove
 //!   and purge leave what Debian semantics say they leave.
 //! - The Kubernetes manifests under `packaging/kubernetes/`, validated against
-//!   Kubernetes' schemas by `kubernetes-validate` (offline: the schemas ship with it).
+//!   Kubernetes' schemas by `kubernetes-validate` (offline: the schemas ship with it),
+//!   and the installer's edit of containerd's configuration, read back by the real
+//!   `containerd config dump`.
+//! - `docs/operations.md` documents every configuration key, metric and fallback
+//!   reason.
+//!
+//! Every command is bounded in time.
 
 mod support;
 
@@ -26,12 +32,42 @@ use support::{require_tool, unavailable};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-/// Runs `command`, failing with its output when it does not succeed.
-fn run(what: &str, command: &mut Command) -> TestResult<Output> {
-    let out = command
+/// Longest any one command of these tests may take.
+const COMMAND_LIMIT: Duration = Duration::from_secs(300);
+
+/// Runs `command` to completion, killing it after [`COMMAND_LIMIT`]. Its output goes
+/// through files, so a chatty command never blocks on a full pipe while waited for.
+fn bounded(what: &str, command: &mut Command) -> TestResult<Output> {
+    let dir = tempfile::tempdir()?;
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = command
         .stdin(Stdio::null())
-        .output()
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()
         .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > COMMAND_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what} did not finish within {COMMAND_LIMIT:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: std::fs::read(&out_path)?,
+        stderr: std::fs::read(&err_path)?,
+    })
+}
+
+/// Runs `command` (bounded), failing with its output when it does not succeed.
+fn run(what: &str, command: &mut Command) -> TestResult<Output> {
+    let out = bounded(what, command)?;
     if !out.status.success() {
         return Err(format!(
             "{what} failed ({}):\nstdout: {}\nstderr: {}",
@@ -105,10 +141,11 @@ impl Root {
                 .filter_map(|a| a.split_whitespace().next())
                 .collect();
             let found = names.iter().find_map(|name| {
-                let out = Command::new("dpkg-query")
-                    .args(["-s", name])
-                    .output()
-                    .ok()?;
+                let out = bounded(
+                    "dpkg-query -s",
+                    Command::new("dpkg-query").args(["-s", name]),
+                )
+                .ok()?;
                 out.status
                     .success()
                     .then(|| (name.to_string(), stdout(&out)))
@@ -153,13 +190,10 @@ impl Root {
     }
 
     fn status(&self) -> String {
-        Command::new("dpkg-query")
-            .arg(format!(
-                "--admindir={}",
-                self.path("var/lib/dpkg").display()
-            ))
-            .args(["-W", "-f", "${Status}", "zest"])
-            .output()
+        let admin = format!("--admindir={}", self.path("var/lib/dpkg").display());
+        let mut query = Command::new("dpkg-query");
+        query.arg(admin).args(["-W", "-f", "${Status}", "zest"]);
+        bounded("dpkg-query -W", &mut query)
             .map(|o| stdout(&o))
             .unwrap_or_default()
     }
@@ -580,7 +614,7 @@ fn kubernetes_manifests_validate() -> TestResult {
     for m in &manifests {
         command.arg(base.join(m));
     }
-    let out = command.stdin(Stdio::null()).output()?;
+    let out = bounded("kubernetes-validate", &mut command)?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -601,13 +635,14 @@ fn kubernetes_manifests_validate() -> TestResult {
 
 /// Runs the installer's containerd step on `file`, checked by the real containerd.
 fn merge(file: &Path) -> TestResult<Output> {
-    Ok(Command::new("bash")
-        .arg(Path::new(REPO).join("packaging/kubernetes/base/install.sh"))
-        .arg("merge-containerd-config")
-        .arg(file)
-        .env("ZEST_SOCKET", "/run/zest/zest.sock")
-        .stdin(Stdio::null())
-        .output()?)
+    bounded(
+        "install.sh merge-containerd-config",
+        Command::new("bash")
+            .arg(Path::new(REPO).join("packaging/kubernetes/base/install.sh"))
+            .arg("merge-containerd-config")
+            .arg(file)
+            .env("ZEST_SOCKET", "/run/zest/zest.sock"),
+    )
 }
 
 /// What containerd itself makes of a configuration file.
