@@ -212,6 +212,19 @@ fn mode(path: &Path) -> TestResult<u32> {
         & 0o7777)
 }
 
+/// Unmounts a test mount, also when the test fails.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.0)
+            .stdin(Stdio::null())
+            .status();
+    }
+}
+
 /// Kills the served process if the test fails before it is stopped.
 struct Served(Option<Child>);
 
@@ -531,10 +544,34 @@ async fn debian_package_installs_serves_and_purges() -> TestResult {
         "state kept"
     );
 
-    // A fresh install after a purge enables again; purge with ZEST_PURGE_STATE=1
-    // removes the state too.
+    // A fresh install after a purge enables again. Purge with ZEST_PURGE_STATE=1
+    // never removes across a mount (a container's layer still mounted there)...
     root.dpkg(&["--install", deb.to_str().ok_or("path")?], &[])?;
     assert!(root.enabled());
+    if support::require_root_and_fuse() {
+        let target = root.path("var/lib/zest/snapshots/1/fs");
+        std::fs::create_dir_all(&target)?;
+        run(
+            "mount tmpfs",
+            Command::new("mount")
+                .args(["-t", "tmpfs", "zest-test"])
+                .arg(&target),
+        )?;
+        let mounted = Unmount(target.clone());
+        std::fs::write(target.join("data"), "a container's file")?;
+        let purged = root.dpkg(&["--purge", "zest"], &[("ZEST_PURGE_STATE", "1")])?;
+        assert!(
+            String::from_utf8_lossy(&purged.stderr).contains("still mounted"),
+            "{purged:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(target.join("data"))?,
+            "a container's file"
+        );
+        drop(mounted);
+        root.dpkg(&["--install", deb.to_str().ok_or("path")?], &[])?;
+    }
+    // ... and otherwise removes the state too.
     root.dpkg(&["--purge", "zest"], &[("ZEST_PURGE_STATE", "1")])?;
     assert!(
         !root.path("var/lib/zest").exists(),
