@@ -17,6 +17,9 @@
 #
 # The host's filesystem is mounted at $ZEST_HOST_ROOT (default /host); commands run
 # on the host through nsenter into PID 1's namespaces (the pod has hostPID).
+# $ZEST_CONTAINERD_CONFIG and $ZEST_CONTAINERD_UNIT name containerd's configuration
+# file and systemd unit on the host (default /etc/containerd/config.toml and
+# containerd.service).
 #
 #   install.sh                               the installation above
 #   install.sh merge-containerd-config FILE  step 4 alone, on FILE, checked with the
@@ -26,6 +29,10 @@ set -euo pipefail
 host=${ZEST_HOST_ROOT:-/host}
 files=${ZEST_FILES:-/usr/share/zest}
 config_source=${ZEST_CONFIG_SOURCE:-/etc/zest-config/config.toml}
+# containerd as a systemd unit reading this file (kubeadm-style nodes); distributions
+# that template their own containerd configuration need these changed.
+containerd_config=${ZEST_CONTAINERD_CONFIG:-/etc/containerd/config.toml}
+containerd_unit=${ZEST_CONTAINERD_UNIT:-containerd.service}
 
 log() { echo "zest-installer: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -169,8 +176,8 @@ for _ in $(seq 1 120); do
 done
 [ -S "$host$socket" ] || die "zest did not create $socket within 60 s: see journalctl -u zest on the node"
 
-if merge_containerd_config "$host/etc/containerd/config.toml" /etc/containerd/config.toml on_host "$socket"; then
-  log "restarting containerd once to load the proxy plugin (running containers keep running)"
-  on_host systemctl restart containerd.service
+if merge_containerd_config "$host$containerd_config" "$containerd_config" on_host "$socket"; then
+  log "restarting $containerd_unit once to load the proxy plugin (running containers keep running)"
+  on_host systemctl restart "$containerd_unit"
 fi
 log "done"
