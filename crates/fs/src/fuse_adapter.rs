@@ -147,10 +147,7 @@ pub(crate) fn start(
             return Err(e);
         }
     };
-    let adapter = FuseLayer {
-        fs: Arc::clone(&fs),
-        opens: Mutex::new(HashMap::new()),
-    };
+    let adapter = FuseLayer::new(Arc::clone(&fs));
     // The kernel queued FUSE_INIT at mount time; `from_fd` answers it.
     let session =
         match fuser::Session::from_fd(adapter, fd, SessionACL::All, session_config(config)) {
@@ -181,10 +178,7 @@ pub(crate) fn resume(
 ) -> io::Result<FuseSession> {
     fs.set_passthrough_active(negotiated.passthrough);
     let kept = device.try_clone()?;
-    let adapter = FuseLayer {
-        fs,
-        opens: Mutex::new(HashMap::new()),
-    };
+    let adapter = FuseLayer::new(fs);
     let session = fuser::Session::from_fd_initialized(
         adapter,
         device,
@@ -241,6 +235,11 @@ fn spawn(
 /// The `fuser::Filesystem` face of a [`LayerFs`].
 struct FuseLayer {
     fs: Arc<LayerFs>,
+    /// The file handle of every open answered by this session. After a takeover,
+    /// files opened through the previous process carry its handles: their reads
+    /// are served by inode like any other, and their releases are answered
+    /// without touching this session's accounting (`opens`).
+    handle: u64,
     /// Open handles per inode and how they are served. The kernel refuses (EIO
     /// to the user) an inode opened both through the page cache and by
     /// passthrough at once, and wants one backing id per inode for all handles.
@@ -253,6 +252,22 @@ enum OpenMode {
     Cached(usize),
     /// By passthrough to a backing file; this many handles.
     Passthrough(BackingId, usize),
+}
+
+impl FuseLayer {
+    fn new(fs: Arc<LayerFs>) -> Self {
+        // Distinct from the handles of the process this session may take over
+        // from: the pid differs, and so, almost surely, does the time.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let handle = (u64::from(std::process::id()) << 32) | u64::from(nanos) | 1;
+        FuseLayer {
+            fs,
+            handle,
+            opens: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 fn errno(e: Errno) -> FuseErrno {
@@ -395,11 +410,11 @@ impl Filesystem for FuseLayer {
             Some(OpenMode::Passthrough(id, n)) => {
                 *n += 1;
                 self.fs.count_passthrough_open();
-                return reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id);
+                return reply.opened_passthrough(FileHandle(self.handle), FopenFlags::empty(), id);
             }
             Some(OpenMode::Cached(n)) => {
                 *n += 1;
-                return reply.opened(FileHandle(o.fh), f);
+                return reply.opened(FileHandle(self.handle), f);
             }
             None => {}
         }
@@ -407,7 +422,7 @@ impl Filesystem for FuseLayer {
             match reply.open_backing(&file) {
                 Ok(id) => {
                     self.fs.count_passthrough_open();
-                    reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
+                    reply.opened_passthrough(FileHandle(self.handle), FopenFlags::empty(), &id);
                     opens.insert(ino.0, OpenMode::Passthrough(id, 1));
                     return;
                 }
@@ -415,7 +430,7 @@ impl Filesystem for FuseLayer {
             }
         }
         opens.insert(ino.0, OpenMode::Cached(1));
-        reply.opened(FileHandle(o.fh), f);
+        reply.opened(FileHandle(self.handle), f);
     }
 
     fn read(
@@ -436,13 +451,18 @@ impl Filesystem for FuseLayer {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         reply.ok();
+        if fh.0 != self.handle {
+            // Opened through the previous process: nothing of ours to undo (a
+            // backing id it registered stays with the connection).
+            return;
+        }
         {
             let mut opens = self.opens.lock();
             let last = match opens.get_mut(&ino.0) {
