@@ -718,9 +718,11 @@ async fn systemd_fd_store_keeps_the_reading_container_whole() -> TestResult {
     restart_under_a_reading_container(Restart::Systemd).await
 }
 
-/// The registry is down across a crash of zest: the layers are taken over from the
-/// TOC directory without it, cached files read, an uncached one fails with EIO
-/// within the read deadline, and reads once the registry is back.
+/// A read in flight (zest waiting on a frozen registry) when zest is killed is
+/// resent by the kernel to the next zest and answered. Then the registry is down
+/// across a crash of zest: the layers are taken over from the TOC directory without
+/// it, cached files read, an uncached one fails with EIO within the read deadline,
+/// and reads once the registry is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_down_across_a_restart() -> TestResult {
     let tweaks = Tweaks {
@@ -771,6 +773,59 @@ async fn registry_down_across_a_restart() -> TestResult {
     assert!(out.success, "{out:?}");
     let hashes = parse_hashes(&out.stdout);
     assert_eq!(hashes.get("/files/f00"), expected.get("/files/f00"));
+
+    // A read in flight when zest dies: zest has read the request from the kernel
+    // and waits on a frozen registry. The next zest has the kernel resend it.
+    env.registry.freeze(true);
+    let in_flight = {
+        let containerd = env.containerd()?;
+        let out = std::fs::File::create(env.dir.path().join("in-flight.out"))?;
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&containerd.address)
+            .args(["--namespace", &containerd.namespace])
+            .args(["task", "exec", "--exec-id", "in-flight", &id])
+            // O_DIRECT: a synchronous read the kernel would not retry by itself.
+            .args([
+                "/bin/sh",
+                "-c",
+                "/bin/busybox dd if=/files/f20 iflag=direct bs=1M 2>/dev/null | sha256sum",
+            ])
+            .env("PATH", child_path())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+    };
+    let mut in_flight = in_flight?;
+    // Well within the registry timeouts (3 s), after which the read would fail.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    env.stop_serve(libc::SIGKILL)?;
+    env.registry.freeze(false);
+    env.start_serve(Path::new(env!("CARGO_BIN_EXE_zest")))
+        .await?;
+    env.wait_metric("zest_lazy_takeovers_total", 2).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = in_flight.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = in_flight.kill();
+            return Err(fail(format!(
+                "the in-flight read did not finish\n{}",
+                env.log()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let out = std::fs::read_to_string(env.dir.path().join("in-flight.out"))?;
+    assert!(
+        status.success(),
+        "in-flight read: {status} {out}\n{}",
+        env.log()
+    );
+    assert_eq!(parse_hashes(&out).get("-"), expected.get("/files/f20"));
 
     env.registry.stop();
     env.stop_serve(libc::SIGKILL)?;
