@@ -1536,3 +1536,56 @@ fn skopeo_zstd_chunked_layer_of_a_real_rootfs_matches_gnu_tar_extraction() {
         env.leftover_mounts()
     );
 }
+
+/// The fd holder keeps a real layer's FUSE connection while it is mounted and
+/// drops it by itself once the layer is unmounted (the kernel then reports the
+/// connection's descriptor as failed).
+#[test]
+fn fd_holder_drops_the_connection_of_an_unmounted_layer() {
+    let Some(env) = env() else { return };
+    let tar = data_layer(&env, "held", 2, 64 << 10);
+    let repo = env.repo("lazyfs/held");
+    let desc = env.push_layer(&repo, &tar, &WriteOptions::default());
+    let cache = cache_at(&env.path("cache"), 16 << 20, 0);
+    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
+    let mut m = env.mount(fetcher, "mnt");
+    let socket = env.dir.path().join("holder/fd-holder.sock");
+    let holder = zest_fdstore::HolderClient::connect_or_start(
+        &socket,
+        Box::new(|s: &Path| {
+            let options = zest_fdstore::HolderOptions {
+                socket: s.to_path_buf(),
+                idle_exit: Duration::from_secs(30),
+            };
+            std::thread::spawn(move || zest_fdstore::run_holder(&options));
+            Ok(())
+        }),
+    )
+    .expect("start an fd holder");
+    holder
+        .store(
+            "layer",
+            m.device().expect("a mounted layer has a connection"),
+        )
+        .expect("store the connection");
+    assert_eq!(holder.list().expect("list").len(), 1);
+    // Still served while a copy is held elsewhere.
+    assert_eq!(
+        std::fs::read(m.mountpoint().join("small.txt")).expect("read"),
+        b"a small file\n"
+    );
+    m.unmount().expect("unmount");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = holder.list().expect("list").len();
+        if held == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the holder kept a dead connection"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(env.leftover_mounts().is_empty());
+}

@@ -490,7 +490,18 @@ async fn debian_package_installs_serves_and_purges() -> TestResult {
                 .arg(root.path("lib/systemd/system/zest.service")),
         )?;
         let stderr = String::from_utf8_lossy(&verified.stderr);
-        let about_zest: Vec<&str> = stderr.lines().filter(|l| l.contains("zest")).collect();
+        // Keys newer than this machine's systemd are ignored by it, as intended: the
+        // unit documents which ones and what older systemd does without them.
+        let newer_keys = ["FileDescriptorStorePreserve"];
+        let about_zest: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("zest"))
+            .filter(|l| {
+                !newer_keys
+                    .iter()
+                    .any(|k| l.contains(&format!("Unknown key name '{k}'")))
+            })
+            .collect();
         assert!(
             about_zest.is_empty(),
             "systemd-analyze verify warns about the unit: {about_zest:?}"

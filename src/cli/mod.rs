@@ -4,6 +4,7 @@
 
 mod bench;
 mod convert;
+mod fd_holder;
 mod inspect;
 mod link;
 mod mount;
@@ -47,11 +48,26 @@ enum Command {
     Pull(pull::PullArgs),
     /// Run the containerd snapshotter service (lazy pulling of zstd:chunked layers).
     Serve(serve::ServeCommand),
+    /// Keep lazily mounted layers' FUSE connections across restarts of `zest serve`
+    /// (started by `zest serve` itself).
+    #[command(hide = true)]
+    FdHolder(fd_holder::FdHolderArgs),
 }
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The holder is one thread with a poll loop: no async runtime.
+    if let Command::FdHolder(args) = cli.command {
+        init_logging(cli.log.as_deref().unwrap_or("info"));
+        return match fd_holder::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // `serve` sets up logging once its configuration is read.
     if !matches!(cli.command, Command::Serve(_)) {
         init_logging(cli.log.as_deref().unwrap_or("warn"));
@@ -77,6 +93,7 @@ pub fn main() -> ExitCode {
             Command::Optimize(args) => optimize::run(args).await,
             Command::Pull(args) => pull::run(args).await,
             Command::Serve(args) => serve::run(args, cli.log).await,
+            Command::FdHolder(_) => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

@@ -10,8 +10,9 @@ use clap::Args;
 
 use zest_cache::ChunkCache;
 use zest_daemon::{
-    bind_metrics, serve_metrics, ConfigOverrides, LazyConfig, LazyLayerProvider, Metrics,
+    bind_metrics, serve_metrics, ConfigOverrides, Handover, LazyConfig, LazyLayerProvider, Metrics,
 };
+use zest_fdstore::{FdStore, HolderClient, SystemdFdStore};
 use zest_registry::RegistryClient;
 use zest_snapshotter::{shutdown_signal, NoRemoteLayers, RemoteLayerProvider, Server};
 
@@ -58,8 +59,13 @@ pub async fn run(args: ServeCommand, log_override: Option<String>) -> anyhow::Re
                 .context("opening the chunk cache")?
                 .context("opening the chunk cache")?;
             let lazy_config = LazyConfig::from_service(&config, state_dir.join("tocs"));
-            let provider = LazyLayerProvider::new(client, Arc::new(cache), lazy_config)
-                .context("setting up lazy layer mounts")?;
+            let dir = state_dir.clone();
+            let handover = tokio::task::spawn_blocking(move || open_handover(&dir))
+                .await
+                .context("opening the layer connection store")?;
+            let provider =
+                LazyLayerProvider::with_handover(client, Arc::new(cache), lazy_config, handover)
+                    .context("setting up lazy layer mounts")?;
             (provider.clone(), Some(provider))
         } else {
             tracing::info!(
@@ -87,4 +93,48 @@ pub async fn run(args: ServeCommand, log_override: Option<String>) -> anyhow::Re
         task.abort();
     }
     result.context("serving the snapshotter")
+}
+
+/// Where the FUSE connections of lazy mounts are kept across restarts: systemd's
+/// file descriptor store under systemd (when the unit allows one), else the fd
+/// holder on `<state dir>/fd-holder.sock`, started when none answers. `None` (mounts
+/// are released at stop, as without this) when neither can be had.
+fn open_handover(state_dir: &std::path::Path) -> Option<Handover> {
+    let store = match SystemdFdStore::from_env() {
+        Some(systemd) => {
+            // systemd sets $FDSTORE to FileDescriptorStoreMax= when it is not zero.
+            let allowed = std::env::var("FDSTORE")
+                .ok()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n > 0);
+            if !allowed {
+                tracing::warn!("run by systemd without FileDescriptorStoreMax= in the unit: lazily mounted layers will not survive a restart of zest (see packaging/zest.service)");
+                return None;
+            }
+            FdStore::Systemd(systemd)
+        }
+        None => {
+            let socket = state_dir.join("fd-holder.sock");
+            match HolderClient::connect_or_start(&socket, Box::new(super::fd_holder::start)) {
+                Ok(client) => FdStore::Holder(client),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no fd holder: lazily mounted layers will not survive a restart of zest");
+                    return None;
+                }
+            }
+        }
+    };
+    match Handover::open(store) {
+        Ok(handover) => {
+            tracing::info!(
+                store = handover.describe(),
+                "lazy layer connections are kept across restarts"
+            );
+            Some(handover)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the kept layer connections back: lazily mounted layers will not survive a restart of zest");
+            None
+        }
+    }
 }

@@ -285,6 +285,17 @@ impl Registry {
         panic!("docker-registry did not answer on 127.0.0.1 within 10 s; its log:\n{last_log}");
     }
 
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the registry process: while frozen,
+    /// connections are accepted by the kernel but nothing is answered.
+    #[allow(dead_code)] // not every test binary freezes the registry
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) on the process this value started.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
     /// Stops the registry process, keeping its port, storage and logs for
     /// [`Registry::restart`].
     pub fn stop(&mut self) {

@@ -14,7 +14,8 @@
 //!
 //! Wiring `zest serve`: read [`ConfigOverrides::service_config`], initialise logging
 //! from its `snapshotter.log_level`, build a [`LazyLayerProvider`] (registry client,
-//! chunk cache, [`LazyConfig::from_service`]), then `zest_snapshotter::Server::bind`
+//! chunk cache, [`LazyConfig::from_service`], and a [`Handover`] keeping the
+//! mounts' FUSE connections across restarts), then `zest_snapshotter::Server::bind`
 //! and `run`; serve [`Metrics`] with [`bind_metrics`] and [`serve_metrics`] when
 //! `snapshotter.metrics_address` is set.
 
@@ -26,5 +27,5 @@ pub use config::{
     CacheSection, ConfigOverrides, FetchSection, LazySection, RegistrySection, ServiceConfig,
     DEFAULT_CONFIG_PATH,
 };
-pub use lazy::{LazyConfig, LazyError, LazyLayerProvider, LazyStats};
+pub use lazy::{Handover, LazyConfig, LazyError, LazyLayerProvider, LazyStats};
 pub use metrics::{bind_metrics, serve_metrics, Metrics};

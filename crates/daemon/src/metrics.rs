@@ -142,8 +142,13 @@ impl Metrics {
             ),
             (
                 "zest_lazy_restores_total",
-                "Stored layers mounted again after a restart.",
+                "Stored layers mounted afresh after a restart (no live connection to take over).",
                 s.restores_total,
+            ),
+            (
+                "zest_lazy_takeovers_total",
+                "Stored layers whose live FUSE connection was taken over after a restart.",
+                s.takeovers_total,
             ),
             (
                 "zest_lazy_restore_failures_total",

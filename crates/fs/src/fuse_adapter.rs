@@ -3,17 +3,27 @@
 //! the FUSE library means rewriting this file and nothing else.
 //!
 //! It mounts with `mount(2)` itself through `zest_mount` (we run as root,
-//! so no setuid helper is involved) and then runs a `fuser` session on the already-mounted `/dev/fuse`
-//! descriptor, on a few worker threads with one cloned descriptor each.
-//! Unmounting is done by the caller (with [`zest_mount::umount`]); the workers end when the
-//! kernel tears the connection down.
+//! so no setuid helper is involved) and then runs a `fuser` session on the
+//! already-mounted `/dev/fuse` descriptor, on a few worker threads that all read
+//! that one descriptor. Unmounting is done by the caller (with
+//! [`zest_mount::umount`]); the workers end when the kernel tears the connection
+//! down.
+//!
+//! A connection can outlive the process: [`FuseSession::device`] is the descriptor
+//! to hand to another process, and [`resume`] serves such a descriptor again
+//! without a new FUSE_INIT (the kernel sends it once per connection), restoring
+//! what the first INIT negotiated ([`Negotiated`]) and asking the kernel to resend
+//! the requests the previous process had read but not answered. Workers share one
+//! descriptor rather than one cloned descriptor each because the kernel fails the
+//! unanswered requests of a cloned descriptor when it is closed; the requests read
+//! from the shared one survive as long as the kept descriptor does.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -43,12 +53,39 @@ pub(crate) struct FuseMountConfig {
     pub source: String,
 }
 
+/// What the kernel and the filesystem agreed at FUSE_INIT that a later process
+/// serving the same connection must honour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Negotiated {
+    /// Opens may be answered with a backing file (FUSE_PASSTHROUGH accepted).
+    pub passthrough: bool,
+}
+
 /// A running FUSE session: the worker threads of one mounted layer.
 pub(crate) struct FuseSession {
     thread: Option<JoinHandle<io::Result<()>>>,
+    /// A duplicate of the descriptor the workers read, to hand the connection over.
+    device: OwnedFd,
+    negotiated: Negotiated,
 }
 
 impl FuseSession {
+    /// The connection's `/dev/fuse` descriptor.
+    pub(crate) fn device(&self) -> BorrowedFd<'_> {
+        self.device.as_fd()
+    }
+
+    /// What the connection's FUSE_INIT negotiated.
+    pub(crate) fn negotiated(&self) -> Negotiated {
+        self.negotiated
+    }
+
+    /// Forgets the workers without waiting for them: they keep serving until the
+    /// process exits or the connection ends.
+    pub(crate) fn abandon(mut self) {
+        drop(self.thread.take());
+    }
+
     /// Waits for the workers to stop (they stop once the kernel connection is
     /// gone, i.e. after a successful unmount), at most `timeout`. Returns
     /// whether they stopped; if not, the thread is left detached.
@@ -103,37 +140,106 @@ pub(crate) fn start(
     }
     zest_mount::mount(&config.source, mountpoint, "fuse.zest", flags, &opts)?;
 
-    let mut fuse_config = Config::default();
-    fuse_config.acl = SessionACL::All;
-    fuse_config.n_threads = Some(config.threads.max(1));
-    fuse_config.clone_fd = true;
-    let adapter = FuseLayer {
-        fs,
-        opens: Mutex::new(HashMap::new()),
-    };
-    // The kernel queued FUSE_INIT at mount time; `from_fd` answers it.
-    let session = match fuser::Session::from_fd(adapter, fd, SessionACL::All, fuse_config) {
-        Ok(s) => s,
+    let device = match fd.try_clone() {
+        Ok(d) => d,
         Err(e) => {
             let _ = zest_mount::detach(mountpoint);
             return Err(e);
         }
     };
+    let adapter = FuseLayer::new(Arc::clone(&fs));
+    // The kernel queued FUSE_INIT at mount time; `from_fd` answers it.
+    let session =
+        match fuser::Session::from_fd(adapter, fd, SessionACL::All, session_config(config)) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = zest_mount::detach(mountpoint);
+                return Err(e);
+            }
+        };
+    let negotiated = Negotiated {
+        passthrough: fs.passthrough_active(),
+    };
+    spawn(session, device, negotiated).inspect_err(|_| {
+        let _ = zest_mount::detach(mountpoint);
+    })
+}
+
+/// Serves `device`, the descriptor of a connection another process initialised
+/// and served (its mount stays where it is), with `fs`. `negotiated` is what that
+/// connection's FUSE_INIT agreed. Requests the previous process had read but not
+/// answered are resent by the kernel (Linux 6.9 and later; before, they stay
+/// unanswered).
+pub(crate) fn resume(
+    fs: Arc<LayerFs>,
+    device: OwnedFd,
+    negotiated: Negotiated,
+    config: &FuseMountConfig,
+) -> io::Result<FuseSession> {
+    fs.set_passthrough_active(negotiated.passthrough);
+    let kept = device.try_clone()?;
+    let adapter = FuseLayer::new(fs);
+    let session = fuser::Session::from_fd_initialized(
+        adapter,
+        device,
+        SessionACL::All,
+        session_config(config),
+    );
+    request_resend(kept.as_fd());
+    spawn(session, kept, negotiated)
+}
+
+/// Asks the kernel to queue again every request of this connection that was read
+/// but not answered (FUSE_NOTIFY_RESEND; the resent requests carry bit 63 in their
+/// `unique`, which fuser echoes back unchanged in the reply).
+fn request_resend(device: BorrowedFd<'_>) {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    // struct fuse_out_header { u32 len; i32 error; u64 unique; }, with `error`
+    // carrying the notification code and `unique` 0.
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    // SAFETY: writes 16 bytes from a live buffer to a valid descriptor.
+    let n = unsafe { libc::write(device.as_raw_fd(), header.as_ptr().cast(), header.len()) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        // EINVAL: a kernel older than 6.9, which does not know the notification.
+        tracing::info!(error = %e, "the kernel cannot resend requests the previous process had read; those stay unanswered");
+    }
+}
+
+fn session_config(config: &FuseMountConfig) -> Config {
+    let mut fuse_config = Config::default();
+    fuse_config.acl = SessionACL::All;
+    fuse_config.n_threads = Some(config.threads.max(1));
+    // One descriptor for all workers: see the module docs.
+    fuse_config.clone_fd = false;
+    fuse_config
+}
+
+fn spawn(
+    session: fuser::Session<FuseLayer>,
+    device: OwnedFd,
+    negotiated: Negotiated,
+) -> io::Result<FuseSession> {
     let thread = std::thread::Builder::new()
         .name("zest-fuse".into())
-        .spawn(move || session.run());
-    match thread {
-        Ok(t) => Ok(FuseSession { thread: Some(t) }),
-        Err(e) => {
-            let _ = zest_mount::detach(mountpoint);
-            Err(e)
-        }
-    }
+        .spawn(move || session.run())?;
+    Ok(FuseSession {
+        thread: Some(thread),
+        device,
+        negotiated,
+    })
 }
 
 /// The `fuser::Filesystem` face of a [`LayerFs`].
 struct FuseLayer {
     fs: Arc<LayerFs>,
+    /// The file handle of every open answered by this session. After a takeover,
+    /// files opened through the previous process carry its handles: their reads
+    /// are served by inode like any other, and their releases are answered
+    /// without touching this session's accounting (`opens`).
+    handle: u64,
     /// Open handles per inode and how they are served. The kernel refuses (EIO
     /// to the user) an inode opened both through the page cache and by
     /// passthrough at once, and wants one backing id per inode for all handles.
@@ -146,6 +252,22 @@ enum OpenMode {
     Cached(usize),
     /// By passthrough to a backing file; this many handles.
     Passthrough(BackingId, usize),
+}
+
+impl FuseLayer {
+    fn new(fs: Arc<LayerFs>) -> Self {
+        // Distinct from the handles of the process this session may take over
+        // from: the pid differs, and so, almost surely, does the time.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let handle = (u64::from(std::process::id()) << 32) | u64::from(nanos) | 1;
+        FuseLayer {
+            fs,
+            handle,
+            opens: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 fn errno(e: Errno) -> FuseErrno {
@@ -288,11 +410,11 @@ impl Filesystem for FuseLayer {
             Some(OpenMode::Passthrough(id, n)) => {
                 *n += 1;
                 self.fs.count_passthrough_open();
-                return reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id);
+                return reply.opened_passthrough(FileHandle(self.handle), FopenFlags::empty(), id);
             }
             Some(OpenMode::Cached(n)) => {
                 *n += 1;
-                return reply.opened(FileHandle(o.fh), f);
+                return reply.opened(FileHandle(self.handle), f);
             }
             None => {}
         }
@@ -300,7 +422,7 @@ impl Filesystem for FuseLayer {
             match reply.open_backing(&file) {
                 Ok(id) => {
                     self.fs.count_passthrough_open();
-                    reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
+                    reply.opened_passthrough(FileHandle(self.handle), FopenFlags::empty(), &id);
                     opens.insert(ino.0, OpenMode::Passthrough(id, 1));
                     return;
                 }
@@ -308,7 +430,7 @@ impl Filesystem for FuseLayer {
             }
         }
         opens.insert(ino.0, OpenMode::Cached(1));
-        reply.opened(FileHandle(o.fh), f);
+        reply.opened(FileHandle(self.handle), f);
     }
 
     fn read(
@@ -329,13 +451,18 @@ impl Filesystem for FuseLayer {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         reply.ok();
+        if fh.0 != self.handle {
+            // Opened through the previous process: nothing of ours to undo (a
+            // backing id it registered stays with the connection).
+            return;
+        }
         {
             let mut opens = self.opens.lock();
             let last = match opens.get_mut(&ino.0) {

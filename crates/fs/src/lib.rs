@@ -36,6 +36,7 @@ pub mod passthrough;
 
 use std::time::SystemTime;
 
+pub use fuse_adapter::Negotiated;
 pub use layer::{AccessRecorder, LayerFs, LayerFsOptions, LayerFsStats, OpaqueXattr};
 pub use mount::{ImageMount, LayerMount, MountError, MountOptions};
 pub use passthrough::PassthroughStore;

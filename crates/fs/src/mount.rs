@@ -1,7 +1,9 @@
 //! Mounting layers and images.
 //!
 //! - [`LayerMount`]: one layer's FUSE filesystem mounted on a directory, with its
-//!   prefetch started; unmounted on [`LayerMount::unmount`] or drop.
+//!   prefetch started; unmounted on [`LayerMount::unmount`] or drop, or left
+//!   mounted for another process ([`LayerMount::leave_mounted`], which serves it
+//!   again with [`LayerMount::resume`]).
 //! - [`ImageMount`]: a read-only overlayfs stacking several [`LayerMount`]s (a
 //!   read-only bind mount for a single layer: overlayfs needs two lower layers
 //!   when it has no upper one). Dropping it unmounts the overlay, then every layer.
@@ -11,11 +13,12 @@
 //! connection.
 
 use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::fuse_adapter::{self, FuseMountConfig, FuseSession};
+use super::fuse_adapter::{self, FuseMountConfig, FuseSession, Negotiated};
 use super::layer::{LayerFs, LayerFsOptions};
 use zest_fetch::prefetch::{BackgroundFetch, PrefetchTask};
 use zest_fetch::Fetcher;
@@ -138,12 +141,7 @@ impl LayerMount {
                 source,
             })?;
         let fs = Arc::new(LayerFs::new(Arc::clone(&fetcher), options.fs.clone()));
-        let config = FuseMountConfig {
-            threads: options.threads.max(1),
-            dev: options.dev,
-            suid: options.suid,
-            source: options.source_name.clone(),
-        };
+        let config = fuse_config(options);
         let session =
             fuse_adapter::start(Arc::clone(&fs), &mountpoint, &config).map_err(|source| {
                 MountError::Fuse {
@@ -159,6 +157,63 @@ impl LayerMount {
             session: Some(session),
             prefetch,
         })
+    }
+
+    /// Serves the layer mounted on `mountpoint` by an earlier process through
+    /// `device`, that mount's `/dev/fuse` connection (see
+    /// [`LayerMount::device`]), without mounting anything; `negotiated` is what the
+    /// connection's FUSE_INIT agreed. The index behind `fetcher` must be the one the
+    /// earlier process served (inode numbers are derived from it). Starts the
+    /// prefetch like [`LayerMount::mount`]. Blocking.
+    pub fn resume(
+        fetcher: Arc<Fetcher>,
+        mountpoint: &Path,
+        device: OwnedFd,
+        negotiated: Negotiated,
+        options: &MountOptions,
+    ) -> Result<LayerMount, MountError> {
+        let fs = Arc::new(LayerFs::new(Arc::clone(&fetcher), options.fs.clone()));
+        let session =
+            fuse_adapter::resume(Arc::clone(&fs), device, negotiated, &fuse_config(options))
+                .map_err(|source| MountError::Fuse {
+                    path: mountpoint.to_path_buf(),
+                    source,
+                })?;
+        let prefetch = PrefetchTask::start(&fetcher, options.prefetch, options.background);
+        tracing::debug!(mountpoint = %mountpoint.display(), blob = %fetcher.describe(), "layer connection taken over");
+        Ok(LayerMount {
+            mountpoint: mountpoint.to_path_buf(),
+            fs,
+            session: Some(session),
+            prefetch,
+        })
+    }
+
+    /// The mount's `/dev/fuse` connection, to keep it for a later process; `None`
+    /// once unmounted.
+    pub fn device(&self) -> Option<BorrowedFd<'_>> {
+        self.session.as_ref().map(FuseSession::device)
+    }
+
+    /// What the connection's FUSE_INIT negotiated, to give to [`LayerMount::resume`].
+    pub fn negotiated(&self) -> Negotiated {
+        self.session
+            .as_ref()
+            .map(FuseSession::negotiated)
+            .unwrap_or_default()
+    }
+
+    /// Stops the prefetch and leaves the layer mounted, its workers serving until
+    /// the process exits. Use it only when another process will serve the
+    /// connection (it must hold a copy of [`LayerMount::device`]): otherwise the
+    /// mount dies with this process.
+    pub fn leave_mounted(mut self) {
+        if let Some(p) = self.prefetch.take() {
+            p.stop();
+        }
+        if let Some(session) = self.session.take() {
+            session.abandon();
+        }
     }
 
     /// The directory the layer is mounted on.
@@ -349,6 +404,15 @@ impl Drop for ImageMount {
         while let Some(mut layer) = self.layers.pop() {
             layer.unmount_or_detach();
         }
+    }
+}
+
+fn fuse_config(options: &MountOptions) -> FuseMountConfig {
+    FuseMountConfig {
+        threads: options.threads.max(1),
+        dev: options.dev,
+        suid: options.suid,
+        source: options.source_name.clone(),
     }
 }
 

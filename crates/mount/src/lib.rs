@@ -414,6 +414,31 @@ pub fn is_mount_point(path: &Path) -> Result<bool, SysError> {
     Ok(mount_points()?.iter().any(|p| p == path))
 }
 
+/// The filesystem type (`fuse.zest`, `overlay`, ...) of the topmost mount on
+/// `path` exactly, or `None` when `path` is not a mount point.
+pub fn mount_type(path: &Path) -> Result<Option<String>, SysError> {
+    let table = fs::read(MOUNTINFO)
+        .map_err(|e| SysError::io("read mount table", Path::new(MOUNTINFO), e))?;
+    let mut found = None;
+    for line in table.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        // Field 5 is the mount point; the type follows the "-" separator (proc(5)).
+        let Some(point) = fields.get(4) else { continue };
+        if unescape_mountinfo(point) != path {
+            continue;
+        }
+        let fstype = fields
+            .iter()
+            .position(|f| *f == b"-")
+            .and_then(|i| fields.get(i + 1));
+        if let Some(t) = fstype {
+            // Later lines are mounted on top of earlier ones.
+            found = Some(String::from_utf8_lossy(t).into_owned());
+        }
+    }
+    Ok(found)
+}
+
 /// Every mount point of this process's mount namespace, in table order.
 fn mount_points() -> Result<Vec<PathBuf>, SysError> {
     let table = fs::read(MOUNTINFO)
@@ -554,6 +579,16 @@ mod tests {
             PathBuf::from(r"/trailing\04")
         );
         assert_eq!(unescape_mountinfo(br"\"), PathBuf::from("\\"));
+    }
+
+    #[test]
+    fn mount_type_reads_the_table() -> Result<(), Box<dyn std::error::Error>> {
+        // The root is always mounted, and with some type; a fresh directory is not a
+        // mount point.
+        assert!(mount_type(Path::new("/"))?.is_some_and(|t| !t.is_empty()));
+        let dir = tempfile::tempdir()?;
+        assert_eq!(mount_type(dir.path())?, None);
+        Ok(())
     }
 
     #[test]

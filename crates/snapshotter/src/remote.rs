@@ -224,10 +224,11 @@ pub trait RemoteLayerProvider: Send + Sync + 'static {
         target_dir: &Path,
     ) -> Result<RemoteMounted, Fallback>;
 
-    /// Re-establishes the mount of a stored remote layer after a restart of the
-    /// service, if it is not mounted any more. `target_dir` may still hold a dead
-    /// mount of the previous run (served by a process that is gone): detach it before
-    /// mounting again. Called in the background at startup; the default does nothing.
+    /// Serves a stored remote layer again after a restart of the service.
+    /// `target_dir` may still hold the previous run's mount: a live one whose
+    /// connection the provider kept is to be taken over, a dead one (served by a
+    /// process that is gone) detached before mounting again. Called in the
+    /// background at startup; the default does nothing.
     async fn restore(&self, _layer: &RemoteLayer, _target_dir: &Path) -> Result<(), RemoteError> {
         Ok(())
     }

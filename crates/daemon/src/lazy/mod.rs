@@ -16,7 +16,8 @@
 //! | `manifests` | image manifests by digest (through the registry client), cached |
 //! | `layers` | one fetcher per layer digest, leases, idle LRU |
 //! | `tocs` | the TOC directory: TOCs kept for restarts, re-verified when read back |
-//! | `restore` | details stored with a mount, remounting after a restart |
+//! | `restore` | details stored with a mount, taking a layer over or remounting it after a restart |
+//! | `handover` | each mount's FUSE connection kept outside the process, for the next one |
 //! | `settings` | [`LazyConfig`], [`LazyError`], [`LazyStats`] |
 //! | `cancel` | the cancellation flag of background tasks |
 //!
@@ -26,10 +27,13 @@
 //! lifetimes (removing one chain never touches another's mount), and the cost of a
 //! second mount is a few idle threads, the data coming from the shared chunk cache.
 //!
-//! FUSE mounts are served by this process and cannot outlive it: when it exits, the
-//! kernel aborts their connections and running containers get `ENOTCONN` on lazy
-//! layers. So both shutdown modes release the mounts (state, TOCs and the chunk cache
-//! are kept, and the layers are mounted again at the next start).
+//! Restarts: with a [`Handover`], every mount's `/dev/fuse` connection is kept
+//! outside the process (the fd holder or systemd's store). A crash, SIGTERM or
+//! binary upgrade then leaves the mounts in place; requests wait in the kernel
+//! until the next process takes each connection over (`restore`), and running
+//! containers never see an error. SIGINT, removing a snapshot, or running without
+//! a handover release mounts instead (state, TOCs and the chunk cache are kept,
+//! and stored layers are mounted afresh at the next start).
 //!
 //! Invariants: every byte served is verified through the chain manifest digest →
 //! TOC digest → chunk digest; no lock is held across an await; every network wait is
@@ -38,12 +42,14 @@
 
 mod cancel;
 mod classify;
+mod handover;
 mod layers;
 mod manifests;
 mod restore;
 mod settings;
 mod tocs;
 
+pub use handover::Handover;
 pub use settings::{LazyConfig, LazyError, LazyStats};
 
 use parking_lot::Mutex;
@@ -100,12 +106,15 @@ struct Inner {
     stop: Arc<Cancel>,
     /// Bounds background TOC work: prefetch of following layers, and restores.
     toc_work: Arc<Semaphore>,
+    /// Where mounts' connections are kept for the next process, if anywhere.
+    handover: Option<Arc<Handover>>,
 }
 
 #[derive(Default)]
 struct Counters {
     mounts: AtomicU64,
     restores: AtomicU64,
+    takeovers: AtomicU64,
     restore_failures: AtomicU64,
     toc_fetches: AtomicU64,
     toc_bytes: AtomicU64,
@@ -135,6 +144,8 @@ enum Slot {
 struct MountedLayer {
     mount: LayerMount,
     lease: LayerLease,
+    /// Its connection is kept outside the process: the mount may outlive it.
+    kept: bool,
 }
 
 impl LazyLayerProvider {
@@ -145,6 +156,18 @@ impl LazyLayerProvider {
         client: RegistryClient,
         cache: Arc<ChunkCache>,
         config: LazyConfig,
+    ) -> Result<Arc<Self>, LazyError> {
+        Self::with_handover(client, cache, config, None)
+    }
+
+    /// Like [`LazyLayerProvider::new`], keeping every mount's connection in
+    /// `handover` so that mounts survive a restart of the process, and taking over
+    /// the connections the previous process kept there.
+    pub fn with_handover(
+        client: RegistryClient,
+        cache: Arc<ChunkCache>,
+        config: LazyConfig,
+        handover: Option<Handover>,
     ) -> Result<Arc<Self>, LazyError> {
         let tocs = TocStore::open(config.toc_dir.clone())?;
         Ok(Arc::new(LazyLayerProvider {
@@ -163,6 +186,7 @@ impl LazyLayerProvider {
                 counters: Counters::default(),
                 stop: Arc::new(Cancel::default()),
                 toc_work: Arc::new(Semaphore::new(config.toc_prefetch_parallelism.max(1))),
+                handover: handover.map(Arc::new),
                 config,
             }),
         }))
@@ -189,6 +213,7 @@ impl LazyLayerProvider {
             idle_layers,
             mounts_total: g(&c.mounts),
             restores_total: g(&c.restores),
+            takeovers_total: g(&c.takeovers),
             restore_failures_total: g(&c.restore_failures),
             toc_fetches_total: g(&c.toc_fetches),
             toc_bytes_total: g(&c.toc_bytes),
@@ -358,11 +383,15 @@ impl Inner {
                 ),
             )
         };
-        let mounted =
-            tokio::task::spawn_blocking(move || LayerMount::mount(fetcher, &dir, &options))
-                .await
-                .map_err(|e| failed(format!("mount task failed: {e}")))?
-                .map_err(|e| failed(e.to_string()))?;
+        let handover = self.handover.clone();
+        let (mounted, kept) = tokio::task::spawn_blocking(move || {
+            let mounted = LayerMount::mount(fetcher, &dir, &options)?;
+            let kept = handover.is_some_and(|h| h.keep(&mounted));
+            Ok::<_, zest_fs::MountError>((mounted, kept))
+        })
+        .await
+        .map_err(|e| failed(format!("mount task failed: {e}")))?
+        .map_err(|e| failed(e.to_string()))?;
         self.counters.bump(&self.counters.mounts, 1);
         let toc = opened.toc.lock().take();
         if let Some(toc) = toc {
@@ -371,6 +400,50 @@ impl Inner {
         Ok(MountedLayer {
             mount: mounted,
             lease,
+            kept,
+        })
+    }
+
+    /// Serves the held layer through `kept`, the connection of the mount the
+    /// previous process left on `target`, without mounting anything.
+    async fn resume(
+        &self,
+        lease: LayerLease,
+        target: &Path,
+        kept: handover::Kept,
+    ) -> Result<MountedLayer, Fallback> {
+        let Some(opened) = lease.opened().cloned() else {
+            return Err(Fallback::new(
+                FallbackReason::MountFailed,
+                format!(
+                    "layer {}: index missing after open (internal error)",
+                    lease.entry.digest
+                ),
+            ));
+        };
+        let fetcher = Arc::clone(&opened.fetcher);
+        let options = self.config.mount.clone();
+        let dir = target.to_path_buf();
+        let mounted = tokio::task::spawn_blocking(move || {
+            LayerMount::resume(fetcher, &dir, kept.fd, kept.negotiated, &options)
+        })
+        .await
+        .map_err(|e| format!("takeover task failed: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|e| {
+            Fallback::new(
+                FallbackReason::MountFailed,
+                format!(
+                    "cannot take over layer {} on {}: {e}",
+                    opened.descriptor.digest,
+                    target.display()
+                ),
+            )
+        })?;
+        Ok(MountedLayer {
+            mount: mounted,
+            lease,
+            kept: true,
         })
     }
 
@@ -615,9 +688,16 @@ impl RemoteLayerProvider for LazyLayerProvider {
         match slot {
             Some(Slot::Mounted(mounted)) => {
                 let digest = mounted.lease.entry.digest;
+                let handover = inner.handover.clone();
+                let dir = target_dir.to_path_buf();
                 let joined = tokio::task::spawn_blocking(move || {
                     let mut mounted = mounted;
                     mounted.mount.unmount_or_detach();
+                    // After the unmount, so that the connection is never without a
+                    // holder while it is mounted.
+                    if let Some(h) = handover {
+                        h.forget(&dir);
+                    }
                 })
                 .await;
                 if let Err(e) = joined {
@@ -628,6 +708,10 @@ impl RemoteLayerProvider for LazyLayerProvider {
             }
             Some(Slot::Restoring { cancel, digest, .. }) => {
                 cancel.cancel();
+                if let Some(h) = inner.handover.clone() {
+                    let dir = target_dir.to_path_buf();
+                    let _ = tokio::task::spawn_blocking(move || h.forget(&dir)).await;
+                }
                 inner.forget_toc_if_unused(digest).await;
             }
             None => {}
@@ -644,24 +728,50 @@ impl RemoteLayerProvider for LazyLayerProvider {
             .filter(|(_, s)| matches!(s, Slot::Mounted(_)))
             .count();
         let cache = Arc::clone(&inner.cache);
-        // FUSE sessions live in this process and end with it whatever the mode, so
-        // release them cleanly now; stored state, TOCs and the cache stay.
+        // SIGTERM leaves the mounts whose connection is kept outside the process:
+        // the next process takes them over. SIGINT releases everything (and drops
+        // the kept connections), as does a mount nobody keeps, which would die
+        // with this process anyway.
+        let release_all = mode == ShutdownMode::Interrupt;
+        let handover = inner.handover.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            for (_, slot) in slots {
-                if let Slot::Mounted(mut mounted) = slot {
-                    mounted.mount.unmount_or_detach();
+            let (mut left, mut released) = (0usize, 0usize);
+            for (dir, slot) in slots {
+                match slot {
+                    Slot::Mounted(mounted) if mounted.kept && !release_all => {
+                        mounted.mount.leave_mounted();
+                        left += 1;
+                    }
+                    Slot::Mounted(mut mounted) => {
+                        mounted.mount.unmount_or_detach();
+                        released += 1;
+                        if let Some(h) = &handover {
+                            h.forget(&dir);
+                        }
+                    }
+                    Slot::Restoring { .. } => {
+                        if let (Some(h), true) = (&handover, release_all) {
+                            if handover::is_layer_mount(&dir) {
+                                let _ = zest_mount::detach(&dir);
+                            }
+                            h.forget(&dir);
+                        }
+                    }
                 }
             }
             cache.flush();
+            (left, released)
         })
         .await;
-        if let Err(e) = joined {
-            tracing::error!(error = %e, "releasing lazy mounts failed");
+        match joined {
+            Ok((left, released)) => tracing::info!(
+                ?mode,
+                mounted = count,
+                left_for_next_start = left,
+                released,
+                "lazy layers: mounts with a kept connection are taken over at the next start; released ones are mounted again"
+            ),
+            Err(e) => tracing::error!(error = %e, "releasing lazy mounts failed"),
         }
-        tracing::info!(
-            ?mode,
-            released = count,
-            "lazy layer mounts released; they are mounted again at the next start"
-        );
     }
 }

@@ -1,12 +1,19 @@
-//! Mounting stored layers again after a restart: what a mount stores with its
-//! snapshot ([`RemoteMounted::details`]) and the background loop that remounts it,
-//! with exponential backoff while its TOC cannot be had.
+//! Serving stored layers again after a restart: what a mount stores with its
+//! snapshot ([`RemoteMounted::details`]) and the background loop that brings it
+//! back, with exponential backoff while its TOC cannot be had.
+//!
+//! A layer whose FUSE connection the previous process kept (see `handover`) and
+//! whose directory is still its mount is *taken over*: the layer index is rebuilt
+//! from the TOC directory (inode numbers follow from it) and the same connection
+//! is served again, so processes reading the layer only waited. Otherwise the
+//! dead mount is detached and the layer mounted afresh.
 //!
 //! Invariants: a restore never touches the network when the TOC directory has the
-//! layer's TOC; it gives up at once on a permanent reason (the layer itself cannot
-//! be served) or when the snapshot directory is gone; it is cancelled when the
-//! snapshot is removed or the service stops, and then undoes a mount it made
-//! meanwhile; concurrent restores are bounded by the TOC work semaphore.
+//! layer's TOC; a live kept connection is never detached (readers would fail);
+//! it gives up at once on a permanent reason (the layer itself cannot be served) or
+//! when the snapshot directory is gone; it is cancelled when the snapshot is
+//! removed or the service stops, and then undoes a mount it made meanwhile;
+//! concurrent restores are bounded by the TOC work semaphore.
 
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -16,6 +23,7 @@ use std::time::Duration;
 
 use super::cancel::Cancel;
 use super::classify::is_permanent;
+use super::handover::{self, Kept};
 use super::{Inner, Slot};
 use zest_oci::{Descriptor, Repository};
 use zest_snapshotter::{Fallback, FallbackReason, RemoteError, RemoteLayer, RemoteMounted};
@@ -106,6 +114,33 @@ async fn is_dir(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The connection the previous process kept for `dir`, if it is alive and `dir` is
+/// still its mount; a dead or misplaced one is dropped from the store.
+async fn live_connection(
+    inner: &Inner,
+    dir: &Path,
+    layer: &zest_oci::digest::Digest,
+) -> Option<Kept> {
+    let handover = inner.handover.clone()?;
+    let kept = handover.claim(dir)?;
+    let dir = dir.to_path_buf();
+    let layer = *layer;
+    tokio::task::spawn_blocking(move || {
+        let alive = handover::connection_alive(&kept.fd);
+        let mounted = handover::is_layer_mount(&dir);
+        if alive && mounted {
+            return Some(kept);
+        }
+        tracing::info!(%layer, dir = %dir.display(), alive, mounted, "the kept connection cannot be taken over; mounting afresh");
+        drop(kept);
+        handover.forget(&dir);
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 fn cancelled() -> RemoteError {
     RemoteError("restore cancelled: the snapshot was removed or the service is stopping".into())
 }
@@ -134,21 +169,46 @@ pub(super) async fn restore(
             },
         );
     }
-    let dir = target_dir.to_path_buf();
-    let _ = tokio::task::spawn_blocking(move || detach_stale(&dir)).await;
+    let mut live = live_connection(inner, target_dir, &desc.digest).await;
+    if live.is_none() {
+        let dir = target_dir.to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || detach_stale(&dir)).await;
+    }
     let mut delay = INITIAL_BACKOFF;
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let result = if is_dir(target_dir).await {
+        // Never stat a live kept mount: that waits on the connection this task is
+        // about to serve. The mount table vouched for it.
+        let result = if live.is_some() || is_dir(target_dir).await {
             // Bounded like TOC prefetch: a start with many layers whose TOCs must
             // come from the registry does not open them all at once.
             let Ok(_permit) = inner.toc_work.acquire().await else {
                 return Err(RemoteError("the service is stopping".into()));
             };
-            match inner.open_shared(&repository, &desc).await {
-                Ok(lease) => inner.mount(lease, target_dir).await,
-                Err(fallback) => Err(fallback),
+            match (inner.open_shared(&repository, &desc).await, live.take()) {
+                (Ok(lease), Some(kept)) => {
+                    let resumed = inner.resume(lease, target_dir, kept).await;
+                    if resumed.is_err() {
+                        // The connection is gone with the failed attempt: the next
+                        // one mounts afresh, after the mount nobody serves.
+                        let dir = target_dir.to_path_buf();
+                        let handover = inner.handover.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            detach_stale(&dir);
+                            if let Some(h) = handover {
+                                h.forget(&dir);
+                            }
+                        })
+                        .await;
+                    }
+                    resumed.map(|m| (m, true))
+                }
+                (Ok(lease), None) => inner.mount(lease, target_dir).await.map(|m| (m, false)),
+                (Err(fallback), kept) => {
+                    live = kept;
+                    Err(fallback)
+                }
             }
         } else {
             Err(Fallback::new(
@@ -157,7 +217,7 @@ pub(super) async fn restore(
             ))
         };
         match result {
-            Ok(mounted) => {
+            Ok((mounted, taken_over)) => {
                 // Install the mount unless the snapshot was removed (or the
                 // service began stopping) meanwhile; then undo it instead.
                 let unwanted = {
@@ -175,14 +235,19 @@ pub(super) async fn restore(
                         .await;
                     return Err(cancelled());
                 }
-                inner.counters.bump(&inner.counters.restores, 1);
-                tracing::info!(layer = %desc.digest, dir = %target_dir.display(), attempt, "lazy layer mounted again");
+                if taken_over {
+                    inner.counters.bump(&inner.counters.takeovers, 1);
+                    tracing::info!(layer = %desc.digest, dir = %target_dir.display(), attempt, "lazy layer taken over: its mount stayed in place");
+                } else {
+                    inner.counters.bump(&inner.counters.restores, 1);
+                    tracing::info!(layer = %desc.digest, dir = %target_dir.display(), attempt, "lazy layer mounted afresh");
+                }
                 return Ok(());
             }
             Err(fallback) => {
                 inner.counters.bump(&inner.counters.restore_failures, 1);
                 *last_error.lock() = fallback.to_string();
-                if is_permanent(fallback.reason) || !is_dir(target_dir).await {
+                if is_permanent(fallback.reason) || (live.is_none() && !is_dir(target_dir).await) {
                     return Err(RemoteError(format!(
                         "cannot mount layer {} again: {fallback}",
                         desc.digest

@@ -110,8 +110,10 @@ pub struct LazyStats {
     pub idle_layers: usize,
     /// Lazy mounts made (prepares and restores).
     pub mounts_total: u64,
-    /// Stored layers mounted again after a restart.
+    /// Stored layers mounted afresh after a restart (no live connection to take over).
     pub restores_total: u64,
+    /// Stored layers whose live connection was taken over after a restart.
+    pub takeovers_total: u64,
     /// Failed restore attempts (each retried with backoff unless permanent).
     pub restore_failures_total: u64,
     /// TOCs fetched from a registry.
