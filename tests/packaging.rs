@@ -499,7 +499,7 @@ async fn debian_package_installs_serves_and_purges() -> TestResult {
             .filter(|l| {
                 !newer_keys
                     .iter()
-                    .any(|k| l.contains(&format!("Unknown key name '{k}'")))
+                    .any(|k| l.contains(&format!("Unknown key '{k}'")))
             })
             .collect();
         assert!(
