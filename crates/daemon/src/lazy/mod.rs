@@ -55,7 +55,7 @@ pub use settings::{LazyConfig, LazyError, LazyStats};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -108,6 +108,8 @@ struct Inner {
     toc_work: Arc<Semaphore>,
     /// Where mounts' connections are kept for the next process, if anywhere.
     handover: Option<Arc<Handover>>,
+    /// Set when the service stopped leaving mounts for the next process.
+    left_mounted: AtomicBool,
 }
 
 #[derive(Default)]
@@ -187,9 +189,18 @@ impl LazyLayerProvider {
                 stop: Arc::new(Cancel::default()),
                 toc_work: Arc::new(Semaphore::new(config.toc_prefetch_parallelism.max(1))),
                 handover: handover.map(Arc::new),
+                left_mounted: AtomicBool::new(false),
                 config,
             }),
         }))
+    }
+
+    /// Whether the service stopped leaving layer mounts in place for the next
+    /// process. The process must then exit without dropping its async runtime:
+    /// dropping a read that still waits for data answers it with an error, while a
+    /// read left unanswered is resent by the kernel to the next process.
+    pub fn left_mounted(&self) -> bool {
+        self.inner.left_mounted.load(Ordering::Relaxed)
     }
 
     /// Counters and gauges.
@@ -763,6 +774,9 @@ impl RemoteLayerProvider for LazyLayerProvider {
             (left, released)
         })
         .await;
+        if let Ok((left, _)) = &joined {
+            inner.left_mounted.store(*left > 0, Ordering::Relaxed);
+        }
         match joined {
             Ok((left, released)) => tracing::info!(
                 ?mode,
