@@ -80,6 +80,10 @@ use zest_snapshotter::{
 };
 use zest_store::RegistryBlob;
 
+/// How long connections kept by the previous process wait to be claimed by a
+/// restore before they are dropped as orphans.
+const UNCLAIMED_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Mounts zstd:chunked layers lazily. Cheap to share (`Arc`); see the module docs.
 pub struct LazyLayerProvider {
     inner: Arc<Inner>,
@@ -172,7 +176,7 @@ impl LazyLayerProvider {
         handover: Option<Handover>,
     ) -> Result<Arc<Self>, LazyError> {
         let tocs = TocStore::open(config.toc_dir.clone())?;
-        Ok(Arc::new(LazyLayerProvider {
+        let provider = Arc::new(LazyLayerProvider {
             inner: Arc::new(Inner {
                 manifests: Manifests::new(
                     client.clone(),
@@ -192,7 +196,21 @@ impl LazyLayerProvider {
                 left_mounted: AtomicBool::new(false),
                 config,
             }),
-        }))
+        });
+        if let Some(handover) = provider.inner.handover.clone() {
+            // Restores claim their connections as soon as the snapshotter starts
+            // them, right after this; what is left after a grace period has no
+            // snapshot.
+            let stop = Arc::clone(&provider.inner.stop);
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(UNCLAIMED_GRACE) => {}
+                    () = stop.cancelled() => return,
+                }
+                let _ = tokio::task::spawn_blocking(move || handover.drop_unclaimed()).await;
+            });
+        }
+        Ok(provider)
     }
 
     /// Whether the service stopped leaving layer mounts in place for the next
