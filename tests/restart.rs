@@ -774,58 +774,68 @@ async fn registry_down_across_a_restart() -> TestResult {
     let hashes = parse_hashes(&out.stdout);
     assert_eq!(hashes.get("/files/f00"), expected.get("/files/f00"));
 
-    // A read in flight when zest dies: zest has read the request from the kernel
-    // and waits on a frozen registry. The next zest has the kernel resend it.
-    env.registry.freeze(true);
-    let in_flight = {
-        let containerd = env.containerd()?;
-        let out = std::fs::File::create(env.dir.path().join("in-flight.out"))?;
-        Command::new("ctr")
-            .arg("--address")
-            .arg(&containerd.address)
-            .args(["--namespace", &containerd.namespace])
-            .args(["task", "exec", "--exec-id", "in-flight", &id])
-            // O_DIRECT: a synchronous read the kernel would not retry by itself.
-            .args([
-                "/bin/sh",
-                "-c",
-                "/bin/busybox dd if=/files/f20 iflag=direct bs=1M 2>/dev/null | sha256sum",
-            ])
-            .env("PATH", child_path())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(Stdio::null())
-            .spawn()
-    };
-    let mut in_flight = in_flight?;
-    // Well within the registry timeouts (3 s), after which the read would fail.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    env.stop_serve(libc::SIGKILL)?;
-    env.registry.freeze(false);
-    env.start_serve(Path::new(env!("CARGO_BIN_EXE_zest")))
-        .await?;
-    env.wait_metric("zest_lazy_takeovers_total", 2).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = in_flight.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = in_flight.kill();
-            return Err(fail(format!(
-                "the in-flight read did not finish\n{}",
-                env.log()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let out = std::fs::read_to_string(env.dir.path().join("in-flight.out"))?;
-    assert!(
-        status.success(),
-        "in-flight read: {status} {out}\n{}",
-        env.log()
-    );
-    assert_eq!(parse_hashes(&out).get("-"), expected.get("/files/f20"));
+    // A read in flight when zest goes away, killed or stopped: zest has read the
+    // request from the kernel and waits on a frozen registry. The next zest has the
+    // kernel resend it (a stopping zest must not answer it with an error).
+    for (signal, file) in [(libc::SIGKILL, 20), (libc::SIGTERM, 21)] {
+        env.registry.freeze(true);
+        let exec_id = format!("in-flight-{file}");
+        let in_flight = {
+            let containerd = env.containerd()?;
+            let out = std::fs::File::create(env.dir.path().join(format!("{exec_id}.out")))?;
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&containerd.address)
+                .args(["--namespace", &containerd.namespace])
+                .args(["task", "exec", "--exec-id", &exec_id, &id])
+                // O_DIRECT: a synchronous read the kernel would not retry by itself.
+                .args([
+                    "/bin/sh",
+                    "-c",
+                    &format!(
+                        "/bin/busybox dd if=/files/f{file} iflag=direct bs=1M 2>/dev/null | sha256sum"
+                    ),
+                ])
+                .env("PATH", child_path())
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(Stdio::null())
+                .spawn()
+        };
+        let mut in_flight = in_flight?;
+        // Well within the registry timeouts (3 s), after which the read would fail.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        env.stop_serve(signal)?;
+        env.registry.freeze(false);
+        env.start_serve(Path::new(env!("CARGO_BIN_EXE_zest")))
+            .await?;
+        env.wait_metric("zest_lazy_takeovers_total", 2).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = in_flight.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = in_flight.kill();
+                return Err(fail(format!(
+                    "the in-flight read did not finish\n{}",
+                    env.log()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let out = std::fs::read_to_string(env.dir.path().join(format!("{exec_id}.out")))?;
+        assert!(
+            status.success(),
+            "in-flight read: {status} {out}\n{}",
+            env.log()
+        );
+        assert_eq!(
+            parse_hashes(&out).get("-"),
+            expected.get(&format!("/files/f{file}")),
+            "in-flight read across signal {signal}"
+        );
+    }
 
     env.registry.stop();
     env.stop_serve(libc::SIGKILL)?;

@@ -39,11 +39,15 @@ pub fn run(args: FdHolderArgs) -> anyhow::Result<()> {
 /// it), standard streams on /dev/null, reaped by a thread while the caller lives.
 pub fn start(socket: &Path) -> io::Result<()> {
     let exe = std::env::current_exe()?;
+    // The holder runs in `/`.
+    let socket = std::path::absolute(socket)?;
     let mut command = Command::new(exe);
     command
         .arg("fd-holder")
         .arg("--socket")
-        .arg(socket)
+        .arg(&socket)
+        // Pin no mount by its working directory.
+        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());

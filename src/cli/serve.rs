@@ -74,6 +74,7 @@ pub async fn run(args: ServeCommand, log_override: Option<String>) -> anyhow::Re
             (Arc::new(NoRemoteLayers), None)
         };
 
+    let lazy_provider = lazy.clone();
     let server = Server::bind(&config.snapshotter, provider)
         .await
         .context("starting the snapshotter")?;
@@ -91,6 +92,17 @@ pub async fn run(args: ServeCommand, log_override: Option<String>) -> anyhow::Re
     let result = server.run(shutdown).await;
     if let Some(task) = metrics_task {
         task.abort();
+    }
+    if lazy_provider.is_some_and(|l| l.left_mounted()) {
+        // Returning would drop the async runtime and with it every read still
+        // waiting for data, whose FUSE replies would then go out as errors. Exiting
+        // here leaves them unanswered in the kernel, which resends them to the next
+        // process taking the layers over.
+        tracing::info!("exiting; lazily mounted layers stay for the next start");
+        if let Err(e) = &result {
+            eprintln!("error: serving the snapshotter: {e}");
+        }
+        std::process::exit(if result.is_ok() { 0 } else { 1 });
     }
     result.context("serving the snapshotter")
 }

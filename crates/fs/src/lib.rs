@@ -11,9 +11,13 @@
 //! - [`layer`]: the filesystem logic ([`LayerFs`]) in plain Rust, independent of
 //!   any FUSE library: attributes, lookup, readdir, xattrs, read planning.
 //! - `fuse_adapter`: the only file that names the FUSE library; it translates
-//!   kernel requests to [`LayerFs`] calls and back.
+//!   kernel requests to [`LayerFs`] calls and back, and serves a connection handed
+//!   over by another process without a new FUSE_INIT ([`Negotiated`] is what the
+//!   first one agreed).
 //! - [`mount`]: mounting a layer ([`LayerMount`]) and stacking layers with
-//!   overlayfs ([`ImageMount`]); every mount is undone on drop.
+//!   overlayfs ([`ImageMount`]); every mount is undone on drop unless it is left
+//!   in place for the next process ([`LayerMount::leave_mounted`], taken over
+//!   with [`LayerMount::resume`]).
 //! - [`passthrough`]: FUSE passthrough of fully cached files (Linux 6.9+),
 //!   optional.
 //!
@@ -26,7 +30,8 @@
 //!   whose chunks are all in the memory cache is answered at once, any other read
 //!   is handed to the fetcher's async runtime, which answers when the data arrive.
 //! - Inode numbers are deterministic (`entry index + 1`, root = 1), so the same
-//!   layer always shows the same inode numbers.
+//!   layer always shows the same inode numbers, also to a process taking a
+//!   connection over.
 //! - No byte is served that was not verified against its chunk digest.
 
 mod fuse_adapter;

@@ -150,6 +150,22 @@ impl Handover {
         }
     }
 
+    /// Drops the connections found at start that no restore claimed (their
+    /// snapshot is gone): nothing would ever serve them, so their readers would
+    /// wait forever. Their mounts are detached. Blocking.
+    pub(super) fn drop_unclaimed(&self) {
+        let unclaimed: Vec<PathBuf> = self.found.lock().drain().map(|(dir, _)| dir).collect();
+        for dir in unclaimed {
+            tracing::warn!(dir = %dir.display(), "dropping a kept layer connection no stored snapshot claims");
+            if is_layer_mount(&dir) {
+                if let Err(e) = zest_mount::detach(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot detach its mount");
+                }
+            }
+            self.forget(&dir);
+        }
+    }
+
     fn drop_name(&self, name: &str) {
         if let Err(e) = self.store.remove(name) {
             tracing::warn!(name, error = %e, "cannot drop a kept layer connection");

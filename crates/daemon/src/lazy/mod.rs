@@ -55,7 +55,7 @@ pub use settings::{LazyConfig, LazyError, LazyStats};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -79,6 +79,10 @@ use zest_snapshotter::{
     RemoteMounted, ShutdownMode,
 };
 use zest_store::RegistryBlob;
+
+/// How long connections kept by the previous process wait to be claimed by a
+/// restore before they are dropped as orphans.
+const UNCLAIMED_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Mounts zstd:chunked layers lazily. Cheap to share (`Arc`); see the module docs.
 pub struct LazyLayerProvider {
@@ -108,6 +112,8 @@ struct Inner {
     toc_work: Arc<Semaphore>,
     /// Where mounts' connections are kept for the next process, if anywhere.
     handover: Option<Arc<Handover>>,
+    /// Set when the service stopped leaving mounts for the next process.
+    left_mounted: AtomicBool,
 }
 
 #[derive(Default)]
@@ -170,7 +176,7 @@ impl LazyLayerProvider {
         handover: Option<Handover>,
     ) -> Result<Arc<Self>, LazyError> {
         let tocs = TocStore::open(config.toc_dir.clone())?;
-        Ok(Arc::new(LazyLayerProvider {
+        let provider = Arc::new(LazyLayerProvider {
             inner: Arc::new(Inner {
                 manifests: Manifests::new(
                     client.clone(),
@@ -187,9 +193,32 @@ impl LazyLayerProvider {
                 stop: Arc::new(Cancel::default()),
                 toc_work: Arc::new(Semaphore::new(config.toc_prefetch_parallelism.max(1))),
                 handover: handover.map(Arc::new),
+                left_mounted: AtomicBool::new(false),
                 config,
             }),
-        }))
+        });
+        if let Some(handover) = provider.inner.handover.clone() {
+            // Restores claim their connections as soon as the snapshotter starts
+            // them, right after this; what is left after a grace period has no
+            // snapshot.
+            let stop = Arc::clone(&provider.inner.stop);
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(UNCLAIMED_GRACE) => {}
+                    () = stop.cancelled() => return,
+                }
+                let _ = tokio::task::spawn_blocking(move || handover.drop_unclaimed()).await;
+            });
+        }
+        Ok(provider)
+    }
+
+    /// Whether the service stopped leaving layer mounts in place for the next
+    /// process. The process must then exit without dropping its async runtime:
+    /// dropping a read that still waits for data answers it with an error, while a
+    /// read left unanswered is resent by the kernel to the next process.
+    pub fn left_mounted(&self) -> bool {
+        self.inner.left_mounted.load(Ordering::Relaxed)
     }
 
     /// Counters and gauges.
@@ -763,6 +792,9 @@ impl RemoteLayerProvider for LazyLayerProvider {
             (left, released)
         })
         .await;
+        if let Ok((left, _)) = &joined {
+            inner.left_mounted.store(*left > 0, Ordering::Relaxed);
+        }
         match joined {
             Ok((left, released)) => tracing::info!(
                 ?mode,

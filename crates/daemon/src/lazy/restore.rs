@@ -248,6 +248,19 @@ pub(super) async fn restore(
                 inner.counters.bump(&inner.counters.restore_failures, 1);
                 *last_error.lock() = fallback.to_string();
                 if is_permanent(fallback.reason) || (live.is_none() && !is_dir(target_dir).await) {
+                    if live.take().is_some() {
+                        // Nothing will serve the kept connection: end it rather than
+                        // leave its readers waiting forever.
+                        let dir = target_dir.to_path_buf();
+                        let handover = inner.handover.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            detach_stale(&dir);
+                            if let Some(h) = handover {
+                                h.forget(&dir);
+                            }
+                        })
+                        .await;
+                    }
                     return Err(RemoteError(format!(
                         "cannot mount layer {} again: {fallback}",
                         desc.digest
