@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use super::credentials::{Credential, DockerCredentials};
+use super::cred_helper::HelperCache;
+use super::credentials::{normalize_host, Credential, CredentialSource, DockerCredentials};
 use super::error::{ErrorKind, RegistryError};
 
 /// One challenge of a `WWW-Authenticate` header.
@@ -158,9 +159,13 @@ pub(crate) struct IssuedToken {
 type FetchLock = Arc<tokio::sync::Mutex<()>>;
 
 /// Shared authentication state of a client.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct AuthState {
     pub creds: DockerCredentials,
+    /// Consulted before `creds` (e.g. credentials from CRI pulls).
+    source: Option<Arc<dyn CredentialSource>>,
+    helpers: HelperCache,
+    helper_timeout: Duration,
     schemes: Mutex<HashMap<String, HostScheme>>,
     tokens: Mutex<HashMap<(String, String), CachedToken>>,
     fetching: Mutex<HashMap<(String, String), FetchLock>>,
@@ -175,10 +180,26 @@ pub(crate) fn basic_header(username: &str, password: &str) -> String {
     )
 }
 
+impl std::fmt::Debug for AuthState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthState")
+            .field("creds", &self.creds)
+            .field("source", &self.source.is_some())
+            .field("helpers", &self.helpers)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AuthState {
-    pub fn new(creds: DockerCredentials) -> Self {
+    pub fn new(
+        creds: DockerCredentials,
+        source: Option<Arc<dyn CredentialSource>>,
+        helper_timeout: Duration,
+    ) -> Self {
         AuthState {
             creds,
+            source,
+            helper_timeout,
             ..Default::default()
         }
     }
@@ -241,11 +262,36 @@ impl AuthState {
             .remove(&(host.to_string(), scope.to_string()));
     }
 
-    /// The credential for an endpoint host, else for the registry it serves.
-    pub fn credential(&self, endpoint_host: &str, registry: &str) -> Option<&Credential> {
-        self.creds
+    /// The credential for `repository` reached through an endpoint, most specific
+    /// first: the extra source (repository, then host: it decides), then the Docker
+    /// config's `auths` for the endpoint host, then for the registry it serves, then
+    /// the credential helper for the registry (`credHelpers`, then `credsStore`).
+    pub async fn credential(
+        &self,
+        endpoint_host: &str,
+        registry: &str,
+        repository: &str,
+    ) -> Result<Option<Credential>, RegistryError> {
+        if let Some(source) = &self.source {
+            let from_source = source
+                .credential(&normalize_host(endpoint_host), repository)
+                .or_else(|| source.credential(&normalize_host(registry), repository));
+            if from_source.is_some() {
+                return Ok(from_source);
+            }
+        }
+        if let Some(c) = self
+            .creds
             .get(endpoint_host)
             .or_else(|| self.creds.get(registry))
+        {
+            return Ok(Some(c.clone()));
+        }
+        let host = normalize_host(registry);
+        match self.creds.helper_for(&host) {
+            Some(helper) => self.helpers.get(helper, &host, self.helper_timeout).await,
+            None => Ok(None),
+        }
     }
 }
 
