@@ -11,6 +11,7 @@ mod optimize;
 mod pull;
 mod registry_args;
 mod serve;
+mod serve_cri;
 
 use std::process::ExitCode;
 

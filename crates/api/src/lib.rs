@@ -62,3 +62,21 @@ pub use generated::containerd::services::leases::v1 as leases;
 pub use generated::containerd::services::snapshots::v1 as snapshots;
 pub use generated::containerd::types;
 pub use generated::runtime::v1 as cri;
+
+/// A message that is not valid protobuf for the type it was read as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError(pub String);
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// Reads a CRI `PullImageRequest` from its wire bytes, for a proxy that forwards
+/// the bytes untouched (fields not modelled here are skipped, not lost).
+pub fn decode_pull_image_request(bytes: &[u8]) -> Result<cri::PullImageRequest, WireError> {
+    <cri::PullImageRequest as prost::Message>::decode(bytes).map_err(|e| WireError(e.to_string()))
+}

@@ -26,12 +26,17 @@ const HELPER_CACHE_ENTRIES: usize = 256;
 /// The largest helper answer read.
 const MAX_OUTPUT: u64 = 64 << 10;
 
+/// `(helper name, host)`.
+type HelperKey = (String, String);
+/// A helper's answer and when it was given.
+type Answered = (Instant, Option<Credential>);
+
 /// Helper answers by (helper, host), with the time they were fetched.
 #[derive(Default)]
 pub(crate) struct HelperCache {
-    entries: Mutex<HashMap<(String, String), (Instant, Option<Credential>)>>,
+    entries: Mutex<HashMap<HelperKey, Answered>>,
     /// One helper run per (helper, host) at a time.
-    running: Mutex<HashMap<(String, String), std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    running: Mutex<HashMap<HelperKey, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for HelperCache {
@@ -44,7 +49,7 @@ impl std::fmt::Debug for HelperCache {
 }
 
 impl HelperCache {
-    fn cached(&self, key: &(String, String)) -> Option<Option<Credential>> {
+    fn cached(&self, key: &HelperKey) -> Option<Option<Credential>> {
         self.entries
             .lock()
             .get(key)
