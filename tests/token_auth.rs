@@ -52,7 +52,7 @@ async fn bearer_tokens_from_a_real_token_service() {
         .await
         .expect("push");
     let read = |c: RegistryClient| {
-        let (repo, digest) = (repo.clone(), digest.clone());
+        let (repo, digest) = (repo.clone(), digest);
         async move { c.get_blob_bytes(&repo, &digest, 1 << 20).await }
     };
     assert_eq!(read(basic.clone()).await.expect("read"), data);
