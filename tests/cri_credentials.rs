@@ -2,7 +2,8 @@
 //! with CRI `PullImage`; with `[cri]` enabled it calls zest's image-service proxy,
 //! which records the credentials and forwards the call to a real containerd, whose
 //! pull makes zest mount every layer lazily from a registry that requires
-//! authentication (real docker-registry with htpasswd). The real `zest serve` binary
+//! authentication (real docker-registry with htpasswd, or with token auth and a real
+//! token service). The real `zest serve` binary
 //! runs with trace logging; the tests check that no secret reaches its logs, that
 //! the socket and credential files are not world-accessible, and that after a
 //! restart of zest a new container still reads files never fetched before, with the
@@ -22,6 +23,7 @@ use support::containerd::{
     fail, require_tools, unix_channel, wait_for, Containerd, TestDir, TestResult,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar};
+use support::token_issuer::TokenIssuer;
 use support::{Auth, Registry};
 use zest_api::cri as runtime;
 use zest_format::WriteOptions;
@@ -163,19 +165,55 @@ async fn pull(
     .map(tonic::Response::into_inner)
 }
 
+/// How the registry checks credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RegistryAuth {
+    /// htpasswd Basic auth.
+    Htpasswd,
+    /// Bearer tokens from a real token service, which checks the Basic credentials.
+    Token,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cri_pull_with_credentials_is_lazy_survives_restart_and_logs_no_secret() -> TestResult {
-    if !require_tools(&["containerd", "ctr", "runc", "docker-registry", "busybox"]) {
+async fn cri_pull_from_htpasswd_registry() -> TestResult {
+    private_image_through_the_proxy(RegistryAuth::Htpasswd).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pull_from_token_auth_registry() -> TestResult {
+    private_image_through_the_proxy(RegistryAuth::Token).await
+}
+
+/// The pull with credentials is lazy, the image runs, a restart of zest keeps the
+/// credentials, and no secret is logged at any level.
+async fn private_image_through_the_proxy(kind: RegistryAuth) -> TestResult {
+    if !require_tools(&[
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "busybox",
+        "openssl",
+    ]) {
         return Ok(());
     }
     let dir = TestDir::new()?;
-    let registry = tokio::task::spawn_blocking(|| {
-        Registry::start(Auth::Basic {
+    let issuer = match kind {
+        RegistryAuth::Htpasswd => None,
+        // Short-lived tokens: the lazy reads outlive several.
+        RegistryAuth::Token => Some(TokenIssuer::start(dir.path(), USER, PASS, "", 5)),
+    };
+    let auth = match &issuer {
+        None => Auth::Basic {
             user: USER.into(),
             pass: PASS.into(),
-        })
-    })
-    .await?;
+        },
+        Some(issuer) => Auth::Token {
+            realm: issuer.realm(),
+            cert: issuer.cert.clone(),
+        },
+    };
+    let registry = tokio::task::spawn_blocking(move || Registry::start(auth)).await?;
     let host = registry.host();
     let image = format!("{host}/private/app:v1");
     let mut pusher_creds = DockerCredentials::empty();
@@ -356,6 +394,10 @@ async fn cri_pull_with_credentials_is_lazy_survives_restart_and_logs_no_secret()
         "the read after the restart did not reach the registry"
     );
     assert!(read_log().contains("loaded credentials from earlier CRI pulls"));
+    if let Some(issuer) = &issuer {
+        // The restarted zest got its own tokens with the persisted credentials.
+        assert!(issuer.issued() >= 2, "{}", issuer.issued());
+    }
     serve.stop().await?;
     drop(containerd);
 
@@ -365,8 +407,17 @@ async fn cri_pull_with_credentials_is_lazy_survives_restart_and_logs_no_secret()
         text.lines().count() > 100,
         "trace logging produced almost nothing"
     );
-    for secret in [PASS, auth_b64.as_str()] {
-        assert!(!text.contains(secret), "a secret appears in zest's log");
+    let mut secrets = vec![PASS.to_owned(), auth_b64];
+    if let Some(issuer) = &issuer {
+        let tokens = issuer.tokens();
+        assert!(!tokens.is_empty(), "no token was issued");
+        secrets.extend(tokens);
+    }
+    for secret in &secrets {
+        assert!(
+            !text.contains(secret.as_str()),
+            "a secret appears in zest's log"
+        );
     }
     Ok(())
 }
