@@ -142,17 +142,37 @@ pub(crate) enum HostScheme {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct CachedToken {
     value: String,
     refresh_at: Instant,
 }
 
+impl std::fmt::Debug for CachedToken {
+    // Tokens are secrets: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedToken")
+            .field("value", &"***")
+            .field("refresh_at", &self.refresh_at)
+            .finish()
+    }
+}
+
 /// A token as issued by a token service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct IssuedToken {
     pub value: String,
     pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for IssuedToken {
+    // Tokens are secrets: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("value", &"***")
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
 }
 
 /// Serialises token requests for one (host, scope).
