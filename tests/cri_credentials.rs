@@ -176,17 +176,25 @@ enum RegistryAuth {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pull_from_htpasswd_registry() -> TestResult {
-    private_image_through_the_proxy(RegistryAuth::Htpasswd).await
+    private_image(RegistryAuth::Htpasswd, true).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pull_from_token_auth_registry() -> TestResult {
-    private_image_through_the_proxy(RegistryAuth::Token).await
+    private_image(RegistryAuth::Token, true).await
 }
 
-/// The pull with credentials is lazy, the image runs, a restart of zest keeps the
-/// credentials, and no secret is logged at any level.
-async fn private_image_through_the_proxy(kind: RegistryAuth) -> TestResult {
+/// The kubelet talking to containerd directly: containerd pulls with the secret,
+/// zest never sees it, and the layers are downloaded whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pull_around_the_proxy_is_not_lazy() -> TestResult {
+    private_image(RegistryAuth::Htpasswd, false).await
+}
+
+/// Through the proxy: the pull with credentials is lazy, the image runs, a restart
+/// of zest keeps the credentials, and no secret is logged at any level. Around it
+/// (`through_proxy` false): the pull works but is not lazy.
+async fn private_image(kind: RegistryAuth, through_proxy: bool) -> TestResult {
     if !require_tools(&[
         "containerd",
         "ctr",
@@ -267,6 +275,34 @@ async fn private_image_through_the_proxy(kind: RegistryAuth) -> TestResult {
     .await?;
     assert_eq!(containerd.address, containerd_socket);
     containerd.namespace = "k8s.io".to_owned();
+    let auth_b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"));
+    let kubelet_auth = runtime::AuthConfig {
+        auth: auth_b64.clone(),
+        // The kubelet leaves it empty unless the secret names a URL; containerd
+        // 1.6 parses it as one.
+        ..Default::default()
+    };
+    if !through_proxy {
+        let mut direct = ImageServiceClient::new(unix_channel(&containerd_socket).await?);
+        pull(&mut direct, &image, Some(kubelet_auth))
+            .await
+            .map_err(|e| {
+                fail(format!(
+                    "PullImage: {e}\ncontainerd:\n{}",
+                    containerd.log_tail()
+                ))
+            })?;
+        assert!(
+            registry.count_requests("GET", &format!("/blobs/{data_layer}"), Some(200)) > 0,
+            "the data layer was not downloaded"
+        );
+        assert!(
+            read_log().contains("manifest-unavailable"),
+            "{}",
+            tail(&read_log())
+        );
+        return serve.stop().await;
+    }
     let mut cri = ImageServiceClient::new(unix_channel(&proxy_socket).await?);
 
     // The socket is as containerd's: owner and group only.
@@ -284,25 +320,15 @@ async fn private_image_through_the_proxy(kind: RegistryAuth) -> TestResult {
     );
 
     // The kubelet's pull with the pod's secret (as `auth`: base64 user:password).
-    let auth_b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"));
-    let pulled = pull(
-        &mut cri,
-        &image,
-        Some(runtime::AuthConfig {
-            auth: auth_b64.clone(),
-            // The kubelet leaves it empty unless the secret names a URL; containerd
-            // 1.6 parses it as one.
-            ..Default::default()
-        }),
-    )
-    .await
-    .map_err(|e| {
-        fail(format!(
-            "PullImage: {e}\nzest log tail:\n{}\ncontainerd:\n{}",
-            tail(&read_log()),
-            containerd.log_tail()
-        ))
-    })?;
+    let pulled = pull(&mut cri, &image, Some(kubelet_auth))
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "PullImage: {e}\nzest log tail:\n{}\ncontainerd:\n{}",
+                tail(&read_log()),
+                containerd.log_tail()
+            ))
+        })?;
     assert_eq!(pulled.image_ref, manifest.config.digest.to_string());
 
     // Lazy: no layer was downloaded whole; zest read the data layer by range.
