@@ -381,6 +381,9 @@ async fn private_image(kind: RegistryAuth, through_proxy: bool) -> TestResult {
     let cred_file = cred_dir.join(zest_cri::CREDENTIALS_FILE);
     assert_eq!(std::fs::metadata(&cred_dir)?.mode() & 0o777, 0o700);
     assert_eq!(std::fs::metadata(&cred_file)?.mode() & 0o777, 0o600);
+    // And it is the only file of the state directory holding the secret.
+    let holders = files_containing(&dir.path().join("zest-state"), PASS.as_bytes());
+    assert_eq!(holders, vec![cred_file.clone()]);
 
     // Restart zest: the credentials come back from the file, and a new container
     // reads a file no one read before (no disk cache: it must come from the
@@ -446,6 +449,39 @@ async fn private_image(kind: RegistryAuth, through_proxy: bool) -> TestResult {
         );
     }
     Ok(())
+}
+
+/// Regular files under `root` (bounded walk, not into mounted layers) whose bytes
+/// contain `needle`.
+fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let device = std::fs::metadata(root).map(|m| m.dev()).unwrap_or(0);
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    let mut visited = 0;
+    while let Some(dir) = stack.pop() {
+        visited += 1;
+        assert!(visited < 100_000, "state directory walk does not end");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                if meta.dev() == device {
+                    stack.push(path);
+                }
+            } else if meta.is_file() && meta.len() < (64 << 20) {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    found
 }
 
 /// The last lines of zest's log that are its own (not the HTTP/2 library's traces).
