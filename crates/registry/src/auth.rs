@@ -423,6 +423,65 @@ mod tests {
         assert!(parse_token_response(br#"{"token":"a\nb"}"#, "h").is_err());
     }
 
+    struct Source;
+
+    impl CredentialSource for Source {
+        fn credential(&self, host: &str, repository: &str) -> Option<Credential> {
+            (host == "cri.example" && repository == "team/app")
+                .then(|| Credential::RegistryToken("from-cri".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn credential_order() {
+        let mut creds = DockerCredentials::empty();
+        let basic = Credential::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        creds.insert("cri.example", basic.clone());
+        creds.insert("mirror.example", Credential::RegistryToken("mirror".into()));
+        // A helper that does not exist: only reached when nothing else answers.
+        creds.set_helper(None, "zest-test-absent-helper");
+        let s = AuthState::new(creds, Some(Arc::new(Source)), Duration::from_secs(1));
+        let get = |ep: &'static str, reg: &'static str, repo: &'static str| {
+            let s = &s;
+            async move { s.credential(ep, reg, repo).await }
+        };
+        // The source first, for its repository.
+        assert_eq!(
+            get("CRI.example", "cri.example", "team/app").await.unwrap(),
+            Some(Credential::RegistryToken("from-cri".into()))
+        );
+        // Then config.json, for the endpoint host before the registry.
+        assert_eq!(
+            get("cri.example", "cri.example", "team/other")
+                .await
+                .unwrap(),
+            Some(basic.clone())
+        );
+        assert_eq!(
+            get("mirror.example", "cri.example", "team/other")
+                .await
+                .unwrap(),
+            Some(Credential::RegistryToken("mirror".into()))
+        );
+        // Then the helper, whose absence is an error naming it.
+        let e = get("other.example", "other.example", "x")
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("docker-credential-zest-test-absent-helper"),
+            "{e}"
+        );
+        let dbg = format!("{s:?}");
+        assert!(
+            !dbg.contains("from-cri") && !dbg.contains("mirror\""),
+            "{dbg}"
+        );
+    }
+
     #[test]
     fn token_cache_expiry() {
         let s = AuthState::default();
