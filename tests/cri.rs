@@ -111,6 +111,7 @@ async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
         Duration::from_secs(180),
         cri.pull_image(runtime::PullImageRequest {
             image: Some(spec(&image)),
+            auth: None,
         }),
     )
     .await

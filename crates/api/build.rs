@@ -9,7 +9,8 @@
 //! - containerd's content, images, leases and diff services (client only: `zest pull`
 //!   calls them); they refer to the `containerd.types` generated above instead of
 //!   generating their own copy;
-//! - the Kubernetes CRI image service (client only).
+//! - the Kubernetes CRI image service (client; the proxy in `zest-cri` serves it by
+//!   forwarding bytes, so no server code is generated).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = "../../proto";
@@ -40,9 +41,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".containerd.types", "crate::types")
         .compile_fds(protox::compile(services, [root])?)?;
 
+    // AuthConfig carries pull secrets: its Debug is written by hand (redacted).
     tonic_prost_build::configure()
         .build_server(false)
         .build_client(true)
+        .skip_debug([".runtime.v1.AuthConfig"])
         .compile_fds(protox::compile(cri, ["../../proto/cri"])?)?;
     Ok(())
 }

@@ -12,6 +12,7 @@ mod optimize;
 mod pull;
 mod registry_args;
 mod serve;
+mod serve_cri;
 
 use std::process::ExitCode;
 

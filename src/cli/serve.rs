@@ -13,7 +13,6 @@ use zest_daemon::{
     bind_metrics, serve_metrics, ConfigOverrides, Handover, LazyConfig, LazyLayerProvider, Metrics,
 };
 use zest_fdstore::{FdStore, HolderClient, SystemdFdStore};
-use zest_registry::RegistryClient;
 use zest_snapshotter::{shutdown_signal, NoRemoteLayers, RemoteLayerProvider, Server};
 
 /// Arguments of `zest serve`.
@@ -49,10 +48,13 @@ pub async fn run(args: ServeCommand, log_override: Option<String>) -> anyhow::Re
     // Handlers first, so that a signal right after READY=1 is not lost.
     let shutdown = shutdown_signal().context("installing signal handlers")?;
     let state_dir = config.snapshotter.state_dir.clone();
+    let cri = super::serve_cri::CriSetup::open(&config, &state_dir).await?;
     let (provider, lazy): (Arc<dyn RemoteLayerProvider>, Option<Arc<LazyLayerProvider>>) =
         if config.lazy.enabled {
-            let client = RegistryClient::new(config.registry.registry_config())
-                .context("setting up the registry client")?;
+            let client = super::serve_cri::CriSetup::registry_client(
+                cri.as_ref(),
+                config.registry.registry_config(),
+            )?;
             let cache_config = config.cache.cache_config(&state_dir);
             let cache = tokio::task::spawn_blocking(move || ChunkCache::open(&cache_config))
                 .await
@@ -89,9 +91,16 @@ pub async fn run(args: ServeCommand, log_override: Option<String>) -> anyhow::Re
         }
         None => None,
     };
+    let cri_task = match cri {
+        Some(cri) => Some(cri.start().await?),
+        None => None,
+    };
     let result = server.run(shutdown).await;
     if let Some(task) = metrics_task {
         task.abort();
+    }
+    if let Some(task) = cri_task {
+        task.stop().await;
     }
     if lazy_provider.is_some_and(|l| l.left_mounted()) {
         // Returning would drop the async runtime and with it every read still

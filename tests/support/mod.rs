@@ -6,6 +6,8 @@
 //! - [`require_tool`], [`require_root_and_fuse`], [`unavailable`]: a missing
 //!   prerequisite (system tool, root, `/dev/fuse`, a kernel feature) fails the test
 //!   under `CI=true` and skips it loudly elsewhere.
+//! - [`token_issuer`]: a real token service issuing signed JWTs for a registry
+//!   started with [`Auth::Token`].
 //! - [`image`]: small real images built in Rust (ustar layers, gzip, OCI layout).
 //! - [`fake_http`]: a loopback HTTP/1.1 server scripted per request, for registry
 //!   behaviour a real registry will not show (truncation, retries, token flows).
@@ -15,6 +17,7 @@
 pub mod containerd;
 pub mod fake_http;
 pub mod image;
+pub mod token_issuer;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -79,6 +82,9 @@ pub enum Auth {
     None,
     /// htpasswd (bcrypt) Basic auth with one user.
     Basic { user: String, pass: String },
+    /// Bearer tokens from a token service (`auth: token`): `realm` issues them for
+    /// [`token_issuer::SERVICE`], signed by the key of the certificate `cert`.
+    Token { realm: String, cert: PathBuf },
 }
 
 /// A running `docker-registry` on 127.0.0.1.
@@ -219,6 +225,12 @@ impl Registry {
                         path.display()
                     )
                 }
+                Auth::Token { realm, cert } => format!(
+                    "auth:\n  token:\n    realm: {realm}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                    token_issuer::SERVICE,
+                    token_issuer::ISSUER,
+                    cert.display()
+                ),
             };
             let (tls_section, ca) = if tls {
                 let (ca, cert, key) = make_tls_material(dir.path());

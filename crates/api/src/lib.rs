@@ -62,3 +62,60 @@ pub use generated::containerd::services::leases::v1 as leases;
 pub use generated::containerd::services::snapshots::v1 as snapshots;
 pub use generated::containerd::types;
 pub use generated::runtime::v1 as cri;
+
+impl std::fmt::Debug for cri::AuthConfig {
+    // Pull secrets never reach logs: only which fields are set, and the user name.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |s: &str| if s.is_empty() { "" } else { "***" };
+        f.debug_struct("AuthConfig")
+            .field("username", &self.username)
+            .field("password", &set(&self.password))
+            .field("auth", &set(&self.auth))
+            .field("server_address", &self.server_address)
+            .field("identity_token", &set(&self.identity_token))
+            .field("registry_token", &set(&self.registry_token))
+            .finish()
+    }
+}
+
+/// A message that is not valid protobuf for the type it was read as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError(pub String);
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// Reads a CRI `PullImageRequest` from its wire bytes, for a proxy that forwards
+/// the bytes untouched (fields not modelled here are skipped, not lost).
+pub fn decode_pull_image_request(bytes: &[u8]) -> Result<cri::PullImageRequest, WireError> {
+    <cri::PullImageRequest as prost::Message>::decode(bytes).map_err(|e| WireError(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn auth_config_debug_is_redacted() {
+        let a = super::cri::AuthConfig {
+            username: "u".into(),
+            password: "pw-secret".into(),
+            auth: "YTpi".into(),
+            identity_token: "id-secret".into(),
+            registry_token: "rt-secret".into(),
+            ..Default::default()
+        };
+        let req = super::cri::PullImageRequest {
+            image: None,
+            auth: Some(a),
+        };
+        let text = format!("{req:?}");
+        for secret in ["pw-secret", "YTpi", "id-secret", "rt-secret"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        assert!(text.contains("\"u\""), "{text}");
+    }
+}

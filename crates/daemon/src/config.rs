@@ -4,7 +4,8 @@
 //! [`ServiceConfig`] is the whole file as `zest serve` reads it: `[snapshotter]`
 //! (the snapshot service, [`SnapshotterConfig`] of `zest-snapshotter`),
 //! `[cache]` (chunk cache), `[registry]` (registry access), `[fetch]` (range requests)
-//! and `[lazy]` (lazy layer mounts). Unknown sections and keys are rejected so that
+//! `[lazy]` (lazy layer mounts) and `[cri]` (the CRI image-service proxy that
+//! records the kubelet's pull credentials). Unknown sections and keys are rejected so that
 //! typos are reported. `packaging/config.toml` documents every key with its default,
 //! and a test checks that it parses to exactly the defaults.
 
@@ -34,6 +35,48 @@ pub struct ServiceConfig {
     pub fetch: FetchSection,
     /// `[lazy]`: lazy layer mounts.
     pub lazy: LazySection,
+    /// `[cri]`: the CRI image-service proxy.
+    pub cri: CriSection,
+}
+
+/// `[cri]`: a proxy of CRI's image service in front of containerd's, so that lazy
+/// mounts use the pull credentials the kubelet passes (imagePullSecrets). Off by
+/// default; the kubelet's `--image-service-endpoint` must name `socket`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriSection {
+    /// Serve the proxy.
+    pub enabled: bool,
+    /// The socket the kubelet's `--image-service-endpoint` names.
+    pub socket: PathBuf,
+    /// Permission bits of that socket.
+    pub socket_mode: u32,
+    /// containerd's CRI socket, where every call is forwarded.
+    pub containerd_socket: PathBuf,
+    /// Seconds after the last pull that sent a credential until it is forgotten.
+    pub credential_ttl_secs: u64,
+    /// Most (registry, repository) credential entries kept.
+    pub max_credentials: usize,
+}
+
+impl Default for CriSection {
+    fn default() -> Self {
+        CriSection {
+            enabled: false,
+            socket: PathBuf::from("/run/zest/cri.sock"),
+            socket_mode: 0o660,
+            containerd_socket: PathBuf::from("/run/containerd/containerd.sock"),
+            credential_ttl_secs: 7 * 24 * 3600,
+            max_credentials: 1024,
+        }
+    }
+}
+
+impl CriSection {
+    /// The directory of the credentials file under the state directory.
+    pub fn credentials_dir(state_dir: &Path) -> PathBuf {
+        state_dir.join("credentials")
+    }
 }
 
 /// `[cache]`: the chunk cache shared by every lazily mounted layer.
@@ -361,6 +404,20 @@ impl ServiceConfig {
         }
         if self.lazy.toc_prefetch_parallelism == 0 {
             return invalid("lazy.toc_prefetch_parallelism must be at least 1");
+        }
+        if self.cri.socket_mode > 0o777 {
+            return invalid("cri.socket_mode is not a permission mode (at most 0o777)");
+        }
+        if !self.cri.socket.is_absolute() || !self.cri.containerd_socket.is_absolute() {
+            return invalid("cri.socket and cri.containerd_socket must be absolute paths");
+        }
+        if self.cri.enabled && self.cri.socket == self.cri.containerd_socket {
+            return invalid(
+                "cri.socket must not be containerd's own socket (cri.containerd_socket)",
+            );
+        }
+        if self.cri.credential_ttl_secs == 0 || self.cri.max_credentials == 0 {
+            return invalid("cri.credential_ttl_secs and cri.max_credentials must be at least 1");
         }
         Ok(())
     }

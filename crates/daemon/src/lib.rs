@@ -24,8 +24,8 @@ mod lazy;
 mod metrics;
 
 pub use config::{
-    CacheSection, ConfigOverrides, FetchSection, LazySection, RegistrySection, ServiceConfig,
-    DEFAULT_CONFIG_PATH,
+    CacheSection, ConfigOverrides, CriSection, FetchSection, LazySection, RegistrySection,
+    ServiceConfig, DEFAULT_CONFIG_PATH,
 };
 pub use lazy::{Handover, LazyConfig, LazyError, LazyLayerProvider, LazyStats};
 pub use metrics::{bind_metrics, serve_metrics, Metrics};

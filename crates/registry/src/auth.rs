@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use super::credentials::{Credential, DockerCredentials};
+use super::cred_helper::HelperCache;
+use super::credentials::{normalize_host, Credential, CredentialSource, DockerCredentials};
 use super::error::{ErrorKind, RegistryError};
 
 /// One challenge of a `WWW-Authenticate` header.
@@ -141,26 +142,50 @@ pub(crate) enum HostScheme {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct CachedToken {
     value: String,
     refresh_at: Instant,
 }
 
+impl std::fmt::Debug for CachedToken {
+    // Tokens are secrets: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedToken")
+            .field("value", &"***")
+            .field("refresh_at", &self.refresh_at)
+            .finish()
+    }
+}
+
 /// A token as issued by a token service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct IssuedToken {
     pub value: String,
     pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for IssuedToken {
+    // Tokens are secrets: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("value", &"***")
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
 }
 
 /// Serialises token requests for one (host, scope).
 type FetchLock = Arc<tokio::sync::Mutex<()>>;
 
 /// Shared authentication state of a client.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct AuthState {
     pub creds: DockerCredentials,
+    /// Consulted before `creds` (e.g. credentials from CRI pulls).
+    source: Option<Arc<dyn CredentialSource>>,
+    helpers: HelperCache,
+    helper_timeout: Duration,
     schemes: Mutex<HashMap<String, HostScheme>>,
     tokens: Mutex<HashMap<(String, String), CachedToken>>,
     fetching: Mutex<HashMap<(String, String), FetchLock>>,
@@ -175,10 +200,26 @@ pub(crate) fn basic_header(username: &str, password: &str) -> String {
     )
 }
 
+impl std::fmt::Debug for AuthState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthState")
+            .field("creds", &self.creds)
+            .field("source", &self.source.is_some())
+            .field("helpers", &self.helpers)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AuthState {
-    pub fn new(creds: DockerCredentials) -> Self {
+    pub fn new(
+        creds: DockerCredentials,
+        source: Option<Arc<dyn CredentialSource>>,
+        helper_timeout: Duration,
+    ) -> Self {
         AuthState {
             creds,
+            source,
+            helper_timeout,
             ..Default::default()
         }
     }
@@ -241,11 +282,36 @@ impl AuthState {
             .remove(&(host.to_string(), scope.to_string()));
     }
 
-    /// The credential for an endpoint host, else for the registry it serves.
-    pub fn credential(&self, endpoint_host: &str, registry: &str) -> Option<&Credential> {
-        self.creds
+    /// The credential for `repository` reached through an endpoint, most specific
+    /// first: the extra source (repository, then host: it decides), then the Docker
+    /// config's `auths` for the endpoint host, then for the registry it serves, then
+    /// the credential helper for the registry (`credHelpers`, then `credsStore`).
+    pub async fn credential(
+        &self,
+        endpoint_host: &str,
+        registry: &str,
+        repository: &str,
+    ) -> Result<Option<Credential>, RegistryError> {
+        if let Some(source) = &self.source {
+            let from_source = source
+                .credential(&normalize_host(endpoint_host), repository)
+                .or_else(|| source.credential(&normalize_host(registry), repository));
+            if from_source.is_some() {
+                return Ok(from_source);
+            }
+        }
+        if let Some(c) = self
+            .creds
             .get(endpoint_host)
             .or_else(|| self.creds.get(registry))
+        {
+            return Ok(Some(c.clone()));
+        }
+        let host = normalize_host(registry);
+        match self.creds.helper_for(&host) {
+            Some(helper) => self.helpers.get(helper, &host, self.helper_timeout).await,
+            None => Ok(None),
+        }
     }
 }
 
@@ -355,6 +421,65 @@ mod tests {
         assert!(parse_token_response(br#"{"token":""}"#, "h").is_err());
         assert!(parse_token_response(b"<html>", "h").is_err());
         assert!(parse_token_response(br#"{"token":"a\nb"}"#, "h").is_err());
+    }
+
+    struct Source;
+
+    impl CredentialSource for Source {
+        fn credential(&self, host: &str, repository: &str) -> Option<Credential> {
+            (host == "cri.example" && repository == "team/app")
+                .then(|| Credential::RegistryToken("from-cri".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn credential_order() {
+        let mut creds = DockerCredentials::empty();
+        let basic = Credential::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        creds.insert("cri.example", basic.clone());
+        creds.insert("mirror.example", Credential::RegistryToken("mirror".into()));
+        // A helper that does not exist: only reached when nothing else answers.
+        creds.set_helper(None, "zest-test-absent-helper");
+        let s = AuthState::new(creds, Some(Arc::new(Source)), Duration::from_secs(1));
+        let get = |ep: &'static str, reg: &'static str, repo: &'static str| {
+            let s = &s;
+            async move { s.credential(ep, reg, repo).await }
+        };
+        // The source first, for its repository.
+        assert_eq!(
+            get("CRI.example", "cri.example", "team/app").await.unwrap(),
+            Some(Credential::RegistryToken("from-cri".into()))
+        );
+        // Then config.json, for the endpoint host before the registry.
+        assert_eq!(
+            get("cri.example", "cri.example", "team/other")
+                .await
+                .unwrap(),
+            Some(basic.clone())
+        );
+        assert_eq!(
+            get("mirror.example", "cri.example", "team/other")
+                .await
+                .unwrap(),
+            Some(Credential::RegistryToken("mirror".into()))
+        );
+        // Then the helper, whose absence is an error naming it.
+        let e = get("other.example", "other.example", "x")
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("docker-credential-zest-test-absent-helper"),
+            "{e}"
+        );
+        let dbg = format!("{s:?}");
+        assert!(
+            !dbg.contains("from-cri") && !dbg.contains("mirror\""),
+            "{dbg}"
+        );
     }
 
     #[test]

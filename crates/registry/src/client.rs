@@ -20,7 +20,7 @@ use reqwest::{Method, Url};
 
 use super::auth::{self, AuthState, HostScheme, IssuedToken};
 use super::config::{Capabilities, EndpointOptions, HostConfig, RegistryConfig};
-use super::credentials::{Credential, DockerCredentials};
+use super::credentials::{Credential, CredentialSource, DockerCredentials};
 use super::error::{ApiErrors, ErrorKind, RegistryError};
 use super::stats::{Counters, RegistryStats, RequestKind};
 use zest_oci::Repository;
@@ -428,16 +428,35 @@ impl RegistryClient {
         Self::with_credentials(config, creds)
     }
 
+    /// A client that asks `source` for credentials before the Docker config file
+    /// (which is read now, as [`RegistryClient::new`] does).
+    pub fn with_credential_source(
+        config: RegistryConfig,
+        source: Arc<dyn CredentialSource>,
+    ) -> Result<Self, RegistryError> {
+        let creds = DockerCredentials::load(&config.docker_config)?;
+        Self::build(config, creds, Some(source))
+    }
+
     /// A client with explicit credentials instead of a Docker config file.
     pub fn with_credentials(
         config: RegistryConfig,
         creds: DockerCredentials,
+    ) -> Result<Self, RegistryError> {
+        Self::build(config, creds, None)
+    }
+
+    fn build(
+        config: RegistryConfig,
+        creds: DockerCredentials,
+        source: Option<Arc<dyn CredentialSource>>,
     ) -> Result<Self, RegistryError> {
         let extra_roots = match &config.extra_ca_file {
             Some(p) => read_certs(p)?,
             None => Vec::new(),
         };
         let default_client = build_http_client(&config, &extra_roots, false)?;
+        let helper_timeout = config.credential_helper_timeout;
         Ok(RegistryClient {
             inner: Arc::new(Inner {
                 config,
@@ -445,7 +464,7 @@ impl RegistryClient {
                 extra_roots,
                 tls_clients: Mutex::new(HashMap::new()),
                 plans: Mutex::new(HashMap::new()),
-                auth: AuthState::new(creds),
+                auth: AuthState::new(creds, source, helper_timeout),
                 stats: Counters::default(),
             }),
         })
@@ -741,13 +760,17 @@ impl RegistryClient {
             }
             if status == 401 || status == 403 {
                 let body = read_capped(resp, MAX_ERROR_BODY, req.timeout).await;
-                return Err(Failure::Fatal(self.unauthorized(
-                    ep,
-                    req,
-                    status,
-                    &body,
-                    authz.is_some(),
-                )));
+                let has_cred = self
+                    .inner
+                    .auth
+                    .credential(&ep.host, &ep.registry, &req.ctx.repository)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some();
+                return Err(Failure::Fatal(
+                    self.unauthorized(ep, req, status, &body, has_cred),
+                ));
             }
             if status == 429 || (500..600).contains(&status) {
                 let after = retry_after(resp.headers());
@@ -823,9 +846,8 @@ impl RegistryClient {
         req: &Req<'_>,
         status: u16,
         body: &[u8],
-        sent_auth: bool,
+        has_cred: bool,
     ) -> RegistryError {
-        let cred = self.inner.auth.credential(&ep.host, &ep.registry);
         let cfg = self
             .inner
             .auth
@@ -834,16 +856,16 @@ impl RegistryClient {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "the Docker config.json".to_string());
-        let hint = match (cred.is_some(), sent_auth, status) {
-            (true, _, 403) => format!(
+        let hint = match (has_cred, status) {
+            (true, 403) => format!(
                 "the credentials for {} in {cfg} lack the access needed ({}); check the user's permissions",
                 ep.host, req.scope
             ),
-            (true, _, _) => format!(
+            (true, _) => format!(
                 "the credentials for {} in {cfg} were rejected: check them (docker login {})",
                 ep.host, ep.registry
             ),
-            (false, _, _) => format!(
+            (false, _) => format!(
                 "the registry requires credentials: add them for {} to {cfg} (auths.\"{}\".auth = base64 of user:password, e.g. via docker login)",
                 ep.registry, ep.registry
             ),
@@ -867,7 +889,11 @@ impl RegistryClient {
         ctx: &Ctx,
     ) -> Result<Option<String>, Failure> {
         let auth = &self.inner.auth;
-        let cred = auth.credential(&ep.host, &ep.registry);
+        let cred = auth
+            .credential(&ep.host, &ep.registry, &ctx.repository)
+            .await
+            .map_err(Failure::Fatal)?;
+        let cred = cred.as_ref();
         if let Some(Credential::RegistryToken(t)) = cred {
             return Ok(Some(format!("Bearer {t}")));
         }
@@ -956,7 +982,10 @@ impl RegistryClient {
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
             auth.set_scheme(&ep.host, HostScheme::Basic);
-            let cred = auth.credential(&ep.host, &ep.registry);
+            let cred = auth
+                .credential(&ep.host, &ep.registry, &ctx.repository)
+                .await
+                .map_err(Failure::Fatal)?;
             let already_sent_basic = sent.is_some_and(|s| s.starts_with("Basic "));
             // Without a credential, or with one just rejected, the caller reports 401.
             return Ok(matches!(cred, Some(Credential::Basic { .. })) && !already_sent_basic);
@@ -995,7 +1024,12 @@ impl RegistryClient {
                 "the registry's WWW-Authenticate header is broken",
             )
         })?;
-        let cred = self.inner.auth.credential(&ep.host, &ep.registry).cloned();
+        let cred = self
+            .inner
+            .auth
+            .credential(&ep.host, &ep.registry, &ctx.repository)
+            .await
+            .map_err(Failure::Fatal)?;
         let has_cred = cred.is_some();
         match url.scheme() {
             "https" => {}

@@ -364,6 +364,8 @@ pub struct RegistryConfig {
     pub extra_ca_file: Option<PathBuf>,
     /// Where credentials come from.
     pub docker_config: DockerConfigSource,
+    /// Time a Docker credential helper may take to answer before it is killed.
+    pub credential_helper_timeout: Duration,
     /// TCP + TLS connection timeout.
     pub connect_timeout: Duration,
     /// Time allowed for response headers, and between two body reads of a download.
@@ -402,6 +404,7 @@ impl Default for RegistryConfig {
             plain_http: PlainHttp::Never,
             extra_ca_file: None,
             docker_config: DockerConfigSource::Default,
+            credential_helper_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
             range_timeout: Duration::from_secs(60),

@@ -4,9 +4,12 @@
 //! `password`, `identitytoken` (an OAuth2 refresh token, exchanged at the token
 //! service) and `registrytoken` (a bearer token used as is). Host keys are normalised
 //! (`https://index.docker.io/v1/` → `docker.io`), so keys written by `docker login`,
-//! `podman login` and by hand all match. Credential helpers (`credsStore`,
-//! `credHelpers`) are not run; hosts configured only through them are anonymous and
-//! a warning says so.
+//! `podman login` and by hand all match. Credential helpers are recorded here
+//! (`credHelpers.<host>`, and `credsStore` for every other host) and run by
+//! `cred_helper` when a host has no `auths` entry.
+//!
+//! Also the [`CredentialSource`] abstraction: credentials the client consults before
+//! the Docker config (e.g. those the kubelet passes with a CRI pull).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -54,10 +57,24 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// Credentials the client consults before the Docker config, most specific first.
+///
+/// Implementations answer from memory: they are asked on every request that needs
+/// authentication, from async tasks.
+pub trait CredentialSource: Send + Sync {
+    /// The credential for `repository` (e.g. `library/busybox`) on registry `host`
+    /// (normalised, e.g. `localhost:5000`), if this source has one.
+    fn credential(&self, host: &str, repository: &str) -> Option<Credential>;
+}
+
 /// Credentials by normalised registry host, and where they came from.
 #[derive(Debug, Clone, Default)]
 pub struct DockerCredentials {
     by_host: HashMap<String, Credential>,
+    /// `credHelpers`: helper name (`docker-credential-<name>`) by normalised host.
+    helpers: HashMap<String, String>,
+    /// `credsStore`: the helper for hosts with neither `auths` nor `credHelpers`.
+    store: Option<String>,
     /// The file read, if any (named in error hints).
     pub path: Option<PathBuf>,
 }
@@ -153,25 +170,33 @@ impl DockerCredentials {
             };
             by_host.insert(host, cred);
         }
-        let mut helpers: Vec<String> = raw
-            .cred_helpers
-            .unwrap_or_default()
-            .into_keys()
-            .map(|h| normalize_host(&h))
-            .collect();
-        if raw.creds_store.is_some_and(|s| !s.is_empty()) {
-            helpers.push("*".to_string());
+        let valid_helper = |name: &str| {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        };
+        let mut helpers = HashMap::new();
+        for (key, name) in raw.cred_helpers.unwrap_or_default() {
+            if !valid_helper(&name) {
+                return Err(cfg_err(format!(
+                    "credHelpers.{key:?} = {name:?} is not a credential helper name (letters, digits, '-', '_', '.')"
+                )));
+            }
+            helpers.insert(normalize_host(&key), name);
         }
-        if !helpers.is_empty() {
-            tracing::warn!(
-                path = %path.display(),
-                hosts = %helpers.join(","),
-                "config.json names Docker credential helpers, which zest does not run: registries \
-                 reached only through them are accessed anonymously (add auths.<host>.auth instead)"
-            );
-        }
+        let store = match raw.creds_store.filter(|s| !s.is_empty()) {
+            Some(name) if !valid_helper(&name) => {
+                return Err(cfg_err(format!(
+                    "credsStore = {name:?} is not a credential helper name (letters, digits, '-', '_', '.')"
+                )))
+            }
+            other => other,
+        };
         Ok(DockerCredentials {
             by_host,
+            helpers,
+            store,
             path: Some(path.to_path_buf()),
         })
     }
@@ -214,14 +239,34 @@ impl DockerCredentials {
         self.by_host.get(&normalize_host(host))
     }
 
+    /// The credential helper to ask for `host` when it has no `auths` entry:
+    /// `credHelpers.<host>`, else `credsStore`.
+    pub fn helper_for(&self, host: &str) -> Option<&str> {
+        self.helpers
+            .get(&normalize_host(host))
+            .or(self.store.as_ref())
+            .map(String::as_str)
+    }
+
+    /// Sets the credential helper for `host`, or the default (`credsStore`) when
+    /// `host` is `None` (programmatic configuration).
+    pub fn set_helper(&mut self, host: Option<&str>, name: &str) {
+        match host {
+            Some(h) => {
+                self.helpers.insert(normalize_host(h), name.to_string());
+            }
+            None => self.store = Some(name.to_string()),
+        }
+    }
+
     /// Adds or replaces a credential (programmatic configuration).
     pub fn insert(&mut self, host: &str, cred: Credential) {
         self.by_host.insert(normalize_host(host), cred);
     }
 
-    /// Whether no credential is configured.
+    /// Whether no credential and no helper is configured.
     pub fn is_empty(&self) -> bool {
-        self.by_host.is_empty()
+        self.by_host.is_empty() && self.helpers.is_empty() && self.store.is_none()
     }
 }
 
@@ -270,6 +315,8 @@ mod tests {
         );
         assert_eq!(c.get("empty.example.com"), None);
         assert_eq!(c.get("gcr.io"), None);
+        assert_eq!(c.helper_for("gcr.io"), Some("gcloud"));
+        assert_eq!(c.helper_for("other.example"), None);
         // Secrets are not printed.
         let dbg = format!("{:?}", c.get("docker.io").unwrap());
         assert!(!dbg.contains("s3cr"), "{dbg}");
@@ -283,6 +330,8 @@ mod tests {
             r#"{"auths": {"h": {"auth": "!!!"}}}"#,
             r#"{"auths": {"h": {"auth": "bm9jb2xvbg=="}}}"#,
             r#"{"auths": []}"#,
+            r#"{"credsStore": "../evil"}"#,
+            r#"{"credHelpers": {"h": "a b"}}"#,
         ] {
             let e = DockerCredentials::parse(bad, p).unwrap_err().to_string();
             assert!(e.contains("/x/config.json"), "{bad}: {e}");

@@ -6,7 +6,8 @@
 //!   shared token caches and counters; cheap to clone and safe to share across tasks;
 //! - configuration ([`RegistryConfig`]): per-host settings in containerd's
 //!   `hosts.toml` format (mirrors in order, plain HTTP, CA files, skip_verify), plain
-//!   HTTP only when asked, Docker `config.json` credentials, timeouts, retries;
+//!   HTTP only when asked, Docker `config.json` credentials and credential helpers,
+//!   extra [`CredentialSource`]s consulted first, timeouts, retries;
 //! - authentication: anonymous, Basic, and Bearer tokens cached per (host, scope);
 //! - [`RegistryError`]: every failure names the registry, repository and object, the
 //!   registry's error codes, and what the user can do.
@@ -23,6 +24,7 @@
 mod auth;
 mod client;
 mod config;
+mod cred_helper;
 mod credentials;
 mod error;
 mod pull;
@@ -35,7 +37,7 @@ pub use config::{
     Capabilities, DockerConfigSource, EndpointOptions, HostConfig, MirrorConfig, PlainHttp,
     RegistryConfig, RetryPolicy, DEFAULT_HOSTS_DIR,
 };
-pub use credentials::{normalize_host, Credential, DockerCredentials};
+pub use credentials::{normalize_host, Credential, CredentialSource, DockerCredentials};
 pub use error::{ApiError, ApiErrors, ErrorKind, RegistryError};
 pub use pull::{FetchedManifest, ResolvedImage};
 pub use push::{PushOutcome, UploadBody};
