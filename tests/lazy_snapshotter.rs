@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use support::containerd::{
-    connect, fail, lazy_provider, lazy_provider_with, mount_at, only, require_tools, unmount,
-    wait_for, Containerd, TestCache, TestDir, TestResult, ZestService,
+    connect, fail, lazy_provider, lazy_provider_with, mount_at, only, require_containerd,
+    require_tools, unmount, wait_for, Containerd, ContainerdVersion, TestCache, TestDir,
+    TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, gzip};
 use support::{Auth, Registry};
@@ -385,17 +386,22 @@ fn full_gets(registry: &Registry, digest: &Digest) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lazy_pull_through_containerd() -> TestResult {
-    let tools = [
-        "containerd",
-        "ctr",
-        "runc",
-        "docker-registry",
-        "busybox",
-        "fusermount3",
-    ];
-    if !require_tools(&tools) {
+    lazy_pull(ContainerdVersion::V1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lazy_pull_through_containerd2() -> TestResult {
+    lazy_pull(ContainerdVersion::V2).await
+}
+
+async fn lazy_pull(version: ContainerdVersion) -> TestResult {
+    if !require_containerd(version)
+        || !require_tools(&["docker-registry", "busybox", "fusermount3"])
+    {
         return Ok(());
     }
+    // runc's state directory is shared by every containerd of the machine.
+    let container = format!("lazy-a-{version:?}").to_lowercase();
     let Some(busybox_tar) = busybox_layer_tar() else {
         return Ok(());
     };
@@ -465,7 +471,7 @@ async fn lazy_pull_through_containerd() -> TestResult {
     let state = dir.path().join("state");
     let lazy = lazy_provider(&registry, &state, TestCache::Disk).await?;
     let service = ZestService::start(dir.path(), lazy.clone()).await?;
-    let containerd = Containerd::start(dir.path(), &service.socket).await?;
+    let containerd = Containerd::start_version(dir.path(), &service.socket, version).await?;
     containerd
         .ctr_ok(&["leases", "create", "--id", LEASE, "--expires", "0"])
         .await?;
@@ -502,7 +508,7 @@ async fn lazy_pull_through_containerd() -> TestResult {
             "--rm",
             "--rootfs",
             &rootfs_a.display().to_string(),
-            "lazy-a",
+            &container,
             "/bin/sh",
             "-c",
             "cat /data/nested/deeper/file.txt && ls /data | wc -l",
