@@ -503,6 +503,20 @@ impl RemoteLayerProvider for LazyLayerProvider {
                     ),
                 )
             })?;
+        // containerd 2.2 does not say that a parentless prepare is a parallel unpack
+        // (2.3+ does, see RemoteLayerRequest::from_labels): only the manifest tells
+        // that this layer has layers below it.
+        if request.parent.is_none()
+            && manifest.layers.first().map(|l| l.digest) != Some(layer_digest)
+        {
+            return Err(Fallback::new(
+                FallbackReason::UnpackWithoutParent,
+                format!(
+                    "{}: layer {layer_digest} is not the first layer of {image_ref}",
+                    zest_snapshotter::unpack_without_parent()
+                ),
+            ));
+        }
         classify(&desc, inner.config.require_authenticated_toc)?;
         if inner.config.toc_prefetch {
             inner.prefetch_following(&reference.repository, &manifest, request, layer_digest);
