@@ -1039,6 +1039,23 @@ async fn indexes_and_fallback_reasons() -> TestResult {
             Bytes::from(index.to_json()),
         )
         .await?;
+    // e's layer under another converted layer, in a two-layer image.
+    let f = convert_image(
+        &client,
+        dir.path(),
+        &reference("f")?,
+        vec![data_layer_tar(6)],
+    )
+    .await?;
+    let two = push_manifest(
+        &client,
+        &reference("two")?,
+        vec![
+            (layer.clone(), image.diff_ids[0]),
+            (f.layers[0].clone(), f.diff_ids[0]),
+        ],
+    )
+    .await?;
     // e's layer with its zstd:chunked annotations stripped, in an image of its own.
     let mut bare = layer.clone();
     bare.annotations.clear();
@@ -1124,6 +1141,45 @@ async fn indexes_and_fallback_reasons() -> TestResult {
             Code::Ok
         );
         assert_eq!(counts(&service, reason), before + 1, "{reason}");
+    }
+    // A parallel unpack (containerd 2.2+ with the `rebase` capability) prepares the
+    // second layer without its parent: it cannot be lazy. containerd 2.2 does not
+    // say so (zest finds the layer's place in the manifest); 2.3 adds the parent's
+    // chain ID as a label.
+    for label_parent in [false, true] {
+        let before = counts(&service, FallbackReason::UnpackWithoutParent);
+        let mut labels = layer_labels(&two, 1)?;
+        other_chain(&mut labels);
+        if label_parent {
+            labels.insert(
+                "containerd.io/snapshot/parent-chain-id".to_owned(),
+                two.chain_ids()[0].clone(),
+            );
+        }
+        let key = format!(
+            "extract-{:016x} {}",
+            rand::random::<u64>(),
+            two.chain_ids()[1]
+        );
+        direct
+            .prepare(pb::PrepareSnapshotRequest {
+                snapshotter: "zest".into(),
+                key: key.clone(),
+                parent: String::new(),
+                labels,
+            })
+            .await?;
+        direct
+            .remove(pb::RemoveSnapshotRequest {
+                snapshotter: "zest".into(),
+                key,
+            })
+            .await?;
+        assert_eq!(
+            counts(&service, FallbackReason::UnpackWithoutParent),
+            before + 1,
+            "label_parent={label_parent}"
+        );
     }
     // The stripped layer: no annotations, so no authenticated TOC.
     assert_eq!(
