@@ -15,6 +15,7 @@
 pub mod containerd;
 pub mod fake_http;
 pub mod image;
+pub mod tree;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -1,0 +1,190 @@
+//! eStargz layers from the reference writer (containerd's estargz package, built
+//! offline by `scripts/newer-debian` from `tests/estargz-writer`) mount through zest's
+//! TOC loader, chunk decoder and FUSE layer as exactly the tree GNU tar extracts from
+//! the same blob: the layer of every kind of entry of `support::tree`, cut into small
+//! chunks so that files span many gzip members, every one checked against its
+//! `chunkDigest`. The TOC is trusted through the `containerd.io/snapshot/stargz/toc.digest`
+//! annotation, and a wrong digest refuses the layer.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::containerd::{fail, run_ok, TestDir, TestResult};
+use support::tree::{build_tree, describe};
+use zest_cache::{CacheConfig, ChunkCache};
+use zest_fetch::toc::{open_layer, TocFetchOptions};
+use zest_fetch::{FetchConfig, FetchError, FetchLimits};
+use zest_format::estargz::TOC_DIGEST_ANNOTATION;
+use zest_format::FormatError;
+use zest_fs::{LayerMount, MountOptions};
+use zest_oci::digest::Digest;
+use zest_store::{BlobSource, FileBlob};
+
+/// The reference writer `scripts/newer-debian` builds.
+fn writer() -> PathBuf {
+    std::env::var_os("ZEST_NEWER_DEBIAN_DIR")
+        .map_or_else(
+            || PathBuf::from("/var/cache/zest/newer-debian"),
+            PathBuf::from,
+        )
+        .join("estargz/bin/estargz-writer")
+}
+
+/// Opens the eStargz blob file as a lazily read layer, requiring an authenticated TOC.
+async fn open(
+    blob: &Path,
+    annotations: &BTreeMap<String, String>,
+) -> TestResult<Result<Arc<zest_fetch::Fetcher>, FetchError>> {
+    let file = FileBlob::open(blob)?;
+    let size = std::fs::metadata(blob)?.len();
+    let source: Arc<dyn BlobSource> = Arc::new(file);
+    let cache = Arc::new(ChunkCache::open(&CacheConfig {
+        memory_bytes: 64 << 20,
+        disk_bytes: 0,
+        ..CacheConfig::default()
+    })?);
+    Ok(open_layer(
+        source,
+        size,
+        annotations,
+        cache,
+        FetchLimits::default(),
+        FetchConfig::default(),
+        &TocFetchOptions {
+            require_digest: true,
+            ..TocFetchOptions::default()
+        },
+    )
+    .await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_estargz_layer_mounts_as_gnu_tar_extracts_it() -> TestResult {
+    let writer = writer();
+    if !support::require_root_and_fuse()
+        || !support::require_tool("tar")
+        || !(writer.is_file()
+            || support::unavailable(
+                &format!("the eStargz writer is missing ({})", writer.display()),
+                "run scripts/install-deps (scripts/newer-debian builds it)",
+            ))
+    {
+        return Ok(());
+    }
+    let dir = TestDir::new()?;
+    let limit = Duration::from_secs(120);
+    let src = dir.path().join("src");
+    build_tree(&src)?;
+    let layer_tar = dir.path().join("layer.tar");
+    run_ok(
+        "tar",
+        &[
+            "--format=posix",
+            "--xattrs",
+            "--xattrs-include=user.*",
+            "--numeric-owner",
+            "-C",
+            &src.display().to_string(),
+            "-cf",
+            &layer_tar.display().to_string(),
+            ".",
+        ],
+        limit,
+    )
+    .await?;
+    let blob = dir.path().join("layer.esgz");
+    // 16 KiB chunks: files span many gzip members.
+    let written = run_ok(
+        &writer.display().to_string(),
+        &[
+            &layer_tar.display().to_string(),
+            &blob.display().to_string(),
+            "16384",
+        ],
+        limit,
+    )
+    .await?;
+    let written: BTreeMap<String, String> = serde_json::from_str(written.trim())?;
+    let toc_digest = written
+        .get("tocDigest")
+        .ok_or_else(|| fail(format!("no tocDigest in {written:?}")))?;
+
+    // A wrong TOC digest refuses the layer before anything is served.
+    let wrong = BTreeMap::from([(
+        TOC_DIGEST_ANNOTATION.to_owned(),
+        Digest::of(b"another TOC").to_string(),
+    )]);
+    match open(&blob, &wrong).await? {
+        Err(FetchError::Toc { source, .. })
+            if matches!(*source, FormatError::TocDigestMismatch { .. }) => {}
+        other => {
+            return Err(fail(format!(
+                "a wrong TOC digest was not refused: {other:?}"
+            )))
+        }
+    }
+
+    let annotations = BTreeMap::from([(TOC_DIGEST_ANNOTATION.to_owned(), toc_digest.clone())]);
+    let fetcher = open(&blob, &annotations).await??;
+    let chunks = fetcher.index().all_chunks().len();
+    assert!(
+        chunks > 100,
+        "only {chunks} chunks: the layer was not cut small"
+    );
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt)?;
+    let mount = LayerMount::mount(fetcher.clone(), &mnt, &MountOptions::default())?;
+
+    // GNU tar reads the same blob as an ordinary tar.gz. The TOC's own tar entry
+    // is not in the TOC, so no eStargz reader presents it.
+    let extracted = dir.path().join("extracted");
+    std::fs::create_dir(&extracted)?;
+    run_ok(
+        "tar",
+        &[
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "--same-owner",
+            "-xzpf",
+            &blob.display().to_string(),
+            "-C",
+            &extracted.display().to_string(),
+        ],
+        limit,
+    )
+    .await?;
+    std::fs::remove_file(extracted.join("stargz.index.json"))?;
+    // The reference writer records modification times rounded to whole seconds in
+    // the TOC (the tar keeps nanoseconds): that is all a TOC-based reader can present.
+    let mut want = describe(&extracted)?;
+    for entry in want.values_mut() {
+        let (secs, nanos) = entry.mtime;
+        entry.mtime = (secs + i64::from(nanos >= 500_000_000), 0);
+    }
+    let root = mount.mountpoint().to_path_buf();
+    let got = tokio::task::spawn_blocking(move || describe(&root).map_err(|e| e.to_string()))
+        .await?
+        .map_err(fail)?;
+    assert!(want.len() > 20, "{:?}", want.keys());
+    for (path, entry) in &want {
+        assert_eq!(got.get(path), Some(entry), "{}", path.display());
+    }
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    let stats = fetcher.stats();
+    assert_eq!(stats.verification_failures, 0);
+    eprintln!(
+        "eStargz layer: {} entries, {chunks} chunks, {} range reads of the blob",
+        want.len(),
+        stats.range_requests
+    );
+    drop(mount);
+    Ok(())
+}
