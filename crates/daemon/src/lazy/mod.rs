@@ -246,7 +246,7 @@ impl Inner {
         ));
         let local = match &source {
             TocSource::Annotated(loc) => self.tocs.load(desc, *loc).await,
-            TocSource::Footer => None,
+            TocSource::Footer | TocSource::Estargz => None,
         };
         let (index, toc, authenticated) = match local {
             Some(index) => {
@@ -257,8 +257,11 @@ impl Inner {
                 let fetched = self.fetch_toc(&blob, desc, &source).await?;
                 self.counters.bump(&self.counters.toc_fetches, 1);
                 // Only a TOC the manifest vouches for is kept: it is re-verified
-                // against that digest when read back.
-                let toc = fetched.authenticated.then_some(fetched.toc);
+                // against that digest when read back. The TOC directory holds
+                // zstd:chunked TOCs only: an eStargz TOC is fetched again after a
+                // restart.
+                let keep = fetched.authenticated && !matches!(source, TocSource::Estargz);
+                let toc = keep.then_some(fetched.toc);
                 if let Some(toc) = &toc {
                     self.counters
                         .bump(&self.counters.toc_bytes, toc.len() as u64);
@@ -303,7 +306,7 @@ impl Inner {
         // neither is authenticated, and the footer is what the blob itself says.
         let no_annotations = BTreeMap::new();
         let annotations = match source {
-            TocSource::Annotated(_) => &desc.annotations,
+            TocSource::Annotated(_) | TocSource::Estargz => &desc.annotations,
             TocSource::Footer => &no_annotations,
         };
         let what = format!("TOC of layer {}", desc.digest);
@@ -319,7 +322,7 @@ impl Inner {
             )
         })?;
         fetched.map_err(|e| match (e, source) {
-            (e @ FetchError::Toc { .. }, TocSource::Annotated(_)) => {
+            (e @ FetchError::Toc { .. }, TocSource::Annotated(_) | TocSource::Estargz) => {
                 Fallback::new(FallbackReason::TocInvalid, format!("{what}: {e}"))
             }
             (e @ FetchError::Toc { .. }, TocSource::Footer) => Fallback::new(
