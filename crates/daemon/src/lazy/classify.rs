@@ -177,6 +177,9 @@ pub(super) mod tests {
             Digest::of(b"toc json").to_string(),
         );
         assert_eq!(code(classify(&estargz, true)), "estargz");
+        // What a mount stores for a restart still classifies the same way.
+        let stored = crate::lazy::restore::stored_descriptor(&estargz);
+        assert_eq!(code(classify(&stored, true)), "estargz");
         estargz.annotations.insert(
             estargz::TOC_DIGEST_ANNOTATION.to_owned(),
             "sha256:short".to_owned(),
