@@ -5,7 +5,8 @@
 //! chunks so that files span many gzip members, every one checked against its
 //! `chunkDigest`. The TOC is trusted through the `containerd.io/snapshot/stargz/toc.digest`
 //! annotation, and a wrong digest refuses the layer. And an image of eStargz layers
-//! pulls lazily through containerd 2.x with zest as its snapshotter, and runs.
+//! pulls lazily through containerd 2.x with zest as its snapshotter, runs, and runs
+//! again after zest restarts.
 
 mod support;
 
@@ -318,9 +319,10 @@ async fn estargz_image_pulls_lazily_through_containerd2_and_runs() -> TestResult
         )
         .await?;
 
+    let lazy_state = dir.path().join("lazy");
     let service = ZestService::start(
         dir.path(),
-        lazy_provider(&registry, &dir.path().join("lazy"), TestCache::Memory).await?,
+        lazy_provider(&registry, &lazy_state, TestCache::Memory).await?,
     )
     .await?;
     let containerd = Containerd::start_version(dir.path(), &service.socket, version).await?;
@@ -343,27 +345,73 @@ async fn estargz_image_pulls_lazily_through_containerd2_and_runs() -> TestResult
             "eStargz layer {digest} was not mounted lazily: {snapshots:#?}"
         );
     }
-    let out = containerd
-        .run_on_zest(
-            &image,
-            "estargz-check",
-            &[
-                "/bin/busybox",
-                "sh",
-                "-c",
-                "sha256sum /tree/data.bin && cat /tree/private/secret",
-            ],
-        )
-        .await?;
     let data = std::fs::read(src.join("tree/data.bin"))?;
-    assert_eq!(
-        out.lines().collect::<Vec<_>>(),
-        [
-            format!("{}  /tree/data.bin", Digest::of(&data).hex()).as_str(),
-            "s3cret"
-        ],
-        "{out}"
+    let check = |out: String| {
+        assert_eq!(
+            out.lines().collect::<Vec<_>>(),
+            [
+                format!("{}  /tree/data.bin", Digest::of(&data).hex()).as_str(),
+                "s3cret"
+            ],
+            "{out}"
+        );
+    };
+    let script = "sha256sum /tree/data.bin && cat /tree/private/secret";
+    check(
+        containerd
+            .run_on_zest(
+                &image,
+                "estargz-check",
+                &["/bin/busybox", "sh", "-c", script],
+            )
+            .await?,
     );
+
+    // After a restart the layers are mounted again (their TOCs fetched again) and
+    // a new container runs.
+    service.stop().await?;
+    let lazy = lazy_provider(&registry, &lazy_state, TestCache::Memory).await?;
+    let service = ZestService::start(dir.path(), lazy.clone()).await?;
+    support::containerd::wait_for(
+        "the eStargz layers to be mounted again",
+        Duration::from_secs(30),
+        || {
+            let lazy = lazy.clone();
+            let want = layers.len();
+            async move { (lazy.stats().mounted == want).then_some(()) }
+        },
+    )
+    .await?;
+    // containerd reconnects to the restarted socket with a backoff: retry the run
+    // (a fresh container ID each time) until it gets through.
+    let attempt = std::sync::atomic::AtomicUsize::new(0);
+    let out = support::containerd::wait_for(
+        "containerd to reach the restarted zest",
+        Duration::from_secs(30),
+        || {
+            let n = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (containerd, image) = (&containerd, &image);
+            async move {
+                let id = format!("estargz-check-r{n}");
+                let args = [
+                    "run",
+                    "--rm",
+                    "--snapshotter",
+                    "zest",
+                    image,
+                    &id,
+                    "/bin/busybox",
+                    "sh",
+                    "-c",
+                    script,
+                ];
+                let out = containerd.ctr(&args).await.ok()?;
+                out.success.then_some(out.stdout)
+            }
+        },
+    )
+    .await?;
+    check(out);
     for layer in &layers {
         assert_eq!(
             registry.count_requests("GET", &format!("/blobs/{}", layer.digest), Some(200)),
