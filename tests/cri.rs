@@ -4,6 +4,12 @@
 //! call the kubelet makes), and the pull is lazy: zest mounts every layer from the
 //! registry, which sees range requests only. The image is then reported by CRI, runs,
 //! and is collected after CRI removes it.
+//!
+//! The same test runs against the system's containerd 1.6 and against containerd 2.x
+//! (configured with `packaging/containerd2-config.toml`) twice: with CRI pulling
+//! through the transfer service (2.1's default; the labels come from the proxy
+//! plugin's `enable_remote_snapshot_annotations` export) and with CRI's local pull
+//! (`disable_snapshot_annotations = false`, which 2.1 answers by falling back to it).
 
 mod support;
 
@@ -11,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::containerd::{
-    fail, lazy_provider, mounts_under, require_tools, unix_channel, wait_for, Containerd,
-    TestCache, TestDir, TestResult, ZestService,
+    fail, lazy_provider, mounts_under, require_containerd, require_tools, unix_channel, wait_for,
+    Containerd, ContainerdVersion, TestCache, TestDir, TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar};
 use support::{Auth, Registry};
@@ -37,9 +43,39 @@ fn spec(image: &str) -> runtime::ImageSpec {
     }
 }
 
+/// How CRI pulls images.
+#[derive(Clone, Copy, Debug)]
+enum CriPull {
+    /// containerd 1.6's CRI (always its own pull, labels with
+    /// `disable_snapshot_annotations = false`).
+    V1,
+    /// containerd 2.x's CRI through the transfer service, as packaged.
+    V2Transfer,
+    /// containerd 2.x's CRI local pull (`disable_snapshot_annotations = false`).
+    V2Local,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
-    if !require_tools(&["containerd", "ctr", "runc", "docker-registry", "busybox"]) {
+    cri_pull(CriPull::V1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pull_is_lazy_and_the_image_runs_containerd2_transfer() -> TestResult {
+    cri_pull(CriPull::V2Transfer).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pull_is_lazy_and_the_image_runs_containerd2_local_pull() -> TestResult {
+    cri_pull(CriPull::V2Local).await
+}
+
+async fn cri_pull(mode: CriPull) -> TestResult {
+    let version = match mode {
+        CriPull::V1 => ContainerdVersion::V1,
+        CriPull::V2Transfer | CriPull::V2Local => ContainerdVersion::V2,
+    };
+    if !require_containerd(version) || !require_tools(&["docker-registry", "busybox"]) {
         return Ok(());
     }
     let Some(base) = busybox_layer_tar() else {
@@ -94,13 +130,23 @@ async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
         lazy_provider(&registry, dir.path(), TestCache::Memory).await?,
     )
     .await?;
-    let mut containerd = Containerd::start_with_cri(
+    let (registry_table, images_keys) = match mode {
+        CriPull::V1 => ("io.containerd.grpc.v1.cri", ""),
+        CriPull::V2Transfer => ("io.containerd.cri.v1.images", ""),
+        CriPull::V2Local => (
+            "io.containerd.cri.v1.images",
+            "disable_snapshot_annotations = false",
+        ),
+    };
+    let mut containerd = Containerd::start_with_cri_version(
         dir.path(),
         &service.socket,
         &format!(
-            "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"",
+            "[plugins.\"{registry_table}\".registry]\n  config_path = \"{}\"",
             certs.display()
         ),
+        images_keys,
+        version,
     )
     .await?;
     containerd.namespace = CRI_NAMESPACE.to_owned();
@@ -168,8 +214,11 @@ async fn cri_pull_is_lazy_and_the_image_runs() -> TestResult {
     assert!(listed.images.iter().any(|i| i.id == reported.id));
 
     // A container from it runs (started with ctr in CRI's namespace; no pod needed).
+    // runc's state directory is shared by every containerd of the machine: the ID is
+    // unique to the variant.
+    let container = format!("cri-echo-{mode:?}").to_lowercase();
     let out = containerd
-        .run_on_zest(&image, "cri-echo", &["/bin/cat", "/data/hello.txt"])
+        .run_on_zest(&image, &container, &["/bin/cat", "/data/hello.txt"])
         .await?;
     assert_eq!(out.trim(), "hello from zest");
     for layer in &manifest.layers {

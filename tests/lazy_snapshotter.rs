@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use support::containerd::{
-    connect, fail, lazy_provider, lazy_provider_with, mount_at, only, require_tools, unmount,
-    wait_for, Containerd, TestCache, TestDir, TestResult, ZestService,
+    connect, fail, lazy_provider, lazy_provider_with, mount_at, only, require_containerd,
+    require_tools, unmount, wait_for, Containerd, ContainerdVersion, TestCache, TestDir,
+    TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, gzip};
 use support::{Auth, Registry};
@@ -385,17 +386,22 @@ fn full_gets(registry: &Registry, digest: &Digest) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lazy_pull_through_containerd() -> TestResult {
-    let tools = [
-        "containerd",
-        "ctr",
-        "runc",
-        "docker-registry",
-        "busybox",
-        "fusermount3",
-    ];
-    if !require_tools(&tools) {
+    lazy_pull(ContainerdVersion::V1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lazy_pull_through_containerd2() -> TestResult {
+    lazy_pull(ContainerdVersion::V2).await
+}
+
+async fn lazy_pull(version: ContainerdVersion) -> TestResult {
+    if !require_containerd(version)
+        || !require_tools(&["docker-registry", "busybox", "fusermount3"])
+    {
         return Ok(());
     }
+    // runc's state directory is shared by every containerd of the machine.
+    let container = format!("lazy-a-{version:?}").to_lowercase();
     let Some(busybox_tar) = busybox_layer_tar() else {
         return Ok(());
     };
@@ -465,7 +471,7 @@ async fn lazy_pull_through_containerd() -> TestResult {
     let state = dir.path().join("state");
     let lazy = lazy_provider(&registry, &state, TestCache::Disk).await?;
     let service = ZestService::start(dir.path(), lazy.clone()).await?;
-    let containerd = Containerd::start(dir.path(), &service.socket).await?;
+    let containerd = Containerd::start_version(dir.path(), &service.socket, version).await?;
     containerd
         .ctr_ok(&["leases", "create", "--id", LEASE, "--expires", "0"])
         .await?;
@@ -502,7 +508,7 @@ async fn lazy_pull_through_containerd() -> TestResult {
             "--rm",
             "--rootfs",
             &rootfs_a.display().to_string(),
-            "lazy-a",
+            &container,
             "/bin/sh",
             "-c",
             "cat /data/nested/deeper/file.txt && ls /data | wc -l",
@@ -1036,6 +1042,23 @@ async fn indexes_and_fallback_reasons() -> TestResult {
             Bytes::from(index.to_json()),
         )
         .await?;
+    // e's layer under another converted layer, in a two-layer image.
+    let f = convert_image(
+        &client,
+        dir.path(),
+        &reference("f")?,
+        vec![data_layer_tar(6)],
+    )
+    .await?;
+    let two = push_manifest(
+        &client,
+        &reference("two")?,
+        vec![
+            (layer.clone(), image.diff_ids[0]),
+            (f.layers[0].clone(), f.diff_ids[0]),
+        ],
+    )
+    .await?;
     // e's layer with its zstd:chunked annotations stripped, in an image of its own.
     let mut bare = layer.clone();
     bare.annotations.clear();
@@ -1121,6 +1144,45 @@ async fn indexes_and_fallback_reasons() -> TestResult {
             Code::Ok
         );
         assert_eq!(counts(&service, reason), before + 1, "{reason}");
+    }
+    // A parallel unpack (containerd 2.2+ with the `rebase` capability) prepares the
+    // second layer without its parent: it cannot be lazy. containerd 2.2 does not
+    // say so (zest finds the layer's place in the manifest); 2.3 adds the parent's
+    // chain ID as a label.
+    for label_parent in [false, true] {
+        let before = counts(&service, FallbackReason::UnpackWithoutParent);
+        let mut labels = layer_labels(&two, 1)?;
+        other_chain(&mut labels);
+        if label_parent {
+            labels.insert(
+                "containerd.io/snapshot/parent-chain-id".to_owned(),
+                two.chain_ids()[0].clone(),
+            );
+        }
+        let key = format!(
+            "extract-{:016x} {}",
+            rand::random::<u64>(),
+            two.chain_ids()[1]
+        );
+        direct
+            .prepare(pb::PrepareSnapshotRequest {
+                snapshotter: "zest".into(),
+                key: key.clone(),
+                parent: String::new(),
+                labels,
+            })
+            .await?;
+        direct
+            .remove(pb::RemoveSnapshotRequest {
+                snapshotter: "zest".into(),
+                key,
+            })
+            .await?;
+        assert_eq!(
+            counts(&service, FallbackReason::UnpackWithoutParent),
+            before + 1,
+            "label_parent={label_parent}"
+        );
     }
     // The stripped layer: no annotations, so no authenticated TOC.
     assert_eq!(

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::containerd::{
-    build_busybox_image, fail, lazy_provider, mounts_under, require_tools, run, wait_for,
-    Containerd, TestCache, TestDir, TestResult, ZestService,
+    build_busybox_image, fail, lazy_provider, mounts_under, require_containerd, require_tools, run,
+    wait_for, Containerd, ContainerdVersion, TestCache, TestDir, TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, push_image, TestImage};
 use support::{Auth, Registry};
@@ -40,7 +40,8 @@ use zest_oci::layout::LayoutRef;
 use zest_oci::{ImageManifest, LayerCompression, Platform, Reference};
 use zest_store::{ImageRef, ImageStore};
 
-const TOOLS: &[&str] = &["containerd", "ctr", "runc", "docker-registry", "busybox"];
+/// Tools besides containerd itself (see [`require_containerd`]).
+const TOOLS: &[&str] = &["docker-registry", "busybox"];
 
 /// Everything one test runs against. Fields drop in order: containerd before the
 /// snapshotter it talks to, the directory last.
@@ -56,8 +57,16 @@ impl Env {
     /// Starts registry, zest (lazy provider) and containerd; `None` to skip (a tool is
     /// missing outside CI).
     async fn start(extra_tools: &[&str]) -> TestResult<Option<Env>> {
+        Self::start_version(extra_tools, ContainerdVersion::V1).await
+    }
+
+    /// [`Env::start`] with the given containerd.
+    async fn start_version(
+        extra_tools: &[&str],
+        version: ContainerdVersion,
+    ) -> TestResult<Option<Env>> {
         let tools: Vec<&str> = TOOLS.iter().chain(extra_tools).copied().collect();
-        if !require_tools(&tools) {
+        if !require_containerd(version) || !require_tools(&tools) {
             return Ok(None);
         }
         let dir = TestDir::new()?;
@@ -69,7 +78,7 @@ impl Env {
             lazy_provider(&registry, dir.path(), TestCache::Memory).await?,
         )
         .await?;
-        let containerd = Containerd::start(dir.path(), &service.socket).await?;
+        let containerd = Containerd::start_version(dir.path(), &service.socket, version).await?;
         Ok(Some(Env {
             containerd,
             service,
@@ -265,8 +274,22 @@ async fn assert_lazy(env: &Env, stdout: &str, manifest: &ImageManifest) -> TestR
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converted_image_is_pulled_lazily_and_runs() -> TestResult {
-    let Some(env) = Env::start(&[]).await? else {
+    converted_image_pull(ContainerdVersion::V1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converted_image_is_pulled_lazily_and_runs_containerd2() -> TestResult {
+    converted_image_pull(ContainerdVersion::V2).await
+}
+
+async fn converted_image_pull(version: ContainerdVersion) -> TestResult {
+    let Some(env) = Env::start_version(&[], version).await? else {
         return Ok(());
+    };
+    // runc's state directory is shared by every containerd of the machine.
+    let (echo, cat) = match version {
+        ContainerdVersion::V1 => ("lazy-echo", "lazy-cat"),
+        ContainerdVersion::V2 => ("lazy-echo-2", "lazy-cat-2"),
     };
     let Some(_) = gzip_image(env.dir.path(), "oci", 1)? else {
         return Ok(());
@@ -280,12 +303,10 @@ async fn converted_image_is_pulled_lazily_and_runs() -> TestResult {
     let listed = env.containerd.ctr_ok(&["images", "ls", "-q"]).await?;
     assert!(listed.lines().any(|l| l == image), "{listed}");
 
-    let out = env
-        .ctr_run(&image, "lazy-echo", &["/bin/echo", "hello"])
-        .await?;
+    let out = env.ctr_run(&image, echo, &["/bin/echo", "hello"]).await?;
     assert_eq!(out.trim(), "hello");
     let out = env
-        .ctr_run(&image, "lazy-cat", &["/bin/cat", "/data/hello.txt"])
+        .ctr_run(&image, cat, &["/bin/cat", "/data/hello.txt"])
         .await?;
     assert_eq!(out.trim(), "hello from zest");
     // Running read the files by range request, never a whole layer.
@@ -352,8 +373,22 @@ async fn skopeo_zstd_chunked_image_is_pulled_lazily_and_runs() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_image_falls_back_to_download_and_apply() -> TestResult {
-    let Some(env) = Env::start(&[]).await? else {
+    gzip_image_pull(ContainerdVersion::V1).await
+}
+
+/// containerd 2.x's differ applies the layers into the mounts zest hands out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_image_falls_back_to_download_and_apply_containerd2() -> TestResult {
+    gzip_image_pull(ContainerdVersion::V2).await
+}
+
+async fn gzip_image_pull(version: ContainerdVersion) -> TestResult {
+    let Some(env) = Env::start_version(&[], version).await? else {
         return Ok(());
+    };
+    let echo = match version {
+        ContainerdVersion::V1 => "gzip-echo",
+        ContainerdVersion::V2 => "gzip-echo-2",
     };
     let Some(built) = gzip_image(env.dir.path(), "oci", 1)? else {
         return Ok(());
@@ -366,9 +401,7 @@ async fn gzip_image_falls_back_to_download_and_apply() -> TestResult {
     for layer in &built.layers {
         assert_eq!(env.full_gets(&layer.descriptor.digest), 1);
     }
-    let out = env
-        .ctr_run(&image, "gzip-echo", &["/bin/echo", "hello"])
-        .await?;
+    let out = env.ctr_run(&image, echo, &["/bin/echo", "hello"]).await?;
     assert_eq!(out.trim(), "hello");
 
     // What the pull left matches containerd's own unpacker.

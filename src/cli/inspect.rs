@@ -1,5 +1,5 @@
-//! `zest inspect REF`: an image's layers, their formats, and for zstd:chunked layers
-//! the table of contents — what a lazy pull fetches up front and what it can skip.
+//! `zest inspect REF`: an image's layers, their formats, and for zstd:chunked and eStargz
+//! layers the table of contents — what a lazy pull fetches up front and what it can skip.
 
 use anyhow::Context;
 use clap::Args;
@@ -52,7 +52,7 @@ struct LayerReport {
     digest: String,
     size: u64,
     media_type: String,
-    /// `zstd:chunked`, `zstd`, `gzip`, `tar`, or the media type.
+    /// `zstd:chunked`, `eStargz`, `zstd`, `gzip`, `tar`, or the media type.
     format: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     toc: Option<TocReport>,
@@ -153,9 +153,14 @@ async fn inspect_layer(
         .to_string(),
         toc: None,
     };
+    // An eStargz layer names its TOC digest in an annotation.
+    let estargz = compression == Some(LayerCompression::Gzip)
+        && layer
+            .annotations
+            .contains_key(zest_format::estargz::TOC_DIGEST_ANNOTATION);
     // A zstd layer without annotations may still carry a footer (an image whose
     // manifest lost its annotations): try it, and say so when it is plain zstd.
-    if compression != Some(LayerCompression::Zstd) {
+    if compression != Some(LayerCompression::Zstd) && !estargz {
         return Ok(report);
     }
     let source = store.layer_source(layer)?;
@@ -168,13 +173,13 @@ async fn inspect_layer(
     .await
     {
         Ok(f) => f,
-        Err(e) if !annotated => {
+        Err(e) if !annotated && !estargz => {
             tracing::debug!(error = %e, "zstd layer without a zstd:chunked footer");
             return Ok(report);
         }
         Err(e) => return Err(e).context("reading the table of contents"),
     };
-    report.format = "zstd:chunked".to_string();
+    report.format = if estargz { "eStargz" } else { "zstd:chunked" }.to_string();
     let idx = &fetched.index;
     let location = idx.location();
     let mut toc = TocReport {

@@ -385,19 +385,85 @@ pub async fn unix_channel(socket: &Path) -> TestResult<tonic::transport::Channel
     Ok(channel)
 }
 
-/// A private containerd 1.6/1.7 with zest as proxy snapshotter `zest`, its root,
-/// state and sockets inside `dir`, no CRI (unless started with
-/// [`Containerd::start_with_cri`]), and garbage collection after every deletion.
+/// Which containerd a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContainerdVersion {
+    /// The system's containerd (Debian 12: 1.6), configuration format version 2.
+    V1,
+    /// containerd 2.x, extracted by `scripts/newer-debian` into its private cache
+    /// (`$ZEST_NEWER_DEBIAN_DIR`, default `/var/cache/zest/newer-debian`),
+    /// configuration format version 3.
+    V2,
+}
+
+impl ContainerdVersion {
+    /// The directory holding this version's `containerd`, `ctr` and shim, or `None`
+    /// for the system's (found in PATH).
+    pub fn bin_dir(self) -> Option<PathBuf> {
+        match self {
+            ContainerdVersion::V1 => None,
+            ContainerdVersion::V2 => {
+                let cache = std::env::var_os("ZEST_NEWER_DEBIAN_DIR").map_or_else(
+                    || PathBuf::from("/var/cache/zest/newer-debian"),
+                    PathBuf::from,
+                );
+                Some(cache.join("containerd2/bin"))
+            }
+        }
+    }
+
+    /// The path of one of this version's programs (`containerd`, `ctr`).
+    pub fn program(self, name: &str) -> PathBuf {
+        match self.bin_dir() {
+            Some(dir) => dir.join(name),
+            None => which(name).unwrap_or_else(|| PathBuf::from(name)),
+        }
+    }
+}
+
+/// Whether this containerd version and runc are installed (see
+/// [`super::require_tool`]: missing parts fail under `CI=true`, skip loudly
+/// elsewhere).
+pub fn require_containerd(version: ContainerdVersion) -> bool {
+    match version {
+        ContainerdVersion::V1 => require_tools(&["containerd", "ctr", "runc"]),
+        ContainerdVersion::V2 => {
+            let containerd = version.program("containerd");
+            let found = containerd.is_file() && version.program("ctr").is_file();
+            (found
+                || super::unavailable(
+                    &format!("containerd 2.x is missing ({})", containerd.display()),
+                    "run scripts/install-deps (scripts/newer-debian extracts it)",
+                ))
+                && require_tools(&["runc"])
+        }
+    }
+}
+
+/// A private containerd with zest as proxy snapshotter `zest`, its root, state and
+/// sockets inside `dir`, no CRI (unless started with [`Containerd::start_with_cri`]),
+/// and garbage collection after every deletion; the system's 1.6/1.7 or 2.x
+/// ([`ContainerdVersion`]), configured with the matching packaged snippet.
 pub struct Containerd {
     pub address: PathBuf,
     pub namespace: String,
+    pub version: ContainerdVersion,
     process: Option<ProcessGuard>,
     log: PathBuf,
 }
 
 impl Containerd {
     pub async fn start(dir: &Path, zest_socket: &Path) -> TestResult<Self> {
-        Self::launch(dir, zest_socket, None).await
+        Self::launch(dir, zest_socket, None, ContainerdVersion::V1).await
+    }
+
+    /// [`Containerd::start`] with the given version.
+    pub async fn start_version(
+        dir: &Path,
+        zest_socket: &Path,
+        version: ContainerdVersion,
+    ) -> TestResult<Self> {
+        Self::launch(dir, zest_socket, None, version).await
     }
 
     /// Starts containerd with its CRI plugin enabled (the packaged snippet makes zest
@@ -408,53 +474,53 @@ impl Containerd {
         zest_socket: &Path,
         cri_config: &str,
     ) -> TestResult<Self> {
-        Self::launch(dir, zest_socket, Some(cri_config)).await
+        Self::launch(
+            dir,
+            zest_socket,
+            Some((cri_config, "")),
+            ContainerdVersion::V1,
+        )
+        .await
     }
 
-    async fn launch(dir: &Path, zest_socket: &Path, cri: Option<&str>) -> TestResult<Self> {
+    /// [`Containerd::start_with_cri`] with the given version. For 2.x,
+    /// `images_keys` are more keys for the packaged `[plugins."io.containerd.cri.v1.images"]`
+    /// table (TOML allows a table once), e.g. `disable_snapshot_annotations = false`.
+    pub async fn start_with_cri_version(
+        dir: &Path,
+        zest_socket: &Path,
+        cri_config: &str,
+        images_keys: &str,
+        version: ContainerdVersion,
+    ) -> TestResult<Self> {
+        Self::launch(dir, zest_socket, Some((cri_config, images_keys)), version).await
+    }
+
+    async fn launch(
+        dir: &Path,
+        zest_socket: &Path,
+        cri: Option<(&str, &str)>,
+        version: ContainerdVersion,
+    ) -> TestResult<Self> {
         let address = dir.join("containerd.sock");
         let config = dir.join("containerd.toml");
         let log = dir.join("containerd.log");
-        let (disabled_cri, cri_config) = match cri {
-            None => ("\n  \"io.containerd.grpc.v1.cri\",", String::new()),
-            Some(extra) => (
-                "",
-                format!(
-                    "[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n{extra}\n"
-                ),
-            ),
+        let text = match version {
+            ContainerdVersion::V1 => config_v2(dir, &address, zest_socket, cri.map(|c| c.0))?,
+            ContainerdVersion::V2 => config_v3(dir, &address, zest_socket, cri)?,
         };
-        let text = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = [{disabled_cri}
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.aufs",
-]
-[grpc]
-  address = "{address}"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
-[plugins."io.containerd.gc.v1.scheduler"]
-  deletion_threshold = 1
-  schedule_delay = "0ms"
-{cri_config}{packaged}"#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            address = address.display(),
-            opt = dir.join("opt").display(),
-            packaged = packaged_containerd_config(zest_socket)?,
-        );
         std::fs::write(&config, text)?;
         let log_file = std::fs::File::create(&log)?;
-        let mut command = Command::new("containerd");
+        let mut command = Command::new(version.program("containerd"));
+        // The version's own shim must come first in PATH: containerd finds it there.
+        let path = match version.bin_dir() {
+            Some(bin) => format!("{}:{}", bin.display(), child_path()),
+            None => child_path(),
+        };
         command
             .arg("--config")
             .arg(&config)
-            .env("PATH", child_path())
+            .env("PATH", path)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
@@ -462,15 +528,17 @@ disabled_plugins = [{disabled_cri}
         let mut containerd = Containerd {
             address,
             namespace: "zest-test".to_owned(),
+            version,
             process: Some(process),
             log,
         };
         let address = containerd.address.display().to_string();
+        let ctr = version.program("ctr").display().to_string();
         let ready = wait_for("containerd to answer", Duration::from_secs(30), || {
-            let address = address.clone();
+            let (address, ctr) = (address.clone(), ctr.clone());
             async move {
                 let out = run(
-                    "ctr",
+                    &ctr,
                     &["--address", &address, "version"],
                     Duration::from_secs(10),
                 )
@@ -504,7 +572,8 @@ disabled_plugins = [{disabled_cri}
         let address = self.address.display().to_string();
         let mut full = vec!["--address", &address, "--namespace", &self.namespace];
         full.extend_from_slice(args);
-        run("ctr", &full, Duration::from_secs(120)).await
+        let ctr = self.version.program("ctr").display().to_string();
+        run(&ctr, &full, Duration::from_secs(120)).await
     }
 
     /// Runs a ctr command that must succeed; returns stdout.
@@ -535,19 +604,121 @@ disabled_plugins = [{disabled_cri}
     }
 }
 
-/// The snippet shipped in `packaging/containerd-config.toml` (so the tests prove it
-/// works), pointed at `zest_socket`, without its `version` line.
-fn packaged_containerd_config(zest_socket: &Path) -> TestResult<String> {
-    let packaged = include_str!("../../packaging/containerd-config.toml");
+/// containerd 1.6/1.7's configuration (format version 2) for a test in `dir`.
+fn config_v2(
+    dir: &Path,
+    address: &Path,
+    zest_socket: &Path,
+    cri: Option<&str>,
+) -> TestResult<String> {
+    let (disabled_cri, cri_config) = match cri {
+        None => ("\n  \"io.containerd.grpc.v1.cri\",", String::new()),
+        Some(extra) => (
+            "",
+            format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n{extra}\n"
+            ),
+        ),
+    };
+    Ok(format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [{disabled_cri}
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.aufs",
+]
+[grpc]
+  address = "{address}"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.gc.v1.scheduler"]
+  deletion_threshold = 1
+  schedule_delay = "0ms"
+{cri_config}{packaged}"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        address = address.display(),
+        opt = dir.join("opt").display(),
+        packaged = packaged_containerd_config(
+            include_str!("../../packaging/containerd-config.toml"),
+            zest_socket
+        )?,
+    ))
+}
+
+/// containerd 2.x's configuration (format version 3) for a test in `dir`. NRI is
+/// off: its socket is one fixed path shared by every containerd on the machine.
+fn config_v3(
+    dir: &Path,
+    address: &Path,
+    zest_socket: &Path,
+    cri: Option<(&str, &str)>,
+) -> TestResult<String> {
+    const IMAGES_TABLE: &str =
+        "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"zest\"";
+    let packaged = include_str!("../../packaging/containerd2-config.toml");
+    if !packaged.contains(IMAGES_TABLE) {
+        return Err(fail(format!(
+            "packaging/containerd2-config.toml lacks {IMAGES_TABLE:?}"
+        )));
+    }
+    let images_keys = cri.map_or("", |c| c.1);
+    let packaged = packaged.replace(IMAGES_TABLE, &format!("{IMAGES_TABLE}\n  {images_keys}"));
+    let (disabled_cri, cri_config) = match cri.map(|c| c.0) {
+        None => (
+            "\n  \"io.containerd.grpc.v1.cri\",\n  \"io.containerd.cri.v1.images\",\n  \"io.containerd.cri.v1.runtime\",",
+            String::new(),
+        ),
+        Some(extra) => (
+            "",
+            format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n{extra}\n"
+            ),
+        ),
+    };
+    Ok(format!(
+        r#"version = 3
+root = "{root}"
+state = "{state}"
+disabled_plugins = [{disabled_cri}
+  "io.containerd.nri.v1.nri",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.snapshotter.v1.erofs",
+]
+[grpc]
+  address = "{address}"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.gc.v1.scheduler"]
+  deletion_threshold = 1
+  schedule_delay = "0ms"
+{cri_config}{packaged}"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        address = address.display(),
+        opt = dir.join("opt").display(),
+        packaged = packaged_containerd_config(&packaged, zest_socket)?,
+    ))
+}
+
+/// A snippet shipped in `packaging/` (so the tests prove it works), pointed at
+/// `zest_socket`, without its `version` line.
+fn packaged_containerd_config(packaged: &str, zest_socket: &Path) -> TestResult<String> {
     let default_socket = zest_snapshotter::DEFAULT_SOCKET;
     if !packaged.contains(default_socket) {
         return Err(fail(format!(
-            "packaging/containerd-config.toml does not use the default socket {default_socket}"
+            "a packaged containerd snippet does not use the default socket {default_socket}"
         )));
     }
     Ok(packaged
         .lines()
-        .filter(|line| line.trim() != "version = 2")
+        .filter(|line| !line.trim().starts_with("version = "))
         .collect::<Vec<_>>()
         .join("\n")
         .replace(default_socket, &zest_socket.display().to_string()))

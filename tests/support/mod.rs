@@ -18,6 +18,7 @@ pub mod containerd;
 pub mod fake_http;
 pub mod image;
 pub mod token_issuer;
+pub mod tree;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -18,6 +18,10 @@ pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-dig
 pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 /// Comma-separated digests of this layer and the following ones (may be truncated).
 pub const LABEL_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+/// Chain ID of the layer's parent, which containerd 2.3+ adds to every layer but the
+/// first. It tells a parentless prepare from a parallel unpack (see the `rebase`
+/// capability) apart from one of a bottom layer.
+pub const LABEL_PARENT_CHAIN_ID: &str = "containerd.io/snapshot/parent-chain-id";
 /// Marker label zest puts on snapshots it mounted remotely. Under the
 /// `containerd.io/snapshot/` prefix so that containerd keeps passing it through on
 /// label updates.

@@ -8,6 +8,10 @@
 //! by the manifest; callers that require it set
 //! [`TocFetchOptions::require_digest`].
 //!
+//! eStargz layers carry only their TOC digest as an annotation
+//! (`containerd.io/snapshot/stargz/toc.digest`): the footer in the tail gives the
+//! position (one or two requests), and the annotation authenticates the TOC.
+//!
 //! Policy: malformed zstd:chunked annotations are an error (a manifest that names a
 //! TOC wrongly is not second-guessed through the footer), and TOCs are decoded on
 //! the blocking pool ([`decode_index`]), never on an async worker.
@@ -20,7 +24,7 @@ use bytes::Bytes;
 
 use super::{FetchConfig, FetchError, FetchLimits, Fetcher};
 use zest_cache::ChunkCache;
-use zest_format::{parse_footer, FormatError, LayerIndex, TocLocation, FOOTER_FETCH_LEN};
+use zest_format::{estargz, parse_footer, FormatError, LayerIndex, TocLocation, FOOTER_FETCH_LEN};
 use zest_oci::{Descriptor, Digest};
 use zest_store::{BlobSource, ImageStore, SourceError, StoreError};
 
@@ -117,7 +121,18 @@ async fn locate_and_fetch(
             toc: bytes,
         });
     }
-    if options.require_digest {
+    // An eStargz layer: its TOC digest is vouched for, its position is in the footer.
+    let estargz_digest = match annotations.get(estargz::TOC_DIGEST_ANNOTATION) {
+        Some(value) => Some(value.parse::<Digest>().map_err(|e| {
+            toc_err(FormatError::BadAnnotation {
+                key: estargz::TOC_DIGEST_ANNOTATION.to_owned(),
+                value: value.chars().take(100).collect(),
+                reason: e.to_string(),
+            })
+        })?),
+        None => None,
+    };
+    if options.require_digest && estargz_digest.is_none() {
         return Err(FetchError::Toc {
             blob,
             source: Arc::new(FormatError::BadFooter {
@@ -128,18 +143,33 @@ async fn locate_and_fetch(
     let tail_len = options.tail_bytes.max(FOOTER_FETCH_LEN).min(blob_size);
     let tail_start = blob_size - tail_len;
     let tail = read(source, tail_start..blob_size, &mut requests).await?;
-    let footer = parse_footer(&tail, blob_size).map_err(toc_err)?;
-    let loc = footer.location();
+    let loc = match estargz_digest {
+        Some(digest) => TocLocation {
+            toc_digest: Some(digest),
+            ..estargz::parse_footer(&tail, blob_size).map_err(toc_err)?
+        },
+        None => match parse_footer(&tail, blob_size) {
+            Ok(footer) => footer.location(),
+            // Not zstd:chunked: perhaps eStargz without its annotation.
+            Err(e @ FormatError::BadFooterMagic { .. }) => {
+                estargz::parse_footer(&tail, blob_size).map_err(|_| toc_err(e))?
+            }
+            Err(e) => return Err(toc_err(e)),
+        },
+    };
+    let authenticated = loc.toc_digest.is_some();
     let toc_bytes = match loc.toc_in_tail(&tail, tail_start) {
         Some(b) => Bytes::copy_from_slice(b),
         None => read(source, loc.toc_range(), &mut requests).await?,
     };
-    tracing::debug!(blob = %blob, requests, "TOC located by footer (not authenticated by the manifest)");
+    if !authenticated {
+        tracing::debug!(blob = %blob, requests, "TOC located by footer (not authenticated by the manifest)");
+    }
     let index = decode_index(toc_bytes.clone(), loc, blob_size, &blob).await?;
     Ok(FetchedIndex {
         index,
         requests,
-        authenticated: false,
+        authenticated,
         toc: toc_bytes,
     })
 }

@@ -38,6 +38,9 @@ pub enum Generation {
     Old,
     /// 64-byte footer `GNUlInUx`, annotations `io.github.containers.zstd-chunked.*`, tar-split.
     New,
+    /// Not zstd:chunked but eStargz: gzip members, a 51-byte (47 for legacy stargz)
+    /// footer, the TOC in a tar entry `stargz.index.json`; see [`crate::estargz`].
+    Estargz,
 }
 
 /// A byte range of the blob holding zstd-compressed metadata.
@@ -153,7 +156,8 @@ pub fn parse_footer(tail: &[u8], blob_size: u64) -> Result<Footer> {
         uncompressed_len: le_u64(p, 16),
     };
     let tar_split = match generation {
-        Generation::Old => None,
+        // (Only the two magics above reach here.)
+        Generation::Old | Generation::Estargz => None,
         Generation::New => Some(Extent {
             offset: le_u64(p, 32),
             compressed_len: le_u64(p, 40),
@@ -206,6 +210,8 @@ fn footer_frame_len(g: Generation) -> u64 {
         + match g {
             Generation::Old => FOOTER_LEN_OLD as u64,
             Generation::New => FOOTER_LEN_NEW as u64,
+            // The footer is the last gzip member, without a skippable frame header.
+            Generation::Estargz => crate::estargz::LEGACY_FOOTER_LEN as u64 - SKIPPABLE_HEADER_LEN,
         }
 }
 
@@ -218,7 +224,8 @@ pub struct TocLocation {
     pub toc: Extent,
     /// tar-split position, if any.
     pub tar_split: Option<Extent>,
-    /// sha256 of the compressed TOC bytes, from the `manifest-checksum` annotation.
+    /// sha256 of the compressed TOC bytes, from the `manifest-checksum` annotation
+    /// (for eStargz: of the TOC JSON, from `containerd.io/snapshot/stargz/toc.digest`).
     /// `None` when located by footer: the TOC is then unauthenticated.
     pub toc_digest: Option<Digest>,
 }
@@ -366,6 +373,10 @@ impl TocLocation {
 
     /// The end of the data area: chunk extents must lie in `0..data_end()`.
     pub fn data_end(&self) -> u64 {
+        if self.generation == Generation::Estargz {
+            // The TOC's gzip member starts right after the data.
+            return self.toc.offset;
+        }
         let toc_frame = self.toc.offset.saturating_sub(SKIPPABLE_HEADER_LEN);
         match &self.tar_split {
             Some(ts) => toc_frame.min(ts.offset.saturating_sub(SKIPPABLE_HEADER_LEN)),

@@ -155,6 +155,8 @@ pub struct Chunk {
     pub compressed_len: u32,
     /// A run of zeros: may be synthesized without fetching anything.
     pub zeros: bool,
+    /// The extent starts with a gzip member (eStargz) rather than a zstd frame.
+    pub gzip: bool,
     /// sha256 of the chunk's uncompressed bytes.
     pub digest: Digest,
 }
@@ -220,7 +222,13 @@ impl LayerIndex {
     /// digest matches `location.toc_digest` (when known) *before* decompressing;
     /// the declared size is within [`MAX_TOC_UNCOMPRESSED`] and the output has
     /// exactly that size; then every entry (see the module docs).
+    ///
+    /// An eStargz location ([`Generation::Estargz`]) is decoded the eStargz way: see
+    /// [`crate::estargz`].
     pub fn decode(compressed: &[u8], location: &TocLocation, blob_size: u64) -> Result<Self> {
+        if location.generation == Generation::Estargz {
+            return crate::estargz::decode_toc(compressed, location, blob_size);
+        }
         location.check_bounds(blob_size)?;
         let toc = &location.toc;
         if compressed.len() as u64 != toc.compressed_len {
@@ -249,6 +257,7 @@ impl LayerIndex {
     /// recorded as the TOC's identity; no digest check happens here.
     pub fn from_json(json: &[u8], location: &TocLocation, toc_digest: Digest) -> Result<Self> {
         let mut b = Builder::new(location.data_end(), json.len());
+        b.gzip = location.generation == Generation::Estargz;
         let mut failure = None;
         let header = {
             let mut sink = |e: RawEntry<'_>| b.add(e);
@@ -872,6 +881,8 @@ struct Builder {
     /// Entries whose metadata was set again (directory listed twice, root): the
     /// ordinal of the last setting; older side-table records are dropped.
     reset: HashMap<u32, u32>,
+    /// Chunks are gzip members (eStargz).
+    gzip: bool,
 }
 
 fn parse_digest(name: &str, field: &'static str, v: &str) -> Result<Digest> {
@@ -967,6 +978,7 @@ impl Builder {
             raw_count: 0,
             max_entries,
             reset: HashMap::new(),
+            gzip: false,
         }
     }
 
@@ -1384,6 +1396,7 @@ impl Builder {
                     len,
                     compressed_len,
                     zeros: c.zeros,
+                    gzip: self.gzip,
                     digest,
                 });
             }

@@ -27,8 +27,14 @@
 //!
 //! The writer, [`write_chunked`], produces the current (podman/containers-storage)
 //! generation: TOC + tar-split + 64-byte footer, with content-defined chunks.
+//!
+//! eStargz layers (gzip members, the format of containerd's stargz snapshotter) read
+//! into the same [`LayerIndex`]: [`estargz::parse_footer`] gives a
+//! [`Generation::Estargz`] location, [`LayerIndex::decode`] builds the model from the
+//! TOC, and [`ChunkDecoder`] decodes their chunks (gzip members) with the same checks.
 
 mod error;
+pub mod estargz;
 mod footer;
 mod index;
 mod read;

@@ -63,6 +63,15 @@ impl ChunkDecoder {
         let len = chunk.len as usize;
         if chunk.zeros && compressed.is_empty() {
             out.resize(len, 0);
+        } else if chunk.gzip {
+            if compressed.len() as u64 != u64::from(chunk.compressed_len) {
+                return Err(FormatError::ChunkLengthMismatch {
+                    offset: chunk.compressed_offset,
+                    expected: u64::from(chunk.compressed_len),
+                    actual: compressed.len() as u64,
+                });
+            }
+            crate::estargz::gunzip_chunk(chunk, compressed, out)?;
         } else {
             if compressed.len() as u64 != u64::from(chunk.compressed_len) {
                 return Err(FormatError::ChunkLengthMismatch {
@@ -157,6 +166,7 @@ mod tests {
             len: data.len() as u64,
             compressed_len: compressed.len() as u32,
             zeros,
+            gzip: false,
             digest: Digest::of(data),
         }
     }

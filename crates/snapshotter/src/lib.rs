@@ -39,8 +39,8 @@ mod types;
 pub use config::{ConfigError, SnapshotterConfig, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 pub use grpc::TransportError;
 pub use remote::{
-    Fallback, FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayerProvider,
-    RemoteLayerRequest, RemoteMounted, ShutdownMode,
+    unpack_without_parent, Fallback, FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer,
+    RemoteLayerProvider, RemoteLayerRequest, RemoteMounted, ShutdownMode,
 };
 pub use server::{shutdown_signal, ServeError, Server};
 pub use store::{SnapshotStore, StoreOptions, UpdateInfo};

@@ -17,7 +17,7 @@ use super::types::Labels;
 
 use zest_api::labels::{
     LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
-    LABEL_SNAPSHOT_REF,
+    LABEL_PARENT_CHAIN_ID, LABEL_SNAPSHOT_REF,
 };
 
 /// Upper bound on the number of digests read from [`LABEL_IMAGE_LAYERS`]; the label is
@@ -52,6 +52,15 @@ impl RemoteLayerRequest {
         let Some(chain_id) = labels.get(LABEL_SNAPSHOT_REF) else {
             return Ok(None);
         };
+        if let (None, Some(parent_chain)) = (parent, labels.get(LABEL_PARENT_CHAIN_ID)) {
+            return Err(Fallback::new(
+                FallbackReason::UnpackWithoutParent,
+                format!(
+                    "{}: layer {chain_id} on {parent_chain}",
+                    unpack_without_parent()
+                ),
+            ));
+        }
         let digest = |key: &str| -> Result<Option<Digest>, Fallback> {
             labels
                 .get(key)
@@ -91,6 +100,14 @@ impl RemoteLayerRequest {
             labels: labels.clone(),
         }))
     }
+}
+
+/// The explanation of [`FallbackReason::UnpackWithoutParent`].
+pub fn unpack_without_parent() -> &'static str {
+    "containerd prepared this layer without its parent (a parallel unpack, enabled by the \
+     proxy plugin's \"rebase\" capability); a lazy layer must sit on its parent, so it is \
+     downloaded instead; remove \"rebase\" from the proxy plugin's capabilities where lazy \
+     pulls matter"
 }
 
 /// A successful remote mount.
@@ -142,6 +159,11 @@ pub enum FallbackReason {
     TocInvalid,
     /// The service is stopping.
     ShuttingDown,
+    /// containerd prepared a layer that has a parent without it: a parallel unpack,
+    /// which containerd 2.2+ does when the proxy plugin advertises the `rebase`
+    /// capability. A lazy layer must be committed on its parent at once, so it is
+    /// downloaded and rebased on commit instead.
+    UnpackWithoutParent,
 }
 
 impl FallbackReason {
@@ -161,6 +183,7 @@ impl FallbackReason {
             FallbackReason::TocUnavailable => "toc-unavailable",
             FallbackReason::TocInvalid => "toc-invalid",
             FallbackReason::ShuttingDown => "shutting-down",
+            FallbackReason::UnpackWithoutParent => "unpack-without-parent",
         }
     }
 }
@@ -322,6 +345,22 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_parentless_prepare_of_a_layer_with_a_parent_is_a_parallel_unpack() {
+        let mut labels = Labels::new();
+        labels.insert(LABEL_SNAPSHOT_REF.into(), "sha256:chain".into());
+        labels.insert(LABEL_PARENT_CHAIN_ID.into(), "sha256:below".into());
+        let err = RemoteLayerRequest::from_labels(None, &labels);
+        assert!(
+            matches!(&err, Err(f) if f.reason == FallbackReason::UnpackWithoutParent
+                && f.detail.contains("sha256:below")),
+            "{err:?}"
+        );
+        // Prepared on its parent (a sequential unpack by containerd 2.3+): fine.
+        let request = RemoteLayerRequest::from_labels(Some("sha256:below"), &labels);
+        assert!(matches!(request, Ok(Some(_))), "{request:?}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! snapshots/<id>/fs        the snapshot's upper directory, or a remote layer's mount
 //! snapshots/<id>/work      overlayfs work directory (active snapshots)
 //! snapshots/new-<random>   a directory being prepared (renamed to <id> on success)
+//! empty                    an empty directory, the lower directory of parentless
+//!                          layers being unpacked (see `mounts_for`)
 //! ```
 //!
 //! Crash ordering: a directory is created and renamed into place (and the rename
@@ -65,6 +67,7 @@ pub struct SnapshotStore {
 
 struct Inner {
     snapshots_dir: PathBuf,
+    empty_dir: PathBuf,
     meta: MetaStore,
     provider: Arc<dyn RemoteLayerProvider>,
     overlay_options: Vec<String>,
@@ -125,6 +128,15 @@ impl SnapshotStore {
         builder
             .create(&snapshots_dir)
             .map_err(|e| SnapshotError::io("create directory", &snapshots_dir, e))?;
+        let empty_dir = state_dir.join("empty");
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&empty_dir)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| SnapshotError::io("create directory", &empty_dir, e))?;
         let meta = MetaStore::open(&state_dir.join("metadata.redb"))?;
         let mut overlay_options = options.overlay_options;
         let has_index = overlay_options
@@ -136,6 +148,7 @@ impl SnapshotStore {
         Ok(SnapshotStore {
             inner: Arc::new(Inner {
                 snapshots_dir,
+                empty_dir,
                 meta,
                 provider: options.provider,
                 overlay_options,
@@ -423,6 +436,7 @@ impl SnapshotStore {
 
     /// The mounts of active or view snapshot `key`.
     pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+        let unpack = is_unpack_key(key);
         let key = key.to_owned();
         let (record, chain) = self
             .blocking(move |inner| {
@@ -442,7 +456,9 @@ impl SnapshotStore {
             })
             .await?;
         self.check_remote(&chain).await?;
-        Ok(self.inner.mounts_for(record.kind, record.id, &chain))
+        Ok(self
+            .inner
+            .mounts_for(record.kind, record.id, &chain, unpack))
     }
 
     /// Commits active snapshot `key` as `name`. `labels` replace the snapshot's labels;
@@ -726,6 +742,7 @@ impl Inner {
     /// Creates an active or view snapshot with a local directory.
     fn create_local(&self, new: NewSnapshot) -> Result<Vec<Mount>, SnapshotError> {
         let kind = new.kind;
+        let unpack = is_unpack_key(&new.key);
         let temp_name = format!("new-{:016x}", rand::random::<u64>());
         let _claim = self.busy.claim(temp_name.clone());
         let temp = self.snapshots_dir.join(&temp_name);
@@ -753,7 +770,7 @@ impl Inner {
             })
         });
         match result {
-            Ok((record, chain)) => Ok(self.mounts_for(kind, record.id, &chain)),
+            Ok((record, chain)) => Ok(self.mounts_for(kind, record.id, &chain, unpack)),
             Err(e) => {
                 if let Err(cleanup) = zest_mount::remove_tree(&temp) {
                     tracing::warn!(path = %temp.display(), error = %cleanup, "cannot remove temporary directory");
@@ -778,9 +795,30 @@ impl Inner {
         Ok(())
     }
 
-    /// The mounts of a snapshot, as containerd's overlay snapshotter builds them.
-    fn mounts_for(&self, kind: Kind, id: u64, chain: &[Ancestor]) -> Vec<Mount> {
+    /// The mounts of a snapshot, as containerd's overlay snapshotter builds them,
+    /// except for a layer being unpacked without a parent (`unpack`: the key is
+    /// containerd's unpack key): an overlay mount of its upper directory on the empty
+    /// directory rather than a bind mount. containerd's applier writes a layer given
+    /// as an overlay mount straight into the upper directory and keeps its whiteouts
+    /// and opaque directories in overlay form; through a bind mount it would apply
+    /// them to an empty tree, losing them. That matters when the layer is rebased on
+    /// a parent at commit (a parallel unpack, the `rebase` capability); for a bottom
+    /// layer the result is the same either way.
+    fn mounts_for(&self, kind: Kind, id: u64, chain: &[Ancestor], unpack: bool) -> Vec<Mount> {
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        if chain.is_empty() && kind == Kind::Active && unpack {
+            let mut options = vec![
+                format!("workdir={}", path(self.work_dir(id))),
+                format!("upperdir={}", path(self.fs_dir(id))),
+                format!("lowerdir={}", path(self.empty_dir.clone())),
+            ];
+            options.extend(self.overlay_options.iter().cloned());
+            return vec![Mount {
+                fs_type: "overlay".to_owned(),
+                source: "overlay".to_owned(),
+                options,
+            }];
+        }
         if chain.is_empty() {
             // No parent: a bind mount, overlay needs at least one lower directory.
             let mode = if kind == Kind::View { "ro" } else { "rw" };
@@ -815,6 +853,160 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn unpack_key(n: u8) -> String {
+        format!(
+            "ns/{n}/extract-{n} sha256:{}",
+            format!("{n:02x}").repeat(32)
+        )
+    }
+
+    fn option<'a>(mount: &'a Mount, name: &str) -> Option<&'a str> {
+        mount
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix(name)?.strip_prefix('='))
+    }
+
+    fn only(mounts: &[Mount]) -> Result<&Mount, String> {
+        match mounts {
+            [m] => Ok(m),
+            other => Err(format!("expected one mount, got {other:?}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_parentless_layer_being_unpacked_is_an_overlay_on_the_empty_directory() -> TestResult
+    {
+        let dir = tempfile::tempdir()?;
+        let store = SnapshotStore::open(dir.path(), StoreOptions::default())?;
+        let mounts = store.prepare(&unpack_key(1), None, Labels::new()).await?;
+        let m = only(&mounts)?;
+        assert_eq!(m.fs_type, "overlay", "{m:?}");
+        let empty = dir.path().join("empty");
+        assert_eq!(
+            option(m, "lowerdir"),
+            Some(empty.to_str().unwrap_or_default())
+        );
+        assert!(option(m, "upperdir").is_some() && option(m, "workdir").is_some());
+        assert_eq!(store.mounts(&unpack_key(1)).await?, mounts);
+        assert_eq!(fs::read_dir(&empty)?.count(), 0);
+        // Any other parentless snapshot is a bind mount, as with containerd's overlayfs.
+        let mounts = store.prepare("ns/2/rootfs", None, Labels::new()).await?;
+        assert_eq!(only(&mounts)?.fs_type, "bind");
+        Ok(())
+    }
+
+    /// containerd 2.2's parallel unpack with the `rebase` capability: every layer is
+    /// prepared without a parent and applied at once, then committed bottom up, each
+    /// on the one below.
+    #[tokio::test]
+    async fn commit_rebases_a_parentless_snapshot_onto_its_parent() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = SnapshotStore::open(dir.path(), StoreOptions::default())?;
+        let mut uppers = Vec::new();
+        for n in 1..=3 {
+            let mounts = store.prepare(&unpack_key(n), None, Labels::new()).await?;
+            let upper = PathBuf::from(option(only(&mounts)?, "upperdir").unwrap_or_default());
+            fs::write(upper.join(format!("layer{n}")), [n])?;
+            uppers.push(upper);
+        }
+        store
+            .commit("c1", &unpack_key(1), Labels::new(), None)
+            .await?;
+        store
+            .commit("c2", &unpack_key(2), Labels::new(), Some("c1"))
+            .await?;
+        store
+            .commit("c3", &unpack_key(3), Labels::new(), Some("c2"))
+            .await?;
+        assert_eq!(store.stat("c1").await?.parent, None);
+        assert_eq!(store.stat("c2").await?.parent.as_deref(), Some("c1"));
+        assert_eq!(store.stat("c3").await?.parent.as_deref(), Some("c2"));
+
+        // A container on the top layer sees the whole chain, top first.
+        let mounts = store
+            .prepare("ns/9/container", Some("c3"), Labels::new())
+            .await?;
+        let lower: Vec<String> = uppers
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
+        assert_eq!(
+            option(only(&mounts)?, "lowerdir"),
+            Some(lower.join(":").as_str())
+        );
+        // The rebased parent links hold: nothing below a child can be removed.
+        store.remove("ns/9/container").await?;
+        for parent in ["c1", "c2"] {
+            let err = store.remove(parent).await;
+            assert!(
+                matches!(err, Err(SnapshotError::FailedPrecondition(_))),
+                "{parent}: {err:?}"
+            );
+        }
+        for name in ["c3", "c2", "c1"] {
+            store.remove(name).await?;
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn commit_does_not_move_a_snapshot_that_has_a_parent() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = SnapshotStore::open(dir.path(), StoreOptions::default())?;
+        for (name, parent) in [("a", None), ("b", None)] {
+            store
+                .prepare(&format!("k{name}"), parent, Labels::new())
+                .await?;
+            store
+                .commit(name, &format!("k{name}"), Labels::new(), None)
+                .await?;
+        }
+        store.prepare("c", Some("a"), Labels::new()).await?;
+        let err = store.commit("c1", "c", Labels::new(), Some("b")).await;
+        assert!(
+            matches!(err, Err(SnapshotError::InvalidArgument(_))),
+            "{err:?}"
+        );
+        // Naming the parent it already has is fine.
+        store.commit("c1", "c", Labels::new(), Some("a")).await?;
+        assert_eq!(store.stat("c1").await?.parent.as_deref(), Some("a"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn commit_rebases_only_onto_a_committed_snapshot() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = SnapshotStore::open(dir.path(), StoreOptions::default())?;
+        store.prepare(&unpack_key(1), None, Labels::new()).await?;
+        store.prepare("kactive", None, Labels::new()).await?;
+        let err = store
+            .commit("c1", &unpack_key(1), Labels::new(), Some("missing"))
+            .await;
+        assert!(matches!(err, Err(SnapshotError::NotFound(_))), "{err:?}");
+        let err = store
+            .commit("c1", &unpack_key(1), Labels::new(), Some("kactive"))
+            .await;
+        assert!(
+            matches!(err, Err(SnapshotError::FailedPrecondition(_))),
+            "{err:?}"
+        );
+        // A failed commit changes nothing: the snapshot is still active and parentless.
+        let info = store.stat(&unpack_key(1)).await?;
+        assert_eq!((info.kind, info.parent), (Kind::Active, None));
+        store
+            .commit("active", "kactive", Labels::new(), None)
+            .await?;
+        store
+            .commit("c1", &unpack_key(1), Labels::new(), Some("active"))
+            .await?;
+        assert_eq!(store.stat("c1").await?.parent.as_deref(), Some("active"));
+        Ok(())
+    }
 
     #[test]
     fn unpack_keys() {

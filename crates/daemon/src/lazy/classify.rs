@@ -1,12 +1,13 @@
 //! Which layers can be mounted lazily, and why not: decided from the layer
 //! descriptor alone, before any request is made.
 //!
-//! Invariants: only zstd layers are candidates; a layer whose TOC the manifest does
-//! not vouch for is refused when authenticated TOCs are required; malformed
-//! zstd:chunked annotations and TOCs larger than any valid one are refused outright
-//! (never bypassed through the footer).
+//! Invariants: only zstd:chunked layers and eStargz layers (gzip with the
+//! `containerd.io/snapshot/stargz/toc.digest` annotation) are candidates; a layer
+//! whose TOC the manifest does not vouch for is refused when authenticated TOCs are
+//! required; malformed zstd:chunked annotations and TOCs larger than any valid one
+//! are refused outright (never bypassed through the footer).
 
-use zest_format::{TocLocation, MAX_TOC_UNCOMPRESSED};
+use zest_format::{estargz, TocLocation, MAX_TOC_UNCOMPRESSED};
 use zest_oci::{Descriptor, LayerCompression};
 use zest_snapshotter::{Fallback, FallbackReason};
 
@@ -17,6 +18,9 @@ pub(super) enum TocSource {
     Annotated(TocLocation),
     /// Through the blob's footer (unauthenticated; only when allowed).
     Footer,
+    /// eStargz: the position through the footer, the TOC digest from the annotation
+    /// (authenticated).
+    Estargz,
 }
 
 /// Decides whether a layer can be served lazily, from its descriptor alone.
@@ -26,11 +30,27 @@ pub(super) fn classify(
 ) -> Result<TocSource, Fallback> {
     match LayerCompression::from_media_type(&desc.media_type) {
         Some(LayerCompression::Zstd) => {}
+        Some(LayerCompression::Gzip)
+            if desc.annotations.contains_key(estargz::TOC_DIGEST_ANNOTATION) =>
+        {
+            let value = &desc.annotations[estargz::TOC_DIGEST_ANNOTATION];
+            return match value.parse::<zest_oci::digest::Digest>() {
+                Ok(_) => Ok(TocSource::Estargz),
+                Err(e) => Err(Fallback::new(
+                    FallbackReason::TocInvalid,
+                    format!(
+                        "layer {}: malformed {} annotation {value:?}: {e}",
+                        desc.digest,
+                        estargz::TOC_DIGEST_ANNOTATION
+                    ),
+                )),
+            };
+        }
         Some(other) => {
             return Err(Fallback::new(
                 FallbackReason::NotChunked,
                 format!(
-                    "layer {} is {other:?}-compressed ({}); only zstd:chunked layers are mounted lazily (convert the image with `zest convert`)",
+                    "layer {} is {other:?}-compressed ({}); only zstd:chunked and eStargz layers are mounted lazily (convert the image with `zest convert`)",
                     desc.digest, desc.media_type
                 ),
             ))
@@ -122,6 +142,7 @@ pub(super) mod tests {
         match result {
             Ok(TocSource::Annotated(_)) => "annotated",
             Ok(TocSource::Footer) => "footer",
+            Ok(TocSource::Estargz) => "estargz",
             Err(fallback) => fallback.reason.code(),
         }
     }
@@ -148,6 +169,24 @@ pub(super) mod tests {
         assert_eq!(
             code(classify(&docker, false)),
             FallbackReason::NotChunked.code()
+        );
+        // eStargz: gzip with its TOC digest annotation, authenticated by it.
+        let mut estargz = gzip.clone();
+        estargz.annotations.insert(
+            estargz::TOC_DIGEST_ANNOTATION.to_owned(),
+            Digest::of(b"toc json").to_string(),
+        );
+        assert_eq!(code(classify(&estargz, true)), "estargz");
+        // What a mount stores for a restart still classifies the same way.
+        let stored = crate::lazy::restore::stored_descriptor(&estargz);
+        assert_eq!(code(classify(&stored, true)), "estargz");
+        estargz.annotations.insert(
+            estargz::TOC_DIGEST_ANNOTATION.to_owned(),
+            "sha256:short".to_owned(),
+        );
+        assert_eq!(
+            code(classify(&estargz, true)),
+            FallbackReason::TocInvalid.code()
         );
         let odd = Descriptor::new("application/x-whatever", Digest::of(b"o"), 10);
         assert_eq!(

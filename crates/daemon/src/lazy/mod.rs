@@ -300,7 +300,7 @@ impl Inner {
         ));
         let local = match &source {
             TocSource::Annotated(loc) => self.tocs.load(desc, *loc).await,
-            TocSource::Footer => None,
+            TocSource::Footer | TocSource::Estargz => None,
         };
         let (index, toc, authenticated) = match local {
             Some(index) => {
@@ -311,8 +311,11 @@ impl Inner {
                 let fetched = self.fetch_toc(&blob, desc, &source).await?;
                 self.counters.bump(&self.counters.toc_fetches, 1);
                 // Only a TOC the manifest vouches for is kept: it is re-verified
-                // against that digest when read back.
-                let toc = fetched.authenticated.then_some(fetched.toc);
+                // against that digest when read back. The TOC directory holds
+                // zstd:chunked TOCs only: an eStargz TOC is fetched again after a
+                // restart.
+                let keep = fetched.authenticated && !matches!(source, TocSource::Estargz);
+                let toc = keep.then_some(fetched.toc);
                 if let Some(toc) = &toc {
                     self.counters
                         .bump(&self.counters.toc_bytes, toc.len() as u64);
@@ -357,7 +360,7 @@ impl Inner {
         // neither is authenticated, and the footer is what the blob itself says.
         let no_annotations = BTreeMap::new();
         let annotations = match source {
-            TocSource::Annotated(_) => &desc.annotations,
+            TocSource::Annotated(_) | TocSource::Estargz => &desc.annotations,
             TocSource::Footer => &no_annotations,
         };
         let what = format!("TOC of layer {}", desc.digest);
@@ -373,7 +376,7 @@ impl Inner {
             )
         })?;
         fetched.map_err(|e| match (e, source) {
-            (e @ FetchError::Toc { .. }, TocSource::Annotated(_)) => {
+            (e @ FetchError::Toc { .. }, TocSource::Annotated(_) | TocSource::Estargz) => {
                 Fallback::new(FallbackReason::TocInvalid, format!("{what}: {e}"))
             }
             (e @ FetchError::Toc { .. }, TocSource::Footer) => Fallback::new(
@@ -605,6 +608,20 @@ impl RemoteLayerProvider for LazyLayerProvider {
                     ),
                 )
             })?;
+        // containerd 2.2 does not say that a parentless prepare is a parallel unpack
+        // (2.3+ does, see RemoteLayerRequest::from_labels): only the manifest tells
+        // that this layer has layers below it.
+        if request.parent.is_none()
+            && manifest.layers.first().map(|l| l.digest) != Some(layer_digest)
+        {
+            return Err(Fallback::new(
+                FallbackReason::UnpackWithoutParent,
+                format!(
+                    "{}: layer {layer_digest} is not the first layer of {image_ref}",
+                    zest_snapshotter::unpack_without_parent()
+                ),
+            ));
+        }
         classify(&desc, inner.config.require_authenticated_toc)?;
         if inner.config.toc_prefetch {
             inner.prefetch_following(&reference.repository, &manifest, request, layer_digest);

@@ -39,13 +39,15 @@ const DETAIL_AUTHENTICATED: &str = "toc-authenticated";
 /// First delay between two attempts to restore a layer.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 
-/// The descriptor stored for a restart: the zstd:chunked annotations only.
+/// The descriptor stored for a restart: the zstd:chunked and eStargz annotations only.
 pub(super) fn stored_descriptor(desc: &Descriptor) -> Descriptor {
     let mut stored = Descriptor::new(desc.media_type.clone(), desc.digest, desc.size);
     stored.annotations = desc
         .annotations
         .iter()
-        .filter(|(k, _)| k.contains(".zstd-chunked."))
+        .filter(|(k, _)| {
+            k.contains(".zstd-chunked.") || *k == zest_format::estargz::TOC_DIGEST_ANNOTATION
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     stored
