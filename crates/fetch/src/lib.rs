@@ -13,18 +13,27 @@
 //!   [`FetchConfig::readahead_bytes`] of the following chunks that are cached
 //!   nowhere, a window that doubles (up to [`FetchConfig::max_readahead_bytes`])
 //!   while a file is read sequentially; past the end of the file being read,
-//!   read-ahead takes at most [`NEIGHBOUR_READAHEAD`] (the next small files);
+//!   a miss also fetches likely next files speculatively, bounded in bytes
+//!   ([`speculate`]: the small files that follow in blob order, and the small
+//!   files of a library or module directory), and counts how much of that was
+//!   used;
+//! - every request is one single byte range (`Range: bytes=a-b`), never a
+//!   multi-range request: registries backed by object stores and cluster
+//!   mirrors reject those, and merging adjacent chunks into one range gets the
+//!   same saving;
 //! - at most [`FetchLimits`] requests per registry run at once; prefetch and
 //!   background fetch use a separate, lower-priority pool and pause while
 //!   on-demand reads wait;
 //! - nothing hangs: every request has a timeout and every read a deadline.
 //!
 //! Layout: [`inflight`] (single flight),
+//! [`speculate`] (speculative batching of misses),
 //! [`stats`] (counters), [`toc`] (finding and fetching a layer's TOC),
 //! [`prefetch`] (mount-time prefetch and background fetch).
 
 mod inflight;
 pub mod prefetch;
+pub mod speculate;
 pub mod stats;
 pub mod toc;
 
@@ -213,6 +222,15 @@ pub struct FetchConfig {
     pub max_readahead_bytes: u64,
     /// Largest request of prefetch and background fetch.
     pub prefetch_request_bytes: u64,
+    /// Compressed bytes of the small files following a missed file in blob
+    /// order fetched along with the miss (0 = off; [`speculate`]).
+    pub speculative_neighbour_bytes: u64,
+    /// Compressed bytes of a library or module directory's small files fetched
+    /// on its first miss (0 = off; [`speculate`]).
+    pub speculative_dir_bytes: u64,
+    /// Largest file (compressed bytes) fetched speculatively; a larger one ends
+    /// the neighbour walk.
+    pub speculative_file_bytes: u64,
     /// Fetches of a run of chunks while some fail digest verification (first
     /// included). Transport failures are not retried here: the source (the
     /// registry client's [`zest_registry::RetryPolicy`]) already did.
@@ -241,11 +259,6 @@ pub(crate) fn source_deadline(source: &dyn BlobSource, fallback: Duration) -> Du
     }
 }
 
-/// Read-ahead budget for the files after the one being read (blob order is
-/// directory order, so they are often, not always, read next): a few small
-/// files, without paying for large unrelated ones on slow links.
-const NEIGHBOUR_READAHEAD: u64 = 128 << 10;
-
 /// Size of the first request of a prefetch; later ones double.
 const PREFETCH_FIRST_REQUEST: u64 = 512 << 10;
 
@@ -260,6 +273,11 @@ impl Default for FetchConfig {
             readahead_bytes: 1 << 20,
             max_readahead_bytes: 8 << 20,
             prefetch_request_bytes: 8 << 20,
+            // About one bandwidth-delay product of a 200 Mbit/s, 20 ms link:
+            // the extra bytes cost about as long as the round trip they save.
+            speculative_neighbour_bytes: 256 << 10,
+            speculative_dir_bytes: 512 << 10,
+            speculative_file_bytes: 256 << 10,
             attempts: 4,
             request_timeout: Duration::from_secs(30),
             retry_backoff: Duration::from_millis(100),
@@ -371,6 +389,12 @@ pub struct Fetcher {
     zeros_checked: Mutex<HashSet<(Digest, u64)>>,
     /// Per file: offset of the last miss and the current read-ahead window.
     sequential: Mutex<HashMap<EntryId, (u64, u64)>>,
+    /// Regular files with data in blob order, and each entry's position in it
+    /// (`u32::MAX`: none), for the neighbour walk.
+    files: Vec<EntryId>,
+    file_pos: Vec<u32>,
+    /// Speculative chunks not yet used, directories already batched.
+    ledger: speculate::Ledger,
 }
 
 /// Files tracked for sequential detection before the table is reset (bounds memory).
@@ -420,6 +444,8 @@ struct Owned {
     /// Index into `all_chunks()`.
     idx: usize,
     guard: ClaimGuard,
+    /// Fetched on a guess ([`speculate`]), not for a waiting reader.
+    speculative: bool,
 }
 
 impl Fetcher {
@@ -434,6 +460,13 @@ impl Fetcher {
         runtime: Handle,
     ) -> Arc<Fetcher> {
         let order = blob_order(index.all_chunks());
+        let files: Vec<EntryId> = index.files_in_blob_order().collect();
+        let mut file_pos = vec![u32::MAX; index.len()];
+        for (pos, f) in files.iter().enumerate() {
+            if let Some(p) = file_pos.get_mut(f.index()) {
+                *p = pos as u32;
+            }
+        }
         Arc::new(Fetcher {
             index,
             source,
@@ -446,6 +479,9 @@ impl Fetcher {
             order,
             zeros_checked: Mutex::new(HashSet::new()),
             sequential: Mutex::new(HashMap::new()),
+            files,
+            file_pos,
+            ledger: speculate::Ledger::default(),
         })
     }
 
@@ -497,6 +533,7 @@ impl Fetcher {
         }
         self.stats
             .add_memory_hits(chunks.iter().filter(|c| !c.zeros).count() as u64);
+        self.note_used(chunks);
         assemble(range, chunks, &pieces).ok()
     }
 
@@ -617,7 +654,8 @@ impl Fetcher {
                     })?);
                 }
                 let readahead = if round == 1 { window } else { 0 };
-                let waiters = self.fetch_chunks(&wanted, readahead, file_end);
+                let speculate = (round == 1).then_some(id);
+                let waiters = self.fetch_chunks(&wanted, readahead, file_end, speculate);
                 let mut again = Vec::new();
                 for (&i, w) in missing.iter().zip(waiters) {
                     match w.wait().await {
@@ -633,6 +671,7 @@ impl Fetcher {
                 missing = again;
             }
         }
+        self.note_used(chunks);
         // Every piece is filled by now; a gap would be a bug, and is an error,
         // never zeros.
         let pieces: Vec<Piece> = pieces
@@ -668,14 +707,26 @@ impl Fetcher {
         next
     }
 
+    /// Counts the speculatively fetched chunks among `chunks` as used.
+    fn note_used(&self, chunks: &[Chunk]) {
+        for c in chunks.iter().filter(|c| !c.zeros) {
+            if let Some(len) = self.ledger.used(&c.digest) {
+                self.stats.add_speculative_used_bytes(u64::from(len));
+            }
+        }
+    }
+
     /// Starts fetching the chunks `wanted` (indices into `all_chunks()`, in read
     /// order), plus up to `readahead` compressed bytes of following uncached
-    /// chunks; returns one waiter per wanted chunk, in the same order.
+    /// chunks of the same file and, when `speculate` names the file read, the
+    /// speculative batch of its miss ([`speculate`]); returns one waiter per
+    /// wanted chunk, in the same order.
     fn fetch_chunks(
         self: &Arc<Self>,
         wanted: &[usize],
         readahead: u64,
         file_end: Option<usize>,
+        speculate: Option<EntryId>,
     ) -> Vec<Waiter> {
         let all = self.index.all_chunks();
         let mut owned: Vec<Owned> = Vec::new();
@@ -696,7 +747,11 @@ impl Fetcher {
                     // the claim: no need to fetch again.
                     match self.cache.memory().get(&c.digest) {
                         Some(b) => guard.complete(Ok(b)),
-                        None => owned.push(Owned { idx, guard }),
+                        None => owned.push(Owned {
+                            idx,
+                            guard,
+                            speculative: false,
+                        }),
                     }
                 }
                 Claim::Waiter(w) => {
@@ -712,6 +767,18 @@ impl Fetcher {
                 .max()
                 .unwrap_or(0);
             self.claim_readahead(last, readahead, file_end, &mut owned);
+        }
+        if let Some(id) = speculate.filter(|_| !owned.is_empty()) {
+            // The neighbour walk starts where this request ends, so the
+            // neighbours ride in it (no hole wider than the gap limit).
+            let end = owned
+                .iter()
+                .filter_map(|o| all.get(o.idx))
+                .map(|c| c.compressed_range().end)
+                .max()
+                .unwrap_or(0);
+            self.claim_neighbours(id, end, &mut owned);
+            self.claim_directory(id, &mut owned);
         }
         if !owned.is_empty() {
             for run in group_runs(
@@ -729,8 +796,10 @@ impl Fetcher {
         waiters
     }
 
-    /// Claims chunks following blob position `after` that are cached nowhere,
-    /// up to `budget` bytes of compressed data.
+    /// Claims chunks of the file being read (ending at blob position
+    /// `file_end`) following blob position `after` that are cached nowhere, up
+    /// to `budget` bytes of compressed data. Files after it are the business
+    /// of [`speculate`].
     fn claim_readahead(
         &self,
         after: usize,
@@ -740,10 +809,6 @@ impl Fetcher {
     ) {
         let all = self.index.all_chunks();
         let mut taken = 0u64;
-        // Chunks past the file being read belong to other files, which are
-        // read far less surely: they get a small budget of their own.
-        let mut neighbours = 0u64;
-        let neighbour_budget = budget.min(NEIGHBOUR_READAHEAD);
         // Bounded walk: at most this many positions are examined.
         let max_steps = 4096usize;
         let mut pos = after + 1;
@@ -755,8 +820,7 @@ impl Fetcher {
             if c.zeros || c.compressed_len == 0 || self.is_cached(&c.digest) {
                 continue;
             }
-            let past_file = file_end.is_none_or(|end| pos - 1 > end);
-            if past_file && neighbours >= neighbour_budget {
+            if file_end.is_none_or(|end| pos - 1 > end) {
                 break;
             }
             if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
@@ -766,10 +830,11 @@ impl Fetcher {
                     Some(b) => guard.complete(Ok(b)),
                     None => {
                         taken += u64::from(c.compressed_len);
-                        if past_file {
-                            neighbours += u64::from(c.compressed_len);
-                        }
-                        owned.push(Owned { idx, guard });
+                        owned.push(Owned {
+                            idx,
+                            guard,
+                            speculative: true,
+                        });
                     }
                 }
             }
@@ -895,6 +960,15 @@ impl Fetcher {
                         // Cache first, then publish: a reader arriving after the
                         // claim is released finds the chunk in memory.
                         self.cache.insert(owned.guard.digest(), data.clone());
+                        if owned.speculative {
+                            if let Some(c) = all.get(owned.idx) {
+                                self.stats
+                                    .add_speculative_bytes(u64::from(c.compressed_len));
+                                // Before publishing: a reader waiting on this
+                                // claim counts it as used after the wait.
+                                self.ledger.fetched(c.digest, c.compressed_len);
+                            }
+                        }
                         owned.guard.complete(Ok(data));
                     }
                     Err(e) => {
@@ -967,7 +1041,11 @@ impl Fetcher {
                     Some(b) => guard.complete(Ok(b)),
                     None => {
                         run_end = r.end;
-                        run.push(Owned { idx, guard });
+                        run.push(Owned {
+                            idx,
+                            guard,
+                            speculative: false,
+                        });
                     }
                 }
             }

@@ -638,3 +638,217 @@ fn kinds_index_their_counters_and_have_distinct_labels() {
     );
     assert_eq!((snap.failures + snap.failures).total(), 4);
 }
+
+/// Waits (bounded) until the chunks fetched along with a read are counted.
+async fn settle(f: &Fetcher, chunks: u64) -> FetchStatsSnapshot {
+    let mut s = f.stats();
+    for _ in 0..200 {
+        if s.chunks_verified >= chunks {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        s = f.stats();
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_fetches_the_small_files_after_it_and_stops_at_a_large_one() {
+    let data: Vec<Vec<u8>> = (0..6).map(|i| pattern(3_000, 10 + i)).collect();
+    let big = pattern(40_000, 30);
+    let files = [
+        TestFile {
+            name: "etc/a",
+            data: &data[0],
+            chunk: 4096,
+        },
+        TestFile {
+            name: "etc/b",
+            data: &data[1],
+            chunk: 4096,
+        },
+        TestFile {
+            name: "etc/c",
+            data: &data[2],
+            chunk: 4096,
+        },
+        TestFile {
+            name: "etc/big",
+            data: &big,
+            chunk: 4096,
+        },
+        TestFile {
+            name: "etc/d",
+            data: &data[3],
+            chunk: 4096,
+        },
+    ];
+    let config = FetchConfig {
+        speculative_file_bytes: 16 << 10,
+        ..fast_config()
+    };
+    let (f, src) = fetcher_for(&files, config);
+    let got = f.read(id_of(&f, "etc/a"), 0, 4096).await.unwrap();
+    assert_eq!(&got[..], &data[0][..]);
+    let s = settle(&f, 3).await;
+    assert_eq!(s.range_requests, 1, "one request for a and its neighbours");
+    assert_eq!(s.chunks_verified, 3, "a, b and c; not big, nor d after it");
+    // b and c are the speculative part: ~3000 incompressible bytes each.
+    assert!(
+        (6_000..6_200).contains(&s.speculative_bytes),
+        "{}",
+        s.speculative_bytes
+    );
+    assert_eq!(s.speculative_used_bytes, 0);
+    // The request covered a..c only.
+    let r = src.ranges.lock().unwrap()[0].clone();
+    let big_first = f.index().entry(id_of(&f, "etc/big")).chunks()[0].compressed_offset;
+    assert!(r.end <= big_first, "{r:?} reaches into the large file");
+
+    // Reading b and c costs nothing more and turns the guess into used bytes.
+    assert_eq!(
+        &f.read(id_of(&f, "etc/b"), 0, 4096).await.unwrap()[..],
+        &data[1][..]
+    );
+    assert_eq!(
+        &f.read_from_memory(id_of(&f, "etc/c"), 0, 4096).unwrap()[..],
+        &data[2][..]
+    );
+    let s = f.stats();
+    assert_eq!(s.range_requests, 1);
+    assert_eq!(s.blocking_misses, 1);
+    assert_eq!(s.speculative_used_bytes, s.speculative_bytes);
+    // A second read of a used chunk is not counted twice.
+    let _ = f.read(id_of(&f, "etc/b"), 0, 4096).await.unwrap();
+    assert_eq!(f.stats().speculative_used_bytes, s.speculative_bytes);
+
+    // d lies after the large file: a miss of its own.
+    assert_eq!(
+        &f.read(id_of(&f, "etc/d"), 0, 4096).await.unwrap()[..],
+        &data[3][..]
+    );
+    assert_eq!(f.stats().range_requests, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_in_a_library_directory_fetches_its_small_files_within_budget() {
+    // Library files interleaved in blob order with large unrelated files, so
+    // only the directory rule can find them.
+    let libs: Vec<Vec<u8>> = (0..8).map(|i| pattern(5_000, 40 + i)).collect();
+    let fill: Vec<Vec<u8>> = (0..8).map(|i| pattern(30_000, 60 + i)).collect();
+    let names: Vec<(String, String)> = (0..8)
+        .map(|i| {
+            (
+                format!("usr/lib/x86_64-linux-gnu/lib{i}.so.1"),
+                format!("usr/share/doc/f{i}"),
+            )
+        })
+        .collect();
+    let mut files = Vec::new();
+    for (i, (lib, other)) in names.iter().enumerate() {
+        files.push(TestFile {
+            name: lib,
+            data: &libs[i],
+            chunk: 8192,
+        });
+        files.push(TestFile {
+            name: other,
+            data: &fill[i],
+            chunk: 8192,
+        });
+    }
+    let config = FetchConfig {
+        readahead_bytes: 0,
+        speculative_file_bytes: 16 << 10,
+        // Room for four of the seven other libraries (~5000 bytes each).
+        speculative_dir_bytes: 21_000,
+        // Separate requests rather than one over the holes between libraries.
+        max_gap_bytes: 1024,
+        ..fast_config()
+    };
+    let (f, src) = fetcher_for(&files, config);
+    let lib = |i: usize| id_of(&f, &names[i].0);
+    let got = f.read(lib(3), 0, 8192).await.unwrap();
+    assert_eq!(&got[..], &libs[3][..]);
+    let s = settle(&f, 5).await;
+    assert_eq!(s.chunks_verified, 5, "lib3 and four more libraries: {s:?}");
+    assert!(s.speculative_bytes <= 21_000, "{s:?}");
+    let fetched_before = s.range_requests;
+    // The batched libraries are served without a request; the directory is
+    // batched once, so the others miss one by one.
+    let mut hits = 0;
+    for i in (0..8).filter(|&i| i != 3) {
+        if f.read_from_memory(lib(i), 0, 8192).is_some() {
+            hits += 1;
+        }
+    }
+    assert_eq!(hits, 4);
+    assert_eq!(f.stats().range_requests, fetched_before);
+    for (i, data) in libs.iter().enumerate() {
+        assert_eq!(&f.read(lib(i), 0, 8192).await.unwrap()[..], &data[..]);
+    }
+    // Nothing outside the directory was guessed.
+    for (_, other) in &names {
+        let other = id_of(&f, other);
+        assert!(f.read_from_memory(other, 0, 100).is_none());
+    }
+    for r in src.ranges.lock().unwrap().iter() {
+        assert!(r.end - r.start < 30_000, "{r:?} covers a large file");
+    }
+    let s = f.stats();
+    assert_eq!(s.speculative_used_bytes, s.speculative_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculation_can_be_turned_off_and_never_serves_corrupt_bytes() {
+    let a = pattern(3_000, 1);
+    let b = pattern(3_000, 2);
+    let files = [
+        TestFile {
+            name: "lib/liba.so",
+            data: &a,
+            chunk: 4096,
+        },
+        TestFile {
+            name: "lib/libb.so",
+            data: &b,
+            chunk: 4096,
+        },
+    ];
+    let off = FetchConfig {
+        speculative_neighbour_bytes: 0,
+        speculative_dir_bytes: 0,
+        ..fast_config()
+    };
+    let (f, _) = fetcher_for(&files, off);
+    let _ = f.read(id_of(&f, "lib/liba.so"), 0, 4096).await.unwrap();
+    let s = settle(&f, 1).await;
+    assert_eq!((s.chunks_verified, s.speculative_bytes), (1, 0));
+    assert!(f
+        .read_from_memory(id_of(&f, "lib/libb.so"), 0, 10)
+        .is_none());
+
+    // Every answer corrupt: neither the wanted nor the guessed chunk is served
+    // or cached.
+    let (f, src) = fetcher_for(&files, fast_config());
+    src.corrupt.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        f.read(id_of(&f, "lib/liba.so"), 0, 4096).await,
+        Err(FetchError::Verification { .. })
+    ));
+    for _ in 0..200 {
+        if f.stats().failures.total() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(f
+        .read_from_memory(id_of(&f, "lib/libb.so"), 0, 10)
+        .is_none());
+    assert_eq!(f.stats().speculative_bytes, 0);
+    src.corrupt.store(false, Ordering::SeqCst);
+    assert_eq!(
+        &f.read(id_of(&f, "lib/libb.so"), 0, 4096).await.unwrap()[..],
+        &b[..]
+    );
+}
