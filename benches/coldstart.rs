@@ -61,7 +61,7 @@ fn content(len: usize, seed: u64) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 3 == 0 {
+        if x.is_multiple_of(3) {
             out.extend_from_slice(&x.to_le_bytes()[..3]);
         } else {
             out.extend_from_slice(WORDS[(x >> 40) as usize % WORDS.len()]);
