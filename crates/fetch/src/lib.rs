@@ -26,11 +26,13 @@
 //!   on-demand reads wait;
 //! - nothing hangs: every request has a timeout and every read a deadline.
 //!
-//! Layout: [`inflight`] (single flight),
+//! Layout: [`inflight`] (single flight), [`estimate`] (RTT and throughput
+//! per registry),
 //! [`speculate`] (speculative batching of misses),
 //! [`stats`] (counters), [`toc`] (finding and fetching a layer's TOC),
 //! [`prefetch`] (mount-time prefetch and background fetch).
 
+pub mod estimate;
 mod inflight;
 pub mod prefetch;
 pub mod speculate;
@@ -41,9 +43,9 @@ use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::runtime::Handle;
@@ -265,6 +267,12 @@ const PREFETCH_FIRST_REQUEST: u64 = 512 << 10;
 /// Prefetch requests in flight at once.
 const PREFETCH_PIPELINE: usize = 2;
 
+/// Smallest adaptive background request.
+const BACKGROUND_MIN_REQUEST: u64 = 512 << 10;
+
+/// Smallest neighbour budget a fast link's estimate cuts speculation to.
+const SPECULATIVE_MIN: u64 = 64 << 10;
+
 impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
@@ -301,6 +309,11 @@ struct LimitsInner {
     waiting: AtomicUsize,
     /// Signalled when `waiting` drops to zero.
     idle: Notify,
+    /// When an on-demand wait last ended, milliseconds since `epoch`.
+    last_ondemand_ms: AtomicU64,
+    epoch: Instant,
+    /// RTT and throughput of this registry, from completed requests.
+    estimator: estimate::Estimator,
 }
 
 impl FetchLimits {
@@ -313,6 +326,9 @@ impl FetchLimits {
                 background: Semaphore::new(background.max(1)),
                 waiting: AtomicUsize::new(0),
                 idle: Notify::new(),
+                last_ondemand_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+                estimator: estimate::Estimator::default(),
             }),
         }
     }
@@ -321,6 +337,28 @@ impl FetchLimits {
         self.inner.waiting.fetch_add(1, Ordering::Relaxed);
         WaitingGuard {
             limits: self.clone(),
+        }
+    }
+
+    /// The registry's round-trip time and throughput as measured so far.
+    pub fn estimate(&self) -> Option<estimate::LinkEstimate> {
+        self.inner.estimator.get()
+    }
+
+    /// Waits until no on-demand read has waited for `quiet` (background work
+    /// yields to bursts of reads, not only to single ones). Bounded: gives up
+    /// waiting after a minute of continuous on-demand traffic.
+    async fn until_quiet(&self, quiet: Duration) {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.until_idle().await;
+            let last = self.inner.last_ondemand_ms.load(Ordering::Relaxed);
+            let now = self.inner.epoch.elapsed().as_millis() as u64;
+            let since = Duration::from_millis(now.saturating_sub(last));
+            if last == 0 || since >= quiet || Instant::now() >= give_up {
+                return;
+            }
+            tokio::time::sleep(quiet - since).await;
         }
     }
 
@@ -347,6 +385,11 @@ struct WaitingGuard {
 
 impl Drop for WaitingGuard {
     fn drop(&mut self) {
+        let inner = &self.limits.inner;
+        inner.last_ondemand_ms.store(
+            (inner.epoch.elapsed().as_millis() as u64).max(1),
+            Ordering::Relaxed,
+        );
         if self.limits.inner.waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.limits.inner.idle.notify_waiters();
         }
@@ -899,8 +942,15 @@ impl Fetcher {
             };
             self.stats.add_range_requests(1);
             let expected = range.end - range.start;
+            let sent = Instant::now();
             let fetched =
                 tokio::time::timeout(deadline, self.source.read_range(range.clone())).await;
+            if let Ok(Ok(b)) = &fetched {
+                self.limits
+                    .inner
+                    .estimator
+                    .record(b.len() as u64, sent.elapsed());
+            }
             let source_err = match fetched {
                 Ok(Ok(b)) if b.len() as u64 == expected => Ok(b),
                 Ok(Ok(b)) => Err(SourceError::WrongLength {
@@ -1092,23 +1142,29 @@ impl Fetcher {
     }
 
     /// Fetches the not-yet-cached chunks whose compressed extents lie inside
-    /// `extent` with background priority, in requests of at most
-    /// `prefetch_request_bytes`, pausing while on-demand reads wait. When
-    /// `rate` is set, limits throughput to about that many bytes per second.
-    /// Returns the compressed bytes fetched.
+    /// `extent` with background priority, pausing while on-demand reads wait.
+    /// When `rate` is set (non-zero), limits throughput to about that many
+    /// bytes per second, in requests of `prefetch_request_bytes`. Otherwise it
+    /// uses the link's spare bandwidth: requests of about four
+    /// bandwidth-delay products ([`FetchLimits::estimate`]; at most
+    /// `prefetch_request_bytes`), so an on-demand request never queues behind
+    /// a long transfer, and each one waits until on-demand reads have been
+    /// quiet for two round trips. Returns the compressed bytes fetched.
     pub async fn fetch_background(&self, extent: Range<u64>, rate: Option<u64>) -> u64 {
         let all = self.index.all_chunks();
+        let rate = rate.filter(|r| *r > 0);
         let mut fetched = 0u64;
         let mut pos = 0usize;
         let started = tokio::time::Instant::now();
         while pos < all.len() {
-            self.limits.until_idle().await;
+            let (size, quiet) = self.background_step(rate.is_some());
+            self.limits.until_quiet(quiet).await;
             // Take the permit before claiming: a claimed chunk must not wait for
             // a permit while an on-demand reader waits on the claim.
             let Ok(_permit) = self.limits.inner.background.acquire().await else {
                 break;
             };
-            let run = self.claim_run(&extent, &mut pos, self.config.prefetch_request_bytes);
+            let run = self.claim_run(&extent, &mut pos, size);
             if run.is_empty() {
                 continue;
             }
@@ -1119,7 +1175,7 @@ impl Fetcher {
                 .sum();
             self.fetch_run(run, Priority::Background).await;
             fetched += bytes;
-            if let Some(rate) = rate.filter(|r| *r > 0) {
+            if let Some(rate) = rate {
                 // Sleep until the average rate is back under the limit.
                 let due = Duration::from_secs_f64(fetched as f64 / rate as f64);
                 let elapsed = started.elapsed();
@@ -1129,6 +1185,38 @@ impl Fetcher {
             }
         }
         fetched
+    }
+
+    /// Request size and quiet period of the next background request (see
+    /// [`Fetcher::fetch_background`]).
+    fn background_step(&self, rate_limited: bool) -> (u64, Duration) {
+        let max = self.config.prefetch_request_bytes.max(1);
+        if rate_limited {
+            return (max, Duration::ZERO);
+        }
+        match self.limits.estimate() {
+            Some(e) => (
+                e.bdp()
+                    .saturating_mul(4)
+                    .clamp(BACKGROUND_MIN_REQUEST, max.max(BACKGROUND_MIN_REQUEST))
+                    .min(max),
+                (e.rtt * 2).clamp(Duration::from_millis(5), Duration::from_millis(500)),
+            ),
+            // Nothing measured yet: modest requests until something is.
+            None => (BACKGROUND_MIN_REQUEST.min(max), Duration::from_millis(50)),
+        }
+    }
+
+    /// The neighbour budget of a miss: the configured one, cut to one
+    /// bandwidth-delay product (at least [`SPECULATIVE_MIN`]) once the link is
+    /// measured, since beyond that a guess costs more time than the round trip
+    /// it may save.
+    pub(crate) fn neighbour_budget(&self) -> u64 {
+        let configured = self.config.speculative_neighbour_bytes;
+        match self.limits.estimate() {
+            Some(e) => configured.min(e.bdp().max(SPECULATIVE_MIN)),
+            None => configured,
+        }
     }
 
     /// Index into `all_chunks()` of a chunk borrowed from it (the index hands

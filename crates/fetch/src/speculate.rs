@@ -8,7 +8,8 @@
 //!   together). Only whole small files are taken, the walk stops at the first
 //!   large file or at a hole wider than [`FetchConfig::max_gap_bytes`] (so the
 //!   extra bytes ride in the same request), and it takes at most
-//!   [`FetchConfig::speculative_neighbour_bytes`];
+//!   [`FetchConfig::speculative_neighbour_bytes`], cut to one bandwidth-delay
+//!   product of the registry once that is measured;
 //! - **directories read together**: the first miss in a directory of shared
 //!   libraries or interpreter modules (`lib`, `lib64`, multiarch lib dirs,
 //!   python's `lib-dynload`, `site-packages`, `__pycache__`, a directory where
@@ -161,7 +162,7 @@ impl Fetcher {
     /// doc), starting the gap check at blob offset `end` (the end of what the
     /// read already fetches).
     pub(crate) fn claim_neighbours(&self, id: EntryId, mut end: u64, owned: &mut Vec<Owned>) {
-        let budget = self.config.speculative_neighbour_bytes;
+        let budget = self.neighbour_budget();
         if budget == 0 {
             return;
         }

@@ -26,6 +26,8 @@ struct MemBlob {
     /// Requests starting at or after this offset take `slow_ms` instead.
     slow_from: AtomicU64,
     slow_ms: AtomicU64,
+    /// Transfer rate on top of the delay (0: instant), an emulated link.
+    bytes_per_ms: AtomicU64,
     ranges: Mutex<Vec<Range<u64>>>,
 }
 
@@ -49,8 +51,14 @@ impl BlobSource for MemBlob {
             } else {
                 self.delay_ms.load(Ordering::SeqCst)
             };
-            if delay > 0 {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
+            let rate = self.bytes_per_ms.load(Ordering::SeqCst);
+            let transfer = if rate > 0 {
+                Duration::from_secs_f64((range.end - range.start) as f64 / rate as f64 / 1e3)
+            } else {
+                Duration::ZERO
+            };
+            if delay > 0 || !transfer.is_zero() {
+                tokio::time::sleep(Duration::from_millis(delay) + transfer).await;
             }
             let mut v = self.bytes[range.start as usize..range.end as usize].to_vec();
             let corrupt = self.corrupt.load(Ordering::SeqCst)
@@ -851,4 +859,58 @@ async fn speculation_can_be_turned_off_and_never_serves_corrupt_bytes() {
         &f.read(id_of(&f, "lib/libb.so"), 0, 4096).await.unwrap()[..],
         &b[..]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_requests_follow_the_measured_bandwidth_delay_product() {
+    let a = pattern(3 << 20, 21);
+    let small = pattern(2000, 22);
+    let files = [
+        TestFile {
+            name: "small",
+            data: &small,
+            chunk: 4096,
+        },
+        TestFile {
+            name: "a",
+            data: &a,
+            chunk: 64 << 10,
+        },
+    ];
+    let (f, src) = fetcher_for(&files, fast_config());
+    // An emulated 10 ms, 10 MB/s link: the product is ~100 KB.
+    src.delay_ms.store(10, Ordering::SeqCst);
+    src.bytes_per_ms.store(10_000, Ordering::SeqCst);
+    // A small read measures the round trip, a read with its 1 MiB read-ahead
+    // the throughput.
+    assert_eq!(
+        &f.read(id_of(&f, "small"), 0, 4096).await.unwrap()[..],
+        &small[..]
+    );
+    assert!(f.limits.estimate().is_none());
+    let id = id_of(&f, "a");
+    assert_eq!(&f.read(id, 0, 4096).await.unwrap()[..], &a[..4096]);
+    let est = f.limits.estimate().expect("measured by the read");
+    assert!(
+        (50_000..200_000).contains(&est.bdp()),
+        "BDP {} from {est:?}",
+        est.bdp()
+    );
+    let first = src.ranges.lock().unwrap().len();
+    // Unlimited background fetch: requests of about four products (at least
+    // 512 KiB), not the 8 MiB a rate-limited one would use.
+    let end = f.index().location().data_end();
+    assert!(f.fetch_background(0..end, None).await > 0);
+    let ranges = src.ranges.lock().unwrap().clone();
+    assert!(ranges.len() > first + 2, "{ranges:?}");
+    for r in &ranges[first..] {
+        assert!(r.end - r.start <= (512 << 10) + (70 << 10), "{r:?}");
+    }
+    assert_eq!(&f.read_from_memory(id, 0, 3 << 20).unwrap()[..], &a[..]);
+
+    // Rate-limited: full-size requests (the whole rest in one here).
+    let (f, src) = fetcher_for_a(&a, 64 << 10, fast_config());
+    let end = f.index().location().data_end();
+    assert!(f.fetch_background(0..end, Some(1 << 40)).await > 0);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
 }
