@@ -264,8 +264,24 @@ pub(crate) fn source_deadline(source: &dyn BlobSource, fallback: Duration) -> Du
 /// Size of the first request of a prefetch; later ones double.
 const PREFETCH_FIRST_REQUEST: u64 = 512 << 10;
 
-/// Prefetch requests in flight at once.
+/// Prefetch requests in flight at once, at least (see [`pipeline_depth`]).
 const PREFETCH_PIPELINE: usize = 2;
+
+/// Prefetch requests in flight at once, at most: they take on-demand permits
+/// (`FetchLimits`), half of the default eight leaves room for reads.
+const MAX_PREFETCH_PIPELINE: usize = 4;
+
+/// Requests of `size` bytes to keep in flight so the link stays busy: one
+/// transferring plus enough to cover a round trip (`bdp` bytes) of waiting,
+/// within [`PREFETCH_PIPELINE`]..=[`MAX_PREFETCH_PIPELINE`].
+fn pipeline_depth(bdp: Option<u64>, size: u64) -> usize {
+    match bdp {
+        Some(bdp) => (1 + bdp.div_ceil(size.max(1)))
+            .clamp(PREFETCH_PIPELINE as u64, MAX_PREFETCH_PIPELINE as u64)
+            as usize,
+        None => PREFETCH_PIPELINE,
+    }
+}
 
 /// Smallest adaptive background request.
 const BACKGROUND_MIN_REQUEST: u64 = 512 << 10;
@@ -1108,8 +1124,9 @@ impl Fetcher {
     /// background fetch it runs at on-demand priority and never pauses for
     /// on-demand reads (they are waiting for these very chunks). Requests start
     /// small, so the first files arrive after one round trip, and double up to
-    /// `prefetch_request_bytes`; [`PREFETCH_PIPELINE`] are in flight at once so
-    /// round trips overlap transfers. Returns the compressed bytes fetched.
+    /// `prefetch_request_bytes`; enough are in flight at once that round trips
+    /// overlap transfers ([`pipeline_depth`] of the measured link, at least
+    /// [`PREFETCH_PIPELINE`]). Returns the compressed bytes fetched.
     pub async fn fetch_prefetch(&self, extent: Range<u64>) -> u64 {
         use futures::stream::{FuturesUnordered, StreamExt};
         let all = self.index.all_chunks();
@@ -1131,7 +1148,8 @@ impl Fetcher {
                 size = size.saturating_mul(2).min(max);
             }
             let done = pos >= all.len();
-            if in_flight.len() >= PREFETCH_PIPELINE || (done && !in_flight.is_empty()) {
+            let depth = pipeline_depth(self.limits.estimate().map(|e| e.bdp()), size);
+            if in_flight.len() >= depth || (done && !in_flight.is_empty()) {
                 in_flight.next().await;
             }
             if done && in_flight.is_empty() {

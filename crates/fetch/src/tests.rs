@@ -914,3 +914,17 @@ async fn background_requests_follow_the_measured_bandwidth_delay_product() {
     assert!(f.fetch_background(0..end, Some(1 << 40)).await > 0);
     assert_eq!(src.requests.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn prefetch_pipeline_covers_the_bandwidth_delay_product() {
+    assert_eq!(pipeline_depth(None, 512 << 10), PREFETCH_PIPELINE);
+    // 500 KB BDP, 512 KiB requests: one transferring, one waiting.
+    assert_eq!(pipeline_depth(Some(500_000), 512 << 10), 2);
+    // 4 MB BDP (wan-like, fast): more requests to fill the pipe, capped.
+    assert_eq!(
+        pipeline_depth(Some(4_000_000), 512 << 10),
+        MAX_PREFETCH_PIPELINE
+    );
+    assert_eq!(pipeline_depth(Some(2_000_000), 1 << 20), 3);
+    assert_eq!(pipeline_depth(Some(0), 0), PREFETCH_PIPELINE);
+}
