@@ -827,7 +827,7 @@ impl Fetcher {
                 .unwrap_or(0);
             self.claim_readahead(last, readahead, file_end, &mut owned);
         }
-        if let Some(id) = speculate.filter(|_| !owned.is_empty()) {
+        if let Some(id) = speculate.filter(|_| !owned.is_empty() && self.may_speculate()) {
             // The neighbour walk starts where this request ends, so the
             // neighbours ride in it (no hole wider than the gap limit).
             let end = owned

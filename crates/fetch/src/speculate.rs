@@ -16,6 +16,10 @@
 //!   a `.so` was missed, ...) also fetches that directory's small files, up to
 //!   [`FetchConfig::speculative_dir_bytes`], once per directory.
 //!
+//! Guessing pauses while the guessed bytes no read has used exceed the bytes
+//! fetched for readers, which bounds the bytes fetched to about twice the
+//! working set whatever the workload.
+//!
 //! Speculative chunks are fetched, verified and cached exactly like wanted
 //! ones (they go through the same claim and `fetch_run`). The ledger here
 //! counts the bytes fetched speculatively and those a read later used, so
@@ -46,6 +50,9 @@ const MAX_TRACKED_DIRS: usize = 4096;
 
 /// Files examined per neighbour walk or directory batch (bounds CPU per miss).
 const MAX_FILES_EXAMINED: usize = 512;
+
+/// Unused speculative bytes always allowed, however little was read on demand.
+const UNUSED_FLOOR: u64 = 1 << 20;
 
 /// Speculative chunks not yet read, and the directories already batched.
 #[derive(Debug, Default)]
@@ -116,6 +123,20 @@ pub(crate) fn read_together(path: &str) -> bool {
 }
 
 impl Fetcher {
+    /// Whether misses may still guess: not while the speculative bytes no read
+    /// has used exceed the bytes fetched for readers (and [`UNUSED_FLOOR`]).
+    /// That keeps the bytes fetched under about twice the working set however
+    /// badly the guesses fit a workload; guessing resumes as reads use them.
+    pub(crate) fn may_speculate(&self) -> bool {
+        let s = self.stats.snapshot();
+        let unused = s.speculative_bytes.saturating_sub(s.speculative_used_bytes);
+        let demand = s
+            .bytes_fetched
+            .saturating_sub(s.speculative_bytes)
+            .saturating_sub(s.prefetch_bytes);
+        unused <= demand.max(UNUSED_FLOOR)
+    }
+
     /// The compressed bytes still to fetch of file `id`, or `None` when it is
     /// not a small regular file (larger than `speculative_file_bytes`).
     fn small_file_chunks(&self, id: EntryId) -> Option<(&[Chunk], u64)> {

@@ -928,3 +928,60 @@ fn prefetch_pipeline_covers_the_bandwidth_delay_product() {
     assert_eq!(pipeline_depth(Some(2_000_000), 1 << 20), 3);
     assert_eq!(pipeline_depth(Some(0), 0), PREFETCH_PIPELINE);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_guesses_pause_speculation_to_bound_the_bytes_fetched() {
+    // 40 library directories of 8 files; the workload reads one file of each,
+    // so every directory batch is wasted.
+    // Distinct contents (chunks are keyed by digest).
+    let data: Vec<Vec<u8>> = (0..320).map(|i| pattern(10_000, i as u8)).collect();
+    let data: Vec<Vec<u8>> = data
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut v)| {
+            v[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            v
+        })
+        .collect();
+    let names: Vec<String> = (0..40)
+        .flat_map(|d| (0..8).map(move |i| format!("usr/lib/d{d:02}/lib{i}.so")))
+        .collect();
+    let files: Vec<TestFile<'_>> = names
+        .iter()
+        .enumerate()
+        .map(|(n, name)| TestFile {
+            name,
+            data: &data[n],
+            chunk: 16 << 10,
+        })
+        .collect();
+    let config = FetchConfig {
+        speculative_neighbour_bytes: 0,
+        max_gap_bytes: 0,
+        ..fast_config()
+    };
+    let (f, _) = fetcher_for(&files, config);
+    for d in 0..40 {
+        let id = id_of(&f, &format!("usr/lib/d{d:02}/lib0.so"));
+        assert_eq!(
+            &f.read(id, 0, 16 << 10).await.unwrap()[..],
+            &data[d * 8][..]
+        );
+        // Let this miss's batch land before the next miss decides.
+        settle(&f, f.stats().chunks_verified.max(1)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = f.stats();
+    let demand = s.bytes_fetched - s.speculative_bytes;
+    assert_eq!(s.speculative_used_bytes, 0, "{s:?}");
+    // Without the bound: 40 batches of ~70 KB = 2.8 MB of guesses.
+    assert!(
+        s.speculative_bytes <= (1 << 20) + 80_000,
+        "guessed {} bytes for {demand} read: {s:?}",
+        s.speculative_bytes
+    );
+    assert!(s.bytes_fetched <= 2 * demand + (1 << 20) + 80_000, "{s:?}");
+    // The last directory was not batched.
+    let other = id_of(&f, "usr/lib/d39/lib1.so");
+    assert!(f.read_from_memory(other, 0, 100).is_none());
+}
