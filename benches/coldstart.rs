@@ -301,7 +301,8 @@ fn main() {
             let before = fetcher.stats();
             let t = Instant::now();
             for r in &reads {
-                let got = std::fs::read(m.mountpoint().join(r)).expect("read");
+                let got = std::fs::read(m.mountpoint().join(r))
+                    .unwrap_or_else(|e| panic!("{name}: reading {r}: {e}; {:?}", fetcher.stats()));
                 assert_eq!(
                     got.len() as u64,
                     std::fs::metadata(src.join(r)).expect("stat").len()

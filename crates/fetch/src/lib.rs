@@ -503,8 +503,19 @@ struct Owned {
     /// Index into `all_chunks()`.
     idx: usize,
     guard: ClaimGuard,
-    /// Fetched on a guess ([`speculate`]), not for a waiting reader.
-    speculative: bool,
+    /// Why it is fetched.
+    why: Why,
+}
+
+/// Why a chunk is fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    /// A reader (or prefetch) wants it.
+    Wanted,
+    /// Read-ahead in the file being read.
+    ReadAhead,
+    /// A guess about another file ([`speculate`]).
+    Guess,
 }
 
 impl Fetcher {
@@ -809,7 +820,7 @@ impl Fetcher {
                         None => owned.push(Owned {
                             idx,
                             guard,
-                            speculative: false,
+                            why: Why::Wanted,
                         }),
                     }
                 }
@@ -892,7 +903,7 @@ impl Fetcher {
                         owned.push(Owned {
                             idx,
                             guard,
-                            speculative: true,
+                            why: Why::ReadAhead,
                         });
                     }
                 }
@@ -1026,13 +1037,17 @@ impl Fetcher {
                         // Cache first, then publish: a reader arriving after the
                         // claim is released finds the chunk in memory.
                         self.cache.insert(owned.guard.digest(), data.clone());
-                        if owned.speculative {
+                        if owned.why != Why::Wanted {
                             if let Some(c) = all.get(owned.idx) {
                                 self.stats
                                     .add_speculative_bytes(u64::from(c.compressed_len));
                                 // Before publishing: a reader waiting on this
                                 // claim counts it as used after the wait.
-                                self.ledger.fetched(c.digest, c.compressed_len);
+                                self.ledger.fetched(
+                                    c.digest,
+                                    c.compressed_len,
+                                    owned.why == Why::Guess,
+                                );
                             }
                         }
                         owned.guard.complete(Ok(data));
@@ -1110,7 +1125,7 @@ impl Fetcher {
                         run.push(Owned {
                             idx,
                             guard,
-                            speculative: false,
+                            why: Why::Wanted,
                         });
                     }
                 }

@@ -16,8 +16,8 @@
 //!   a `.so` was missed, ...) also fetches that directory's small files, up to
 //!   [`FetchConfig::speculative_dir_bytes`], once per directory.
 //!
-//! Guessing pauses while the guessed bytes no read has used exceed the bytes
-//! fetched for readers, which bounds the bytes fetched to about twice the
+//! Guessing pauses while the guessed bytes no read has used exceed the other
+//! bytes fetched for reads, which bounds the bytes fetched to about twice the
 //! working set whatever the workload.
 //!
 //! Speculative chunks are fetched, verified and cached exactly like wanted
@@ -31,12 +31,12 @@
 //! [`FetchStatsSnapshot`]: crate::FetchStatsSnapshot
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
 use super::inflight::Claim;
-use super::{Fetcher, Owned};
+use super::{Fetcher, Owned, Why};
 use zest_format::{Chunk, EntryId, EntryKind};
 use zest_oci::digest::Digest;
 
@@ -57,8 +57,14 @@ const UNUSED_FLOOR: u64 = 1 << 20;
 /// Speculative chunks not yet read, and the directories already batched.
 #[derive(Debug, Default)]
 pub(crate) struct Ledger {
-    /// Digest -> compressed length of chunks fetched speculatively and not yet read.
-    unused: Mutex<HashMap<Digest, u32>>,
+    /// Digest -> compressed length, and whether it was a guess about another
+    /// file, of chunks fetched speculatively and not yet read.
+    unused: Mutex<HashMap<Digest, (u32, bool)>>,
+    /// Compressed bytes of guesses about other files fetched, and of those
+    /// not read yet (read-ahead in a file is left out: a sequential reader
+    /// uses it).
+    guessed: AtomicU64,
+    guessed_unused: AtomicU64,
     /// `unused.len()`, readable without the lock (the read path skips the lock
     /// when nothing is pending).
     pending: AtomicUsize,
@@ -67,12 +73,31 @@ pub(crate) struct Ledger {
 
 impl Ledger {
     /// Records a chunk fetched speculatively.
-    pub(crate) fn fetched(&self, digest: Digest, compressed_len: u32) {
+    pub(crate) fn fetched(&self, digest: Digest, compressed_len: u32, guess: bool) {
+        let len = u64::from(compressed_len);
+        if guess {
+            self.guessed.fetch_add(len, Ordering::Relaxed);
+        }
         let mut m = self.unused.lock();
         if m.len() < MAX_TRACKED_CHUNKS {
-            m.insert(digest, compressed_len);
+            // Keep `guessed_unused` the sum of the guesses in the map, also
+            // when an entry is replaced.
+            if let Some((old_len, true)) = m.insert(digest, (compressed_len, guess)) {
+                self.forget_guess(u64::from(old_len));
+            }
+            if guess {
+                self.guessed_unused.fetch_add(len, Ordering::Relaxed);
+            }
             self.pending.store(m.len(), Ordering::Relaxed);
         }
+    }
+
+    fn forget_guess(&self, len: u64) {
+        let _ = self
+            .guessed_unused
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(len))
+            });
     }
 
     /// A read used `digest`: its compressed length if it was fetched
@@ -82,9 +107,14 @@ impl Ledger {
             return None;
         }
         let mut m = self.unused.lock();
-        let len = m.remove(digest);
+        let found = m.remove(digest);
         self.pending.store(m.len(), Ordering::Relaxed);
-        len
+        drop(m);
+        let (len, guess) = found?;
+        if guess {
+            self.forget_guess(u64::from(len));
+        }
+        Some(len)
     }
 
     /// Marks `dir` batched; false when it already was.
@@ -123,18 +153,20 @@ pub(crate) fn read_together(path: &str) -> bool {
 }
 
 impl Fetcher {
-    /// Whether misses may still guess: not while the speculative bytes no read
-    /// has used exceed the bytes fetched for readers (and [`UNUSED_FLOOR`]).
-    /// That keeps the bytes fetched under about twice the working set however
-    /// badly the guesses fit a workload; guessing resumes as reads use them.
+    /// Whether misses may still guess about other files: not while the
+    /// guessed bytes no read has used exceed the other bytes fetched for
+    /// reads (and [`UNUSED_FLOOR`]). That keeps the bytes fetched under about
+    /// twice what reads fetch however badly the guesses fit a workload;
+    /// guessing resumes as reads use them.
     pub(crate) fn may_speculate(&self) -> bool {
         let s = self.stats.snapshot();
-        let unused = s.speculative_bytes.saturating_sub(s.speculative_used_bytes);
-        let demand = s
+        let unused = self.ledger.guessed_unused.load(Ordering::Relaxed);
+        let guessed = self.ledger.guessed.load(Ordering::Relaxed);
+        let reads = s
             .bytes_fetched
-            .saturating_sub(s.speculative_bytes)
+            .saturating_sub(guessed)
             .saturating_sub(s.prefetch_bytes);
-        unused <= demand.max(UNUSED_FLOOR)
+        unused <= reads.max(UNUSED_FLOOR)
     }
 
     /// The compressed bytes still to fetch of file `id`, or `None` when it is
@@ -170,7 +202,7 @@ impl Fetcher {
                         owned.push(Owned {
                             idx,
                             guard,
-                            speculative: true,
+                            why: Why::Guess,
                         });
                     }
                 }
