@@ -213,6 +213,12 @@ pub struct FetchSection {
     pub max_readahead_size: ByteSize,
     /// Largest request of prefetch and background fetch.
     pub prefetch_request_size: ByteSize,
+    /// Small files following a missed file in blob order fetched with the miss (0 = off).
+    pub speculative_neighbour_size: ByteSize,
+    /// Small files of a library/module directory fetched on its first miss (0 = off).
+    pub speculative_directory_size: ByteSize,
+    /// Largest file fetched speculatively (compressed).
+    pub speculative_max_file_size: ByteSize,
     /// Fetches of a chunk failing verification (network failures: `registry.max_attempts`).
     pub attempts: u32,
     /// Timeout of one range read from a local blob file, seconds (registry reads
@@ -237,6 +243,9 @@ impl Default for FetchSection {
             readahead_size: ByteSize(d.readahead_bytes),
             max_readahead_size: ByteSize(d.max_readahead_bytes),
             prefetch_request_size: ByteSize(d.prefetch_request_bytes),
+            speculative_neighbour_size: ByteSize(d.speculative_neighbour_bytes),
+            speculative_directory_size: ByteSize(d.speculative_dir_bytes),
+            speculative_max_file_size: ByteSize(d.speculative_file_bytes),
             attempts: d.attempts,
             request_timeout_secs: d.request_timeout.as_secs(),
             retry_backoff_ms: d.retry_backoff.as_millis() as u64,
@@ -256,6 +265,9 @@ impl FetchSection {
             readahead_bytes: self.readahead_size.0,
             max_readahead_bytes: self.max_readahead_size.0,
             prefetch_request_bytes: self.prefetch_request_size.0,
+            speculative_neighbour_bytes: self.speculative_neighbour_size.0,
+            speculative_dir_bytes: self.speculative_directory_size.0,
+            speculative_file_bytes: self.speculative_max_file_size.0,
             attempts: self.attempts,
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             retry_backoff: Duration::from_millis(self.retry_backoff_ms),

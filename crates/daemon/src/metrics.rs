@@ -221,6 +221,16 @@ impl Metrics {
                 s.fetch.prefetch_bytes,
             ),
             (
+                "zest_fetch_speculative_bytes_total",
+                "Compressed bytes fetched on a guess along with a miss (read-ahead, neighbour files, library directories).",
+                s.fetch.speculative_bytes,
+            ),
+            (
+                "zest_fetch_speculative_used_bytes_total",
+                "Of zest_fetch_speculative_bytes_total, the bytes a read has used since; the rest is the cost of guessing.",
+                s.fetch.speculative_used_bytes,
+            ),
+            (
                 "zest_fetch_deduplicated_waits_total",
                 "Chunk waits that joined a fetch in flight.",
                 s.fetch.deduplicated_waits,

@@ -13,18 +13,29 @@
 //!   [`FetchConfig::readahead_bytes`] of the following chunks that are cached
 //!   nowhere, a window that doubles (up to [`FetchConfig::max_readahead_bytes`])
 //!   while a file is read sequentially; past the end of the file being read,
-//!   read-ahead takes at most [`NEIGHBOUR_READAHEAD`] (the next small files);
+//!   a miss also fetches likely next files speculatively, bounded in bytes
+//!   ([`speculate`]: the small files that follow in blob order, and the small
+//!   files of a library or module directory), and counts how much of that was
+//!   used;
+//! - every request is one single byte range (`Range: bytes=a-b`), never a
+//!   multi-range request: registries backed by object stores and cluster
+//!   mirrors reject those, and merging adjacent chunks into one range gets the
+//!   same saving;
 //! - at most [`FetchLimits`] requests per registry run at once; prefetch and
 //!   background fetch use a separate, lower-priority pool and pause while
 //!   on-demand reads wait;
 //! - nothing hangs: every request has a timeout and every read a deadline.
 //!
-//! Layout: [`inflight`] (single flight),
+//! Layout: [`inflight`] (single flight), [`estimate`] (RTT and throughput
+//! per registry),
+//! [`speculate`] (speculative batching of misses),
 //! [`stats`] (counters), [`toc`] (finding and fetching a layer's TOC),
 //! [`prefetch`] (mount-time prefetch and background fetch).
 
+pub mod estimate;
 mod inflight;
 pub mod prefetch;
+pub mod speculate;
 pub mod stats;
 pub mod toc;
 
@@ -32,9 +43,9 @@ use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::runtime::Handle;
@@ -213,6 +224,15 @@ pub struct FetchConfig {
     pub max_readahead_bytes: u64,
     /// Largest request of prefetch and background fetch.
     pub prefetch_request_bytes: u64,
+    /// Compressed bytes of the small files following a missed file in blob
+    /// order fetched along with the miss (0 = off; [`speculate`]).
+    pub speculative_neighbour_bytes: u64,
+    /// Compressed bytes of a library or module directory's small files fetched
+    /// on its first miss (0 = off; [`speculate`]).
+    pub speculative_dir_bytes: u64,
+    /// Largest file (compressed bytes) fetched speculatively; a larger one ends
+    /// the neighbour walk.
+    pub speculative_file_bytes: u64,
     /// Fetches of a run of chunks while some fail digest verification (first
     /// included). Transport failures are not retried here: the source (the
     /// registry client's [`zest_registry::RetryPolicy`]) already did.
@@ -241,16 +261,33 @@ pub(crate) fn source_deadline(source: &dyn BlobSource, fallback: Duration) -> Du
     }
 }
 
-/// Read-ahead budget for the files after the one being read (blob order is
-/// directory order, so they are often, not always, read next): a few small
-/// files, without paying for large unrelated ones on slow links.
-const NEIGHBOUR_READAHEAD: u64 = 128 << 10;
-
 /// Size of the first request of a prefetch; later ones double.
 const PREFETCH_FIRST_REQUEST: u64 = 512 << 10;
 
-/// Prefetch requests in flight at once.
+/// Prefetch requests in flight at once, at least (see [`pipeline_depth`]).
 const PREFETCH_PIPELINE: usize = 2;
+
+/// Prefetch requests in flight at once, at most: they take on-demand permits
+/// (`FetchLimits`), half of the default eight leaves room for reads.
+const MAX_PREFETCH_PIPELINE: usize = 4;
+
+/// Requests of `size` bytes to keep in flight so the link stays busy: one
+/// transferring plus enough to cover a round trip (`bdp` bytes) of waiting,
+/// within [`PREFETCH_PIPELINE`]..=[`MAX_PREFETCH_PIPELINE`].
+fn pipeline_depth(bdp: Option<u64>, size: u64) -> usize {
+    match bdp {
+        Some(bdp) => (1 + bdp.div_ceil(size.max(1)))
+            .clamp(PREFETCH_PIPELINE as u64, MAX_PREFETCH_PIPELINE as u64)
+            as usize,
+        None => PREFETCH_PIPELINE,
+    }
+}
+
+/// Smallest adaptive background request.
+const BACKGROUND_MIN_REQUEST: u64 = 512 << 10;
+
+/// Smallest neighbour budget a fast link's estimate cuts speculation to.
+const SPECULATIVE_MIN: u64 = 64 << 10;
 
 impl Default for FetchConfig {
     fn default() -> Self {
@@ -260,6 +297,11 @@ impl Default for FetchConfig {
             readahead_bytes: 1 << 20,
             max_readahead_bytes: 8 << 20,
             prefetch_request_bytes: 8 << 20,
+            // About one bandwidth-delay product of a 200 Mbit/s, 20 ms link:
+            // the extra bytes cost about as long as the round trip they save.
+            speculative_neighbour_bytes: 256 << 10,
+            speculative_dir_bytes: 512 << 10,
+            speculative_file_bytes: 256 << 10,
             attempts: 4,
             request_timeout: Duration::from_secs(30),
             retry_backoff: Duration::from_millis(100),
@@ -283,6 +325,11 @@ struct LimitsInner {
     waiting: AtomicUsize,
     /// Signalled when `waiting` drops to zero.
     idle: Notify,
+    /// When an on-demand wait last ended, milliseconds since `epoch`.
+    last_ondemand_ms: AtomicU64,
+    epoch: Instant,
+    /// RTT and throughput of this registry, from completed requests.
+    estimator: estimate::Estimator,
 }
 
 impl FetchLimits {
@@ -295,6 +342,9 @@ impl FetchLimits {
                 background: Semaphore::new(background.max(1)),
                 waiting: AtomicUsize::new(0),
                 idle: Notify::new(),
+                last_ondemand_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+                estimator: estimate::Estimator::default(),
             }),
         }
     }
@@ -303,6 +353,28 @@ impl FetchLimits {
         self.inner.waiting.fetch_add(1, Ordering::Relaxed);
         WaitingGuard {
             limits: self.clone(),
+        }
+    }
+
+    /// The registry's round-trip time and throughput as measured so far.
+    pub fn estimate(&self) -> Option<estimate::LinkEstimate> {
+        self.inner.estimator.get()
+    }
+
+    /// Waits until no on-demand read has waited for `quiet` (background work
+    /// yields to bursts of reads, not only to single ones). Bounded: gives up
+    /// waiting after a minute of continuous on-demand traffic.
+    async fn until_quiet(&self, quiet: Duration) {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.until_idle().await;
+            let last = self.inner.last_ondemand_ms.load(Ordering::Relaxed);
+            let now = self.inner.epoch.elapsed().as_millis() as u64;
+            let since = Duration::from_millis(now.saturating_sub(last));
+            if last == 0 || since >= quiet || Instant::now() >= give_up {
+                return;
+            }
+            tokio::time::sleep(quiet - since).await;
         }
     }
 
@@ -329,6 +401,11 @@ struct WaitingGuard {
 
 impl Drop for WaitingGuard {
     fn drop(&mut self) {
+        let inner = &self.limits.inner;
+        inner.last_ondemand_ms.store(
+            (inner.epoch.elapsed().as_millis() as u64).max(1),
+            Ordering::Relaxed,
+        );
         if self.limits.inner.waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.limits.inner.idle.notify_waiters();
         }
@@ -371,6 +448,12 @@ pub struct Fetcher {
     zeros_checked: Mutex<HashSet<(Digest, u64)>>,
     /// Per file: offset of the last miss and the current read-ahead window.
     sequential: Mutex<HashMap<EntryId, (u64, u64)>>,
+    /// Regular files with data in blob order, and each entry's position in it
+    /// (`u32::MAX`: none), for the neighbour walk.
+    files: Vec<EntryId>,
+    file_pos: Vec<u32>,
+    /// Speculative chunks not yet used, directories already batched.
+    ledger: speculate::Ledger,
 }
 
 /// Files tracked for sequential detection before the table is reset (bounds memory).
@@ -420,6 +503,19 @@ struct Owned {
     /// Index into `all_chunks()`.
     idx: usize,
     guard: ClaimGuard,
+    /// Why it is fetched.
+    why: Why,
+}
+
+/// Why a chunk is fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    /// A reader (or prefetch) wants it.
+    Wanted,
+    /// Read-ahead in the file being read.
+    ReadAhead,
+    /// A guess about another file ([`speculate`]).
+    Guess,
 }
 
 impl Fetcher {
@@ -434,6 +530,13 @@ impl Fetcher {
         runtime: Handle,
     ) -> Arc<Fetcher> {
         let order = blob_order(index.all_chunks());
+        let files: Vec<EntryId> = index.files_in_blob_order().collect();
+        let mut file_pos = vec![u32::MAX; index.len()];
+        for (pos, f) in files.iter().enumerate() {
+            if let Some(p) = file_pos.get_mut(f.index()) {
+                *p = pos as u32;
+            }
+        }
         Arc::new(Fetcher {
             index,
             source,
@@ -446,6 +549,9 @@ impl Fetcher {
             order,
             zeros_checked: Mutex::new(HashSet::new()),
             sequential: Mutex::new(HashMap::new()),
+            files,
+            file_pos,
+            ledger: speculate::Ledger::default(),
         })
     }
 
@@ -497,6 +603,7 @@ impl Fetcher {
         }
         self.stats
             .add_memory_hits(chunks.iter().filter(|c| !c.zeros).count() as u64);
+        self.note_used(chunks);
         assemble(range, chunks, &pieces).ok()
     }
 
@@ -617,7 +724,8 @@ impl Fetcher {
                     })?);
                 }
                 let readahead = if round == 1 { window } else { 0 };
-                let waiters = self.fetch_chunks(&wanted, readahead, file_end);
+                let speculate = (round == 1).then_some(id);
+                let waiters = self.fetch_chunks(&wanted, readahead, file_end, speculate);
                 let mut again = Vec::new();
                 for (&i, w) in missing.iter().zip(waiters) {
                     match w.wait().await {
@@ -633,6 +741,7 @@ impl Fetcher {
                 missing = again;
             }
         }
+        self.note_used(chunks);
         // Every piece is filled by now; a gap would be a bug, and is an error,
         // never zeros.
         let pieces: Vec<Piece> = pieces
@@ -668,14 +777,26 @@ impl Fetcher {
         next
     }
 
+    /// Counts the speculatively fetched chunks among `chunks` as used.
+    fn note_used(&self, chunks: &[Chunk]) {
+        for c in chunks.iter().filter(|c| !c.zeros) {
+            if let Some(len) = self.ledger.used(&c.digest) {
+                self.stats.add_speculative_used_bytes(u64::from(len));
+            }
+        }
+    }
+
     /// Starts fetching the chunks `wanted` (indices into `all_chunks()`, in read
     /// order), plus up to `readahead` compressed bytes of following uncached
-    /// chunks; returns one waiter per wanted chunk, in the same order.
+    /// chunks of the same file and, when `speculate` names the file read, the
+    /// speculative batch of its miss ([`speculate`]); returns one waiter per
+    /// wanted chunk, in the same order.
     fn fetch_chunks(
         self: &Arc<Self>,
         wanted: &[usize],
         readahead: u64,
         file_end: Option<usize>,
+        speculate: Option<EntryId>,
     ) -> Vec<Waiter> {
         let all = self.index.all_chunks();
         let mut owned: Vec<Owned> = Vec::new();
@@ -696,7 +817,11 @@ impl Fetcher {
                     // the claim: no need to fetch again.
                     match self.cache.memory().get(&c.digest) {
                         Some(b) => guard.complete(Ok(b)),
-                        None => owned.push(Owned { idx, guard }),
+                        None => owned.push(Owned {
+                            idx,
+                            guard,
+                            why: Why::Wanted,
+                        }),
                     }
                 }
                 Claim::Waiter(w) => {
@@ -712,6 +837,18 @@ impl Fetcher {
                 .max()
                 .unwrap_or(0);
             self.claim_readahead(last, readahead, file_end, &mut owned);
+        }
+        if let Some(id) = speculate.filter(|_| !owned.is_empty() && self.may_speculate()) {
+            // The neighbour walk starts where this request ends, so the
+            // neighbours ride in it (no hole wider than the gap limit).
+            let end = owned
+                .iter()
+                .filter_map(|o| all.get(o.idx))
+                .map(|c| c.compressed_range().end)
+                .max()
+                .unwrap_or(0);
+            self.claim_neighbours(id, end, &mut owned);
+            self.claim_directory(id, &mut owned);
         }
         if !owned.is_empty() {
             for run in group_runs(
@@ -729,8 +866,10 @@ impl Fetcher {
         waiters
     }
 
-    /// Claims chunks following blob position `after` that are cached nowhere,
-    /// up to `budget` bytes of compressed data.
+    /// Claims chunks of the file being read (ending at blob position
+    /// `file_end`) following blob position `after` that are cached nowhere, up
+    /// to `budget` bytes of compressed data. Files after it are the business
+    /// of [`speculate`].
     fn claim_readahead(
         &self,
         after: usize,
@@ -740,10 +879,6 @@ impl Fetcher {
     ) {
         let all = self.index.all_chunks();
         let mut taken = 0u64;
-        // Chunks past the file being read belong to other files, which are
-        // read far less surely: they get a small budget of their own.
-        let mut neighbours = 0u64;
-        let neighbour_budget = budget.min(NEIGHBOUR_READAHEAD);
         // Bounded walk: at most this many positions are examined.
         let max_steps = 4096usize;
         let mut pos = after + 1;
@@ -755,8 +890,7 @@ impl Fetcher {
             if c.zeros || c.compressed_len == 0 || self.is_cached(&c.digest) {
                 continue;
             }
-            let past_file = file_end.is_none_or(|end| pos - 1 > end);
-            if past_file && neighbours >= neighbour_budget {
+            if file_end.is_none_or(|end| pos - 1 > end) {
                 break;
             }
             if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
@@ -766,10 +900,11 @@ impl Fetcher {
                     Some(b) => guard.complete(Ok(b)),
                     None => {
                         taken += u64::from(c.compressed_len);
-                        if past_file {
-                            neighbours += u64::from(c.compressed_len);
-                        }
-                        owned.push(Owned { idx, guard });
+                        owned.push(Owned {
+                            idx,
+                            guard,
+                            why: Why::ReadAhead,
+                        });
                     }
                 }
             }
@@ -834,8 +969,15 @@ impl Fetcher {
             };
             self.stats.add_range_requests(1);
             let expected = range.end - range.start;
+            let sent = Instant::now();
             let fetched =
                 tokio::time::timeout(deadline, self.source.read_range(range.clone())).await;
+            if let Ok(Ok(b)) = &fetched {
+                self.limits
+                    .inner
+                    .estimator
+                    .record(b.len() as u64, sent.elapsed());
+            }
             let source_err = match fetched {
                 Ok(Ok(b)) if b.len() as u64 == expected => Ok(b),
                 Ok(Ok(b)) => Err(SourceError::WrongLength {
@@ -895,6 +1037,19 @@ impl Fetcher {
                         // Cache first, then publish: a reader arriving after the
                         // claim is released finds the chunk in memory.
                         self.cache.insert(owned.guard.digest(), data.clone());
+                        if owned.why != Why::Wanted {
+                            if let Some(c) = all.get(owned.idx) {
+                                self.stats
+                                    .add_speculative_bytes(u64::from(c.compressed_len));
+                                // Before publishing: a reader waiting on this
+                                // claim counts it as used after the wait.
+                                self.ledger.fetched(
+                                    c.digest,
+                                    c.compressed_len,
+                                    owned.why == Why::Guess,
+                                );
+                            }
+                        }
                         owned.guard.complete(Ok(data));
                     }
                     Err(e) => {
@@ -967,7 +1122,11 @@ impl Fetcher {
                     Some(b) => guard.complete(Ok(b)),
                     None => {
                         run_end = r.end;
-                        run.push(Owned { idx, guard });
+                        run.push(Owned {
+                            idx,
+                            guard,
+                            why: Why::Wanted,
+                        });
                     }
                 }
             }
@@ -980,8 +1139,9 @@ impl Fetcher {
     /// background fetch it runs at on-demand priority and never pauses for
     /// on-demand reads (they are waiting for these very chunks). Requests start
     /// small, so the first files arrive after one round trip, and double up to
-    /// `prefetch_request_bytes`; [`PREFETCH_PIPELINE`] are in flight at once so
-    /// round trips overlap transfers. Returns the compressed bytes fetched.
+    /// `prefetch_request_bytes`; enough are in flight at once that round trips
+    /// overlap transfers ([`pipeline_depth`] of the measured link, at least
+    /// [`PREFETCH_PIPELINE`]). Returns the compressed bytes fetched.
     pub async fn fetch_prefetch(&self, extent: Range<u64>) -> u64 {
         use futures::stream::{FuturesUnordered, StreamExt};
         let all = self.index.all_chunks();
@@ -1003,7 +1163,8 @@ impl Fetcher {
                 size = size.saturating_mul(2).min(max);
             }
             let done = pos >= all.len();
-            if in_flight.len() >= PREFETCH_PIPELINE || (done && !in_flight.is_empty()) {
+            let depth = pipeline_depth(self.limits.estimate().map(|e| e.bdp()), size);
+            if in_flight.len() >= depth || (done && !in_flight.is_empty()) {
                 in_flight.next().await;
             }
             if done && in_flight.is_empty() {
@@ -1014,23 +1175,29 @@ impl Fetcher {
     }
 
     /// Fetches the not-yet-cached chunks whose compressed extents lie inside
-    /// `extent` with background priority, in requests of at most
-    /// `prefetch_request_bytes`, pausing while on-demand reads wait. When
-    /// `rate` is set, limits throughput to about that many bytes per second.
-    /// Returns the compressed bytes fetched.
+    /// `extent` with background priority, pausing while on-demand reads wait.
+    /// When `rate` is set (non-zero), limits throughput to about that many
+    /// bytes per second, in requests of `prefetch_request_bytes`. Otherwise it
+    /// uses the link's spare bandwidth: requests of about four
+    /// bandwidth-delay products ([`FetchLimits::estimate`]; at most
+    /// `prefetch_request_bytes`), so an on-demand request never queues behind
+    /// a long transfer, and each one waits until on-demand reads have been
+    /// quiet for two round trips. Returns the compressed bytes fetched.
     pub async fn fetch_background(&self, extent: Range<u64>, rate: Option<u64>) -> u64 {
         let all = self.index.all_chunks();
+        let rate = rate.filter(|r| *r > 0);
         let mut fetched = 0u64;
         let mut pos = 0usize;
         let started = tokio::time::Instant::now();
         while pos < all.len() {
-            self.limits.until_idle().await;
+            let (size, quiet) = self.background_step(rate.is_some());
+            self.limits.until_quiet(quiet).await;
             // Take the permit before claiming: a claimed chunk must not wait for
             // a permit while an on-demand reader waits on the claim.
             let Ok(_permit) = self.limits.inner.background.acquire().await else {
                 break;
             };
-            let run = self.claim_run(&extent, &mut pos, self.config.prefetch_request_bytes);
+            let run = self.claim_run(&extent, &mut pos, size);
             if run.is_empty() {
                 continue;
             }
@@ -1041,7 +1208,7 @@ impl Fetcher {
                 .sum();
             self.fetch_run(run, Priority::Background).await;
             fetched += bytes;
-            if let Some(rate) = rate.filter(|r| *r > 0) {
+            if let Some(rate) = rate {
                 // Sleep until the average rate is back under the limit.
                 let due = Duration::from_secs_f64(fetched as f64 / rate as f64);
                 let elapsed = started.elapsed();
@@ -1051,6 +1218,38 @@ impl Fetcher {
             }
         }
         fetched
+    }
+
+    /// Request size and quiet period of the next background request (see
+    /// [`Fetcher::fetch_background`]).
+    fn background_step(&self, rate_limited: bool) -> (u64, Duration) {
+        let max = self.config.prefetch_request_bytes.max(1);
+        if rate_limited {
+            return (max, Duration::ZERO);
+        }
+        match self.limits.estimate() {
+            Some(e) => (
+                e.bdp()
+                    .saturating_mul(4)
+                    .clamp(BACKGROUND_MIN_REQUEST, max.max(BACKGROUND_MIN_REQUEST))
+                    .min(max),
+                (e.rtt * 2).clamp(Duration::from_millis(5), Duration::from_millis(500)),
+            ),
+            // Nothing measured yet: modest requests until something is.
+            None => (BACKGROUND_MIN_REQUEST.min(max), Duration::from_millis(50)),
+        }
+    }
+
+    /// The neighbour budget of a miss: the configured one, cut to one
+    /// bandwidth-delay product (at least [`SPECULATIVE_MIN`]) once the link is
+    /// measured, since beyond that a guess costs more time than the round trip
+    /// it may save.
+    pub(crate) fn neighbour_budget(&self) -> u64 {
+        let configured = self.config.speculative_neighbour_bytes;
+        match self.limits.estimate() {
+            Some(e) => configured.min(e.bdp().max(SPECULATIVE_MIN)),
+            None => configured,
+        }
     }
 
     /// Index into `all_chunks()` of a chunk borrowed from it (the index hands

@@ -18,6 +18,8 @@ pub struct FetchStats {
     memory_hits: AtomicU64,
     disk_hits: AtomicU64,
     deduplicated_waits: AtomicU64,
+    speculative_bytes: AtomicU64,
+    speculative_used_bytes: AtomicU64,
     failures: [AtomicU64; FetchErrorKind::COUNT],
 }
 
@@ -79,6 +81,12 @@ pub struct FetchStatsSnapshot {
     pub disk_hits: u64,
     /// Chunk waits that joined a fetch already in flight instead of fetching.
     pub deduplicated_waits: u64,
+    /// Compressed bytes fetched on a guess along with a miss (read-ahead in
+    /// the file, neighbour files, directory batches), not for a waiting reader.
+    pub speculative_bytes: u64,
+    /// Of `speculative_bytes`, those a read has used since. The difference is
+    /// the cost of guessing (or bytes not read yet).
+    pub speculative_used_bytes: u64,
     /// Failed fetches per kind of failure.
     pub failures: FailureCounts,
 }
@@ -103,6 +111,8 @@ impl FetchStats {
     counter!(memory_hits, add_memory_hits);
     counter!(disk_hits, add_disk_hits);
     counter!(deduplicated_waits, add_deduplicated_waits);
+    counter!(speculative_bytes, add_speculative_bytes);
+    counter!(speculative_used_bytes, add_speculative_used_bytes);
 
     /// Counts one failed fetch of `kind`.
     pub fn add_failure(&self, kind: FetchErrorKind) {
@@ -125,6 +135,8 @@ impl FetchStats {
             memory_hits: g(&self.memory_hits),
             disk_hits: g(&self.disk_hits),
             deduplicated_waits: g(&self.deduplicated_waits),
+            speculative_bytes: g(&self.speculative_bytes),
+            speculative_used_bytes: g(&self.speculative_used_bytes),
             failures: FailureCounts(std::array::from_fn(|i| self.failures.get(i).map_or(0, g))),
         }
     }

@@ -26,6 +26,8 @@ struct MemBlob {
     /// Requests starting at or after this offset take `slow_ms` instead.
     slow_from: AtomicU64,
     slow_ms: AtomicU64,
+    /// Transfer rate on top of the delay (0: instant), an emulated link.
+    bytes_per_ms: AtomicU64,
     ranges: Mutex<Vec<Range<u64>>>,
 }
 
@@ -49,8 +51,14 @@ impl BlobSource for MemBlob {
             } else {
                 self.delay_ms.load(Ordering::SeqCst)
             };
-            if delay > 0 {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
+            let rate = self.bytes_per_ms.load(Ordering::SeqCst);
+            let transfer = if rate > 0 {
+                Duration::from_secs_f64((range.end - range.start) as f64 / rate as f64 / 1e3)
+            } else {
+                Duration::ZERO
+            };
+            if delay > 0 || !transfer.is_zero() {
+                tokio::time::sleep(Duration::from_millis(delay) + transfer).await;
             }
             let mut v = self.bytes[range.start as usize..range.end as usize].to_vec();
             let corrupt = self.corrupt.load(Ordering::SeqCst)
@@ -637,4 +645,343 @@ fn kinds_index_their_counters_and_have_distinct_labels() {
         2
     );
     assert_eq!((snap.failures + snap.failures).total(), 4);
+}
+
+/// Waits (bounded) until the chunks fetched along with a read are counted.
+async fn settle(f: &Fetcher, chunks: u64) -> FetchStatsSnapshot {
+    let mut s = f.stats();
+    for _ in 0..200 {
+        if s.chunks_verified >= chunks {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        s = f.stats();
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_fetches_the_small_files_after_it_and_stops_at_a_large_one() {
+    let data: Vec<Vec<u8>> = (0..6).map(|i| pattern(3_000, 10 + i)).collect();
+    let big = pattern(40_000, 30);
+    let files = [
+        TestFile {
+            name: "etc/a",
+            data: &data[0],
+            chunk: 4096,
+        },
+        TestFile {
+            name: "etc/b",
+            data: &data[1],
+            chunk: 4096,
+        },
+        TestFile {
+            name: "etc/c",
+            data: &data[2],
+            chunk: 4096,
+        },
+        TestFile {
+            name: "etc/big",
+            data: &big,
+            chunk: 4096,
+        },
+        TestFile {
+            name: "etc/d",
+            data: &data[3],
+            chunk: 4096,
+        },
+    ];
+    let config = FetchConfig {
+        speculative_file_bytes: 16 << 10,
+        ..fast_config()
+    };
+    let (f, src) = fetcher_for(&files, config);
+    let got = f.read(id_of(&f, "etc/a"), 0, 4096).await.unwrap();
+    assert_eq!(&got[..], &data[0][..]);
+    let s = settle(&f, 3).await;
+    assert_eq!(s.range_requests, 1, "one request for a and its neighbours");
+    assert_eq!(s.chunks_verified, 3, "a, b and c; not big, nor d after it");
+    // b and c are the speculative part: ~3000 incompressible bytes each.
+    assert!(
+        (6_000..6_200).contains(&s.speculative_bytes),
+        "{}",
+        s.speculative_bytes
+    );
+    assert_eq!(s.speculative_used_bytes, 0);
+    // The request covered a..c only.
+    let r = src.ranges.lock().unwrap()[0].clone();
+    let big_first = f.index().entry(id_of(&f, "etc/big")).chunks()[0].compressed_offset;
+    assert!(r.end <= big_first, "{r:?} reaches into the large file");
+
+    // Reading b and c costs nothing more and turns the guess into used bytes.
+    assert_eq!(
+        &f.read(id_of(&f, "etc/b"), 0, 4096).await.unwrap()[..],
+        &data[1][..]
+    );
+    assert_eq!(
+        &f.read_from_memory(id_of(&f, "etc/c"), 0, 4096).unwrap()[..],
+        &data[2][..]
+    );
+    let s = f.stats();
+    assert_eq!(s.range_requests, 1);
+    assert_eq!(s.blocking_misses, 1);
+    assert_eq!(s.speculative_used_bytes, s.speculative_bytes);
+    // A second read of a used chunk is not counted twice.
+    let _ = f.read(id_of(&f, "etc/b"), 0, 4096).await.unwrap();
+    assert_eq!(f.stats().speculative_used_bytes, s.speculative_bytes);
+
+    // d lies after the large file: a miss of its own.
+    assert_eq!(
+        &f.read(id_of(&f, "etc/d"), 0, 4096).await.unwrap()[..],
+        &data[3][..]
+    );
+    assert_eq!(f.stats().range_requests, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_in_a_library_directory_fetches_its_small_files_within_budget() {
+    // Library files interleaved in blob order with large unrelated files, so
+    // only the directory rule can find them.
+    let libs: Vec<Vec<u8>> = (0..8).map(|i| pattern(5_000, 40 + i)).collect();
+    let fill: Vec<Vec<u8>> = (0..8).map(|i| pattern(30_000, 60 + i)).collect();
+    let names: Vec<(String, String)> = (0..8)
+        .map(|i| {
+            (
+                format!("usr/lib/x86_64-linux-gnu/lib{i}.so.1"),
+                format!("usr/share/doc/f{i}"),
+            )
+        })
+        .collect();
+    let mut files = Vec::new();
+    for (i, (lib, other)) in names.iter().enumerate() {
+        files.push(TestFile {
+            name: lib,
+            data: &libs[i],
+            chunk: 8192,
+        });
+        files.push(TestFile {
+            name: other,
+            data: &fill[i],
+            chunk: 8192,
+        });
+    }
+    let config = FetchConfig {
+        readahead_bytes: 0,
+        speculative_file_bytes: 16 << 10,
+        // Room for four of the seven other libraries (~5000 bytes each).
+        speculative_dir_bytes: 21_000,
+        // Separate requests rather than one over the holes between libraries.
+        max_gap_bytes: 1024,
+        ..fast_config()
+    };
+    let (f, src) = fetcher_for(&files, config);
+    let lib = |i: usize| id_of(&f, &names[i].0);
+    let got = f.read(lib(3), 0, 8192).await.unwrap();
+    assert_eq!(&got[..], &libs[3][..]);
+    let s = settle(&f, 5).await;
+    assert_eq!(s.chunks_verified, 5, "lib3 and four more libraries: {s:?}");
+    assert!(s.speculative_bytes <= 21_000, "{s:?}");
+    let fetched_before = s.range_requests;
+    // The batched libraries are served without a request; the directory is
+    // batched once, so the others miss one by one.
+    let mut hits = 0;
+    for i in (0..8).filter(|&i| i != 3) {
+        if f.read_from_memory(lib(i), 0, 8192).is_some() {
+            hits += 1;
+        }
+    }
+    assert_eq!(hits, 4);
+    assert_eq!(f.stats().range_requests, fetched_before);
+    for (i, data) in libs.iter().enumerate() {
+        assert_eq!(&f.read(lib(i), 0, 8192).await.unwrap()[..], &data[..]);
+    }
+    // Nothing outside the directory was guessed.
+    for (_, other) in &names {
+        let other = id_of(&f, other);
+        assert!(f.read_from_memory(other, 0, 100).is_none());
+    }
+    for r in src.ranges.lock().unwrap().iter() {
+        assert!(r.end - r.start < 30_000, "{r:?} covers a large file");
+    }
+    let s = f.stats();
+    assert_eq!(s.speculative_used_bytes, s.speculative_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculation_can_be_turned_off_and_never_serves_corrupt_bytes() {
+    let a = pattern(3_000, 1);
+    let b = pattern(3_000, 2);
+    let files = [
+        TestFile {
+            name: "lib/liba.so",
+            data: &a,
+            chunk: 4096,
+        },
+        TestFile {
+            name: "lib/libb.so",
+            data: &b,
+            chunk: 4096,
+        },
+    ];
+    let off = FetchConfig {
+        speculative_neighbour_bytes: 0,
+        speculative_dir_bytes: 0,
+        ..fast_config()
+    };
+    let (f, _) = fetcher_for(&files, off);
+    let _ = f.read(id_of(&f, "lib/liba.so"), 0, 4096).await.unwrap();
+    let s = settle(&f, 1).await;
+    assert_eq!((s.chunks_verified, s.speculative_bytes), (1, 0));
+    assert!(f
+        .read_from_memory(id_of(&f, "lib/libb.so"), 0, 10)
+        .is_none());
+
+    // Every answer corrupt: neither the wanted nor the guessed chunk is served
+    // or cached.
+    let (f, src) = fetcher_for(&files, fast_config());
+    src.corrupt.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        f.read(id_of(&f, "lib/liba.so"), 0, 4096).await,
+        Err(FetchError::Verification { .. })
+    ));
+    for _ in 0..200 {
+        if f.stats().failures.total() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(f
+        .read_from_memory(id_of(&f, "lib/libb.so"), 0, 10)
+        .is_none());
+    assert_eq!(f.stats().speculative_bytes, 0);
+    src.corrupt.store(false, Ordering::SeqCst);
+    assert_eq!(
+        &f.read(id_of(&f, "lib/libb.so"), 0, 4096).await.unwrap()[..],
+        &b[..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_requests_follow_the_measured_bandwidth_delay_product() {
+    let a = pattern(3 << 20, 21);
+    let small = pattern(2000, 22);
+    let files = [
+        TestFile {
+            name: "small",
+            data: &small,
+            chunk: 4096,
+        },
+        TestFile {
+            name: "a",
+            data: &a,
+            chunk: 64 << 10,
+        },
+    ];
+    let (f, src) = fetcher_for(&files, fast_config());
+    // An emulated 10 ms, 10 MB/s link: the product is ~100 KB.
+    src.delay_ms.store(10, Ordering::SeqCst);
+    src.bytes_per_ms.store(10_000, Ordering::SeqCst);
+    // A small read measures the round trip, a read with its 1 MiB read-ahead
+    // the throughput.
+    assert_eq!(
+        &f.read(id_of(&f, "small"), 0, 4096).await.unwrap()[..],
+        &small[..]
+    );
+    assert!(f.limits.estimate().is_none());
+    let id = id_of(&f, "a");
+    assert_eq!(&f.read(id, 0, 4096).await.unwrap()[..], &a[..4096]);
+    let est = f.limits.estimate().expect("measured by the read");
+    assert!(
+        (50_000..200_000).contains(&est.bdp()),
+        "BDP {} from {est:?}",
+        est.bdp()
+    );
+    let first = src.ranges.lock().unwrap().len();
+    // Unlimited background fetch: requests of about four products (at least
+    // 512 KiB), not the 8 MiB a rate-limited one would use.
+    let end = f.index().location().data_end();
+    assert!(f.fetch_background(0..end, None).await > 0);
+    let ranges = src.ranges.lock().unwrap().clone();
+    assert!(ranges.len() > first + 2, "{ranges:?}");
+    for r in &ranges[first..] {
+        assert!(r.end - r.start <= (512 << 10) + (70 << 10), "{r:?}");
+    }
+    assert_eq!(&f.read_from_memory(id, 0, 3 << 20).unwrap()[..], &a[..]);
+
+    // Rate-limited: full-size requests (the whole rest in one here).
+    let (f, src) = fetcher_for_a(&a, 64 << 10, fast_config());
+    let end = f.index().location().data_end();
+    assert!(f.fetch_background(0..end, Some(1 << 40)).await > 0);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn prefetch_pipeline_covers_the_bandwidth_delay_product() {
+    assert_eq!(pipeline_depth(None, 512 << 10), PREFETCH_PIPELINE);
+    // 500 KB BDP, 512 KiB requests: one transferring, one waiting.
+    assert_eq!(pipeline_depth(Some(500_000), 512 << 10), 2);
+    // 4 MB BDP (wan-like, fast): more requests to fill the pipe, capped.
+    assert_eq!(
+        pipeline_depth(Some(4_000_000), 512 << 10),
+        MAX_PREFETCH_PIPELINE
+    );
+    assert_eq!(pipeline_depth(Some(2_000_000), 1 << 20), 3);
+    assert_eq!(pipeline_depth(Some(0), 0), PREFETCH_PIPELINE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_guesses_pause_speculation_to_bound_the_bytes_fetched() {
+    // 40 library directories of 8 files; the workload reads one file of each,
+    // so every directory batch is wasted.
+    // Distinct contents (chunks are keyed by digest).
+    let data: Vec<Vec<u8>> = (0..320).map(|i| pattern(10_000, i as u8)).collect();
+    let data: Vec<Vec<u8>> = data
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut v)| {
+            v[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            v
+        })
+        .collect();
+    let names: Vec<String> = (0..40)
+        .flat_map(|d| (0..8).map(move |i| format!("usr/lib/d{d:02}/lib{i}.so")))
+        .collect();
+    let files: Vec<TestFile<'_>> = names
+        .iter()
+        .enumerate()
+        .map(|(n, name)| TestFile {
+            name,
+            data: &data[n],
+            chunk: 16 << 10,
+        })
+        .collect();
+    let config = FetchConfig {
+        speculative_neighbour_bytes: 0,
+        max_gap_bytes: 0,
+        ..fast_config()
+    };
+    let (f, _) = fetcher_for(&files, config);
+    for d in 0..40 {
+        let id = id_of(&f, &format!("usr/lib/d{d:02}/lib0.so"));
+        assert_eq!(
+            &f.read(id, 0, 16 << 10).await.unwrap()[..],
+            &data[d * 8][..]
+        );
+        // Let this miss's batch land before the next miss decides.
+        settle(&f, f.stats().chunks_verified.max(1)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = f.stats();
+    let demand = s.bytes_fetched - s.speculative_bytes;
+    assert_eq!(s.speculative_used_bytes, 0, "{s:?}");
+    // Without the bound: 40 batches of ~70 KB = 2.8 MB of guesses.
+    assert!(
+        s.speculative_bytes <= (1 << 20) + 80_000,
+        "guessed {} bytes for {demand} read: {s:?}",
+        s.speculative_bytes
+    );
+    assert!(s.bytes_fetched <= 2 * demand + (1 << 20) + 80_000, "{s:?}");
+    // The last directory was not batched.
+    let other = id_of(&f, "usr/lib/d39/lib1.so");
+    assert!(f.read_from_memory(other, 0, 100).is_none());
 }

@@ -179,6 +179,8 @@ fn add_stats(a: &FetchStatsSnapshot, b: &FetchStatsSnapshot) -> FetchStatsSnapsh
         memory_hits: a.memory_hits + b.memory_hits,
         disk_hits: a.disk_hits + b.disk_hits,
         deduplicated_waits: a.deduplicated_waits + b.deduplicated_waits,
+        speculative_bytes: a.speculative_bytes + b.speculative_bytes,
+        speculative_used_bytes: a.speculative_used_bytes + b.speculative_used_bytes,
         failures: a.failures + b.failures,
     }
 }
