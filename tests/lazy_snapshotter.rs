@@ -705,7 +705,17 @@ async fn lazy_pull(version: ContainerdVersion) -> TestResult {
     )
     .await?;
     refused?;
-    assert!(lazy.stats().restore_failures_total >= 1);
+    // The first restore attempt fails once the registry client has given up its
+    // retries, which may be after containerd was refused.
+    wait_for(
+        "the restore of b's top layer to fail with the registry down",
+        Duration::from_secs(60),
+        || {
+            let lazy = lazy.clone();
+            async move { (lazy.stats().restore_failures_total >= 1).then_some(()) }
+        },
+    )
+    .await?;
     let registry = tokio::task::spawn_blocking(move || {
         registry.restart();
         registry
