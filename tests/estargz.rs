@@ -20,7 +20,7 @@ use support::containerd::{
     TestDir, TestResult, ZestService,
 };
 use support::image::busybox_layer_tar;
-use support::tree::{build_tree, describe};
+use support::tree::{build_tree, describe, tar_tree};
 use support::{Auth, Registry};
 use zest_api::labels::{LABEL_LAYER_DIGEST, LABEL_REMOTE};
 use zest_cache::{CacheConfig, ChunkCache};
@@ -89,22 +89,7 @@ async fn reference_estargz_layer_mounts_as_gnu_tar_extracts_it() -> TestResult {
     let src = dir.path().join("src");
     build_tree(&src)?;
     let layer_tar = dir.path().join("layer.tar");
-    run_ok(
-        "tar",
-        &[
-            "--format=posix",
-            "--xattrs",
-            "--xattrs-include=user.*",
-            "--numeric-owner",
-            "-C",
-            &src.display().to_string(),
-            "-cf",
-            &layer_tar.display().to_string(),
-            ".",
-        ],
-        limit,
-    )
-    .await?;
+    tar_tree(&src, &layer_tar, limit).await?;
     let blob = dir.path().join("layer.esgz");
     // 16 KiB chunks: files span many gzip members.
     let written = run_ok(

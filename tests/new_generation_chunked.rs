@@ -18,7 +18,7 @@ use support::containerd::{
     TestCache, TestDir, TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar};
-use support::tree::{build_tree, describe};
+use support::tree::{build_tree, describe, tar_tree};
 use support::{Auth, Registry};
 use zest_api::labels::{LABEL_LAYER_DIGEST, LABEL_REMOTE};
 use zest_format::{parse_footer, Generation, TocLocation};
@@ -73,22 +73,7 @@ async fn skopeo_new_generation_layer_mounts_as_gnu_tar_extracts_it() -> TestResu
     let src = dir.path().join("src");
     build_tree(&src)?;
     let layer_tar = dir.path().join("layer.tar");
-    run_ok(
-        "tar",
-        &[
-            "--format=posix",
-            "--xattrs",
-            "--xattrs-include=user.*",
-            "--numeric-owner",
-            "-C",
-            &src.display().to_string(),
-            "-cf",
-            &layer_tar.display().to_string(),
-            ".",
-        ],
-        limit,
-    )
-    .await?;
+    tar_tree(&src, &layer_tar, limit).await?;
     let layout = dir.path().join("oci");
     build_image(
         &layout,

@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::containerd::{fail, TestResult};
+use super::containerd::{fail, run_ok, TestResult};
 use zest_oci::digest::Digest;
 
 fn c_path(path: &Path) -> CString {
@@ -84,6 +84,28 @@ pub fn user_xattrs(path: &Path) -> TestResult<BTreeMap<String, Vec<u8>>> {
         out.insert(name, value);
     }
     Ok(out)
+}
+
+/// GNU tar (POSIX format, for long names and xattrs; numeric owners) of the tree at
+/// `src`, written to `dst`: the input layer both third-party writers are given.
+pub async fn tar_tree(src: &Path, dst: &Path, limit: std::time::Duration) -> TestResult {
+    run_ok(
+        "tar",
+        &[
+            "--format=posix",
+            "--xattrs",
+            "--xattrs-include=user.*",
+            "--numeric-owner",
+            "-C",
+            &src.display().to_string(),
+            "-cf",
+            &dst.display().to_string(),
+            ".",
+        ],
+        limit,
+    )
+    .await?;
+    Ok(())
 }
 
 /// Builds the source tree of the varied layer under `root`.
