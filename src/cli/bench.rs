@@ -1,8 +1,9 @@
 //! `zest bench`: the cold-start benchmark.
 //!
 //! - `zest bench prepare` makes the images the lazy modes need from the
-//!   benchmark's gzip images: `:chunked` by conversion, `:profile-<workload>`
-//!   by `zest optimize` with the workload's command.
+//!   benchmark's gzip images: `:chunked` by conversion, `:skopeo` by skopeo
+//!   (zstd:chunked as the containers tools write it, never touched by zest),
+//!   `:profile-<workload>` by `zest optimize` with the workload's command.
 //! - `zest bench run` measures every workload × link profile × mode (see
 //!   `zest_bench::runner`) and writes `results.json`, `results.md` and
 //!   `results.svg`.
@@ -108,6 +109,16 @@ pub struct PrepareArgs {
     /// Directory for temporary layer files (default: the system temp dir).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+
+    /// The skopeo that writes the third-party `:skopeo` images (zstd:chunked
+    /// from the gzip ones); it must know `--dest-force-compress-format`
+    /// (skopeo 1.14 and later).
+    #[arg(long, value_name = "PATH", default_value = "skopeo")]
+    pub skopeo: PathBuf,
+
+    /// Do not make the third-party `:skopeo` images.
+    #[arg(long)]
+    pub no_skopeo: bool,
 }
 
 /// Arguments of `zest bench run`.
@@ -129,11 +140,12 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_bandwidth, requires = "rtt")]
     pub bandwidth: Option<u64>,
 
-    /// Modes (comma-separated): full, lazy, lazy+profile, warm.
+    /// Modes (comma-separated): full, lazy, skopeo (the third-party image
+    /// `prepare` wrote with skopeo, unprofiled), lazy+profile, warm.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "full,lazy,lazy+profile,warm"
+        default_value = "full,lazy,skopeo,lazy+profile,warm"
     )]
     pub modes: Vec<ModeChoice>,
 
@@ -218,6 +230,30 @@ async fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
+    if !args.no_skopeo {
+        let mut written = Vec::new();
+        for w in &workloads {
+            let (src, dst) = (
+                w.gzip_ref(registry, prefix),
+                w.third_party_ref(registry, prefix),
+            );
+            if written.contains(&dst) {
+                continue;
+            }
+            written.push(dst.clone());
+            if !args.force && tag_exists(&client, &dst).await? {
+                println!("{dst}: exists");
+                continue;
+            }
+            let started = Instant::now();
+            skopeo_chunked(&args.skopeo, &src, &dst).await?;
+            println!(
+                "{dst}: written by {} from {src} in {:.1} s",
+                args.skopeo.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
     for w in &workloads {
         let (src, dst) = (
             w.chunked_ref(registry, prefix),
@@ -245,6 +281,43 @@ async fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
             w.command.join(" "),
             report.outcome,
             started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Copies `src` to `dst` with skopeo, recompressing every layer as
+/// zstd:chunked (both plain-HTTP references on the benchmark's registry).
+async fn skopeo_chunked(skopeo: &std::path::Path, src: &str, dst: &str) -> anyhow::Result<()> {
+    let output = tokio::process::Command::new(skopeo)
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "--dest-compress-format",
+            "zstd:chunked",
+            "--dest-force-compress-format",
+        ])
+        .arg(format!("docker://{src}"))
+        .arg(format!("docker://{dst}"))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(900), output)
+        .await
+        .with_context(|| format!("skopeo copy of {src} to {dst} took over 15 minutes"))?
+        .with_context(|| {
+            format!(
+                "running {} (install skopeo 1.14 or later, or pass --skopeo or --no-skopeo)",
+                skopeo.display()
+            )
+        })?;
+    if !output.status.success() {
+        bail!(
+            "skopeo copy of {src} to {dst} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
         );
     }
     Ok(())

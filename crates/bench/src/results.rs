@@ -26,6 +26,9 @@ pub enum Mode {
     Lazy,
     /// `zest pull` of the image rewritten by `zest optimize` for this workload.
     LazyProfile,
+    /// `zest pull` of the zstd:chunked image skopeo wrote from the gzip one: a
+    /// third-party image that zest neither converted nor profiled.
+    ThirdParty,
     /// A second run after `Full`: every byte is on local disk (the floor).
     WarmFull,
     /// A second run after `Lazy`: every chunk the workload reads is in zest's cache.
@@ -34,10 +37,11 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Full,
         Mode::Lazy,
         Mode::LazyProfile,
+        Mode::ThirdParty,
         Mode::WarmFull,
         Mode::WarmLazy,
     ];
@@ -48,6 +52,7 @@ impl Mode {
             Mode::Full => "full",
             Mode::Lazy => "lazy",
             Mode::LazyProfile => "lazy+profile",
+            Mode::ThirdParty => "lazy (skopeo)",
             Mode::WarmFull => "warm (overlayfs)",
             Mode::WarmLazy => "warm (zest)",
         }
@@ -55,7 +60,15 @@ impl Mode {
 
     /// Whether the sample starts from a node that has never seen the image.
     pub fn is_cold(self) -> bool {
-        matches!(self, Mode::Full | Mode::Lazy | Mode::LazyProfile)
+        matches!(
+            self,
+            Mode::Full | Mode::Lazy | Mode::LazyProfile | Mode::ThirdParty
+        )
+    }
+
+    /// Whether the sample runs on zest (every mode but the overlayfs ones).
+    pub fn is_zest(self) -> bool {
+        !matches!(self, Mode::Full | Mode::WarmFull)
     }
 }
 
@@ -74,6 +87,8 @@ pub enum ModeChoice {
     Lazy,
     /// [`Mode::LazyProfile`].
     LazyProfile,
+    /// [`Mode::ThirdParty`].
+    ThirdParty,
     /// [`Mode::WarmFull`] and [`Mode::WarmLazy`], each measured right after the
     /// cold sample of its snapshotter.
     Warm,
@@ -86,9 +101,10 @@ impl FromStr for ModeChoice {
             "full" => Ok(ModeChoice::Full),
             "lazy" => Ok(ModeChoice::Lazy),
             "lazy+profile" | "profile" => Ok(ModeChoice::LazyProfile),
+            "skopeo" | "third-party" => Ok(ModeChoice::ThirdParty),
             "warm" => Ok(ModeChoice::Warm),
             other => Err(format!(
-                "unknown mode {other:?}: expected full, lazy, lazy+profile or warm"
+                "unknown mode {other:?}: expected full, lazy, lazy+profile, skopeo or warm"
             )),
         }
     }
@@ -184,6 +200,14 @@ pub struct WorkloadInfo {
     pub gzip_bytes: u64,
     /// Compressed size of the zstd:chunked image's layers.
     pub chunked_bytes: u64,
+    /// Compressed size of the third-party (skopeo-written) image's layers; 0 when
+    /// that mode was not measured.
+    #[serde(default)]
+    pub third_party_bytes: u64,
+    /// How the third-party image's layers are written, read from their
+    /// annotations (e.g. "zstd:chunked, new generation"); `None` when not measured.
+    #[serde(default)]
+    pub third_party_format: Option<String>,
     /// The start-up working set, compressed: the prefetch extents of the image
     /// optimized for this workload (the chunks its start reads). `None` when no
     /// optimized image was measured.
@@ -432,6 +456,8 @@ mod tests {
                     ready: "".into(),
                     gzip_bytes: 0,
                     chunked_bytes: 0,
+                    third_party_bytes: 0,
+                    third_party_format: None,
                     working_set_bytes: Some(25_000_000),
                     setup_round_trips: 4,
                 }],

@@ -189,22 +189,27 @@ impl BenchPlan {
         if has(ModeChoice::LazyProfile) {
             modes.push(Mode::LazyProfile);
         }
+        if has(ModeChoice::ThirdParty) {
+            modes.push(Mode::ThirdParty);
+        }
         modes
     }
 
     /// The warm mode measured right after a cold sample of `mode`, if any: the
-    /// zest warm run follows `lazy` (or `lazy+profile` when `lazy` is not run).
+    /// zest warm run follows the first zest mode measured, in the order `lazy`,
+    /// `lazy (skopeo)`, `lazy+profile`.
     fn warm_after(&self, mode: Mode) -> Option<Mode> {
         if !self.modes.contains(&ModeChoice::Warm) {
             return None;
         }
-        let lazy = self.modes.contains(&ModeChoice::Lazy);
-        match mode {
-            Mode::Full => Some(Mode::WarmFull),
-            Mode::Lazy => Some(Mode::WarmLazy),
-            Mode::LazyProfile if !lazy => Some(Mode::WarmLazy),
-            _ => None,
+        if mode == Mode::Full {
+            return Some(Mode::WarmFull);
         }
+        let cold = self.cold_modes();
+        let first_zest = [Mode::Lazy, Mode::ThirdParty, Mode::LazyProfile]
+            .into_iter()
+            .find(|m| cold.contains(m));
+        (first_zest == Some(mode)).then_some(Mode::WarmLazy)
     }
 
     /// Measured starts in the whole run.
@@ -226,6 +231,7 @@ impl BenchPlan {
             Mode::Full | Mode::WarmFull => w.gzip_ref(registry, &self.prefix),
             Mode::Lazy | Mode::WarmLazy => w.chunked_ref(registry, &self.prefix),
             Mode::LazyProfile => w.profile_ref(registry, &self.prefix),
+            Mode::ThirdParty => w.third_party_ref(registry, &self.prefix),
         }
     }
 }
@@ -447,15 +453,48 @@ async fn describe_workload(
     } else {
         None
     };
+    let (third_party_bytes, third_party_format) = if modes.contains(&Mode::ThirdParty) {
+        let image = w.third_party_ref(&plan.registry, &plan.prefix);
+        let (_, resolved) = open_image(client, &image).await?;
+        let layers = &resolved.manifest.layers;
+        let format = layers_format(layers.iter().map(|l| &l.annotations));
+        (layers.iter().map(|l| l.size).sum(), Some(format))
+    } else {
+        (0, None)
+    };
     Ok(WorkloadInfo {
         name: w.name.clone(),
         command: w.command.clone(),
         ready: w.ready.clone(),
         gzip_bytes,
         chunked_bytes,
+        third_party_bytes,
+        third_party_format,
         working_set_bytes,
         setup_round_trips: SETUP_ROUND_TRIPS,
     })
+}
+
+/// What a third-party image's layers are, from their annotations: which
+/// zstd:chunked generation its writer produced (one phrase per distinct kind).
+fn layers_format<'a>(
+    layers: impl Iterator<Item = &'a std::collections::BTreeMap<String, String>>,
+) -> String {
+    use zest_format::annotations::{MANIFEST_POSITION, OLD_MANIFEST_POSITION, TARSPLIT_POSITION};
+    let mut kinds: Vec<&str> = Vec::new();
+    for a in layers {
+        let kind = if a.contains_key(MANIFEST_POSITION) && a.contains_key(TARSPLIT_POSITION) {
+            "zstd:chunked, new generation (tar-split)"
+        } else if a.contains_key(MANIFEST_POSITION) || a.contains_key(OLD_MANIFEST_POSITION) {
+            "zstd:chunked, old generation"
+        } else {
+            "not zstd:chunked"
+        };
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    kinds.join("; ")
 }
 
 async fn open_image(
@@ -1093,6 +1132,18 @@ mod tests {
         assert_eq!(
             profile_only.warm_after(Mode::LazyProfile),
             Some(Mode::WarmLazy)
+        );
+        let skopeo = plan(vec![
+            ModeChoice::Full,
+            ModeChoice::ThirdParty,
+            ModeChoice::LazyProfile,
+            ModeChoice::Warm,
+        ]);
+        assert_eq!(skopeo.warm_after(Mode::ThirdParty), Some(Mode::WarmLazy));
+        assert_eq!(skopeo.warm_after(Mode::LazyProfile), None);
+        assert_eq!(
+            skopeo.image_for(&skopeo.workloads[0], Mode::ThirdParty, "l:2"),
+            "l:2/p/python:skopeo"
         );
         let cold = plan(vec![ModeChoice::Full]);
         assert_eq!(cold.warm_after(Mode::Full), None);

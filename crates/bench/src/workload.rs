@@ -7,8 +7,9 @@
 //!
 //! Images live in one repository per image under a prefix, with fixed tags:
 //! `:gzip` (the ordinary image, for the full pull), `:chunked` (converted by
-//! `zest convert`) and `:profile-<workload>` (rewritten by `zest optimize` for
-//! that workload's start).
+//! `zest convert`), `:skopeo` (zstd:chunked written by skopeo from `:gzip`: a
+//! third-party image zest never touched) and `:profile-<workload>` (rewritten by
+//! `zest optimize` for that workload's start).
 
 use std::path::Path;
 
@@ -36,7 +37,7 @@ fn default_profile_timeout() -> u64 {
     60
 }
 
-/// Tags of the three images a workload is measured with.
+/// Tags of the images a workload is measured with.
 impl Workload {
     /// The ordinary gzip image (full pulls).
     pub fn gzip_ref(&self, registry: &str, prefix: &str) -> String {
@@ -46,6 +47,11 @@ impl Workload {
     /// The zstd:chunked image (lazy pulls).
     pub fn chunked_ref(&self, registry: &str, prefix: &str) -> String {
         format!("{registry}/{prefix}/{}:chunked", self.image)
+    }
+
+    /// The zstd:chunked image skopeo wrote from the gzip one (third-party pulls).
+    pub fn third_party_ref(&self, registry: &str, prefix: &str) -> String {
+        format!("{registry}/{prefix}/{}:skopeo", self.image)
     }
 
     /// The image optimized for this workload's start (lazy+profile pulls).
