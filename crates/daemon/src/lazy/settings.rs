@@ -90,9 +90,11 @@ impl LazyConfig {
                 max_files: config.profiles.max_files,
                 max_prefetch_bytes: config.profiles.max_prefetch_size.0,
                 max_local_profiles: config.profiles.max_local_profiles,
-                dir: toc_dir
-                    .parent()
-                    .map_or_else(|| PathBuf::from("profiles"), |p| p.join("profiles")),
+                dir: crate::config::ProfilesSection::dir(
+                    toc_dir
+                        .parent()
+                        .unwrap_or_else(|| std::path::Path::new(".")),
+                ),
             },
             toc_dir,
             platform: Platform::host(),
