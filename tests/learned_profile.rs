@@ -384,6 +384,11 @@ async fn profile_recorded_published_and_used_by_a_second_node() -> TestResult {
     let prefetched = node2
         .wait_metric_at_least("zest_profile_prefetch_bytes_total", 1)
         .await?;
+    eprintln!(
+        "profile: {} files ({} in the data layer); node 2 prefetched {prefetched} compressed bytes",
+        profile.len(),
+        data_paths.len()
+    );
     let out2 = node2.run_reader(&reference, "reader2").await?;
     assert_eq!(out2, out1);
     assert!(prefetched > 0);
