@@ -12,7 +12,8 @@
 //! before any container runs), and the container's output equals node 1's.
 //!
 //! Also against a scripted registry: a profile blob that does not match its
-//! digest, a profile of another image and an oversized one are refused.
+//! digest, a profile of another image and an oversized one are refused; and
+//! against a registry with Basic auth, a push without credentials is denied.
 
 mod support;
 
@@ -521,4 +522,30 @@ async fn tampered_foreign_and_oversized_profiles_are_refused() {
         .requests()
         .iter()
         .any(|r| r.path_only().contains("/blobs/")));
+}
+
+/// Publishing without push rights fails with a `Denied` error (which the daemon
+/// counts and warns about once per repository) and leaves the registry as it was.
+#[tokio::test]
+async fn publishing_without_push_rights_is_denied() -> TestResult {
+    if !support::require_tool(support::REGISTRY_BIN) || !support::require_tool("htpasswd") {
+        return Ok(());
+    }
+    let registry = tokio::task::spawn_blocking(|| {
+        Registry::start(support::Auth::Basic {
+            user: "owner".into(),
+            pass: "secret".into(),
+        })
+    })
+    .await?;
+    // The client has no credentials for this registry.
+    let anonymous = registry.client();
+    let repo = Repository::new(&registry.host(), "test/app")?;
+    let image = Digest::of(b"image manifest");
+    let subject = Descriptor::new(media_type::OCI_MANIFEST, image, 100);
+    let err = zest_daemon::push_profile(&anonymous, &repo, &subject, &small_profile(image))
+        .await
+        .expect_err("an anonymous push is refused");
+    assert_eq!(err.kind(), zest_registry::ErrorKind::Denied, "{err}");
+    Ok(())
 }
