@@ -1439,3 +1439,64 @@ async fn referrers_use_the_tag_schema_on_a_registry_without_the_api() {
     let after = client.get_manifest(&tagged).await.unwrap();
     assert_eq!(after.bytes, before.bytes);
 }
+
+/// A registry with the referrers API: referrers are listed from its answer (the
+/// artifact type asked for in the query and filtered again on our side), no tag is
+/// read, and a pushed referrer is left for the registry to index (no tag written).
+#[tokio::test]
+async fn referrers_come_from_the_api_when_the_registry_has_it() {
+    let subject = Digest::of(b"subject manifest");
+    let mut index = ImageIndex::new();
+    for (i, artifact_type) in ["application/x.mine+json", "application/x.other+json"]
+        .iter()
+        .enumerate()
+    {
+        let mut d = Descriptor::for_bytes(media_type::OCI_MANIFEST, format!("m{i}").as_bytes());
+        d.artifact_type = Some((*artifact_type).to_owned());
+        index.manifests.push(d);
+    }
+    let index_bytes = index.to_json();
+    let api_path = format!("/v2/test/app/referrers/{subject}");
+    let server = FakeServer::start(move |req| {
+        if req.path_only() == api_path {
+            Response::new(200)
+                .header("Content-Type", media_type::OCI_INDEX)
+                .body(index_bytes.clone())
+        } else if req.method == "PUT" && req.path_only().contains("/manifests/sha256:") {
+            Response::new(201)
+        } else {
+            Response::error(404, "NOT_FOUND", "not here")
+        }
+    })
+    .await;
+    let client = fake_client(&server);
+    let repo = fake_repo(&server);
+    let (found, source) = client
+        .list_referrers(&repo, &subject, "application/x.mine+json")
+        .await
+        .unwrap();
+    assert_eq!(source, zest_registry::ReferrersSource::Api);
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].digest, index.manifests[0].digest);
+    let asked = server.requests();
+    assert!(asked
+        .iter()
+        .any(|r| r.query("artifactType") == ["application/x.mine+json"]));
+
+    let blob = Descriptor::for_bytes("application/x.mine+json", b"payload");
+    let manifest = referrer_manifest(
+        "application/x.mine+json",
+        &blob,
+        &Descriptor::new(media_type::OCI_MANIFEST, subject, 10),
+        "2026-01-01T00:00:00.000Z",
+    );
+    let (_, source) = client.push_referrer(&repo, &manifest).await.unwrap();
+    assert_eq!(source, zest_registry::ReferrersSource::Api);
+    assert!(
+        !server
+            .requests()
+            .iter()
+            .any(|r| r.path_only().contains("/manifests/sha256-")),
+        "no tag-schema request on a registry with the API"
+    );
+}
