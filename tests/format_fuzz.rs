@@ -339,3 +339,39 @@ fn mutated_input_tars_never_panic_and_round_trip_when_accepted() {
     eprintln!("accepted {accepted} of 1500 mutated tars");
     assert!(accepted > 0, "no mutated tar was accepted");
 }
+
+#[test]
+fn mutated_startup_profiles_never_panic_and_round_trip_when_accepted() {
+    use zest_format::profile::{ProfileEntry, StartupProfile};
+    use zest_oci::digest::Digest;
+    let layer = Digest::of(b"layer");
+    let seed = StartupProfile::new(
+        Digest::of(b"image"),
+        ["usr/bin/app", "etc/app.conf", "usr/lib/libc.so.6"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ProfileEntry {
+                layer,
+                path: (*p).to_owned(),
+                ms: Some(i as u64),
+            })
+            .collect(),
+    )
+    .unwrap()
+    .encode();
+    let mut rng = Rng(0x5eed_1234_abcd_0042);
+    let mut accepted = 0;
+    for _ in 0..12_000 {
+        let mut doc = seed.clone();
+        mutate(&mut rng, &mut doc);
+        if let Ok(profile) = StartupProfile::decode(&doc) {
+            accepted += 1;
+            for e in profile.entries() {
+                assert!(!e.path.starts_with('/') && !e.path.split('/').any(|c| c == ".."));
+            }
+            assert_eq!(StartupProfile::decode(&profile.encode()).unwrap(), profile);
+        }
+    }
+    eprintln!("accepted {accepted} of 12000 mutated profiles");
+    assert!(accepted < 12_000, "every mutation accepted");
+}

@@ -1315,3 +1315,188 @@ async fn tls_registry_with_ca_files_and_skip_verify() {
         Err(RegistryError::Config { .. })
     ));
 }
+
+/// An artifact manifest with an empty config and one layer, referring to `subject`.
+fn referrer_manifest(
+    artifact_type: &str,
+    layer: &Descriptor,
+    subject: &Descriptor,
+    created: &str,
+) -> zest_oci::ImageManifest {
+    let mut annotations = std::collections::BTreeMap::new();
+    annotations.insert(
+        "org.opencontainers.image.created".to_owned(),
+        created.to_owned(),
+    );
+    zest_oci::ImageManifest {
+        schema_version: 2,
+        media_type: Some(media_type::OCI_MANIFEST.to_owned()),
+        artifact_type: Some(artifact_type.to_owned()),
+        config: Descriptor::for_bytes("application/vnd.oci.empty.v1+json", b"{}"),
+        layers: vec![layer.clone()],
+        subject: Some(subject.clone()),
+        annotations,
+        extra: serde_json::Map::new(),
+    }
+}
+
+/// Distribution 2.8 has no referrers API: referrers pushed to it go to the
+/// `sha256-<hex>` tag-schema index, each push keeping the entries already there
+/// (another tool's referrer included), and are listed back by artifact type; the
+/// subject manifest itself is unchanged.
+#[tokio::test]
+async fn referrers_use_the_tag_schema_on_a_registry_without_the_api() {
+    let Some(reg) = start_registry(Auth::None) else {
+        return;
+    };
+    let client = reg.client();
+    let repo = repo(&reg.host(), "test/referrers");
+    let image = build_image(
+        &reg.dir().join("layout"),
+        "img",
+        vec![data_layer_tar(3)],
+        LayerCompression::Gzip,
+        &Platform::host(),
+        &["/bin/true"],
+    );
+    let tagged = Reference {
+        repository: repo.clone(),
+        tag: Some("v1".into()),
+        digest: None,
+    };
+    push_image(&client, &image, &tagged).await;
+    let before = client.get_manifest(&tagged).await.unwrap();
+    let subject = before.descriptor();
+
+    assert!(client
+        .referrers_api(&repo, &subject.digest, None)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(client
+        .referrers_tag_index(&repo, &subject.digest)
+        .await
+        .unwrap()
+        .is_none());
+
+    client
+        .push_blob_bytes(&repo, Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let mut pushed = Vec::new();
+    for (i, artifact_type) in [
+        "application/x.other+json",
+        "application/x.mine+json",
+        "application/x.mine+json",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let blob = Bytes::from(format!("payload {i}"));
+        client.push_blob_bytes(&repo, blob.clone()).await.unwrap();
+        let layer = Descriptor::for_bytes(*artifact_type, &blob);
+        let manifest = referrer_manifest(
+            artifact_type,
+            &layer,
+            &subject,
+            &format!("2026-01-0{}T00:00:00.000Z", i + 1),
+        );
+        let (desc, source) = client.push_referrer(&repo, &manifest).await.unwrap();
+        assert_eq!(source, zest_registry::ReferrersSource::TagSchema);
+        assert_eq!(desc.artifact_type.as_deref(), Some(*artifact_type));
+        pushed.push(desc);
+        // Pushing the same referrer again adds nothing.
+        client.push_referrer(&repo, &manifest).await.unwrap();
+    }
+
+    let index = client
+        .referrers_tag_index(&repo, &subject.digest)
+        .await
+        .unwrap()
+        .expect("the tag-schema index exists");
+    let listed: Vec<Digest> = index.manifests.iter().map(|d| d.digest).collect();
+    assert_eq!(
+        listed,
+        pushed.iter().map(|d| d.digest).collect::<Vec<_>>(),
+        "every referrer kept, once each, in push order"
+    );
+    let (mine, source) = client
+        .list_referrers(&repo, &subject.digest, "application/x.mine+json")
+        .await
+        .unwrap();
+    assert_eq!(source, zest_registry::ReferrersSource::TagSchema);
+    assert_eq!(
+        mine.iter().map(|d| d.digest).collect::<Vec<_>>(),
+        vec![pushed[1].digest, pushed[2].digest]
+    );
+    // The referrer manifest names the subject; the subject is untouched.
+    let fetched = client
+        .get_manifest_by_descriptor(&repo, &pushed[2])
+        .await
+        .unwrap();
+    let parsed = zest_oci::ImageManifest::from_json(&fetched.bytes).unwrap();
+    assert_eq!(parsed.subject.map(|s| s.digest), Some(subject.digest));
+    let after = client.get_manifest(&tagged).await.unwrap();
+    assert_eq!(after.bytes, before.bytes);
+}
+
+/// A registry with the referrers API: referrers are listed from its answer (the
+/// artifact type asked for in the query and filtered again on our side), no tag is
+/// read, and a pushed referrer is left for the registry to index (no tag written).
+#[tokio::test]
+async fn referrers_come_from_the_api_when_the_registry_has_it() {
+    let subject = Digest::of(b"subject manifest");
+    let mut index = ImageIndex::new();
+    for (i, artifact_type) in ["application/x.mine+json", "application/x.other+json"]
+        .iter()
+        .enumerate()
+    {
+        let mut d = Descriptor::for_bytes(media_type::OCI_MANIFEST, format!("m{i}").as_bytes());
+        d.artifact_type = Some((*artifact_type).to_owned());
+        index.manifests.push(d);
+    }
+    let index_bytes = index.to_json();
+    let api_path = format!("/v2/test/app/referrers/{subject}");
+    let server = FakeServer::start(move |req| {
+        if req.path_only() == api_path {
+            Response::new(200)
+                .header("Content-Type", media_type::OCI_INDEX)
+                .body(index_bytes.clone())
+        } else if req.method == "PUT" && req.path_only().contains("/manifests/sha256:") {
+            Response::new(201)
+        } else {
+            Response::error(404, "NOT_FOUND", "not here")
+        }
+    })
+    .await;
+    let client = fake_client(&server);
+    let repo = fake_repo(&server);
+    let (found, source) = client
+        .list_referrers(&repo, &subject, "application/x.mine+json")
+        .await
+        .unwrap();
+    assert_eq!(source, zest_registry::ReferrersSource::Api);
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].digest, index.manifests[0].digest);
+    let asked = server.requests();
+    assert!(asked
+        .iter()
+        .any(|r| r.query("artifactType") == ["application/x.mine+json"]));
+
+    let blob = Descriptor::for_bytes("application/x.mine+json", b"payload");
+    let manifest = referrer_manifest(
+        "application/x.mine+json",
+        &blob,
+        &Descriptor::new(media_type::OCI_MANIFEST, subject, 10),
+        "2026-01-01T00:00:00.000Z",
+    );
+    let (_, source) = client.push_referrer(&repo, &manifest).await.unwrap();
+    assert_eq!(source, zest_registry::ReferrersSource::Api);
+    assert!(
+        !server
+            .requests()
+            .iter()
+            .any(|r| r.path_only().contains("/manifests/sha256-")),
+        "no tag-schema request on a registry with the API"
+    );
+}

@@ -4,8 +4,9 @@
 //! [`ServiceConfig`] is the whole file as `zest serve` reads it: `[snapshotter]`
 //! (the snapshot service, [`SnapshotterConfig`] of `zest-snapshotter`),
 //! `[cache]` (chunk cache), `[registry]` (registry access), `[fetch]` (range requests)
-//! `[lazy]` (lazy layer mounts) and `[cri]` (the CRI image-service proxy that
-//! records the kubelet's pull credentials). Unknown sections and keys are rejected so that
+//! `[lazy]` (lazy layer mounts), `[cri]` (the CRI image-service proxy that
+//! records the kubelet's pull credentials) and `[profiles]` (learned start-up
+//! profiles). Unknown sections and keys are rejected so that
 //! typos are reported. `packaging/config.toml` documents every key with its default,
 //! and a test checks that it parses to exactly the defaults.
 
@@ -37,6 +38,57 @@ pub struct ServiceConfig {
     pub lazy: LazySection,
     /// `[cri]`: the CRI image-service proxy.
     pub cri: CriSection,
+    /// `[profiles]`: learned start-up profiles.
+    pub profiles: ProfilesSection,
+}
+
+/// `[profiles]`: learned start-up profiles. The first lazy start of an image
+/// records which files it reads first; later cold starts fetch those files at
+/// mount time. Profiles are kept in `<state_dir>/profiles` and, when `publish`
+/// is on, pushed beside the image as an OCI referrer of its manifest (the image
+/// itself is never changed).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfilesSection {
+    /// Record a profile of an image that has none yet, from its first lazy start.
+    pub record: bool,
+    /// Look for a profile in the image's repository when none is kept locally.
+    pub fetch: bool,
+    /// Push recorded profiles to the image's repository (needs push rights).
+    pub publish: bool,
+    /// Fetch the profile's files of each layer when it is mounted.
+    pub prefetch: bool,
+    /// Seconds of recording after an image's first lazy mount (recording also
+    /// ends when the image's last lazy mount goes away).
+    pub window_secs: u64,
+    /// Most files a recorded profile lists.
+    pub max_files: usize,
+    /// Most compressed bytes fetched for one image's profile.
+    pub max_prefetch_size: ByteSize,
+    /// Most profiles kept in the state directory (oldest dropped first).
+    pub max_local_profiles: usize,
+}
+
+impl Default for ProfilesSection {
+    fn default() -> Self {
+        ProfilesSection {
+            record: true,
+            fetch: true,
+            publish: false,
+            prefetch: true,
+            window_secs: 30,
+            max_files: 4096,
+            max_prefetch_size: ByteSize::mib(256),
+            max_local_profiles: 1024,
+        }
+    }
+}
+
+impl ProfilesSection {
+    /// The directory of local profiles under the state directory.
+    pub fn dir(state_dir: &Path) -> PathBuf {
+        state_dir.join("profiles")
+    }
 }
 
 /// `[cri]`: a proxy of CRI's image service in front of containerd's, so that lazy
@@ -427,6 +479,19 @@ impl ServiceConfig {
             return invalid(
                 "cri.socket must not be containerd's own socket (cri.containerd_socket)",
             );
+        }
+        if self.profiles.window_secs == 0 || self.profiles.max_local_profiles == 0 {
+            return invalid(
+                "profiles.window_secs and profiles.max_local_profiles must be at least 1",
+            );
+        }
+        if self.profiles.max_files == 0
+            || self.profiles.max_files > zest_format::profile::MAX_PROFILE_ENTRIES
+        {
+            return Err(ConfigError::Invalid(format!(
+                "profiles.max_files must be between 1 and {}",
+                zest_format::profile::MAX_PROFILE_ENTRIES
+            )));
         }
         if self.cri.credential_ttl_secs == 0 || self.cri.max_credentials == 0 {
             return invalid("cri.credential_ttl_secs and cri.max_credentials must be at least 1");

@@ -9,7 +9,7 @@
 //! | module | concern |
 //! |---|---|
 //! | `config` | the configuration file ([`ServiceConfig`]) and `zest serve` overrides |
-//! | `lazy` | [`LazyLayerProvider`]: zstd:chunked layers mounted from the registry (FUSE) |
+//! | `lazy` | [`LazyLayerProvider`]: zstd:chunked layers mounted from the registry (FUSE), and learned start-up profiles ([`fetch_profile`], [`push_profile`]) |
 //! | `metrics` | Prometheus text exposition and its tiny HTTP listener |
 //!
 //! Wiring `zest serve`: read [`ConfigOverrides::service_config`], initialise logging
@@ -24,8 +24,11 @@ mod lazy;
 mod metrics;
 
 pub use config::{
-    CacheSection, ConfigOverrides, CriSection, FetchSection, LazySection, RegistrySection,
-    ServiceConfig, DEFAULT_CONFIG_PATH,
+    CacheSection, ConfigOverrides, CriSection, FetchSection, LazySection, ProfilesSection,
+    RegistrySection, ServiceConfig, DEFAULT_CONFIG_PATH,
 };
-pub use lazy::{Handover, LazyConfig, LazyError, LazyLayerProvider, LazyStats};
+pub use lazy::{
+    fetch_profile, push_profile, Handover, LazyConfig, LazyError, LazyLayerProvider, LazyStats,
+    ProfileFetchError, ProfileSettings, ProfileStats,
+};
 pub use metrics::{bind_metrics, serve_metrics, Metrics};

@@ -239,6 +239,52 @@ impl Metrics {
         for (name, help, value) in counters {
             e.single(name, "counter", help, value);
         }
+        let p = &s.profiles;
+        let profile_counters = [
+            (
+                "zest_profiles_recorded_total",
+                "Start-up profiles recorded from an image's first lazy start and kept.",
+                p.recorded,
+            ),
+            (
+                "zest_profiles_published_total",
+                "Start-up profiles pushed to the image's repository as referrers.",
+                p.published,
+            ),
+            (
+                "zest_profile_publish_failures_total",
+                "Start-up profiles that could not be published (no push rights, registry errors).",
+                p.publish_failures,
+            ),
+            (
+                "zest_profile_fetch_failures_total",
+                "Lookups of a start-up profile in a registry that failed (none found is not a failure).",
+                p.fetch_failures,
+            ),
+            (
+                "zest_profile_prefetch_bytes_total",
+                "Compressed bytes fetched at mount time because of start-up profiles.",
+                p.prefetched_bytes,
+            ),
+        ];
+        for (name, help, value) in profile_counters {
+            e.single(name, "counter", help, value);
+        }
+        e.family(
+            "zest_profiles_fetched_total",
+            "counter",
+            "Start-up profiles taken into use, by source (local: the state directory; registry: the image's repository).",
+        );
+        e.value(
+            "zest_profiles_fetched_total",
+            &[("source", "local")],
+            p.fetched_local,
+        );
+        e.value(
+            "zest_profiles_fetched_total",
+            &[("source", "registry")],
+            p.fetched_registry,
+        );
         e.family(
             "zest_fetch_failures_total",
             "counter",

@@ -1174,6 +1174,103 @@ impl Fetcher {
         fetched
     }
 
+    /// Fetches the not-yet-cached chunks of `files`, in that order (a learned
+    /// start-up profile: the workload is about to read them), at on-demand
+    /// priority like [`Fetcher::fetch_prefetch`]. Chunks that follow each other
+    /// in the blob share a request (holes up to `max_gap_bytes`, requests up to
+    /// `prefetch_request_bytes`); at most [`pipeline_depth`] requests are in
+    /// flight. Stops adding files once `max_bytes` compressed bytes are wanted.
+    /// Chunks being fetched already (a reader, another prefetch) are left to
+    /// that fetch. Returns the compressed bytes fetched.
+    pub async fn fetch_files(&self, files: &[EntryId], max_bytes: u64) -> u64 {
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let all = self.index.all_chunks();
+        let max_request = self.config.prefetch_request_bytes.max(1);
+        let max_gap = self.config.max_gap_bytes;
+        let mut wanted: Vec<usize> = Vec::new();
+        let mut taken: HashSet<usize> = HashSet::new();
+        let mut budget = 0u64;
+        'files: for &id in files {
+            if id.index() >= self.index.len() {
+                continue;
+            }
+            for c in self.index.entry(id).chunks() {
+                let Some(idx) = self.chunk_index(c) else {
+                    continue;
+                };
+                if !taken.insert(idx) || c.zeros || c.compressed_len == 0 {
+                    continue;
+                }
+                budget = budget.saturating_add(u64::from(c.compressed_len));
+                if budget > max_bytes {
+                    break 'files;
+                }
+                wanted.push(idx);
+            }
+        }
+        let mut fetched = 0u64;
+        let mut in_flight = FuturesUnordered::new();
+        let mut run: Vec<Owned> = Vec::new();
+        let (mut run_start, mut run_end) = (0u64, 0u64);
+        let mut wanted = wanted.into_iter();
+        loop {
+            let next = wanted.next();
+            let chunk = next.and_then(|idx| all.get(idx).map(|c| (idx, c)));
+            // Whether the chunk extends the run being built (it follows it in
+            // the blob, close enough, and the request stays within bounds).
+            let joins = !run.is_empty()
+                && chunk.is_some_and(|(_, c)| {
+                    let r = c.compressed_range();
+                    r.start >= run_end
+                        && r.start - run_end <= max_gap
+                        && r.end - run_start <= max_request
+                });
+            if !run.is_empty() && !joins {
+                let bytes: u64 = run
+                    .iter()
+                    .filter_map(|o| all.get(o.idx))
+                    .map(|c| u64::from(c.compressed_len))
+                    .sum();
+                fetched += bytes;
+                in_flight.push(self.fetch_run(std::mem::take(&mut run), Priority::Prefetch));
+                let depth = pipeline_depth(self.limits.estimate().map(|e| e.bdp()), max_request);
+                if in_flight.len() >= depth {
+                    in_flight.next().await;
+                }
+            }
+            let Some((idx, c)) = chunk else {
+                if next.is_none() {
+                    break;
+                }
+                continue;
+            };
+            if !self.needs_fetch(c) {
+                continue;
+            }
+            if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
+                // Re-check after claiming; complete rather than drop (dropping
+                // reports a failure to waiters).
+                match self.cache.memory().get(&c.digest) {
+                    Some(b) => guard.complete(Ok(b)),
+                    None => {
+                        let r = c.compressed_range();
+                        if run.is_empty() {
+                            run_start = r.start;
+                        }
+                        run_end = r.end;
+                        run.push(Owned {
+                            idx,
+                            guard,
+                            why: Why::Wanted,
+                        });
+                    }
+                }
+            }
+        }
+        while in_flight.next().await.is_some() {}
+        fetched
+    }
+
     /// Fetches the not-yet-cached chunks whose compressed extents lie inside
     /// `extent` with background priority, pausing while on-demand reads wait.
     /// When `rate` is set (non-zero), limits throughput to about that many

@@ -315,6 +315,57 @@ async fn background_fetch_fills_the_cache() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_files_fetches_listed_files_within_budget_and_merges_neighbours() {
+    let data: Vec<Vec<u8>> = (0..4).map(|i| pattern(20_000, 20 + i)).collect();
+    let names = ["a", "b", "c", "d"];
+    let files: Vec<TestFile<'_>> = names
+        .iter()
+        .zip(&data)
+        .map(|(name, d)| TestFile {
+            name,
+            data: d,
+            chunk: 5000,
+        })
+        .collect();
+    let config = FetchConfig {
+        max_gap_bytes: 1000,
+        ..fast_config()
+    };
+    let (f, src) = fetcher_for(&files, config);
+    let (a, b, c, d) = (
+        id_of(&f, "a"),
+        id_of(&f, "b"),
+        id_of(&f, "c"),
+        id_of(&f, "d"),
+    );
+    let compressed = |id| -> u64 {
+        f.index()
+            .entry(id)
+            .chunks()
+            .iter()
+            .map(|c| u64::from(c.compressed_len))
+            .sum()
+    };
+    // A budget for "c" alone: "a" listed after it stays unfetched.
+    let fetched = f.fetch_files(&[c, a], compressed(c)).await;
+    assert_eq!(fetched, compressed(c));
+    assert_eq!(&f.read_from_memory(c, 0, 20_000).unwrap()[..], &data[2][..]);
+    assert!(f.read_from_memory(a, 0, 1).is_none());
+    assert_eq!(f.stats().prefetch_bytes, f.stats().bytes_fetched);
+    // "b" and "d" are not neighbours ("c" between them is cached): two
+    // requests; "a" and "b" are, so "a" joins "b"'s request.
+    let before = src.requests.load(Ordering::SeqCst);
+    let fetched = f.fetch_files(&[a, b, d, c], u64::MAX).await;
+    assert_eq!(fetched, compressed(a) + compressed(b) + compressed(d));
+    assert_eq!(src.requests.load(Ordering::SeqCst) - before, 2);
+    for (id, want) in [(a, &data[0]), (b, &data[1]), (d, &data[3])] {
+        assert_eq!(&f.read_from_memory(id, 0, 20_000).unwrap()[..], &want[..]);
+    }
+    // Everything is cached: nothing more is fetched.
+    assert_eq!(f.fetch_files(&[a, b, c, d], u64::MAX).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn toc_from_annotations_takes_one_request_and_footer_two_at_most() {
     let a = pattern(5000, 11);
     let blob = build_one("a", &a, 1000);

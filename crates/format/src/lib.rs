@@ -28,6 +28,10 @@
 //! The writer, [`write_chunked`], produces the current (podman/containers-storage)
 //! generation: TOC + tar-split + 64-byte footer, with content-defined chunks.
 //!
+//! Learned start-up profiles ([`profile::StartupProfile`]: which files of which
+//! layer an image reads first) are decoded and validated here too, as untrusted
+//! documents from a registry.
+//!
 //! eStargz layers (gzip members, the format of containerd's stargz snapshotter) read
 //! into the same [`LayerIndex`]: [`estargz::parse_footer`] gives a
 //! [`Generation::Estargz`] location, [`LayerIndex::decode`] builds the model from the
@@ -37,6 +41,7 @@ mod error;
 pub mod estargz;
 mod footer;
 mod index;
+pub mod profile;
 mod read;
 pub mod reorder;
 pub(crate) mod tar;

@@ -9,10 +9,9 @@
 //! overlayfs (redirects, metacopy) from inside the image.
 
 use parking_lot::Mutex;
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::passthrough::PassthroughStore;
 use super::{DirEntry, Errno, NodeAttr, NodeKind, OpenAnswer, ReadReply, StatFs, XattrAnswer};
@@ -51,44 +50,90 @@ pub struct LayerFsOptions {
     pub recorder: Option<Arc<AccessRecorder>>,
 }
 
-/// The regular files of one layer in the order they were first opened or read.
+/// The regular files of one layer in the order they were first opened or read,
+/// with the time of each first access since the recorder's origin.
 ///
 /// Hard links resolve to their target's entry, so a file is recorded once,
-/// under the path of its first tar entry (the one holding the data).
-#[derive(Debug, Default)]
+/// under the path of its first tar entry (the one holding the data). Cheap on
+/// the read path: a file already seen costs one atomic bit test; only a first
+/// access takes a short lock (no I/O under it). At most `limit` files are kept,
+/// so memory stays bounded whatever the workload reads.
+#[derive(Debug)]
 pub struct AccessRecorder {
-    state: Mutex<RecorderState>,
+    origin: Instant,
+    limit: usize,
+    /// One bit per entry of the layer, sized at the first access.
+    seen: OnceLock<Box<[AtomicU64]>>,
+    order: Mutex<Vec<RecordedAccess>>,
 }
 
-#[derive(Debug, Default)]
-struct RecorderState {
-    seen: HashSet<EntryId>,
-    order: Vec<String>,
+/// One first access noted by an [`AccessRecorder`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedAccess {
+    /// Path of the file in the layer.
+    pub path: String,
+    /// Time of the first access since the recorder's origin.
+    pub at: Duration,
+}
+
+impl Default for AccessRecorder {
+    fn default() -> Self {
+        AccessRecorder::with_origin(Instant::now(), usize::MAX)
+    }
 }
 
 impl AccessRecorder {
-    /// An empty recorder.
+    /// An empty, unbounded recorder whose origin is now.
     pub fn new() -> AccessRecorder {
         AccessRecorder::default()
     }
 
+    /// An empty recorder timing accesses from `origin` and keeping at most
+    /// `limit` files.
+    pub fn with_origin(origin: Instant, limit: usize) -> AccessRecorder {
+        AccessRecorder {
+            origin,
+            limit,
+            seen: OnceLock::new(),
+            order: Mutex::new(Vec::new()),
+        }
+    }
+
     /// Notes an access to file `id` of `index` (only the first one counts).
     pub fn record(&self, index: &LayerIndex, id: EntryId) {
-        let mut state = self.state.lock();
-        if state.seen.insert(id) {
+        let seen = self.seen.get_or_init(|| {
+            (0..index.len().div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        });
+        let (word, bit) = (id.index() / 64, 1u64 << (id.index() % 64));
+        let Some(word) = seen.get(word) else {
+            return;
+        };
+        if word.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            return;
+        }
+        let at = self.origin.elapsed();
+        let mut order = self.order.lock();
+        if order.len() < self.limit {
             let path = index.entry(id).path();
-            state.order.push(path);
+            order.push(RecordedAccess { path, at });
         }
     }
 
     /// The paths recorded so far, in first-access order.
     pub fn paths(&self) -> Vec<String> {
-        self.state.lock().order.clone()
+        self.order.lock().iter().map(|a| a.path.clone()).collect()
+    }
+
+    /// The accesses recorded so far, in first-access order.
+    pub fn accesses(&self) -> Vec<RecordedAccess> {
+        self.order.lock().clone()
     }
 
     /// How many files were recorded.
     pub fn len(&self) -> usize {
-        self.state.lock().order.len()
+        self.order.lock().len()
     }
 
     /// Whether nothing was recorded.

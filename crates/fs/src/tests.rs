@@ -327,3 +327,21 @@ fn getxattr(path: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
     buf.truncate(r as usize);
     Ok(buf)
 }
+
+#[test]
+fn recorder_keeps_first_accesses_in_order_once_each_and_bounded() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let fetcher = sample_fetcher(&rt, dir.path());
+    let index = Arc::clone(fetcher.index());
+    let id = |p: &str| index.resolve_path(p).unwrap();
+    let recorder = AccessRecorder::with_origin(std::time::Instant::now(), 2);
+    for p in ["usr/bin/big", "etc/hosts", "usr/bin/big", "opt/keep"] {
+        recorder.record(&index, id(p));
+    }
+    let accesses = recorder.accesses();
+    let paths: Vec<&str> = accesses.iter().map(|a| a.path.as_str()).collect();
+    // Once each, in first-access order, at most two.
+    assert_eq!(paths, ["usr/bin/big", "etc/hosts"]);
+    assert!(accesses[0].at <= accesses[1].at);
+}

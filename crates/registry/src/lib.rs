@@ -10,7 +10,9 @@
 //!   extra [`CredentialSource`]s consulted first, timeouts, retries;
 //! - authentication: anonymous, Basic, and Bearer tokens cached per (host, scope);
 //! - [`RegistryError`]: every failure names the registry, repository and object, the
-//!   registry's error codes, and what the user can do.
+//!   registry's error codes, and what the user can do;
+//! - referrers (OCI 1.1 `subject`): listing through the referrers API or the
+//!   referrers tag schema, and pushing an artifact that refers to a manifest.
 //!
 //! Invariants:
 //! - nothing returned as content is unverified: manifests and whole blobs are checked
@@ -29,6 +31,7 @@ mod credentials;
 mod error;
 mod pull;
 mod push;
+mod referrers;
 mod stats;
 
 pub use auth::{parse_www_authenticate, Challenge};
@@ -41,4 +44,5 @@ pub use credentials::{normalize_host, Credential, CredentialSource, DockerCreden
 pub use error::{ApiError, ApiErrors, ErrorKind, RegistryError};
 pub use pull::{FetchedManifest, ResolvedImage};
 pub use push::{PushOutcome, UploadBody};
+pub use referrers::{referrers_tag, ReferrersSource};
 pub use stats::{RegistryStats, RequestKind};

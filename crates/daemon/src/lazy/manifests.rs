@@ -15,15 +15,22 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use zest_oci::digest::Digest;
-use zest_oci::{ImageManifest, Platform, Reference, Repository};
+use zest_oci::{Descriptor, ImageManifest, Platform, Reference, Repository};
 use zest_registry::RegistryClient;
 use zest_snapshotter::{Fallback, FallbackReason};
 
 /// Manifests kept in memory.
 const ENTRIES: usize = 32;
 
+/// An image manifest as resolved: parsed, and its descriptor (what a referrer
+/// names as its subject).
+pub(super) struct ResolvedManifest {
+    pub(super) image: ImageManifest,
+    pub(super) descriptor: Descriptor,
+}
+
 /// A manifest fetched once for every layer of an image that asks.
-type Cell = Arc<OnceCell<Arc<ImageManifest>>>;
+type Cell = Arc<OnceCell<Arc<ResolvedManifest>>>;
 
 /// Recently used image manifests.
 pub(super) struct Manifests {
@@ -59,7 +66,7 @@ impl Manifests {
         &self,
         reference: &Reference,
         digest: Digest,
-    ) -> Result<Arc<ImageManifest>, Fallback> {
+    ) -> Result<Arc<ResolvedManifest>, Fallback> {
         let key = (reference.repository.clone(), digest);
         let cell = {
             let mut cache = self.cache.lock();
@@ -85,7 +92,7 @@ impl Manifests {
         &self,
         reference: &Reference,
         digest: Digest,
-    ) -> Result<Arc<ImageManifest>, Fallback> {
+    ) -> Result<Arc<ResolvedManifest>, Fallback> {
         let pinned = reference.with_digest(digest);
         let timeout = self.timeout;
         let unavailable =
@@ -101,6 +108,9 @@ impl Manifests {
                 .map_err(|e| unavailable(format!("manifest {pinned}: {e}")))?;
         let documents = if resolved.index.is_some() { 2 } else { 1 };
         self.fetches.fetch_add(documents, Ordering::Relaxed);
-        Ok(Arc::new(resolved.image))
+        Ok(Arc::new(ResolvedManifest {
+            descriptor: resolved.manifest.descriptor(),
+            image: resolved.image,
+        }))
     }
 }

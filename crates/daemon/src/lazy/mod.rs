@@ -20,6 +20,8 @@
 //! | `handover` | each mount's FUSE connection kept outside the process, for the next one |
 //! | `settings` | [`LazyConfig`], [`LazyError`], [`LazyStats`] |
 //! | `cancel` | the cancellation flag of background tasks |
+//! | `profiles` | learned start-up profiles: recording, fetching from and publishing to the image's repository, prefetch at mount |
+//! | `profile_store` | the profile directory: one profile per image manifest |
 //!
 //! Sharing: one fetcher per layer digest, so a layer used by two chains is fetched
 //! and indexed once. Each snapshot directory still gets its own FUSE mount of that
@@ -45,11 +47,14 @@ mod classify;
 mod handover;
 mod layers;
 mod manifests;
+mod profile_store;
+mod profiles;
 mod restore;
 mod settings;
 mod tocs;
 
 pub use handover::Handover;
+pub use profiles::{fetch_profile, push_profile, ProfileFetchError, ProfileSettings, ProfileStats};
 pub use settings::{LazyConfig, LazyError, LazyStats};
 
 use parking_lot::Mutex;
@@ -114,6 +119,8 @@ struct Inner {
     handover: Option<Arc<Handover>>,
     /// Set when the service stopped leaving mounts for the next process.
     left_mounted: AtomicBool,
+    /// Learned start-up profiles.
+    profiles: Arc<profiles::Profiles>,
 }
 
 #[derive(Default)]
@@ -152,6 +159,9 @@ struct MountedLayer {
     lease: LayerLease,
     /// Its connection is kept outside the process: the mount may outlive it.
     kept: bool,
+    /// The image manifest it was mounted for (fresh prepares only), for the
+    /// image's start-up profile.
+    image: Option<Digest>,
 }
 
 impl LazyLayerProvider {
@@ -176,6 +186,9 @@ impl LazyLayerProvider {
         handover: Option<Handover>,
     ) -> Result<Arc<Self>, LazyError> {
         let tocs = TocStore::open(config.toc_dir.clone())?;
+        let stop = Arc::new(Cancel::default());
+        let profiles =
+            profiles::Profiles::new(config.profiles.clone(), client.clone(), Arc::clone(&stop))?;
         let provider = Arc::new(LazyLayerProvider {
             inner: Arc::new(Inner {
                 manifests: Manifests::new(
@@ -190,7 +203,8 @@ impl LazyLayerProvider {
                 tocs,
                 mounts: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
-                stop: Arc::new(Cancel::default()),
+                stop,
+                profiles,
                 toc_work: Arc::new(Semaphore::new(config.toc_prefetch_parallelism.max(1))),
                 handover: handover.map(Arc::new),
                 left_mounted: AtomicBool::new(false),
@@ -250,6 +264,7 @@ impl LazyLayerProvider {
             toc_prefetches_total: g(&c.toc_prefetches),
             manifest_fetches_total: inner.manifests.fetches(),
             check_failures_total: g(&c.check_failures),
+            profiles: inner.profiles.stats(),
             fetch,
             cache: inner.cache.stats(),
             registry: inner.client.stats(),
@@ -392,7 +407,12 @@ impl Inner {
 
     /// Mounts the held layer on `target` (blocking work off the async workers), then
     /// keeps its TOC for restarts.
-    async fn mount(&self, lease: LayerLease, target: &Path) -> Result<MountedLayer, Fallback> {
+    async fn mount(
+        &self,
+        lease: LayerLease,
+        target: &Path,
+        recorder: Option<Arc<zest_fs::AccessRecorder>>,
+    ) -> Result<MountedLayer, Fallback> {
         let Some(opened) = lease.opened().cloned() else {
             return Err(Fallback::new(
                 FallbackReason::MountFailed,
@@ -403,7 +423,8 @@ impl Inner {
             ));
         };
         let fetcher = Arc::clone(&opened.fetcher);
-        let options = self.config.mount.clone();
+        let mut options = self.config.mount.clone();
+        options.fs.recorder = recorder;
         let dir = target.to_path_buf();
         let failed = |e: String| {
             Fallback::new(
@@ -433,6 +454,7 @@ impl Inner {
             mount: mounted,
             lease,
             kept,
+            image: None,
         })
     }
 
@@ -476,6 +498,7 @@ impl Inner {
             mount: mounted,
             lease,
             kept: true,
+            image: None,
         })
     }
 
@@ -594,7 +617,8 @@ impl RemoteLayerProvider for LazyLayerProvider {
                 format!("image reference label {image_ref:?}: {e}"),
             )
         })?;
-        let manifest = inner.manifests.get(&reference, manifest_digest).await?;
+        let resolved = inner.manifests.get(&reference, manifest_digest).await?;
+        let manifest = &resolved.image;
         let desc = manifest
             .layers
             .iter()
@@ -624,12 +648,27 @@ impl RemoteLayerProvider for LazyLayerProvider {
         }
         classify(&desc, inner.config.require_authenticated_toc)?;
         if inner.config.toc_prefetch {
-            inner.prefetch_following(&reference.repository, &manifest, request, layer_digest);
+            inner.prefetch_following(&reference.repository, manifest, request, layer_digest);
         }
         let lease = inner.open_shared(&reference.repository, &desc).await?;
         let authenticated = lease.opened().is_some_and(|o| o.authenticated);
         let details = mount_details(&reference.repository, &desc, authenticated)?;
-        let mounted = inner.mount(lease, target_dir).await?;
+        let recorder = match lease.opened() {
+            Some(opened) => {
+                inner
+                    .profiles
+                    .on_mount(
+                        &reference.repository,
+                        &resolved.descriptor,
+                        layer_digest,
+                        &opened.fetcher,
+                    )
+                    .await
+            }
+            None => None,
+        };
+        let mut mounted = inner.mount(lease, target_dir, recorder).await?;
+        mounted.image = Some(resolved.descriptor.digest);
         {
             let mut mounts = inner.mounts.lock();
             if let Some(Slot::Mounted(old)) =
@@ -734,6 +773,16 @@ impl RemoteLayerProvider for LazyLayerProvider {
         match slot {
             Some(Slot::Mounted(mounted)) => {
                 let digest = mounted.lease.entry.digest;
+                if let Some(image) = mounted.image {
+                    let image_still_mounted = inner
+                        .mounts
+                        .lock()
+                        .values()
+                        .any(|s| matches!(s, Slot::Mounted(m) if m.image == Some(image)));
+                    if !image_still_mounted {
+                        inner.profiles.on_last_unmount(image);
+                    }
+                }
                 let handover = inner.handover.clone();
                 let dir = target_dir.to_path_buf();
                 let joined = tokio::task::spawn_blocking(move || {

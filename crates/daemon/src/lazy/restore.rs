@@ -206,7 +206,10 @@ pub(super) async fn restore(
                     }
                     resumed.map(|m| (m, true))
                 }
-                (Ok(lease), None) => inner.mount(lease, target_dir).await.map(|m| (m, false)),
+                (Ok(lease), None) => inner
+                    .mount(lease, target_dir, None)
+                    .await
+                    .map(|m| (m, false)),
                 (Err(fallback), kept) => {
                     live = kept;
                     Err(fallback)

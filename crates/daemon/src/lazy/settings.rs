@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::profiles::{ProfileSettings, ProfileStats};
 use crate::config::ServiceConfig;
 use zest_cache::CacheStats;
 use zest_fetch::{FetchConfig, FetchStatsSnapshot};
@@ -47,6 +48,9 @@ pub struct LazyConfig {
     pub toc_dir: PathBuf,
     /// Platform picked when a manifest digest names an index.
     pub platform: Platform,
+    /// Learned start-up profiles (`[profiles]`); kept next to the TOC directory,
+    /// in `profiles`.
+    pub profiles: ProfileSettings,
 }
 
 impl LazyConfig {
@@ -77,6 +81,21 @@ impl LazyConfig {
             check_interval: Duration::from_secs(lazy.check_interval_secs),
             check_timeout: Duration::from_secs(lazy.check_timeout_secs),
             restore_max_backoff: Duration::from_secs(lazy.restore_max_backoff_secs),
+            profiles: ProfileSettings {
+                record: config.profiles.record,
+                fetch: config.profiles.fetch,
+                publish: config.profiles.publish,
+                prefetch: config.profiles.prefetch,
+                window: Duration::from_secs(config.profiles.window_secs),
+                max_files: config.profiles.max_files,
+                max_prefetch_bytes: config.profiles.max_prefetch_size.0,
+                max_local_profiles: config.profiles.max_local_profiles,
+                dir: crate::config::ProfilesSection::dir(
+                    toc_dir
+                        .parent()
+                        .unwrap_or_else(|| std::path::Path::new(".")),
+                ),
+            },
             toc_dir,
             platform: Platform::host(),
         }
@@ -89,6 +108,15 @@ pub enum LazyError {
     /// The TOC directory cannot be created.
     #[error("cannot create the TOC directory {path}: {source} (check that the state directory is writable)")]
     TocDir {
+        /// The directory.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The profile directory cannot be created.
+    #[error("cannot create the start-up profile directory {path}: {source} (check that the state directory is writable)")]
+    ProfileDir {
         /// The directory.
         path: PathBuf,
         /// OS error.
@@ -128,6 +156,8 @@ pub struct LazyStats {
     pub manifest_fetches_total: u64,
     /// Reachability checks that failed.
     pub check_failures_total: u64,
+    /// Learned start-up profiles.
+    pub profiles: ProfileStats,
     /// Fetch counters summed over every layer, past ones included.
     pub fetch: FetchStatsSnapshot,
     /// The chunk cache.
