@@ -13,9 +13,11 @@
 //! prints a notice and exits otherwise). `ZEST_BENCH_SAMPLES` sets the samples
 //! per row (default 9).
 //!
-//! FUSE requests per sample are counted by the layer's own counters; the
-//! kernel's `fuse:fuse_request_send` tracepoint gives the same figures for any
-//! build (`perf stat -e fuse:fuse_request_send`).
+//! Layer mounts compared: the defaults (the kernel is told the layer has no
+//! OPEN, so it opens files itself), every OPEN answered (as before that), and
+//! passthrough of every file. FUSE requests per sample are counted by the
+//! layer's own counters; the kernel's `fuse:fuse_request_send` tracepoint gives
+//! the same figures for any build (`perf record -e fuse:fuse_request_send -a`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -188,8 +190,8 @@ fn main() {
     let local = median(local);
     row("overlay over a local copy", per_file(local));
 
-    for (name, options) in modes(dir.path()) {
-        let mnt = dir.path().join(format!("mnt-{}", name.replace(' ', "-")));
+    for (i, (name, options)) in modes(dir.path()).into_iter().enumerate() {
+        let mnt = dir.path().join(format!("mnt-{i}"));
         std::fs::create_dir_all(&mnt).expect("mkdir");
         let m = LayerMount::mount(Arc::clone(&fetcher), &mnt, &options).expect("mount");
         // Warm-up: every chunk and page cached (and, with passthrough, every
@@ -202,7 +204,10 @@ fn main() {
             }
             let deadline = Instant::now() + Duration::from_secs(120);
             while store.len() < DIRS * FILES_PER_DIR {
-                assert!(Instant::now() < deadline, "files not stored for passthrough");
+                assert!(
+                    Instant::now() < deadline,
+                    "files not stored for passthrough"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -212,14 +217,22 @@ fn main() {
             .collect();
         let after = m.fs().stats();
         let d = median(times);
+        let (r0, r1) = (before.requests, after.requests);
+        let per_sample = |a: u64, b: u64| (b - a) / n as u64;
         row(
             &format!("zest layer, {name}"),
             format!(
-                "{} = {:.2}x local; per sample: {} reads, {} passthrough opens",
+                "{} = {:.2}x local; per sample: {} OPEN ({} passthrough), {} FLUSH, \
+                 {} RELEASE, {} OPENDIR, {} READ, {} LOOKUP",
                 per_file(d),
                 d.as_secs_f64() / local.as_secs_f64(),
-                (after.reads - before.reads) / n as u64,
-                (after.passthrough_opens - before.passthrough_opens) / n as u64,
+                per_sample(r0.opens, r1.opens),
+                per_sample(before.passthrough_opens, after.passthrough_opens),
+                per_sample(r0.flushes, r1.flushes),
+                per_sample(r0.releases, r1.releases),
+                per_sample(r0.opendirs, r1.opendirs),
+                per_sample(before.reads, after.reads),
+                per_sample(r0.lookups, r1.lookups),
             ),
         );
         drop(m);
@@ -232,7 +245,20 @@ fn modes(dir: &Path) -> Vec<(&'static str, MountOptions)> {
     let store_dir: PathBuf = dir.join("passthrough");
     let store = PassthroughStore::open(&store_dir, 1 << 30, 1).expect("passthrough store");
     vec![
-        ("defaults", MountOptions::default()),
+        (
+            "defaults (no OPEN: the kernel opens files itself)",
+            MountOptions::default(),
+        ),
+        (
+            "every OPEN answered, no passthrough",
+            MountOptions {
+                fs: LayerFsOptions {
+                    skip_opens: false,
+                    ..LayerFsOptions::default()
+                },
+                ..MountOptions::default()
+            },
+        ),
         (
             "passthrough of every file",
             MountOptions {

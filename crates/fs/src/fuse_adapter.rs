@@ -37,7 +37,7 @@ use fuser::{
     ReplyXattr, Request, SessionACL,
 };
 
-use super::{Errno, LayerFs, NodeAttr, NodeKind, ReadReply, XattrAnswer};
+use super::{Errno, LayerFs, NodeAttr, NodeKind, ReadReply, RequestKind, XattrAnswer};
 use zest_mount::{self, MountFlags};
 
 /// Kernel-side options of one FUSE mount.
@@ -244,6 +244,8 @@ struct FuseLayer {
     /// to the user) an inode opened both through the page cache and by
     /// passthrough at once, and wants one backing id per inode for all handles.
     opens: Mutex<HashMap<u64, OpenMode>>,
+    /// The kernel understands ENOSYS to OPEN and OPENDIR (see `init`).
+    kernel_skips_opens: bool,
 }
 
 /// How the open handles of one inode are served.
@@ -266,6 +268,9 @@ impl FuseLayer {
             fs,
             handle,
             opens: Mutex::new(HashMap::new()),
+            // A connection taken over had its FUSE_INIT long ago; every kernel
+            // zest supports (Debian 12's 6.1 and later) has both.
+            kernel_skips_opens: true,
         }
     }
 }
@@ -331,6 +336,12 @@ impl Filesystem for FuseLayer {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS;
         let _ = config.add_capabilities(wanted & config.capabilities());
+        // The kernel announces that it takes ENOSYS to OPEN and OPENDIR as "open
+        // it yourself, keep its cache, never ask again" (Linux 4.19 and 5.1);
+        // before, ENOSYS would fail the user's open.
+        self.kernel_skips_opens = config
+            .capabilities()
+            .contains(InitFlags::FUSE_NO_OPEN_SUPPORT | InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         // Ask for the largest readahead the kernel allows: sequential readers then
         // send big requests, which map to fewer, larger chunk fetches.
         if let Err(max) = config.set_max_readahead(u32::MAX) {
@@ -351,6 +362,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.fs.count_request(RequestKind::Lookup);
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&self.fs.entry_ttl(), &file_attr(&a), Generation(0)),
             // A layer never changes: a name that is absent stays absent, so the
@@ -382,6 +394,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.fs.count_request(RequestKind::Getattr);
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.fs.attr_ttl(), &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -389,6 +402,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.fs.count_request(RequestKind::Other);
         match self.fs.readlink(ino.0) {
             Ok(target) => reply.data(target),
             Err(e) => reply.error(errno(e)),
@@ -396,12 +410,20 @@ impl Filesystem for FuseLayer {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.fs.count_request(RequestKind::Open);
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        if self.kernel_skips_opens && !write && !self.fs.needs_opens() {
+            // The kernel opens this and every later file itself, with its page
+            // cache kept, and sends neither OPEN nor RELEASE again (the mount is
+            // read-only, so a write open never gets here).
+            return reply.error(errno(Errno::ENOSYS));
+        }
         let o = match self.fs.open(ino.0, write) {
             Ok(o) => o,
             Err(e) => return reply.error(errno(e)),
         };
-        let mut f = FopenFlags::empty();
+        // Nothing to flush on a read-only layer: no FLUSH round trip at close.
+        let mut f = FopenFlags::FOPEN_NOFLUSH;
         if o.keep_cache {
             f |= FopenFlags::FOPEN_KEEP_CACHE;
         }
@@ -410,7 +432,11 @@ impl Filesystem for FuseLayer {
             Some(OpenMode::Passthrough(id, n)) => {
                 *n += 1;
                 self.fs.count_passthrough_open();
-                return reply.opened_passthrough(FileHandle(self.handle), FopenFlags::empty(), id);
+                return reply.opened_passthrough(
+                    FileHandle(self.handle),
+                    FopenFlags::FOPEN_NOFLUSH,
+                    id,
+                );
             }
             Some(OpenMode::Cached(n)) => {
                 *n += 1;
@@ -422,7 +448,11 @@ impl Filesystem for FuseLayer {
             match reply.open_backing(&file) {
                 Ok(id) => {
                     self.fs.count_passthrough_open();
-                    reply.opened_passthrough(FileHandle(self.handle), FopenFlags::empty(), &id);
+                    reply.opened_passthrough(
+                        FileHandle(self.handle),
+                        FopenFlags::FOPEN_NOFLUSH,
+                        &id,
+                    );
                     opens.insert(ino.0, OpenMode::Passthrough(id, 1));
                     return;
                 }
@@ -457,6 +487,7 @@ impl Filesystem for FuseLayer {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.fs.count_request(RequestKind::Release);
         reply.ok();
         if fh.0 != self.handle {
             // Opened through the previous process: nothing of ours to undo (a
@@ -488,10 +519,20 @@ impl Filesystem for FuseLayer {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Only handles opened before FOPEN_NOFLUSH (by an older process) get
+        // here; ENOSYS makes the kernel stop sending FLUSH on this connection.
+        self.fs.count_request(RequestKind::Flush);
+        reply.error(errno(Errno::ENOSYS));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.fs.count_request(RequestKind::Opendir);
+        if self.kernel_skips_opens {
+            // Directories never change: the kernel then opens every directory
+            // itself with its listing cached (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR
+            // is its default then) and sends neither OPENDIR nor RELEASEDIR again.
+            return reply.error(errno(Errno::ENOSYS));
+        }
         match self.fs.opendir(ino.0) {
             Ok(()) => reply.opened(
                 FileHandle(0),
@@ -509,6 +550,7 @@ impl Filesystem for FuseLayer {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.fs.count_request(RequestKind::Readdir);
         let res = self.fs.readdir(ino.0, offset, |e| {
             reply.add(
                 INodeNo(e.ino),
@@ -531,6 +573,7 @@ impl Filesystem for FuseLayer {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.fs.count_request(RequestKind::Readdir);
         let ttl = self.fs.entry_ttl();
         let res = self.fs.readdirplus(ino.0, offset, |e, attr| {
             reply.add(
@@ -556,15 +599,18 @@ impl Filesystem for FuseLayer {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.fs.count_request(RequestKind::Other);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.fs.count_request(RequestKind::Other);
         let s = self.fs.statfs();
         reply.statfs(s.blocks, 0, 0, s.files, 0, s.bsize, s.namelen, s.bsize);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.fs.count_request(RequestKind::Xattr);
         // ENOSYS makes the kernel stop asking for the rest of the mount's life
         // (callers then see EOPNOTSUPP, as on a filesystem without xattrs).
         if !self.fs.has_xattrs() {
@@ -574,12 +620,14 @@ impl Filesystem for FuseLayer {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.fs.count_request(RequestKind::Xattr);
         // Listing stays answered (an empty list): it is rare, and tools expect
         // it to work.
         reply_xattr(reply, self.fs.listxattr(ino.0, size));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        self.fs.count_request(RequestKind::Other);
         // Permission checks are done by the kernel (default_permissions); this is
         // only reached for existence checks.
         match self.fs.getattr(ino.0) {

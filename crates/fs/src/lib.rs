@@ -42,7 +42,9 @@ pub mod passthrough;
 use std::time::SystemTime;
 
 pub use fuse_adapter::Negotiated;
-pub use layer::{AccessRecorder, LayerFs, LayerFsOptions, LayerFsStats, OpaqueXattr};
+pub use layer::{
+    AccessRecorder, LayerFs, LayerFsOptions, LayerFsStats, OpaqueXattr, RequestCounts, RequestKind,
+};
 pub use mount::{ImageMount, LayerMount, MountError, MountOptions};
 pub use passthrough::PassthroughStore;
 

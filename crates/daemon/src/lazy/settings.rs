@@ -45,6 +45,9 @@ pub struct LazyConfig {
     pub restore_max_backoff: Duration,
     /// Directory keeping the compressed TOCs of mounted layers, for restarts.
     pub toc_dir: PathBuf,
+    /// Where copies of fully cached files are kept for FUSE passthrough, and
+    /// their disk budget; `None`: passthrough off.
+    pub passthrough: Option<(PathBuf, u64)>,
     /// Platform picked when a manifest digest names an index.
     pub platform: Platform,
 }
@@ -56,9 +59,14 @@ impl LazyConfig {
     }
 
     /// The settings the configuration file describes, TOCs kept in `toc_dir`
-    /// (`zest serve` uses `<state_dir>/tocs`).
+    /// (`zest serve` uses `<state_dir>/tocs`) and passthrough copies, when on, in
+    /// `passthrough` next to it.
     pub fn from_service(config: &ServiceConfig, toc_dir: PathBuf) -> Self {
         let lazy = &config.lazy;
+        let passthrough = lazy.passthrough.then(|| {
+            let dir = toc_dir.parent().unwrap_or(&toc_dir).join("passthrough");
+            (dir, lazy.passthrough_size.0)
+        });
         LazyConfig {
             fetch: config.fetch.fetch_config(),
             requests_per_registry: config.fetch.requests_per_registry,
@@ -78,6 +86,7 @@ impl LazyConfig {
             check_timeout: Duration::from_secs(lazy.check_timeout_secs),
             restore_max_backoff: Duration::from_secs(lazy.restore_max_backoff_secs),
             toc_dir,
+            passthrough,
             platform: Platform::host(),
         }
     }
@@ -95,6 +104,9 @@ pub enum LazyError {
         #[source]
         source: std::io::Error,
     },
+    /// The passthrough directory cannot be emptied or created.
+    #[error("cannot set up the passthrough directory: {0} (check that the state directory is writable, or set lazy.passthrough = false)")]
+    Passthrough(#[from] zest_fs::passthrough::PassthroughError),
 }
 
 /// Counters and gauges of a [`LazyLayerProvider`](super::LazyLayerProvider), for metrics.
