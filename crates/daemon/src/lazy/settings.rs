@@ -147,3 +147,62 @@ pub struct LazyStats {
     /// The registry client.
     pub registry: RegistryStats,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Arc;
+    use zest_cache::{ByteSize, CacheConfig, ChunkCache};
+    use zest_registry::{DockerConfigSource, RegistryClient, RegistryConfig};
+
+    #[test]
+    fn passthrough_is_off_by_default_and_kept_next_to_the_tocs_when_on() {
+        let state = Path::new("/state");
+        let config = LazyConfig::from_service(&ServiceConfig::default(), state.join("tocs"));
+        assert!(config.passthrough.is_none());
+        assert!(config.mount.fs.passthrough.is_none());
+        let mut service = ServiceConfig::default();
+        service.lazy.passthrough = true;
+        service.lazy.passthrough_size = ByteSize::mib(64);
+        let config = LazyConfig::from_service(&service, state.join("tocs"));
+        assert_eq!(
+            config.passthrough,
+            Some((state.join("passthrough"), 64 << 20))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_provider_opens_an_empty_passthrough_store_for_its_mounts(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        // A copy left by an earlier process is not trusted: the store starts empty.
+        let stale = dir.path().join("passthrough/left-over");
+        std::fs::create_dir_all(stale.parent().ok_or("no parent")?)?;
+        std::fs::write(&stale, b"unverified")?;
+        let mut service = ServiceConfig::default();
+        service.lazy.passthrough = true;
+        let config = LazyConfig::from_service(&service, dir.path().join("tocs"));
+        let cache = ChunkCache::open(&CacheConfig {
+            disk_bytes: 0,
+            ..CacheConfig::default()
+        })?;
+        let client = RegistryClient::new(RegistryConfig {
+            hosts_dir: None,
+            docker_config: DockerConfigSource::Disabled,
+            ..RegistryConfig::default()
+        })?;
+        let provider = super::super::LazyLayerProvider::new(client, Arc::new(cache), config)?;
+        let store = provider
+            .inner
+            .config
+            .mount
+            .fs
+            .passthrough
+            .clone()
+            .ok_or("mounts get no passthrough store")?;
+        assert!(store.is_empty());
+        assert!(!stale.exists());
+        Ok(())
+    }
+}
