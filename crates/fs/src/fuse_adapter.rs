@@ -240,20 +240,32 @@ struct FuseLayer {
     /// are served by inode like any other, and their releases are answered
     /// without touching this session's accounting (`opens`).
     handle: u64,
-    /// Open handles per inode and how they are served. The kernel refuses (EIO
-    /// to the user) an inode opened both through the page cache and by
-    /// passthrough at once, and wants one backing id per inode for all handles.
-    opens: Mutex<HashMap<u64, OpenMode>>,
+    /// Open handles per inode and how they are served, and backing ids.
+    opens: Mutex<Opens>,
     /// The kernel understands ENOSYS to OPEN and OPENDIR (see `init`).
     kernel_skips_opens: bool,
+}
+
+/// The open handles of this session. The kernel refuses (EIO to the user) an
+/// inode opened both through the page cache and by passthrough at once, and
+/// wants one backing id per inode for all handles.
+#[derive(Default)]
+struct Opens {
+    /// How the open handles of each inode are served.
+    modes: HashMap<u64, OpenMode>,
+    /// The backing id of each inode opened by passthrough so far. Kept after its
+    /// last close, so that a later open costs neither an `open(2)` of the copy
+    /// nor two ioctls; at most one per stored file (the store's budget bounds
+    /// them), closed in the kernel when the session ends.
+    backing: HashMap<u64, BackingId>,
 }
 
 /// How the open handles of one inode are served.
 enum OpenMode {
     /// Through FUSE reads and the page cache; this many handles.
     Cached(usize),
-    /// By passthrough to a backing file; this many handles.
-    Passthrough(BackingId, usize),
+    /// By passthrough to the inode's backing file; this many handles.
+    Passthrough(usize),
 }
 
 impl FuseLayer {
@@ -267,7 +279,7 @@ impl FuseLayer {
         FuseLayer {
             fs,
             handle,
-            opens: Mutex::new(HashMap::new()),
+            opens: Mutex::new(Opens::default()),
             // A connection taken over had its FUSE_INIT long ago; every kernel
             // zest supports (Debian 12's 6.1 and later) has both.
             kernel_skips_opens: true,
@@ -427,16 +439,19 @@ impl Filesystem for FuseLayer {
         if o.keep_cache {
             f |= FopenFlags::FOPEN_KEEP_CACHE;
         }
-        let mut opens = self.opens.lock();
-        match opens.get_mut(&ino.0) {
-            Some(OpenMode::Passthrough(id, n)) => {
-                *n += 1;
-                self.fs.count_passthrough_open();
-                return reply.opened_passthrough(
-                    FileHandle(self.handle),
-                    FopenFlags::FOPEN_NOFLUSH,
-                    id,
-                );
+        let mut guard = self.opens.lock();
+        let opens = &mut *guard;
+        match opens.modes.get_mut(&ino.0) {
+            Some(OpenMode::Passthrough(n)) => {
+                if let Some(id) = opens.backing.get(&ino.0) {
+                    *n += 1;
+                    self.fs.count_passthrough_open();
+                    return reply.opened_passthrough(
+                        FileHandle(self.handle),
+                        FopenFlags::FOPEN_NOFLUSH,
+                        id,
+                    );
+                }
             }
             Some(OpenMode::Cached(n)) => {
                 *n += 1;
@@ -444,22 +459,28 @@ impl Filesystem for FuseLayer {
             }
             None => {}
         }
-        if let Some(file) = o.backing {
-            match reply.open_backing(&file) {
-                Ok(id) => {
-                    self.fs.count_passthrough_open();
-                    reply.opened_passthrough(
-                        FileHandle(self.handle),
-                        FopenFlags::FOPEN_NOFLUSH,
-                        &id,
-                    );
-                    opens.insert(ino.0, OpenMode::Passthrough(id, 1));
-                    return;
+        if o.stored && !opens.backing.contains_key(&ino.0) {
+            match self
+                .fs
+                .backing_file(ino.0)
+                .map(|file| reply.open_backing(&file))
+            {
+                Some(Ok(id)) => {
+                    opens.backing.insert(ino.0, id);
                 }
-                Err(e) => tracing::debug!(error = %e, "passthrough refused; serving through FUSE"),
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "passthrough refused; serving through FUSE")
+                }
+                None => {}
             }
         }
-        opens.insert(ino.0, OpenMode::Cached(1));
+        if let Some(id) = opens.backing.get(&ino.0) {
+            self.fs.count_passthrough_open();
+            reply.opened_passthrough(FileHandle(self.handle), FopenFlags::FOPEN_NOFLUSH, id);
+            opens.modes.insert(ino.0, OpenMode::Passthrough(1));
+            return;
+        }
+        opens.modes.insert(ino.0, OpenMode::Cached(1));
         reply.opened(FileHandle(self.handle), f);
     }
 
@@ -496,16 +517,16 @@ impl Filesystem for FuseLayer {
         }
         {
             let mut opens = self.opens.lock();
-            let last = match opens.get_mut(&ino.0) {
-                Some(OpenMode::Cached(n)) | Some(OpenMode::Passthrough(_, n)) => {
+            let last = match opens.modes.get_mut(&ino.0) {
+                Some(OpenMode::Cached(n)) | Some(OpenMode::Passthrough(n)) => {
                     *n = n.saturating_sub(1);
                     *n == 0
                 }
                 None => false,
             };
             if last {
-                // Drops the backing id (closing it in the kernel) if any.
-                opens.remove(&ino.0);
+                // The backing id stays for the next open (see `Opens::backing`).
+                opens.modes.remove(&ino.0);
             }
         }
         self.fs.release(ino.0);

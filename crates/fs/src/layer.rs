@@ -443,24 +443,31 @@ impl LayerFs {
         if let (Some(recorder), EntryKind::Reg) = (&self.options.recorder, kind) {
             recorder.record(&self.index, id);
         }
-        let backing = match (&self.options.passthrough, kind) {
+        let stored = match (&self.options.passthrough, kind) {
             (Some(store), EntryKind::Reg) if self.passthrough_active() => {
-                let file = store.open_file(&self.fetcher, id);
-                if file.is_none() {
+                let stored = store.contains(&self.fetcher, id);
+                if !stored {
                     // Cached by an earlier read, a prefetch or another layer:
                     // store it now, so that the next open can pass through.
                     store.consider(&self.fetcher, id);
                 }
-                file
+                stored
             }
-            _ => None,
+            _ => false,
         };
         self.open_files.fetch_add(1, Ordering::Relaxed);
         Ok(OpenAnswer {
             fh: 0,
             keep_cache: true,
-            backing,
+            stored,
         })
+    }
+
+    /// The stored copy of file `ino` for passthrough, opened; `None` when it has
+    /// none. Cheap: an `open(2)` of a local file.
+    pub fn backing_file(&self, ino: u64) -> Option<std::fs::File> {
+        let store = self.options.passthrough.as_ref()?;
+        store.open_file(&self.fetcher, self.id(ino).ok()?)
     }
 
     /// A file handle of `ino` was closed: a file now fully cached is stored for
