@@ -9,6 +9,12 @@
 //! [`zest_mount::umount`]); the workers end when the kernel tears the connection
 //! down.
 //!
+//! A layer never changes, so the kernel is asked to cache all it can and to send
+//! as few requests as possible: OPENDIR, FLUSH and (unless passthrough or an
+//! access recorder needs them) OPEN are answered with ENOSYS once, after which the
+//! kernel opens files and directories itself for the rest of the connection's life
+//! (see "Warm path" in docs/ARCHITECTURE.md).
+//!
 //! A connection can outlive the process: [`FuseSession::device`] is the descriptor
 //! to hand to another process, and [`resume`] serves such a descriptor again
 //! without a new FUSE_INIT (the kernel sends it once per connection), restoring
