@@ -1376,6 +1376,213 @@ fn fully_cached_files_are_served_by_passthrough_also_under_overlay() {
     );
 }
 
+/// A layer of `dirs` × `per_dir` small files `m{d}/f{nn}.py` (40 B to 9 KiB),
+/// with their contents by relative path.
+fn small_files_layer(
+    env: &Env,
+    name: &str,
+    dirs: usize,
+    per_dir: usize,
+) -> (PathBuf, Vec<(String, Vec<u8>)>) {
+    let src = env.path(&format!("{name}-src"));
+    let mut files = Vec::new();
+    for d in 0..dirs {
+        for f in 0..per_dir {
+            let rel = format!("m{d}/f{f:02}.py");
+            let len = 40 + (d * 7919 + f * 3571) % 9000;
+            let data = pseudo_random(len, (d * 1000 + f) as u64);
+            write(&src.join(&rel), &data);
+            files.push((rel, data));
+        }
+    }
+    let tar = env.dir.path().join(format!("{name}.tar"));
+    gnu_tar_create(&src, &tar);
+    (tar, files)
+}
+
+/// A fresh writable overlay over `lower` in `scratch`, as containerd stacks a
+/// container's root filesystem; returns its root. Unmount with `zest_mount::umount`.
+fn container_overlay(lower: &Path, scratch: &Path) -> PathBuf {
+    let (upper, work, target) = (
+        scratch.join("upper"),
+        scratch.join("work"),
+        scratch.join("rootfs"),
+    );
+    for d in [&upper, &work, &target] {
+        std::fs::create_dir_all(d).expect("create overlay dir");
+    }
+    let stack = zest_mount::Overlay {
+        lower: vec![lower],
+        upper: Some((&upper, &work)),
+    };
+    zest_mount::overlay(&target, &stack).expect("overlay over the layer");
+    target
+}
+
+/// Lists every directory and reads every file under `root`, checking the bytes.
+fn read_all(root: &Path, files: &[(String, Vec<u8>)]) {
+    let mut dirs: Vec<&str> = files
+        .iter()
+        .filter_map(|(rel, _)| rel.split_once('/').map(|(d, _)| d))
+        .collect();
+    dirs.dedup();
+    for d in dirs {
+        let listed = std::fs::read_dir(root.join(d)).expect("list").count();
+        assert_eq!(
+            listed,
+            files.iter().filter(|(r, _)| r.starts_with(d)).count()
+        );
+    }
+    for (rel, want) in files {
+        let got = std::fs::read(root.join(rel)).expect("read");
+        assert!(&got == want, "{rel}: wrong bytes");
+    }
+}
+
+#[test]
+fn warm_opens_and_listings_never_reach_the_daemon() {
+    let Some(env) = env() else { return };
+    let (tar, files) = small_files_layer(&env, "noopen", 4, 10);
+    let repo = env.repo("lazyfs/noopen");
+    let desc = env.push_layer(&repo, &tar, &WriteOptions::default());
+    let cache = cache_at(&env.path("cache"), 64 << 20, 0);
+    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
+    // Defaults: no passthrough, so the kernel is told the layer has no OPEN.
+    let m = env.mount(fetcher, "mnt");
+    assert!(!m.fs().needs_opens());
+
+    // First container: everything is fetched and read through FUSE. The first
+    // OPEN, OPENDIR and FLUSH (at the first close) are refused with ENOSYS; the
+    // kernel sends none after, and no RELEASE at all.
+    let rootfs = container_overlay(m.mountpoint(), &env.path("c1"));
+    read_all(&rootfs, &files);
+    zest_mount::umount(&rootfs).expect("unmount overlay");
+    let first = m.fs().stats();
+    assert!(first.reads > 0, "{first:?}");
+    let r = first.requests;
+    assert_eq!(
+        (r.opens, r.opendirs, r.flushes, r.releases),
+        (1, 1, 1, 0),
+        "{r:?}"
+    );
+
+    // Second container on the same layer: the same bytes, and no open, flush,
+    // release or directory open reaches the daemon.
+    let rootfs = container_overlay(m.mountpoint(), &env.path("c2"));
+    read_all(&rootfs, &files);
+    let second = m.fs().stats().requests;
+    assert_eq!(
+        (
+            second.opens,
+            second.opendirs,
+            second.flushes,
+            second.releases
+        ),
+        (1, 1, 1, 0),
+        "{second:?}"
+    );
+    // Pages dropped from the kernel's cache are read again through FUSE, still
+    // without an open, and right.
+    let (rel, want) = &files[7];
+    drop_page_cache(&rootfs.join(rel));
+    let reads = m.fs().stats().reads;
+    assert!(&std::fs::read(rootfs.join(rel)).expect("read again") == want);
+    assert!(m.fs().stats().reads > reads, "the read did not reach FUSE");
+    assert_eq!(m.fs().stats().requests.opens, 1);
+    zest_mount::umount(&rootfs).expect("unmount overlay");
+    drop(m);
+    assert!(
+        env.leftover_mounts().is_empty(),
+        "{:?}",
+        env.leftover_mounts()
+    );
+}
+
+#[test]
+fn every_cached_file_small_ones_included_is_served_by_passthrough() {
+    let Some(env) = env() else { return };
+    let (tar, files) = small_files_layer(&env, "ptsmall", 3, 10);
+    let repo = env.repo("lazyfs/passthrough-small");
+    let desc = env.push_layer(&repo, &tar, &WriteOptions::default());
+    let cache = cache_at(&env.path("cache"), 64 << 20, 0);
+    let store =
+        PassthroughStore::open(&env.dir.path().join("passthrough"), 64 << 20, 1).expect("store");
+    let options = MountOptions {
+        fs: LayerFsOptions {
+            passthrough: Some(Arc::clone(&store)),
+            ..LayerFsOptions::default()
+        },
+        ..MountOptions::default()
+    };
+    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
+    let m = LayerMount::mount(Arc::clone(&fetcher), &env.path("mnt"), &options).expect("mount");
+    if !m.fs().passthrough_active() {
+        support::unavailable(
+            "the kernel did not accept FUSE passthrough",
+            "run on Linux 6.9 or later",
+        );
+        return;
+    }
+    assert!(m.fs().needs_opens());
+
+    // A file cached without being opened (as a prefetch or another layer
+    // sharing its chunks does) is stored at its first open, while still open.
+    let (rel, want) = &files[3];
+    let id = fetcher.index().resolve_path(rel).expect("file in index");
+    let got = env
+        .rt
+        .block_on(fetcher.read(id, 0, want.len() as u32))
+        .expect("read through the fetcher");
+    assert!(got[..] == want[..]);
+    let held = std::fs::File::open(m.mountpoint().join(rel)).expect("first open");
+    wait_for(
+        "the file to be stored at open",
+        Duration::from_secs(20),
+        || store.len() == 1,
+    );
+    drop(held);
+
+    // First container: every file is fetched, read through FUSE, and stored once
+    // closed.
+    let rootfs = container_overlay(m.mountpoint(), &env.path("c1"));
+    read_all(&rootfs, &files);
+    zest_mount::umount(&rootfs).expect("unmount overlay");
+    wait_for("every file to be stored", Duration::from_secs(30), || {
+        store.len() == files.len()
+    });
+    let stored: usize = files.iter().map(|(_, d)| d.len()).sum();
+    assert_eq!(store.used(), stored as u64);
+    wait_for(
+        "the handles to be released",
+        Duration::from_secs(10),
+        || m.fs().stats().open_files == 0,
+    );
+
+    // Second container: every open is answered with the stored copy; no read and
+    // no flush reaches the daemon, and the bytes are right.
+    let before = m.fs().stats();
+    let rootfs = container_overlay(m.mountpoint(), &env.path("c2"));
+    read_all(&rootfs, &files);
+    zest_mount::umount(&rootfs).expect("unmount overlay");
+    let after = m.fs().stats();
+    assert_eq!(
+        after.passthrough_opens - before.passthrough_opens,
+        files.len() as u64,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.reads, before.reads,
+        "passthrough reads reached the daemon"
+    );
+    assert_eq!(after.requests.flushes, 0, "{after:?}");
+    drop(m);
+    assert!(
+        env.leftover_mounts().is_empty(),
+        "{:?}",
+        env.leftover_mounts()
+    );
+}
+
 /// Builds a root filesystem from real files in a umoci bundle: static busybox
 /// with applet symlinks, a few packages' documentation, a hard link, setuid and
 /// setgid files, other owners, an xattr, and an empty directory.

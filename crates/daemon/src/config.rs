@@ -342,6 +342,13 @@ pub struct LazySection {
     pub background_fetch_rate: ByteSize,
     /// FUSE worker threads per mounted layer.
     pub fuse_threads: usize,
+    /// Serve files whose chunks are all cached by FUSE passthrough (Linux 6.9+):
+    /// a verified copy of each is kept in `<state_dir>/passthrough` and handed to
+    /// the kernel at open. Off: the kernel opens files without asking the daemon
+    /// and reads them through its page cache.
+    pub passthrough: bool,
+    /// Disk budget of those copies; files beyond it are read through FUSE.
+    pub passthrough_size: ByteSize,
     /// Refuse layers whose TOC the manifest does not vouch for (no zstd:chunked
     /// `manifest-checksum` annotation; TOC found through the blob's footer only).
     pub require_authenticated_toc: bool,
@@ -373,6 +380,8 @@ impl Default for LazySection {
             background_fetch: false,
             background_fetch_rate: ByteSize(0),
             fuse_threads: 4,
+            passthrough: false,
+            passthrough_size: ByteSize::gib(4),
             require_authenticated_toc: true,
             toc_prefetch: true,
             toc_prefetch_parallelism: 4,

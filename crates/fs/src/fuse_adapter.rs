@@ -9,6 +9,12 @@
 //! [`zest_mount::umount`]); the workers end when the kernel tears the connection
 //! down.
 //!
+//! A layer never changes, so the kernel is asked to cache all it can and to send
+//! as few requests as possible: OPENDIR, FLUSH and (unless passthrough or an
+//! access recorder needs them) OPEN are answered with ENOSYS once, after which the
+//! kernel opens files and directories itself for the rest of the connection's life
+//! (see "Warm path" in docs/ARCHITECTURE.md).
+//!
 //! A connection can outlive the process: [`FuseSession::device`] is the descriptor
 //! to hand to another process, and [`resume`] serves such a descriptor again
 //! without a new FUSE_INIT (the kernel sends it once per connection), restoring
@@ -37,7 +43,7 @@ use fuser::{
     ReplyXattr, Request, SessionACL,
 };
 
-use super::{Errno, LayerFs, NodeAttr, NodeKind, ReadReply, XattrAnswer};
+use super::{Errno, LayerFs, NodeAttr, NodeKind, ReadReply, RequestKind, XattrAnswer};
 use zest_mount::{self, MountFlags};
 
 /// Kernel-side options of one FUSE mount.
@@ -240,18 +246,32 @@ struct FuseLayer {
     /// are served by inode like any other, and their releases are answered
     /// without touching this session's accounting (`opens`).
     handle: u64,
-    /// Open handles per inode and how they are served. The kernel refuses (EIO
-    /// to the user) an inode opened both through the page cache and by
-    /// passthrough at once, and wants one backing id per inode for all handles.
-    opens: Mutex<HashMap<u64, OpenMode>>,
+    /// Open handles per inode and how they are served, and backing ids.
+    opens: Mutex<Opens>,
+    /// The kernel understands ENOSYS to OPEN and OPENDIR (see `init`).
+    kernel_skips_opens: bool,
+}
+
+/// The open handles of this session. The kernel refuses (EIO to the user) an
+/// inode opened both through the page cache and by passthrough at once, and
+/// wants one backing id per inode for all handles.
+#[derive(Default)]
+struct Opens {
+    /// How the open handles of each inode are served.
+    modes: HashMap<u64, OpenMode>,
+    /// The backing id of each inode opened by passthrough so far. Kept after its
+    /// last close, so that a later open costs neither an `open(2)` of the copy
+    /// nor two ioctls; at most one per stored file (the store's budget bounds
+    /// them), closed in the kernel when the session ends.
+    backing: HashMap<u64, BackingId>,
 }
 
 /// How the open handles of one inode are served.
 enum OpenMode {
     /// Through FUSE reads and the page cache; this many handles.
     Cached(usize),
-    /// By passthrough to a backing file; this many handles.
-    Passthrough(BackingId, usize),
+    /// By passthrough to the inode's backing file; this many handles.
+    Passthrough(usize),
 }
 
 impl FuseLayer {
@@ -265,7 +285,10 @@ impl FuseLayer {
         FuseLayer {
             fs,
             handle,
-            opens: Mutex::new(HashMap::new()),
+            opens: Mutex::new(Opens::default()),
+            // A connection taken over had its FUSE_INIT long ago; every kernel
+            // zest supports (Debian 12's 6.1 and later) has both.
+            kernel_skips_opens: true,
         }
     }
 }
@@ -331,6 +354,12 @@ impl Filesystem for FuseLayer {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS;
         let _ = config.add_capabilities(wanted & config.capabilities());
+        // The kernel announces that it takes ENOSYS to OPEN and OPENDIR as "open
+        // it yourself, keep its cache, never ask again" (Linux 4.19 and 5.1);
+        // before, ENOSYS would fail the user's open.
+        self.kernel_skips_opens = config
+            .capabilities()
+            .contains(InitFlags::FUSE_NO_OPEN_SUPPORT | InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         // Ask for the largest readahead the kernel allows: sequential readers then
         // send big requests, which map to fewer, larger chunk fetches.
         if let Err(max) = config.set_max_readahead(u32::MAX) {
@@ -351,6 +380,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.fs.count_request(RequestKind::Lookup);
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&self.fs.entry_ttl(), &file_attr(&a), Generation(0)),
             // A layer never changes: a name that is absent stays absent, so the
@@ -382,6 +412,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.fs.count_request(RequestKind::Getattr);
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.fs.attr_ttl(), &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -389,6 +420,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.fs.count_request(RequestKind::Other);
         match self.fs.readlink(ino.0) {
             Ok(target) => reply.data(target),
             Err(e) => reply.error(errno(e)),
@@ -396,21 +428,36 @@ impl Filesystem for FuseLayer {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.fs.count_request(RequestKind::Open);
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        if self.kernel_skips_opens && !write && !self.fs.needs_opens() {
+            // The kernel opens this and every later file itself, with its page
+            // cache kept, and sends neither OPEN nor RELEASE again (the mount is
+            // read-only, so a write open never gets here).
+            return reply.error(errno(Errno::ENOSYS));
+        }
         let o = match self.fs.open(ino.0, write) {
             Ok(o) => o,
             Err(e) => return reply.error(errno(e)),
         };
-        let mut f = FopenFlags::empty();
+        // Nothing to flush on a read-only layer: no FLUSH round trip at close.
+        let mut f = FopenFlags::FOPEN_NOFLUSH;
         if o.keep_cache {
             f |= FopenFlags::FOPEN_KEEP_CACHE;
         }
-        let mut opens = self.opens.lock();
-        match opens.get_mut(&ino.0) {
-            Some(OpenMode::Passthrough(id, n)) => {
-                *n += 1;
-                self.fs.count_passthrough_open();
-                return reply.opened_passthrough(FileHandle(self.handle), FopenFlags::empty(), id);
+        let mut guard = self.opens.lock();
+        let opens = &mut *guard;
+        match opens.modes.get_mut(&ino.0) {
+            Some(OpenMode::Passthrough(n)) => {
+                if let Some(id) = opens.backing.get(&ino.0) {
+                    *n += 1;
+                    self.fs.count_passthrough_open();
+                    return reply.opened_passthrough(
+                        FileHandle(self.handle),
+                        FopenFlags::FOPEN_NOFLUSH,
+                        id,
+                    );
+                }
             }
             Some(OpenMode::Cached(n)) => {
                 *n += 1;
@@ -418,18 +465,28 @@ impl Filesystem for FuseLayer {
             }
             None => {}
         }
-        if let Some(file) = o.backing {
-            match reply.open_backing(&file) {
-                Ok(id) => {
-                    self.fs.count_passthrough_open();
-                    reply.opened_passthrough(FileHandle(self.handle), FopenFlags::empty(), &id);
-                    opens.insert(ino.0, OpenMode::Passthrough(id, 1));
-                    return;
+        if o.stored && !opens.backing.contains_key(&ino.0) {
+            match self
+                .fs
+                .backing_file(ino.0)
+                .map(|file| reply.open_backing(&file))
+            {
+                Some(Ok(id)) => {
+                    opens.backing.insert(ino.0, id);
                 }
-                Err(e) => tracing::debug!(error = %e, "passthrough refused; serving through FUSE"),
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "passthrough refused; serving through FUSE")
+                }
+                None => {}
             }
         }
-        opens.insert(ino.0, OpenMode::Cached(1));
+        if let Some(id) = opens.backing.get(&ino.0) {
+            self.fs.count_passthrough_open();
+            reply.opened_passthrough(FileHandle(self.handle), FopenFlags::FOPEN_NOFLUSH, id);
+            opens.modes.insert(ino.0, OpenMode::Passthrough(1));
+            return;
+        }
+        opens.modes.insert(ino.0, OpenMode::Cached(1));
         reply.opened(FileHandle(self.handle), f);
     }
 
@@ -457,6 +514,7 @@ impl Filesystem for FuseLayer {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.fs.count_request(RequestKind::Release);
         reply.ok();
         if fh.0 != self.handle {
             // Opened through the previous process: nothing of ours to undo (a
@@ -465,16 +523,16 @@ impl Filesystem for FuseLayer {
         }
         {
             let mut opens = self.opens.lock();
-            let last = match opens.get_mut(&ino.0) {
-                Some(OpenMode::Cached(n)) | Some(OpenMode::Passthrough(_, n)) => {
+            let last = match opens.modes.get_mut(&ino.0) {
+                Some(OpenMode::Cached(n)) | Some(OpenMode::Passthrough(n)) => {
                     *n = n.saturating_sub(1);
                     *n == 0
                 }
                 None => false,
             };
             if last {
-                // Drops the backing id (closing it in the kernel) if any.
-                opens.remove(&ino.0);
+                // The backing id stays for the next open (see `Opens::backing`).
+                opens.modes.remove(&ino.0);
             }
         }
         self.fs.release(ino.0);
@@ -488,10 +546,20 @@ impl Filesystem for FuseLayer {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Only handles opened before FOPEN_NOFLUSH (by an older process) get
+        // here; ENOSYS makes the kernel stop sending FLUSH on this connection.
+        self.fs.count_request(RequestKind::Flush);
+        reply.error(errno(Errno::ENOSYS));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.fs.count_request(RequestKind::Opendir);
+        if self.kernel_skips_opens {
+            // Directories never change: the kernel then opens every directory
+            // itself with its listing cached (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR
+            // is its default then) and sends neither OPENDIR nor RELEASEDIR again.
+            return reply.error(errno(Errno::ENOSYS));
+        }
         match self.fs.opendir(ino.0) {
             Ok(()) => reply.opened(
                 FileHandle(0),
@@ -509,6 +577,7 @@ impl Filesystem for FuseLayer {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.fs.count_request(RequestKind::Readdir);
         let res = self.fs.readdir(ino.0, offset, |e| {
             reply.add(
                 INodeNo(e.ino),
@@ -531,6 +600,7 @@ impl Filesystem for FuseLayer {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.fs.count_request(RequestKind::Readdir);
         let ttl = self.fs.entry_ttl();
         let res = self.fs.readdirplus(ino.0, offset, |e, attr| {
             reply.add(
@@ -556,15 +626,18 @@ impl Filesystem for FuseLayer {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.fs.count_request(RequestKind::Other);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.fs.count_request(RequestKind::Other);
         let s = self.fs.statfs();
         reply.statfs(s.blocks, 0, 0, s.files, 0, s.bsize, s.namelen, s.bsize);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.fs.count_request(RequestKind::Xattr);
         // ENOSYS makes the kernel stop asking for the rest of the mount's life
         // (callers then see EOPNOTSUPP, as on a filesystem without xattrs).
         if !self.fs.has_xattrs() {
@@ -574,12 +647,14 @@ impl Filesystem for FuseLayer {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.fs.count_request(RequestKind::Xattr);
         // Listing stays answered (an empty list): it is rare, and tools expect
         // it to work.
         reply_xattr(reply, self.fs.listxattr(ino.0, size));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        self.fs.count_request(RequestKind::Other);
         // Permission checks are done by the kernel (default_permissions); this is
         // only reached for existence checks.
         match self.fs.getattr(ino.0) {

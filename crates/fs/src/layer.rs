@@ -48,6 +48,13 @@ pub struct LayerFsOptions {
     /// Record the first open or read of each regular file (for a startup
     /// profile); `None` (default) = off, and the read path takes no lock.
     pub recorder: Option<Arc<AccessRecorder>>,
+    /// When nothing needs to see file opens (passthrough not negotiated, no
+    /// recorder), tell the kernel the filesystem has no OPEN (default: on). The
+    /// kernel then opens files itself, keeping their page cache, and sends no
+    /// OPEN, FLUSH or RELEASE for the rest of the mount's life: a warm open
+    /// costs no round trip to the daemon. A passthrough mount needs the OPEN
+    /// reply to hand over the backing file, so it keeps answering opens.
+    pub skip_opens: bool,
 }
 
 /// The regular files of one layer in the order they were first opened or read,
@@ -150,6 +157,7 @@ impl Default for LayerFsOptions {
             opaque_xattr: OpaqueXattr::Trusted,
             passthrough: None,
             recorder: None,
+            skip_opens: true,
         }
     }
 }
@@ -164,7 +172,58 @@ pub struct LayerFsStats {
     /// File handles open now (released by the kernel asynchronously after the
     /// last close).
     pub open_files: u64,
+    /// Kernel requests received, by kind.
+    pub requests: RequestCounts,
 }
+
+/// Kernel requests a mount received, by kind: what the warm path costs, since
+/// every request is a round trip between the kernel and the daemon.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    /// LOOKUP (names the kernel had not cached).
+    pub lookups: u64,
+    /// GETATTR.
+    pub getattrs: u64,
+    /// OPEN of files (answered or refused with ENOSYS).
+    pub opens: u64,
+    /// FLUSH (on close).
+    pub flushes: u64,
+    /// RELEASE of file handles.
+    pub releases: u64,
+    /// OPENDIR.
+    pub opendirs: u64,
+    /// READDIR and READDIRPLUS.
+    pub readdirs: u64,
+    /// GETXATTR and LISTXATTR.
+    pub xattrs: u64,
+    /// Any other request (READ is counted in [`LayerFsStats::reads`]).
+    pub other: u64,
+}
+
+/// The kinds of [`RequestCounts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    /// LOOKUP.
+    Lookup,
+    /// GETATTR.
+    Getattr,
+    /// OPEN.
+    Open,
+    /// FLUSH.
+    Flush,
+    /// RELEASE.
+    Release,
+    /// OPENDIR.
+    Opendir,
+    /// READDIR, READDIRPLUS.
+    Readdir,
+    /// GETXATTR, LISTXATTR.
+    Xattr,
+    /// Anything else but READ.
+    Other,
+}
+
+const REQUEST_KINDS: usize = 9;
 
 /// Block size reported by `stat` and `statfs`.
 const BLOCK: u64 = 4096;
@@ -179,6 +238,7 @@ pub struct LayerFs {
     reads: AtomicU64,
     passthrough_opens: AtomicU64,
     open_files: AtomicU64,
+    requests: [AtomicU64; REQUEST_KINDS],
     /// Any xattr at all, including the opaque-directory marker.
     has_xattrs: bool,
 }
@@ -243,6 +303,7 @@ impl LayerFs {
             reads: AtomicU64::new(0),
             passthrough_opens: AtomicU64::new(0),
             open_files: AtomicU64::new(0),
+            requests: Default::default(),
             has_xattrs,
         }
     }
@@ -276,7 +337,33 @@ impl LayerFs {
             reads: self.reads.load(Ordering::Relaxed),
             passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
             open_files: self.open_files.load(Ordering::Relaxed),
+            requests: {
+                let n = |k: RequestKind| self.requests[k as usize].load(Ordering::Relaxed);
+                RequestCounts {
+                    lookups: n(RequestKind::Lookup),
+                    getattrs: n(RequestKind::Getattr),
+                    opens: n(RequestKind::Open),
+                    flushes: n(RequestKind::Flush),
+                    releases: n(RequestKind::Release),
+                    opendirs: n(RequestKind::Opendir),
+                    readdirs: n(RequestKind::Readdir),
+                    xattrs: n(RequestKind::Xattr),
+                    other: n(RequestKind::Other),
+                }
+            },
         }
+    }
+
+    /// Counts one kernel request of `kind` (called by the adapter).
+    pub fn count_request(&self, kind: RequestKind) {
+        self.requests[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the kernel must keep sending OPEN: to hand over backing files
+    /// (passthrough negotiated) or to record opens. Otherwise the adapter
+    /// answers OPEN with ENOSYS once, where the kernel supports that.
+    pub fn needs_opens(&self) -> bool {
+        !self.options.skip_opens || self.passthrough_active() || self.options.recorder.is_some()
     }
 
     /// Counts an open answered with a backing file (called by the adapter once
@@ -401,18 +488,31 @@ impl LayerFs {
         if let (Some(recorder), EntryKind::Reg) = (&self.options.recorder, kind) {
             recorder.record(&self.index, id);
         }
-        let backing = match (&self.options.passthrough, kind) {
+        let stored = match (&self.options.passthrough, kind) {
             (Some(store), EntryKind::Reg) if self.passthrough_active() => {
-                store.open_file(&self.fetcher, id)
+                let stored = store.contains(&self.fetcher, id);
+                if !stored {
+                    // Cached by an earlier read, a prefetch or another layer:
+                    // store it now, so that the next open can pass through.
+                    store.consider(&self.fetcher, id);
+                }
+                stored
             }
-            _ => None,
+            _ => false,
         };
         self.open_files.fetch_add(1, Ordering::Relaxed);
         Ok(OpenAnswer {
             fh: 0,
             keep_cache: true,
-            backing,
+            stored,
         })
+    }
+
+    /// The stored copy of file `ino` for passthrough, opened; `None` when it has
+    /// none. Cheap: an `open(2)` of a local file.
+    pub fn backing_file(&self, ino: u64) -> Option<std::fs::File> {
+        let store = self.options.passthrough.as_ref()?;
+        store.open_file(&self.fetcher, self.id(ino).ok()?)
     }
 
     /// A file handle of `ino` was closed: a file now fully cached is stored for

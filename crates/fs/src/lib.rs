@@ -44,6 +44,7 @@ use std::time::SystemTime;
 pub use fuse_adapter::Negotiated;
 pub use layer::{
     AccessRecorder, LayerFs, LayerFsOptions, LayerFsStats, OpaqueXattr, RecordedAccess,
+    RequestCounts, RequestKind,
 };
 pub use mount::{ImageMount, LayerMount, MountError, MountOptions};
 pub use passthrough::PassthroughStore;
@@ -153,9 +154,9 @@ pub struct OpenAnswer {
     pub fh: u64,
     /// Keep the page cache across opens: the layer never changes.
     pub keep_cache: bool,
-    /// A local file with the whole, verified content, for FUSE passthrough
-    /// (only when passthrough was negotiated with the kernel).
-    pub backing: Option<std::fs::File>,
+    /// A whole, verified copy of the file is stored for FUSE passthrough
+    /// ([`LayerFs::backing_file`]; only when passthrough was negotiated).
+    pub stored: bool,
 }
 
 /// Receives the outcome of a read, possibly on another thread and later.

@@ -104,6 +104,11 @@ impl PassthroughStore {
         })
     }
 
+    /// Whether a copy of file `id` is stored.
+    pub(crate) fn contains(&self, fetcher: &Fetcher, id: EntryId) -> bool {
+        self.files.lock().contains_key(&Self::key(fetcher, id))
+    }
+
     /// Opens the stored copy of file `id`, if there is one. Cheap: an `open(2)`.
     pub(crate) fn open_file(&self, fetcher: &Fetcher, id: EntryId) -> Option<std::fs::File> {
         let key = Self::key(fetcher, id);

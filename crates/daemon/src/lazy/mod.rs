@@ -75,7 +75,7 @@ use tocs::TocStore;
 use zest_cache::ChunkCache;
 use zest_fetch::toc::{fetch_layer_index, FetchedIndex, TocFetchOptions};
 use zest_fetch::{FetchError, FetchLimits, Fetcher};
-use zest_fs::LayerMount;
+use zest_fs::{LayerMount, PassthroughStore};
 use zest_oci::digest::Digest;
 use zest_oci::{Descriptor, ImageManifest, Reference, Repository};
 use zest_registry::RegistryClient;
@@ -186,6 +186,13 @@ impl LazyLayerProvider {
         handover: Option<Handover>,
     ) -> Result<Arc<Self>, LazyError> {
         let tocs = TocStore::open(config.toc_dir.clone())?;
+        let mut config = config;
+        if let Some((dir, budget)) = &config.passthrough {
+            // Every non-empty file: a small file costs one local file, and a
+            // passthrough open spares every later read a round trip.
+            let store = PassthroughStore::open(dir, *budget, 1)?;
+            config.mount.fs.passthrough = Some(store);
+        }
         let stop = Arc::new(Cancel::default());
         let profiles =
             profiles::Profiles::new(config.profiles.clone(), client.clone(), Arc::clone(&stop))?;

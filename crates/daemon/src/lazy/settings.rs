@@ -46,6 +46,9 @@ pub struct LazyConfig {
     pub restore_max_backoff: Duration,
     /// Directory keeping the compressed TOCs of mounted layers, for restarts.
     pub toc_dir: PathBuf,
+    /// Where copies of fully cached files are kept for FUSE passthrough, and
+    /// their disk budget; `None`: passthrough off.
+    pub passthrough: Option<(PathBuf, u64)>,
     /// Platform picked when a manifest digest names an index.
     pub platform: Platform,
     /// Learned start-up profiles (`[profiles]`); kept next to the TOC directory,
@@ -60,9 +63,14 @@ impl LazyConfig {
     }
 
     /// The settings the configuration file describes, TOCs kept in `toc_dir`
-    /// (`zest serve` uses `<state_dir>/tocs`).
+    /// (`zest serve` uses `<state_dir>/tocs`) and passthrough copies, when on, in
+    /// `passthrough` next to it.
     pub fn from_service(config: &ServiceConfig, toc_dir: PathBuf) -> Self {
         let lazy = &config.lazy;
+        let passthrough = lazy.passthrough.then(|| {
+            let dir = toc_dir.parent().unwrap_or(&toc_dir).join("passthrough");
+            (dir, lazy.passthrough_size.0)
+        });
         LazyConfig {
             fetch: config.fetch.fetch_config(),
             requests_per_registry: config.fetch.requests_per_registry,
@@ -97,6 +105,7 @@ impl LazyConfig {
                 ),
             },
             toc_dir,
+            passthrough,
             platform: Platform::host(),
         }
     }
@@ -123,6 +132,9 @@ pub enum LazyError {
         #[source]
         source: std::io::Error,
     },
+    /// The passthrough directory cannot be emptied or created.
+    #[error("cannot set up the passthrough directory: {0} (check that the state directory is writable, or set lazy.passthrough = false)")]
+    Passthrough(#[from] zest_fs::passthrough::PassthroughError),
 }
 
 /// Counters and gauges of a [`LazyLayerProvider`](super::LazyLayerProvider), for metrics.
@@ -164,4 +176,63 @@ pub struct LazyStats {
     pub cache: CacheStats,
     /// The registry client.
     pub registry: RegistryStats,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Arc;
+    use zest_cache::{ByteSize, CacheConfig, ChunkCache};
+    use zest_registry::{DockerConfigSource, RegistryClient, RegistryConfig};
+
+    #[test]
+    fn passthrough_is_off_by_default_and_kept_next_to_the_tocs_when_on() {
+        let state = Path::new("/state");
+        let config = LazyConfig::from_service(&ServiceConfig::default(), state.join("tocs"));
+        assert!(config.passthrough.is_none());
+        assert!(config.mount.fs.passthrough.is_none());
+        let mut service = ServiceConfig::default();
+        service.lazy.passthrough = true;
+        service.lazy.passthrough_size = ByteSize::mib(64);
+        let config = LazyConfig::from_service(&service, state.join("tocs"));
+        assert_eq!(
+            config.passthrough,
+            Some((state.join("passthrough"), 64 << 20))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_provider_opens_an_empty_passthrough_store_for_its_mounts(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        // A copy left by an earlier process is not trusted: the store starts empty.
+        let stale = dir.path().join("passthrough/left-over");
+        std::fs::create_dir_all(stale.parent().ok_or("no parent")?)?;
+        std::fs::write(&stale, b"unverified")?;
+        let mut service = ServiceConfig::default();
+        service.lazy.passthrough = true;
+        let config = LazyConfig::from_service(&service, dir.path().join("tocs"));
+        let cache = ChunkCache::open(&CacheConfig {
+            disk_bytes: 0,
+            ..CacheConfig::default()
+        })?;
+        let client = RegistryClient::new(RegistryConfig {
+            hosts_dir: None,
+            docker_config: DockerConfigSource::Disabled,
+            ..RegistryConfig::default()
+        })?;
+        let provider = super::super::LazyLayerProvider::new(client, Arc::new(cache), config)?;
+        let store = provider
+            .inner
+            .config
+            .mount
+            .fs
+            .passthrough
+            .clone()
+            .ok_or("mounts get no passthrough store")?;
+        assert!(store.is_empty());
+        assert!(!stale.exists());
+        Ok(())
+    }
 }
