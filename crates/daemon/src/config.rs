@@ -290,6 +290,10 @@ pub struct LazySection {
     pub background_fetch_rate: ByteSize,
     /// FUSE worker threads per mounted layer.
     pub fuse_threads: usize,
+    /// Offer FUSE over io_uring to the kernel (Linux 6.14+, fuse module parameter
+    /// `enable_uring`); `/dev/fuse` when unavailable. Layers served over io_uring
+    /// are released, not kept, when zest stops.
+    pub fuse_io_uring: bool,
     /// Refuse layers whose TOC the manifest does not vouch for (no zstd:chunked
     /// `manifest-checksum` annotation; TOC found through the blob's footer only).
     pub require_authenticated_toc: bool,
@@ -321,6 +325,7 @@ impl Default for LazySection {
             background_fetch: false,
             background_fetch_rate: ByteSize(0),
             fuse_threads: 4,
+            fuse_io_uring: false,
             require_authenticated_toc: true,
             toc_prefetch: true,
             toc_prefetch_parallelism: 4,

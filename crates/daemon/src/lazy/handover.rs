@@ -39,8 +39,14 @@ fn parse_name(name: &str) -> Option<(PathBuf, Negotiated)> {
         _ => return None,
     };
     let dir = PathBuf::from(dir);
-    dir.is_absolute()
-        .then_some((dir, Negotiated { passthrough }))
+    dir.is_absolute().then_some((
+        dir,
+        Negotiated {
+            passthrough,
+            // Connections served over io_uring are never kept (see `keep`).
+            io_uring: false,
+        },
+    ))
 }
 
 /// A connection the previous process kept, waiting for its restore.
@@ -125,6 +131,12 @@ impl Handover {
             return false;
         };
         let dir = mount.mountpoint();
+        if mount.negotiated().io_uring {
+            // The kernel hands this connection's requests to ring entries of this
+            // process; after its exit they would wait for entries no one serves.
+            tracing::info!(dir = %dir.display(), "layer served over io_uring: its connection is not kept, it will not survive a restart of zest");
+            return false;
+        }
         let name = name_for(dir, mount.negotiated());
         // A fresh mount on a directory whose old connection was kept under another
         // name (other negotiated state) replaces it.
@@ -199,7 +211,10 @@ mod tests {
     fn names_round_trip() {
         let dir = Path::new("/var/lib/zest/snapshots/12/fs");
         for passthrough in [false, true] {
-            let n = Negotiated { passthrough };
+            let n = Negotiated {
+                passthrough,
+                io_uring: false,
+            };
             let name = name_for(dir, n);
             assert!(!name.contains(':'));
             assert_eq!(parse_name(&name), Some((dir.to_path_buf(), n)));
