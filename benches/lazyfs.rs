@@ -492,6 +492,9 @@ fn main() {
         format!("{} ({} requests)", mib_per_s(n, d), s.range_requests),
     );
     cache.flush();
+    // Chunks the disk write queue had no room for (it is bounded in bytes) are
+    // fetched again in the disk-tier part below.
+    let unwritten = cache.stats().writes.dropped_full;
     let mut warm = Vec::new();
     for _ in 0..3 {
         warm.push(seq_read(&lazy).1);
@@ -558,11 +561,21 @@ fn main() {
             1.0 / r_disk.as_secs_f64()
         ),
     );
-    assert_eq!(
-        fetcher.stats().range_requests,
-        0,
-        "warm disk tier: no requests"
-    );
+    if unwritten == 0 {
+        assert_eq!(
+            fetcher.stats().range_requests,
+            0,
+            "warm disk tier: no requests"
+        );
+    } else {
+        row(
+            "disk tier: chunks the write queue dropped in the cold read",
+            format!(
+                "{unwritten:>9} (fetched again: {} requests in the disk-tier reads)",
+                fetcher.stats().range_requests
+            ),
+        );
+    }
     drop(m);
     drop(fetcher);
     drop(cache);
