@@ -543,7 +543,10 @@ impl<FS: Filesystem> Session<FS> {
         if depth == 0 {
             return;
         }
-        if !config.capabilities().contains(InitFlags::FUSE_OVER_IO_URING) {
+        if !config
+            .capabilities()
+            .contains(InitFlags::FUSE_OVER_IO_URING)
+        {
             info!(
                 "the kernel does not offer FUSE over io_uring (Linux 6.14+ with the fuse module's enable_uring on); serving /dev/fuse"
             );
@@ -557,8 +560,8 @@ impl<FS: Filesystem> Session<FS> {
         }
         // The kernel wants room for the largest write and the largest request of
         // max_pages pages in every entry.
-        let payload = (config.max_write as usize)
-            .max(usize::from(config.max_pages()) * page_size::get());
+        let payload =
+            (config.max_write as usize).max(usize::from(config.max_pages()) * page_size::get());
         let prepared = uring::possible_cpus().and_then(|queues| {
             uring::Prepared::new(
                 queues,
@@ -570,7 +573,10 @@ impl<FS: Filesystem> Session<FS> {
         });
         match prepared {
             Ok(prepared) => {
-                if config.add_capabilities(InitFlags::FUSE_OVER_IO_URING).is_err() {
+                if config
+                    .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                    .is_err()
+                {
                     config.max_write = max_write;
                     self.uring_stats.set_state(UringState::NotOffered);
                     return;

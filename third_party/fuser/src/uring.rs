@@ -905,9 +905,7 @@ impl<FS: Filesystem> Worker<FS> {
             .checked_sub(IN_HEADER_SIZE + payload_sz)
             .filter(|&op| op <= OP_AREA && payload_sz <= e.payload.len);
         let Some(op_len) = op_len else {
-            error!(
-                "malformed FUSE io_uring request {unique}: length {len}, payload {payload_sz}"
-            );
+            error!("malformed FUSE io_uring request {unique}: length {len}, payload {payload_sz}");
             drop(reply); // answers EIO
             return;
         };
