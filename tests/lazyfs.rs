@@ -651,6 +651,109 @@ fn mounted_layer_matches_gnu_tar_extraction() {
     );
 }
 
+/// The fuse module's `enable_uring` parameter, turned on for a test and put back
+/// as it was on drop.
+struct EnableUring(String);
+
+impl EnableUring {
+    const PATH: &'static str = "/sys/module/fuse/parameters/enable_uring";
+
+    /// `None` (loudly; a failure under CI) on a kernel without FUSE over io_uring.
+    fn on() -> Option<EnableUring> {
+        let before = match std::fs::read_to_string(Self::PATH) {
+            Ok(before) => before.trim().to_string(),
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "FUSE over io_uring needs Linux 6.14+ with CONFIG_FUSE_IO_URING: {}: {e}",
+                    Self::PATH
+                );
+                eprintln!("SKIPPING: no FUSE over io_uring here: {}: {e}", Self::PATH);
+                return None;
+            }
+        };
+        std::fs::write(Self::PATH, "Y").expect("turn enable_uring on");
+        Some(EnableUring(before))
+    }
+}
+
+impl Drop for EnableUring {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// A layer served over io_uring from a real registry: every entry matches GNU
+/// tar's extraction, and 16 threads reading cold files at once (replies sent
+/// later from the fetcher's runtime, many requests waiting in ring entries at
+/// once) get the right bytes.
+#[test]
+fn layer_served_over_io_uring_matches_gnu_tar_and_concurrent_cold_reads() {
+    let Some(env) = env() else { return };
+    let Some(_uring) = EnableUring::on() else {
+        return;
+    };
+    let options = MountOptions {
+        io_uring: true,
+        ..MountOptions::default()
+    };
+    let src = env.path("src");
+    build_all_types_tree(&src);
+    let tar = env.dir.path().join("layer.tar");
+    gnu_tar_create(&src, &tar);
+    let extracted = env.path("extracted");
+    gnu_tar_extract(&tar, &extracted);
+    let repo = env.repo("lazyfs/uring");
+    let desc = env.push_layer(&repo, &tar, &WriteOptions::default());
+    let cache = cache_at(&env.path("cache"), 64 << 20, 0);
+    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
+    let mut m = LayerMount::mount(fetcher, &env.path("mnt"), &options).expect("mount");
+    let compared = compare_layer(m.mountpoint(), &extracted);
+    assert!(compared > 600, "compared only {compared} entries");
+    let ring = m.io_uring().expect("mounted");
+    assert_eq!(ring.state, zest_fs::IoUring::Active);
+    assert!(ring.requests as usize > compared, "{ring:?}");
+    m.unmount().expect("unmount");
+
+    let (n, size) = (12, 700_000);
+    let tar = data_layer(&env, "uring-conc", n, size);
+    let desc = env.push_layer(&repo, &tar, &WriteOptions::default());
+    let cache = cache_at(&env.path("cache-conc"), 256 << 20, 0);
+    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
+    let mut m =
+        LayerMount::mount(Arc::clone(&fetcher), &env.path("mnt-conc"), &options).expect("mount");
+    let root = m.mountpoint().to_path_buf();
+    let errors = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..16usize {
+            let (root, errors) = (&root, &errors);
+            s.spawn(move || {
+                for k in 0..n {
+                    let i = (k + t) % n;
+                    let got = std::fs::read(root.join(format!("data/f{i:03}"))).expect("read");
+                    if got != pseudo_random(size, 100 + i as u64) {
+                        errors.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(errors.load(Ordering::SeqCst), 0, "a reader got wrong bytes");
+    let s = fetcher.stats();
+    assert_eq!(s.verification_failures, 0);
+    assert!(s.blocking_misses > 0, "the reads were not cold: {s:?}");
+    assert_eq!(
+        m.io_uring().expect("mounted").state,
+        zest_fs::IoUring::Active
+    );
+    m.unmount().expect("unmount");
+    assert!(
+        env.leftover_mounts().is_empty(),
+        "{:?}",
+        env.leftover_mounts()
+    );
+}
+
 /// Applies a layer's extracted tree onto `dest` the way overlayfs stacks it:
 /// whiteouts delete, opaque directories drop what lower layers had, the rest
 /// replaces or merges.

@@ -349,6 +349,10 @@ pub struct LazySection {
     pub passthrough: bool,
     /// Disk budget of those copies; files beyond it are read through FUSE.
     pub passthrough_size: ByteSize,
+    /// Offer FUSE over io_uring to the kernel (Linux 6.14+, fuse module parameter
+    /// `enable_uring`); `/dev/fuse` when unavailable. Layers served over io_uring
+    /// are released, not kept, when zest stops.
+    pub fuse_io_uring: bool,
     /// Refuse layers whose TOC the manifest does not vouch for (no zstd:chunked
     /// `manifest-checksum` annotation; TOC found through the blob's footer only).
     pub require_authenticated_toc: bool,
@@ -382,6 +386,7 @@ impl Default for LazySection {
             fuse_threads: 4,
             passthrough: false,
             passthrough_size: ByteSize::gib(4),
+            fuse_io_uring: false,
             require_authenticated_toc: true,
             toc_prefetch: true,
             toc_prefetch_parallelism: 4,

@@ -134,6 +134,19 @@ impl Metrics {
         for (name, help, value) in gauges {
             e.single(name, "gauge", help, value as u64);
         }
+        let (ring_requests, ring_mounts) = zest_fs::io_uring_totals();
+        e.single(
+            "zest_fuse_io_uring_mounts",
+            "gauge",
+            "Live layer mounts whose requests the kernel delivers through io_uring.",
+            ring_mounts as u64,
+        );
+        e.single(
+            "zest_fuse_io_uring_requests_total",
+            "counter",
+            "FUSE requests received through io_uring ring entries.",
+            ring_requests,
+        );
         let counters = [
             (
                 "zest_lazy_mounts_total",

@@ -57,6 +57,70 @@ pub(crate) struct FuseMountConfig {
     pub suid: bool,
     /// Name shown as the mount source in `/proc/self/mountinfo`.
     pub source: String,
+    /// Offer FUSE over io_uring to the kernel (see [`IoUring`]).
+    pub io_uring: bool,
+}
+
+/// Ring entries per kernel queue when io_uring is on. An entry stays with its
+/// request until the reply, so reads waiting for the network hold entries: a
+/// queue (one per CPU) serves this many requests of its CPU at once.
+const IO_URING_QUEUE_DEPTH: u16 = 16;
+
+/// How the kernel delivers a mount's FUSE requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoUring {
+    /// Through `/dev/fuse` reads, as configured.
+    Off,
+    /// Negotiated at FUSE_INIT; ring entries being registered.
+    Starting,
+    /// Through io_uring ring entries (forgets and interrupts still come through
+    /// `/dev/fuse`).
+    Active,
+    /// Asked for, but served through `/dev/fuse`: the kernel does not offer it
+    /// (before 6.14, or the fuse module's `enable_uring` is off), the ring
+    /// could not be set up, or the kernel refused its entries.
+    Fallback,
+}
+
+/// io_uring transport of one mount: state and requests received through it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoUringStats {
+    /// How requests are delivered.
+    pub state: IoUring,
+    /// Requests received through the ring.
+    pub requests: u64,
+}
+
+/// Every live session's transport counters, and what ended sessions counted,
+/// for process-wide metrics.
+static RING_SESSIONS: Mutex<Vec<Arc<fuser::UringStats>>> = Mutex::new(Vec::new());
+static RING_REQUESTS_RETIRED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Requests received through io_uring by every session of this process, ended
+/// ones included, and the number of live sessions served through io_uring.
+pub fn io_uring_totals() -> (u64, usize) {
+    let live = RING_SESSIONS.lock();
+    let requests = live.iter().map(|s| s.requests()).sum::<u64>()
+        + RING_REQUESTS_RETIRED.load(std::sync::atomic::Ordering::Relaxed);
+    let active = live
+        .iter()
+        .filter(|s| s.state() == fuser::UringState::Active)
+        .count();
+    (requests, active)
+}
+
+fn io_uring_stats(stats: &fuser::UringStats) -> IoUringStats {
+    use fuser::UringState as S;
+    let state = match stats.state() {
+        S::Off | S::Inherited => IoUring::Off,
+        S::Starting => IoUring::Starting,
+        S::Active => IoUring::Active,
+        S::NotOffered | S::SetupFailed | S::RegisterFailed => IoUring::Fallback,
+    };
+    IoUringStats {
+        state,
+        requests: stats.requests(),
+    }
 }
 
 /// What the kernel and the filesystem agreed at FUSE_INIT that a later process
@@ -65,6 +129,9 @@ pub(crate) struct FuseMountConfig {
 pub struct Negotiated {
     /// Opens may be answered with a backing file (FUSE_PASSTHROUGH accepted).
     pub passthrough: bool,
+    /// FUSE_OVER_IO_URING accepted: the kernel routes requests to ring entries
+    /// this process registered, which no other process can take over.
+    pub io_uring: bool,
 }
 
 /// A running FUSE session: the worker threads of one mounted layer.
@@ -73,9 +140,25 @@ pub(crate) struct FuseSession {
     /// A duplicate of the descriptor the workers read, to hand the connection over.
     device: OwnedFd,
     negotiated: Negotiated,
+    ring: Arc<fuser::UringStats>,
+}
+
+impl Drop for FuseSession {
+    fn drop(&mut self) {
+        let mut live = RING_SESSIONS.lock();
+        if let Some(i) = live.iter().position(|s| Arc::ptr_eq(s, &self.ring)) {
+            let ended = live.swap_remove(i);
+            RING_REQUESTS_RETIRED.fetch_add(ended.requests(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl FuseSession {
+    /// The io_uring transport's state and counter.
+    pub(crate) fn io_uring(&self) -> IoUringStats {
+        io_uring_stats(&self.ring)
+    }
+
     /// The connection's `/dev/fuse` descriptor.
     pub(crate) fn device(&self) -> BorrowedFd<'_> {
         self.device.as_fd()
@@ -163,8 +246,14 @@ pub(crate) fn start(
                 return Err(e);
             }
         };
+    let ring = session.io_uring_stats();
+    let io_uring = io_uring_stats(&ring);
+    if config.io_uring && io_uring.state == IoUring::Fallback {
+        tracing::info!(mountpoint = %mountpoint.display(), "FUSE over io_uring unavailable (the kernel does not offer it or the ring cannot be set up); serving /dev/fuse");
+    }
     let negotiated = Negotiated {
         passthrough: fs.passthrough_active(),
+        io_uring: io_uring.state == IoUring::Starting,
     };
     spawn(session, device, negotiated).inspect_err(|_| {
         let _ = zest_mount::detach(mountpoint);
@@ -220,6 +309,9 @@ fn session_config(config: &FuseMountConfig) -> Config {
     fuse_config.n_threads = Some(config.threads.max(1));
     // One descriptor for all workers: see the module docs.
     fuse_config.clone_fd = false;
+    if config.io_uring {
+        fuse_config.io_uring_queue_depth = IO_URING_QUEUE_DEPTH;
+    }
     fuse_config
 }
 
@@ -228,13 +320,16 @@ fn spawn(
     device: OwnedFd,
     negotiated: Negotiated,
 ) -> io::Result<FuseSession> {
+    let ring = session.io_uring_stats();
     let thread = std::thread::Builder::new()
         .name("zest-fuse".into())
         .spawn(move || session.run())?;
+    RING_SESSIONS.lock().push(Arc::clone(&ring));
     Ok(FuseSession {
         thread: Some(thread),
         device,
         negotiated,
+        ring,
     })
 }
 

@@ -13,7 +13,7 @@
 //! - `fuse_adapter`: the only file that names the FUSE library; it translates
 //!   kernel requests to [`LayerFs`] calls and back, and serves a connection handed
 //!   over by another process without a new FUSE_INIT ([`Negotiated`] is what the
-//!   first one agreed).
+//!   first one agreed); optionally served over io_uring ([`IoUring`]).
 //! - [`mount`]: mounting a layer ([`LayerMount`]) and stacking layers with
 //!   overlayfs ([`ImageMount`]); every mount is undone on drop unless it is left
 //!   in place for the next process ([`LayerMount::leave_mounted`], taken over
@@ -41,7 +41,7 @@ pub mod passthrough;
 
 use std::time::SystemTime;
 
-pub use fuse_adapter::Negotiated;
+pub use fuse_adapter::{io_uring_totals, IoUring, IoUringStats, Negotiated};
 pub use layer::{
     AccessRecorder, LayerFs, LayerFsOptions, LayerFsStats, OpaqueXattr, RecordedAccess,
     RequestCounts, RequestKind,

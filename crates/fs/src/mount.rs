@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::fuse_adapter::{self, FuseMountConfig, FuseSession, Negotiated};
+use super::fuse_adapter::{self, FuseMountConfig, FuseSession, IoUringStats, Negotiated};
 use super::layer::{LayerFs, LayerFsOptions};
 use zest_fetch::prefetch::{BackgroundFetch, PrefetchTask};
 use zest_fetch::Fetcher;
@@ -91,6 +91,11 @@ pub struct MountOptions {
     pub background: Option<BackgroundFetch>,
     /// Mount source shown in the mount table.
     pub source_name: String,
+    /// Offer FUSE over io_uring to the kernel (Linux 6.14+ with the fuse
+    /// module's `enable_uring` on); served through `/dev/fuse` when it is not
+    /// available. A connection served over io_uring cannot be taken over by
+    /// another process ([`Negotiated::io_uring`]).
+    pub io_uring: bool,
 }
 
 impl Default for MountOptions {
@@ -103,6 +108,7 @@ impl Default for MountOptions {
             prefetch: true,
             background: None,
             source_name: "zest".to_string(),
+            io_uring: false,
         }
     }
 }
@@ -214,6 +220,12 @@ impl LayerMount {
         if let Some(session) = self.session.take() {
             session.abandon();
         }
+    }
+
+    /// How the kernel delivers this mount's requests, and how many came
+    /// through io_uring; `None` once unmounted.
+    pub fn io_uring(&self) -> Option<IoUringStats> {
+        self.session.as_ref().map(FuseSession::io_uring)
     }
 
     /// The directory the layer is mounted on.
@@ -413,6 +425,7 @@ fn fuse_config(options: &MountOptions) -> FuseMountConfig {
         dev: options.dev,
         suid: options.suid,
         source: options.source_name.clone(),
+        io_uring: options.io_uring,
     }
 }
 

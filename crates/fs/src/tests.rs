@@ -224,18 +224,24 @@ fn mount_sample() -> Option<(
     if !can_mount() {
         return None;
     }
+    Some(mount_sample_with(&MountOptions::default()))
+}
+
+fn mount_sample_with(
+    options: &MountOptions,
+) -> (
+    tokio::runtime::Runtime,
+    tempfile::TempDir,
+    LayerMount,
+    std::path::PathBuf,
+) {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let m = LayerMount::mount(
-        sample_fetcher(&rt, dir.path()),
-        &mnt,
-        &MountOptions::default(),
-    )
-    .unwrap();
+    let m = LayerMount::mount(sample_fetcher(&rt, dir.path()), &mnt, options).unwrap();
     let mnt = m.mountpoint().to_path_buf();
-    Some((rt, dir, m, mnt))
+    (rt, dir, m, mnt)
 }
 
 #[test]
@@ -344,4 +350,135 @@ fn recorder_keeps_first_accesses_in_order_once_each_and_bounded() {
     // Once each, in first-access order, at most two.
     assert_eq!(paths, ["usr/bin/big", "etc/hosts"]);
     assert!(accesses[0].at <= accesses[1].at);
+}
+
+/// The fuse module's `enable_uring` parameter, put back as it was on drop.
+struct EnableUring {
+    before: String,
+}
+
+impl EnableUring {
+    const PATH: &'static str = "/sys/module/fuse/parameters/enable_uring";
+
+    /// `None` (with a loud message; a failure under CI) where the kernel has no
+    /// FUSE over io_uring.
+    fn take() -> Option<EnableUring> {
+        match std::fs::read_to_string(Self::PATH) {
+            Ok(before) => Some(EnableUring {
+                before: before.trim().to_string(),
+            }),
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "FUSE over io_uring tests need a kernel with it (6.14+): {}: {e}",
+                    Self::PATH
+                );
+                eprintln!("SKIPPING FUSE over io_uring test: {}: {e}", Self::PATH);
+                None
+            }
+        }
+    }
+
+    fn set(&self, on: bool) {
+        std::fs::write(Self::PATH, if on { "Y" } else { "N" }).unwrap();
+    }
+}
+
+impl Drop for EnableUring {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.before);
+    }
+}
+
+/// Threads of this process serving FUSE rings.
+fn ring_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("fuser-uring"))
+        .count()
+}
+
+/// Reads the sample layer through the kernel and checks every byte, names and
+/// attributes: cold reads are answered later from the runtime, warm ones inline.
+fn check_sample_bytes(mnt: &std::path::Path) {
+    let expect: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    for _ in 0..2 {
+        assert_eq!(
+            std::fs::read(mnt.join("etc/hosts")).unwrap(),
+            b"127.0.0.1 localhost\n"
+        );
+        assert_eq!(std::fs::read(mnt.join("usr/bin/big")).unwrap(), expect);
+    }
+    // Reads at odd offsets, without the page cache in between.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(mnt.join("usr/bin/big2")).unwrap();
+    for off in [0usize, 4095, 29_999, 123_457, 199_990] {
+        let mut buf = vec![0u8; 4096];
+        let n = f.read_at(&mut buf, off as u64).unwrap();
+        let end = (off + 4096).min(expect.len());
+        assert_eq!(&buf[..n], &expect[off..end]);
+    }
+    let mut names: Vec<String> = std::fs::read_dir(mnt.join("usr/bin"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["big", "big2"]);
+    let md = std::fs::symlink_metadata(mnt.join("opt/keep")).unwrap();
+    assert_eq!(md.permissions().mode() & 0o7777, 0o4755);
+    assert_eq!(
+        getxattr(&mnt.join("opt/keep"), "user.note"),
+        Ok(b"hello".to_vec())
+    );
+    assert_eq!(
+        std::fs::metadata(mnt.join("absent")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn fuse_over_io_uring_serves_the_layer_and_falls_back_when_disabled() {
+    if !can_mount() {
+        return;
+    }
+    let Some(param) = EnableUring::take() else {
+        return;
+    };
+    let options = MountOptions {
+        io_uring: true,
+        ..MountOptions::default()
+    };
+
+    param.set(true);
+    let (_rt, _dir, mut m, mnt) = mount_sample_with(&options);
+    assert!(m.negotiated().io_uring);
+    check_sample_bytes(&mnt);
+    let ring = m.io_uring().unwrap();
+    assert_eq!(ring.state, IoUring::Active);
+    // Every request above went through the ring: lookups, getattrs, opens,
+    // reads (cold ones answered from the runtime's threads), readdirs, xattrs.
+    assert!(ring.requests >= 20, "{ring:?}");
+    assert!(io_uring_totals().0 >= ring.requests);
+    m.unmount().unwrap();
+    assert!(!is_mounted(&mnt));
+    // The ring workers end with the connection.
+    assert_eq!(ring_threads(), 0);
+
+    // Off in the kernel: not offered at FUSE_INIT, served through /dev/fuse.
+    param.set(false);
+    let (_rt, _dir, mut m, mnt) = mount_sample_with(&options);
+    assert!(!m.negotiated().io_uring);
+    check_sample_bytes(&mnt);
+    assert_eq!(
+        m.io_uring().unwrap(),
+        IoUringStats {
+            state: IoUring::Fallback,
+            requests: 0
+        }
+    );
+    assert_eq!(ring_threads(), 0);
+    m.unmount().unwrap();
 }

@@ -48,6 +48,9 @@ use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
+use crate::uring;
+use crate::uring::UringState;
+use crate::uring::UringStats;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
@@ -139,6 +142,9 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// Rings prepared at FUSE_INIT when io_uring was negotiated.
+    uring: Option<uring::Prepared>,
+    uring_stats: Arc<UringStats>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +192,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring: None,
+            uring_stats: UringStats::new(UringState::Off),
         };
 
         session.handshake()?;
@@ -214,6 +222,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring: None,
+            uring_stats: UringStats::new(UringState::Off),
         };
 
         session.handshake()?;
@@ -244,7 +254,14 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring: None,
+            uring_stats: UringStats::new(UringState::Inherited),
         }
+    }
+
+    /// The io_uring transport's state and counters (zest patch, see PATCHES.md).
+    pub fn io_uring_stats(&self) -> Arc<UringStats> {
+        Arc::clone(&self.uring_stats)
     }
 
     /// Run the session loop in a background thread. If the returned handle is dropped,
@@ -278,6 +295,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring,
+            uring_stats: _,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -315,6 +334,17 @@ impl<FS: Filesystem> Session<FS> {
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
+
+        if let Some(prepared) = uring {
+            let template = SessionEventLoop {
+                thread_name: String::new(),
+                filesystem: filesystem.clone(),
+                ch: channels[0].clone(),
+                allowed,
+                session_owner,
+            };
+            threads.extend(prepared.spawn(&channels[0], &template)?);
+        }
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -454,6 +484,7 @@ impl<FS: Filesystem> Session<FS> {
                     .send_ll(&ResponseErrno(errno));
                 return Err(error);
             }
+            self.negotiate_uring(&mut config);
 
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
@@ -500,6 +531,64 @@ impl<FS: Filesystem> Session<FS> {
                 .send_ll(&response);
 
             return Ok(());
+        }
+    }
+
+    /// Offers io_uring in the INIT reply when asked for, offered by the kernel,
+    /// and the rings can be set up now: once negotiated, the kernel holds every
+    /// request until entries are registered, so a ring that cannot exist must
+    /// not be negotiated.
+    fn negotiate_uring(&mut self, config: &mut KernelConfig) {
+        let depth = self.config.io_uring_queue_depth;
+        if depth == 0 {
+            return;
+        }
+        if !config
+            .capabilities()
+            .contains(InitFlags::FUSE_OVER_IO_URING)
+        {
+            info!(
+                "the kernel does not offer FUSE over io_uring (Linux 6.14+ with the fuse module's enable_uring on); serving /dev/fuse"
+            );
+            self.uring_stats.set_state(UringState::NotOffered);
+            return;
+        }
+        let workers = self.config.n_threads.unwrap_or(1);
+        let max_write = config.max_write;
+        if config.max_write > uring::MAX_WRITE {
+            config.max_write = uring::MAX_WRITE;
+        }
+        // The kernel wants room for the largest write and the largest request of
+        // max_pages pages in every entry.
+        let payload =
+            (config.max_write as usize).max(usize::from(config.max_pages()) * page_size::get());
+        let prepared = uring::possible_cpus().and_then(|queues| {
+            uring::Prepared::new(
+                queues,
+                depth,
+                workers,
+                payload,
+                Arc::clone(&self.uring_stats),
+            )
+        });
+        match prepared {
+            Ok(prepared) => {
+                if config
+                    .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                    .is_err()
+                {
+                    config.max_write = max_write;
+                    self.uring_stats.set_state(UringState::NotOffered);
+                    return;
+                }
+                self.uring_stats.set_state(UringState::Starting);
+                self.uring = Some(prepared);
+            }
+            Err(e) => {
+                config.max_write = max_write;
+                warn!("cannot set up FUSE over io_uring ({e}); serving /dev/fuse");
+                self.uring_stats.set_state(UringState::SetupFailed);
+            }
         }
     }
 

@@ -39,8 +39,14 @@ fn parse_name(name: &str) -> Option<(PathBuf, Negotiated)> {
         _ => return None,
     };
     let dir = PathBuf::from(dir);
-    dir.is_absolute()
-        .then_some((dir, Negotiated { passthrough }))
+    dir.is_absolute().then_some((
+        dir,
+        Negotiated {
+            passthrough,
+            // Connections served over io_uring are never kept (see `keep`).
+            io_uring: false,
+        },
+    ))
 }
 
 /// A connection the previous process kept, waiting for its restore.
@@ -125,6 +131,12 @@ impl Handover {
             return false;
         };
         let dir = mount.mountpoint();
+        if mount.negotiated().io_uring {
+            // The kernel hands this connection's requests to ring entries of this
+            // process; after its exit they would wait for entries no one serves.
+            tracing::info!(dir = %dir.display(), "layer served over io_uring: its connection is not kept, it will not survive a restart of zest");
+            return false;
+        }
         let name = name_for(dir, mount.negotiated());
         // A fresh mount on a directory whose old connection was kept under another
         // name (other negotiated state) replaces it.
@@ -199,7 +211,10 @@ mod tests {
     fn names_round_trip() {
         let dir = Path::new("/var/lib/zest/snapshots/12/fs");
         for passthrough in [false, true] {
-            let n = Negotiated { passthrough };
+            let n = Negotiated {
+                passthrough,
+                io_uring: false,
+            };
             let name = name_for(dir, n);
             assert!(!name.contains(':'));
             assert_eq!(parse_name(&name), Some((dir.to_path_buf(), n)));
@@ -207,5 +222,92 @@ mod tests {
         assert_eq!(parse_name("other"), None);
         assert_eq!(parse_name("zest-layer;passthrough=2;/x"), None);
         assert_eq!(parse_name("zest-layer;passthrough=1;relative"), None);
+    }
+
+    /// Where real mounts are impossible: `None`, loudly (a failure under CI).
+    fn can_mount() -> bool {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 && Path::new("/dev/fuse").exists() {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "this test needs root and /dev/fuse"
+        );
+        eprintln!("SKIPPING: needs root and /dev/fuse");
+        false
+    }
+
+    /// A connection served over io_uring is not kept (no other process could
+    /// serve its ring entries); one served through /dev/fuse is.
+    #[test]
+    fn connections_served_over_io_uring_are_not_kept() {
+        const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+        if !can_mount() {
+            return;
+        }
+        let Ok(before) = std::fs::read_to_string(ENABLE_URING) else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "this test needs FUSE over io_uring (Linux 6.14+)"
+            );
+            eprintln!("SKIPPING: no FUSE over io_uring on this kernel");
+            return;
+        };
+        std::fs::write(ENABLE_URING, "Y").unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let blob = zest_format::testblob::build_one("f", b"kept or not\n", 1 << 20);
+        std::fs::write(dir.path().join("blob"), &blob.bytes).unwrap();
+        let cache = std::sync::Arc::new(
+            zest_cache::ChunkCache::open(&zest_cache::CacheConfig {
+                memory_bytes: 1 << 20,
+                disk_bytes: 0,
+                ..zest_cache::CacheConfig::default()
+            })
+            .unwrap(),
+        );
+        let fetcher = zest_fetch::Fetcher::new(
+            std::sync::Arc::new(blob.index()),
+            std::sync::Arc::new(zest_store::FileBlob::open(&dir.path().join("blob")).unwrap()),
+            cache,
+            zest_fetch::FetchLimits::default(),
+            zest_fetch::FetchConfig::default(),
+            rt.handle().clone(),
+        );
+        let socket = dir.path().join("holder.sock");
+        let holder = zest_fdstore::HolderClient::connect_or_start(
+            &socket,
+            Box::new(|s: &Path| {
+                let options = zest_fdstore::HolderOptions {
+                    socket: s.to_path_buf(),
+                    idle_exit: std::time::Duration::from_secs(30),
+                };
+                std::thread::spawn(move || zest_fdstore::run_holder(&options));
+                Ok(())
+            }),
+        )
+        .unwrap();
+        let handover = Handover::open(FdStore::Holder(holder)).unwrap();
+        let mut kept = Vec::new();
+        for io_uring in [true, false] {
+            let mnt = dir.path().join(format!("mnt-{io_uring}"));
+            std::fs::create_dir(&mnt).unwrap();
+            let options = zest_fs::MountOptions {
+                io_uring,
+                ..zest_fs::MountOptions::default()
+            };
+            let mut m = LayerMount::mount(std::sync::Arc::clone(&fetcher), &mnt, &options).unwrap();
+            assert_eq!(m.negotiated().io_uring, io_uring);
+            assert_eq!(
+                std::fs::read(m.mountpoint().join("f")).unwrap(),
+                b"kept or not\n"
+            );
+            kept.push(handover.keep(&m));
+            handover.forget(m.mountpoint());
+            m.unmount().unwrap();
+        }
+        let _ = std::fs::write(ENABLE_URING, before.trim());
+        assert_eq!(kept, [false, true]);
     }
 }

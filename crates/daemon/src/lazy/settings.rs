@@ -77,6 +77,7 @@ impl LazyConfig {
             background_requests_per_registry: config.fetch.background_requests_per_registry,
             mount: MountOptions {
                 threads: lazy.fuse_threads,
+                io_uring: lazy.fuse_io_uring,
                 prefetch: lazy.prefetch,
                 background: lazy.background(),
                 ..MountOptions::default()

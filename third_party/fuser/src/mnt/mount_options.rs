@@ -18,6 +18,13 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Serve requests over io_uring (FUSE_OVER_IO_URING, Linux 6.14+) with this
+    /// many ring entries per kernel queue (one queue per possible CPU, served
+    /// by at most `n_threads` extra threads), when the kernel offers it; 0 (the
+    /// default): `/dev/fuse` only. Falls back to `/dev/fuse` when the kernel
+    /// does not offer it or refuses the entries. Caps `max_write` at 1 MiB.
+    /// (zest patch, see PATCHES.md.)
+    pub io_uring_queue_depth: u16,
 }
 
 /// Mount options accepted by the FUSE filesystem type
