@@ -1,6 +1,7 @@
 //! `zest bench` end to end, as a user runs it: a busybox image with a data layer
-//! is pushed (gzip) to a real registry; `zest bench prepare` converts it and
-//! optimizes it for a workload that reads one small file; `zest bench run`
+//! is pushed (gzip) to a real registry; `zest bench prepare` converts it, has
+//! skopeo (the current one `scripts/newer-debian` extracts) write it as
+//! zstd:chunked, and optimizes it for a workload that reads one small file; `zest bench run`
 //! measures every mode through the link emulator with a real containerd, runc
 //! and `zest serve`, and writes its results.
 //!
@@ -25,10 +26,26 @@ use support::{image, require_root_and_fuse, require_tool, Auth, Registry, REGIST
 
 const ZEST: &str = env!("CARGO_BIN_EXE_zest");
 
+/// The current skopeo `scripts/newer-debian` extracts (Debian 12's cannot force
+/// a recompression).
+fn newer_skopeo() -> std::path::PathBuf {
+    std::env::var_os("ZEST_NEWER_DEBIAN_DIR")
+        .map_or_else(
+            || std::path::PathBuf::from("/var/cache/zest/newer-debian"),
+            std::path::PathBuf::from,
+        )
+        .join("skopeo/bin/skopeo")
+}
+
 fn can_run() -> bool {
     require_root_and_fuse()
         && require_tool(REGISTRY_BIN)
         && require_tools(&["containerd", "runc", "ctr", "busybox"])
+        && (newer_skopeo().is_file()
+            || support::unavailable(
+                &format!("the newer skopeo is missing ({})", newer_skopeo().display()),
+                "run scripts/install-deps (scripts/newer-debian extracts it)",
+            ))
 }
 
 fn zest(args: &[&str]) -> String {
@@ -67,6 +84,8 @@ async fn bench_prepares_images_and_measures_every_mode() {
     )
     .unwrap();
     let workloads = workloads.display().to_string();
+    let skopeo = newer_skopeo().display().to_string();
+    let prepare = ["bench", "prepare", "--skopeo", skopeo.as_str()];
     let common = [
         "--registry",
         host.as_str(),
@@ -76,15 +95,20 @@ async fn bench_prepares_images_and_measures_every_mode() {
         workloads.as_str(),
     ];
 
-    let prepared = zest(&[&["bench", "prepare"][..], &common].concat());
+    let prepared = zest(&[&prepare[..], &common].concat());
     assert!(
         prepared.contains("bench/busybox:chunked: converted"),
         "{prepared}"
     );
+    assert!(
+        prepared.contains("bench/busybox:skopeo: written by"),
+        "{prepared}"
+    );
     assert!(prepared.contains("profile-cat"), "{prepared}");
     // Prepared images are kept: a second prepare does nothing.
-    let again = zest(&[&["bench", "prepare"][..], &common].concat());
+    let again = zest(&[&prepare[..], &common].concat());
     assert!(again.contains("bench/busybox:chunked: exists"), "{again}");
+    assert!(again.contains("bench/busybox:skopeo: exists"), "{again}");
 
     let out = dir.path().join("out");
     let work = dir.path().join("work");
@@ -145,12 +169,17 @@ async fn bench_prepares_images_and_measures_every_mode() {
     let full = median(Mode::Full, |s| s.fetched_bytes);
     let lazy = median(Mode::Lazy, |s| s.fetched_bytes);
     let profiled = median(Mode::LazyProfile, |s| s.fetched_bytes);
+    let third_party = median(Mode::ThirdParty, |s| s.fetched_bytes);
     assert!(
         full > 1 << 20,
         "the full pull fetches the whole image: {full}"
     );
     assert!(lazy < full, "lazy {lazy} vs full {full}");
     assert!(profiled < full, "lazy+profile {profiled} vs full {full}");
+    assert!(
+        third_party < full,
+        "lazy (skopeo) {third_party} vs full {full}"
+    );
     // Warm zest runs read from the cache only.
     for s in run.samples.iter().filter(|s| s.mode == Mode::WarmLazy) {
         assert_eq!(s.fetched_bytes, 0, "{s:?}");
@@ -174,6 +203,12 @@ async fn bench_prepares_images_and_measures_every_mode() {
     }
     let w = &run.info.workloads[0];
     assert!(w.gzip_bytes > 1 << 20 && w.chunked_bytes > 1 << 20, "{w:?}");
+    assert!(w.third_party_bytes > 1 << 20, "{w:?}");
+    assert_eq!(
+        w.third_party_format.as_deref(),
+        Some("zstd:chunked, new generation (tar-split)"),
+        "{w:?}"
+    );
     assert!(w
         .working_set_bytes
         .is_some_and(|ws| ws > 0 && ws < w.chunked_bytes));
