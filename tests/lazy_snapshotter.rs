@@ -827,19 +827,7 @@ async fn zest_serve_binary() -> TestResult {
             .stderr(log)
             .spawn()?)
     };
-    let scrape = move || async move {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
-            .await
-            .ok()?;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: zest\r\n\r\n")
-            .await
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.ok()?;
-        Some(text)
-    };
+    let scrape = move || support::scrape_metrics(metrics_port);
     let stop = |child: &mut std::process::Child, signal: i32| -> TestResult {
         let pid = i32::try_from(child.id())?;
         // SAFETY: kill(2) on the pid of the child this test started.

@@ -125,17 +125,7 @@ impl Node {
     }
 
     async fn metrics(&self) -> Option<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
-            .await
-            .ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: zest\r\n\r\n")
-            .await
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.ok()?;
-        Some(text)
+        support::scrape_metrics(self.metrics_port).await
     }
 
     /// The value of the sample `line_start` (metric name and labels).

@@ -349,17 +349,7 @@ impl Env {
     }
 
     async fn metrics(&self) -> Option<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
-            .await
-            .ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: zest\r\n\r\n")
-            .await
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.ok()?;
-        Some(text)
+        support::scrape_metrics(self.metrics_port).await
     }
 
     /// Waits until the metric `name` reads `value`.

@@ -12,6 +12,7 @@
 //! - [`fake_http`]: a loopback HTTP/1.1 server scripted per request, for registry
 //!   behaviour a real registry will not show (truncation, retries, token flows).
 //! - [`containerd`]: zest's snapshotter in-process, a private containerd, umoci images.
+//! - [`scrape_metrics`]: the Prometheus text of a `zest serve` metrics endpoint.
 #![allow(dead_code)]
 
 pub mod containerd;
@@ -504,4 +505,20 @@ pub async fn convert_image(
         std::sync::Arc::new(zest_image::convert::NoProgress),
     )
     .await
+}
+
+/// The Prometheus text `zest serve` answers on `127.0.0.1:port` at `/metrics`;
+/// `None` while nothing answers there (the daemon is starting or gone).
+pub async fn scrape_metrics(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: zest\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    Some(text)
 }

@@ -498,6 +498,14 @@ fn with_decoder<T>(f: impl FnOnce(&mut ChunkDecoder) -> T) -> Result<T, FetchErr
     })
 }
 
+/// Compressed bytes of the chunks of `run` (indices into `all`).
+fn compressed_bytes(run: &[Owned], all: &[zest_format::Chunk]) -> u64 {
+    run.iter()
+        .filter_map(|o| all.get(o.idx))
+        .map(|c| u64::from(c.compressed_len))
+        .sum()
+}
+
 /// A chunk this task has claimed and must fetch.
 struct Owned {
     /// Index into `all_chunks()`.
@@ -1153,12 +1161,7 @@ impl Fetcher {
         loop {
             let run = self.claim_run(&extent, &mut pos, size);
             if !run.is_empty() {
-                let bytes: u64 = run
-                    .iter()
-                    .filter_map(|o| all.get(o.idx))
-                    .map(|c| u64::from(c.compressed_len))
-                    .sum();
-                fetched += bytes;
+                fetched += compressed_bytes(&run, all);
                 in_flight.push(self.fetch_run(run, Priority::Prefetch));
                 size = size.saturating_mul(2).min(max);
             }
@@ -1226,12 +1229,7 @@ impl Fetcher {
                         && r.end - run_start <= max_request
                 });
             if !run.is_empty() && !joins {
-                let bytes: u64 = run
-                    .iter()
-                    .filter_map(|o| all.get(o.idx))
-                    .map(|c| u64::from(c.compressed_len))
-                    .sum();
-                fetched += bytes;
+                fetched += compressed_bytes(&run, all);
                 in_flight.push(self.fetch_run(std::mem::take(&mut run), Priority::Prefetch));
                 let depth = pipeline_depth(self.limits.estimate().map(|e| e.bdp()), max_request);
                 if in_flight.len() >= depth {

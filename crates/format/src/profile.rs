@@ -18,6 +18,8 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use zest_oci::digest::Digest;
 
+use crate::error::trunc;
+
 /// Media type of the profile document (also the OCI artifact type of the
 /// manifest that publishes it).
 pub const PROFILE_MEDIA_TYPE: &str = "application/vnd.zest.startup-profile.v1+json";
@@ -139,12 +141,12 @@ impl StartupProfile {
             return Err(ProfileError::TooLarge { size });
         }
         let doc: Document = serde_json::from_slice(bytes).map_err(|e| ProfileError::Malformed {
-            reason: truncate(&e.to_string()),
+            reason: trunc(&e.to_string()),
         })?;
         if doc.schema_version != PROFILE_SCHEMA_VERSION || doc.media_type != PROFILE_MEDIA_TYPE {
             return Err(ProfileError::Unsupported {
                 version: doc.schema_version,
-                media_type: truncate(&doc.media_type),
+                media_type: trunc(&doc.media_type),
             });
         }
         Self::new(doc.image, doc.entries)
@@ -214,7 +216,7 @@ fn check_entries(entries: &[ProfileEntry]) -> Result<(), ProfileError> {
         if let Err(reason) = validate_path(&e.path) {
             return Err(ProfileError::BadPath {
                 position,
-                path: truncate(&e.path),
+                path: trunc(&e.path),
                 reason,
             });
         }
@@ -222,7 +224,7 @@ fn check_entries(entries: &[ProfileEntry]) -> Result<(), ProfileError> {
             return Err(ProfileError::Duplicate {
                 position,
                 layer: e.layer,
-                path: truncate(&e.path),
+                path: trunc(&e.path),
             });
         }
     }
@@ -253,19 +255,6 @@ pub fn validate_path(path: &str) -> Result<(), &'static str> {
         }
     }
     Ok(())
-}
-
-/// At most 200 bytes of `s`, cut on a character boundary, for messages.
-fn truncate(s: &str) -> String {
-    const MAX: usize = 200;
-    if s.len() <= MAX {
-        return s.to_owned();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]
