@@ -141,11 +141,13 @@ pub struct RunArgs {
     pub bandwidth: Option<u64>,
 
     /// Modes (comma-separated): full, lazy, skopeo (the third-party image
-    /// `prepare` wrote with skopeo, unprofiled), lazy+profile, warm.
+    /// `prepare` wrote with skopeo, unprofiled), lazy+profile, learned (the
+    /// skopeo image with the profile another fresh node learned and published
+    /// beside it; the registry must accept pushes), warm.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "full,lazy,skopeo,lazy+profile,warm"
+        default_value = "full,lazy,skopeo,lazy+profile,learned,warm"
     )]
     pub modes: Vec<ModeChoice>,
 

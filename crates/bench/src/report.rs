@@ -290,14 +290,14 @@ impl<'a> View<'a> {
             let image = info.map(|w| match r.mode {
                 Mode::Full | Mode::WarmFull => w.gzip_bytes,
                 Mode::Lazy | Mode::LazyProfile | Mode::WarmLazy => w.chunked_bytes,
-                Mode::ThirdParty => w.third_party_bytes,
+                Mode::ThirdParty | Mode::Learned => w.third_party_bytes,
             });
             let of_image = image
                 .and_then(|size| ratio(r.fetched_bytes as f64, size as f64))
                 .map(fmt_percent)
                 .unwrap_or_default();
             let of_working_set = match r.mode {
-                Mode::Lazy | Mode::LazyProfile | Mode::ThirdParty => info
+                Mode::Lazy | Mode::LazyProfile | Mode::ThirdParty | Mode::Learned => info
                     .and_then(|w| w.working_set_bytes)
                     .and_then(|ws| ratio(r.fetched_bytes as f64, ws as f64))
                     .map(fmt_factor)
@@ -328,10 +328,12 @@ impl<'a> View<'a> {
     fn speedup_cell(&self, r: &Summary) -> String {
         let against = |mode| self.get(&r.workload, &r.profile, mode);
         match r.mode {
-            Mode::Lazy | Mode::LazyProfile | Mode::ThirdParty => against(Mode::Full)
-                .and_then(|full| dur_ratio(full.total.median, r.total.median))
-                .map(fmt_speedup)
-                .unwrap_or_default(),
+            Mode::Lazy | Mode::LazyProfile | Mode::ThirdParty | Mode::Learned => {
+                against(Mode::Full)
+                    .and_then(|full| dur_ratio(full.total.median, r.total.median))
+                    .map(fmt_speedup)
+                    .unwrap_or_default()
+            }
             Mode::WarmLazy => against(Mode::WarmFull)
                 .and_then(|warm| dur_ratio(warm.total.median, r.total.median))
                 .map(|x| format!("{} vs warm (overlayfs)", fmt_speedup(x)))
@@ -372,7 +374,8 @@ impl<'a> View<'a> {
                  full at {fast} (5× for postgres)"
             )),
             Goal::new(format!(
-                "(b) a profiled start (lazy+profile) within {}× the lower bound at {fast}",
+                "(b) a profiled start (lazy+learned, else lazy+profile) within {}× the lower \
+                 bound at {fast}",
                 fmt_fraction(LOWER_BOUND_GOAL)
             )),
             Goal::new(format!(
@@ -437,10 +440,12 @@ impl<'a> View<'a> {
         })
     }
 
-    /// (b) lazy+profile ≤ 1.3× the lower bound at `region`.
+    /// (b) lazy+learned (else lazy+profile) ≤ 1.3× the lower bound at `region`.
     fn check_lower_bound(&self, w: &str) -> Option<Check> {
-        let mode = Mode::LazyProfile;
-        let lazy = self.get(w, GOAL_PROFILE_FAST, mode)?.total.median;
+        let (mode, lazy) = [Mode::Learned, Mode::LazyProfile]
+            .into_iter()
+            .find_map(|m| Some((m, self.get(w, GOAL_PROFILE_FAST, m)?)))?;
+        let lazy = lazy.total.median;
         let bound = self.run.lower_bound(w, GOAL_PROFILE_FAST)?;
         let (num, den) = LOWER_BOUND_GOAL;
         Some(Check {
@@ -460,10 +465,15 @@ impl<'a> View<'a> {
     /// (c) at `wan`, no lazy mode slower than full, the unprofiled one ≥ 3× faster.
     fn check_wan(&self, w: &str) -> Option<Check> {
         let full = self.get(w, GOAL_PROFILE_SLOW, Mode::Full)?.total.median;
-        let lazies: Vec<(Mode, Duration)> = [Mode::Lazy, Mode::ThirdParty, Mode::LazyProfile]
-            .into_iter()
-            .filter_map(|m| Some((m, self.get(w, GOAL_PROFILE_SLOW, m)?.total.median)))
-            .collect();
+        let lazies: Vec<(Mode, Duration)> = [
+            Mode::Lazy,
+            Mode::ThirdParty,
+            Mode::LazyProfile,
+            Mode::Learned,
+        ]
+        .into_iter()
+        .filter_map(|m| Some((m, self.get(w, GOAL_PROFILE_SLOW, m)?.total.median)))
+        .collect();
         if lazies.is_empty() {
             return None;
         }
@@ -774,6 +784,7 @@ fn mode_colour(mode: Mode) -> &'static str {
         Mode::Lazy => "#4e79a7",
         Mode::LazyProfile => "#3a9a5b",
         Mode::ThirdParty => "#9c6ade",
+        Mode::Learned => "#2f8f8f",
         Mode::WarmFull => "#f3c7a0",
         Mode::WarmLazy => "#a9c4e0",
     }

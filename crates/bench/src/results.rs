@@ -29,6 +29,10 @@ pub enum Mode {
     /// `zest pull` of the zstd:chunked image skopeo wrote from the gzip one: a
     /// third-party image that zest neither converted nor profiled.
     ThirdParty,
+    /// The third-party image on a fresh node, with the start-up profile that
+    /// another fresh node learned from its own first start and published
+    /// beside the image (an OCI referrer).
+    Learned,
     /// A second run after `Full`: every byte is on local disk (the floor).
     WarmFull,
     /// A second run after `Lazy`: every chunk the workload reads is in zest's cache.
@@ -37,11 +41,12 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::Full,
         Mode::Lazy,
         Mode::LazyProfile,
         Mode::ThirdParty,
+        Mode::Learned,
         Mode::WarmFull,
         Mode::WarmLazy,
     ];
@@ -53,6 +58,7 @@ impl Mode {
             Mode::Lazy => "lazy",
             Mode::LazyProfile => "lazy+profile",
             Mode::ThirdParty => "lazy (skopeo)",
+            Mode::Learned => "lazy+learned",
             Mode::WarmFull => "warm (overlayfs)",
             Mode::WarmLazy => "warm (zest)",
         }
@@ -62,7 +68,7 @@ impl Mode {
     pub fn is_cold(self) -> bool {
         matches!(
             self,
-            Mode::Full | Mode::Lazy | Mode::LazyProfile | Mode::ThirdParty
+            Mode::Full | Mode::Lazy | Mode::LazyProfile | Mode::ThirdParty | Mode::Learned
         )
     }
 
@@ -89,6 +95,8 @@ pub enum ModeChoice {
     LazyProfile,
     /// [`Mode::ThirdParty`].
     ThirdParty,
+    /// [`Mode::Learned`].
+    Learned,
     /// [`Mode::WarmFull`] and [`Mode::WarmLazy`], each measured right after the
     /// cold sample of its snapshotter.
     Warm,
@@ -102,9 +110,10 @@ impl FromStr for ModeChoice {
             "lazy" => Ok(ModeChoice::Lazy),
             "lazy+profile" | "profile" => Ok(ModeChoice::LazyProfile),
             "skopeo" | "third-party" => Ok(ModeChoice::ThirdParty),
+            "lazy+learned" | "learned" => Ok(ModeChoice::Learned),
             "warm" => Ok(ModeChoice::Warm),
             other => Err(format!(
-                "unknown mode {other:?}: expected full, lazy, lazy+profile, skopeo or warm"
+                "unknown mode {other:?}: expected full, lazy, lazy+profile, skopeo, learned or warm"
             )),
         }
     }

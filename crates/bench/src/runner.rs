@@ -192,6 +192,9 @@ impl BenchPlan {
         if has(ModeChoice::ThirdParty) {
             modes.push(Mode::ThirdParty);
         }
+        if has(ModeChoice::Learned) {
+            modes.push(Mode::Learned);
+        }
         modes
     }
 
@@ -231,7 +234,7 @@ impl BenchPlan {
             Mode::Full | Mode::WarmFull => w.gzip_ref(registry, &self.prefix),
             Mode::Lazy | Mode::WarmLazy => w.chunked_ref(registry, &self.prefix),
             Mode::LazyProfile => w.profile_ref(registry, &self.prefix),
-            Mode::ThirdParty => w.third_party_ref(registry, &self.prefix),
+            Mode::ThirdParty | Mode::Learned => w.third_party_ref(registry, &self.prefix),
         }
     }
 }
@@ -347,10 +350,19 @@ async fn measure(
     link: SocketAddr,
     counters: &CountersHandle,
 ) -> Result<Vec<Sample>, BenchError> {
-    let node = Node::start(plan, &plan.work_dir.join("node"), link).await?;
+    let registry = link.to_string();
+    let image = plan.image_for(w, mode, &registry);
+    if mode == Mode::Learned {
+        teach(plan, w, index, link, &image).await?;
+    }
+    let node = Node::start(
+        plan,
+        &plan.work_dir.join("node"),
+        link,
+        Role::for_mode(mode),
+    )
+    .await?;
     let result = async {
-        let registry = link.to_string();
-        let image = plan.image_for(w, mode, &registry);
         let mut samples = Vec::new();
 
         let before = Reading::take(&node, counters, mode).await;
@@ -372,6 +384,85 @@ async fn measure(
             samples.push(after.sample_since(&before, w, profile, warm, index, Duration::ZERO, run));
         }
         Ok(samples)
+    }
+    .await;
+    node.stop().await;
+    result
+}
+
+/// How long a teaching node records first reads after the image's first mount.
+const TEACH_WINDOW: Duration = Duration::from_secs(10);
+
+/// What a node does with learned start-up profiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Neither looks for profiles nor publishes one: every measured mode but
+    /// [`Mode::Learned`] starts as a node that has never heard of the image.
+    Unaware,
+    /// Looks for a published profile and prefetches it ([`Mode::Learned`]).
+    Learner,
+    /// Records its own first start and publishes the profile (unmeasured).
+    Teacher,
+}
+
+impl Role {
+    fn for_mode(mode: Mode) -> Role {
+        if mode == Mode::Learned {
+            Role::Learner
+        } else {
+            Role::Unaware
+        }
+    }
+
+    fn configure(self, profiles: &mut zest_daemon::ProfilesSection) {
+        profiles.fetch = self == Role::Learner;
+        profiles.record = self == Role::Teacher;
+        profiles.publish = self == Role::Teacher;
+        if self == Role::Teacher {
+            profiles.window_secs = TEACH_WINDOW.as_secs();
+        }
+    }
+}
+
+/// The unmeasured first start of [`Mode::Learned`]: a fresh node starts the
+/// workload once and publishes the profile of that start beside `image`.
+async fn teach(
+    plan: &BenchPlan,
+    w: &Workload,
+    index: u32,
+    link: SocketAddr,
+    image: &str,
+) -> Result<(), BenchError> {
+    let node = Node::start(plan, &plan.work_dir.join("teacher"), link, Role::Teacher).await?;
+    let result = async {
+        let before = node.metric("zest_profiles_published_total").await;
+        node.pull(Mode::ThirdParty, image, &link.to_string())
+            .await?;
+        node.run_to_ready(
+            plan,
+            w,
+            Mode::ThirdParty,
+            image,
+            &format!("{}-{index}-teach", w.name),
+        )
+        .await?;
+        // Published when the recording window closes.
+        let deadline = Instant::now() + TEACH_WINDOW + Duration::from_secs(60);
+        while node.metric("zest_profiles_published_total").await <= before {
+            if Instant::now() >= deadline {
+                return Err(BenchError::ImageContent {
+                    image: image.to_string(),
+                    detail: format!(
+                        "no start-up profile was published within {} s of the teaching \
+                         start (see {})",
+                        (TEACH_WINDOW + Duration::from_secs(60)).as_secs(),
+                        node.dir.join("zest.log").display()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
     }
     .await;
     node.stop().await;
@@ -564,7 +655,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Node {
-    async fn start(plan: &BenchPlan, dir: &Path, link: SocketAddr) -> Result<Node, BenchError> {
+    async fn start(
+        plan: &BenchPlan,
+        dir: &Path,
+        link: SocketAddr,
+        role: Role,
+    ) -> Result<Node, BenchError> {
         clean_dir(dir);
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let metrics = free_port()?;
@@ -574,6 +670,7 @@ impl Node {
         config.snapshotter.state_dir = dir.join("zest");
         config.snapshotter.metrics_address = Some(metrics);
         config.cache.dir = None;
+        role.configure(&mut config.profiles);
         let link_host = link.to_string();
         if !config.registry.plain_http_hosts.contains(&link_host) {
             config.registry.plain_http_hosts.push(link_host.clone());
