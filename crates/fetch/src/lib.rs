@@ -283,6 +283,10 @@ fn pipeline_depth(bdp: Option<u64>, size: u64) -> usize {
     }
 }
 
+/// Bytes of a learned profile's files, in read order, fetched in blob order
+/// together (see [`Fetcher::fetch_files`]).
+const PROFILE_WINDOW_BYTES: u64 = 4 << 20;
+
 /// Smallest adaptive background request.
 const BACKGROUND_MIN_REQUEST: u64 = 512 << 10;
 
@@ -1211,11 +1215,33 @@ impl Fetcher {
                 wanted.push(idx);
             }
         }
+        // Read order is kept between windows of a few requests' worth of bytes;
+        // inside a window chunks go in blob order, so files that a start reads
+        // scattered in time but that sit together in the blob (a package's
+        // modules, a directory of libraries) share requests instead of each
+        // costing one.
+        let window = max_request.max(PROFILE_WINDOW_BYTES);
+        let len = |idx: usize| all.get(idx).map_or(0, |c| u64::from(c.compressed_len));
+        let offset = |idx: usize| all.get(idx).map_or(0, |c| c.compressed_range().start);
+        let mut ordered = Vec::with_capacity(wanted.len());
+        let mut rest = wanted.as_slice();
+        while !rest.is_empty() {
+            let mut bytes = 0u64;
+            let mut n = 0;
+            while n < rest.len() && (n == 0 || bytes + len(rest[n]) <= window) {
+                bytes += len(rest[n]);
+                n += 1;
+            }
+            let mut part = rest[..n].to_vec();
+            part.sort_by_key(|&idx| offset(idx));
+            ordered.extend(part);
+            rest = &rest[n..];
+        }
         let mut fetched = 0u64;
         let mut in_flight = FuturesUnordered::new();
         let mut run: Vec<Owned> = Vec::new();
         let (mut run_start, mut run_end) = (0u64, 0u64);
-        let mut wanted = wanted.into_iter();
+        let mut wanted = ordered.into_iter();
         loop {
             let next = wanted.next();
             let chunk = next.and_then(|idx| all.get(idx).map(|c| (idx, c)));
@@ -1229,9 +1255,12 @@ impl Fetcher {
                         && r.end - run_start <= max_request
                 });
             if !run.is_empty() && !joins {
-                fetched += compressed_bytes(&run, all);
+                let bytes = compressed_bytes(&run, all);
+                fetched += bytes;
                 in_flight.push(self.fetch_run(std::mem::take(&mut run), Priority::Prefetch));
-                let depth = pipeline_depth(self.limits.estimate().map(|e| e.bdp()), max_request);
+                // Sized by the request just made: small scattered files need
+                // more requests in flight to fill the link than big runs do.
+                let depth = pipeline_depth(self.limits.estimate().map(|e| e.bdp()), bytes);
                 if in_flight.len() >= depth {
                     in_flight.next().await;
                 }
