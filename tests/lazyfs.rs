@@ -47,6 +47,17 @@ struct Env {
     dir: tempfile::TempDir,
 }
 
+/// Mount options serving fully cached files by passthrough from `store`.
+fn passthrough_options(store: &Arc<PassthroughStore>) -> MountOptions {
+    MountOptions {
+        fs: LayerFsOptions {
+            passthrough: Some(Arc::clone(store)),
+            ..LayerFsOptions::default()
+        },
+        ..MountOptions::default()
+    }
+}
+
 fn env() -> Option<Env> {
     if !require_root_and_fuse() || !require_tool(REGISTRY_BIN) || !require_tool("tar") {
         return None;
@@ -102,6 +113,34 @@ impl Env {
             ))
             .expect("push layer blob");
         desc
+    }
+
+    /// The layer `desc` of `repo` mounted at `mnt` with a passthrough store of
+    /// 64 MiB under the environment's directory; `None` (reported as
+    /// unavailable) when the kernel does not accept passthrough.
+    fn mount_with_passthrough(
+        &self,
+        repo: &Repository,
+        desc: &Descriptor,
+        cache: &Arc<ChunkCache>,
+    ) -> Option<(LayerMount, Arc<Fetcher>, Arc<PassthroughStore>)> {
+        let store = PassthroughStore::open(&self.dir.path().join("passthrough"), 64 << 20, 1)
+            .expect("store");
+        let fetcher = self.fetcher(self.registry_source(repo, desc), desc, cache);
+        let m = LayerMount::mount(
+            Arc::clone(&fetcher),
+            &self.path("mnt"),
+            &passthrough_options(&store),
+        )
+        .expect("mount");
+        if !m.fs().passthrough_active() {
+            support::unavailable(
+                "the kernel did not accept FUSE passthrough",
+                "run on Linux 6.9 or later",
+            );
+            return None;
+        }
+        Some((m, fetcher, store))
     }
 
     fn fetcher(
@@ -1373,24 +1412,9 @@ fn fully_cached_files_are_served_by_passthrough_also_under_overlay() {
     let desc = env.push_layer(&repo, &tar, &WriteOptions::default());
     let desc2 = env.push_layer(&repo, &tar2, &WriteOptions::default());
     let cache = cache_at(&env.path("cache"), 64 << 20, 256 << 20);
-    let store =
-        PassthroughStore::open(&env.dir.path().join("passthrough"), 64 << 20, 1).expect("store");
-    let options = MountOptions {
-        fs: LayerFsOptions {
-            passthrough: Some(Arc::clone(&store)),
-            ..LayerFsOptions::default()
-        },
-        ..MountOptions::default()
-    };
-    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
-    let m = LayerMount::mount(Arc::clone(&fetcher), &env.path("mnt"), &options).expect("mount");
-    if !m.fs().passthrough_active() {
-        support::unavailable(
-            "the kernel did not accept FUSE passthrough",
-            "run on Linux 6.9 or later",
-        );
+    let Some((m, _fetcher, store)) = env.mount_with_passthrough(&repo, &desc, &cache) else {
         return;
-    }
+    };
     let p = m.mountpoint().join("data/f000");
     let want = pseudo_random(600_000, 100);
     // First open: not cached, served through FUSE reads. Keep it open.
@@ -1458,7 +1482,8 @@ fn fully_cached_files_are_served_by_passthrough_also_under_overlay() {
 
     // An overlay stacked on passthrough-enabled layers mounts and reads.
     let fetcher2 = env.fetcher(env.registry_source(&repo, &desc2), &desc2, &cache);
-    let m2 = LayerMount::mount(fetcher2, &env.path("mnt2"), &options).expect("mount top");
+    let m2 = LayerMount::mount(fetcher2, &env.path("mnt2"), &passthrough_options(&store))
+        .expect("mount top");
     let fs1 = Arc::clone(m.fs());
     let mut image = ImageMount::mount(vec![m, m2], &env.path("rootfs"))
         .expect("overlay over passthrough layers");
@@ -1608,24 +1633,9 @@ fn every_cached_file_small_ones_included_is_served_by_passthrough() {
     let repo = env.repo("lazyfs/passthrough-small");
     let desc = env.push_layer(&repo, &tar, &WriteOptions::default());
     let cache = cache_at(&env.path("cache"), 64 << 20, 0);
-    let store =
-        PassthroughStore::open(&env.dir.path().join("passthrough"), 64 << 20, 1).expect("store");
-    let options = MountOptions {
-        fs: LayerFsOptions {
-            passthrough: Some(Arc::clone(&store)),
-            ..LayerFsOptions::default()
-        },
-        ..MountOptions::default()
-    };
-    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
-    let m = LayerMount::mount(Arc::clone(&fetcher), &env.path("mnt"), &options).expect("mount");
-    if !m.fs().passthrough_active() {
-        support::unavailable(
-            "the kernel did not accept FUSE passthrough",
-            "run on Linux 6.9 or later",
-        );
+    let Some((m, fetcher, store)) = env.mount_with_passthrough(&repo, &desc, &cache) else {
         return;
-    }
+    };
     assert!(m.fs().needs_opens());
 
     // A file cached without being opened (as a prefetch or another layer
