@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 
 use support::containerd::{
-    child_path, fail, require_tools, run, wait_for, Containerd, TestDir, TestResult,
+    child_path, fail, require_tools, wait_for, Containerd, TestDir, TestResult,
 };
 use support::fake_http::{FakeServer, Response};
 use support::image::{build_image, busybox_layer_tar, TarBuilder};
@@ -148,26 +148,8 @@ impl Node {
 
     /// `zest pull` of `reference` into this node's containerd (lazy mounts).
     async fn pull(&self, reference: &str) -> TestResult {
-        let containerd = self.containerd()?;
-        let address = containerd.address.display().to_string();
-        let hosts = self.dir.path().join("certs.d").display().to_string();
-        let out = run(
-            env!("CARGO_BIN_EXE_zest"),
-            &[
-                "pull",
-                "--address",
-                &address,
-                "--namespace",
-                &containerd.namespace,
-                "--plain-http",
-                "--hosts-dir",
-                &hosts,
-                "--quiet",
-                reference,
-            ],
-            Duration::from_secs(180),
-        )
-        .await?;
+        let hosts = self.dir.path().join("certs.d");
+        let out = self.containerd()?.zest_pull(&[], &hosts, reference).await?;
         if !out.success {
             return Err(fail(format!(
                 "zest pull on {} failed: {}{}\n{}",

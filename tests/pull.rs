@@ -94,27 +94,10 @@ impl Env {
 
     /// Runs `zest pull` (the built binary) against this containerd; returns stdout.
     async fn zest_pull(&self, reference: &str) -> TestResult<String> {
-        let address = self.containerd.address.display().to_string();
-        let hosts = self.hosts_dir.display().to_string();
-        let out = run(
-            env!("CARGO_BIN_EXE_zest"),
-            &[
-                "--log",
-                "zest=info",
-                "pull",
-                "--address",
-                &address,
-                "--namespace",
-                &self.containerd.namespace,
-                "--plain-http",
-                "--hosts-dir",
-                &hosts,
-                "--quiet",
-                reference,
-            ],
-            Duration::from_secs(180),
-        )
-        .await?;
+        let out = self
+            .containerd
+            .zest_pull(&["--log", "zest=info"], &self.hosts_dir, reference)
+            .await?;
         if !out.success {
             return Err(fail(format!(
                 "zest pull {reference} failed:\nstdout: {}\nstderr: {}\ncontainerd log:\n{}",

@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 
 use support::containerd::{
-    child_path, fail, mounts_under, require_tools, run, wait_for, Containerd, TestDir, TestResult,
+    child_path, fail, mounts_under, require_tools, wait_for, Containerd, TestDir, TestResult,
 };
 use support::image::{build_image, busybox_layer_tar, TarBuilder};
 use support::Registry;
@@ -402,28 +402,12 @@ impl Env {
             zest_image::convert::PlatformChoice::One(Platform::host()),
         )
         .await?;
-        let containerd = self.containerd()?;
-        let address = containerd.address.display().to_string();
         let hosts = self.dir.path().join("certs.d");
         std::fs::create_dir_all(&hosts)?;
-        let hosts = hosts.display().to_string();
-        let out = run(
-            env!("CARGO_BIN_EXE_zest"),
-            &[
-                "pull",
-                "--address",
-                &address,
-                "--namespace",
-                &containerd.namespace,
-                "--plain-http",
-                "--hosts-dir",
-                &hosts,
-                "--quiet",
-                &reference,
-            ],
-            Duration::from_secs(180),
-        )
-        .await?;
+        let out = self
+            .containerd()?
+            .zest_pull(&[], &hosts, &reference)
+            .await?;
         if !out.success {
             return Err(fail(format!(
                 "zest pull failed: {}{}\n{}",

@@ -453,6 +453,33 @@ pub struct Containerd {
 }
 
 impl Containerd {
+    /// Runs `zest pull` (the built binary, with `global` options before the
+    /// subcommand) of `reference` into this containerd over plain HTTP, with
+    /// the registry hosts configuration in `hosts_dir`.
+    pub async fn zest_pull(
+        &self,
+        global: &[&str],
+        hosts_dir: &Path,
+        reference: &str,
+    ) -> TestResult<Output> {
+        let address = self.address.display().to_string();
+        let hosts = hosts_dir.display().to_string();
+        let mut args = global.to_vec();
+        args.extend([
+            "pull",
+            "--address",
+            &address,
+            "--namespace",
+            &self.namespace,
+            "--plain-http",
+            "--hosts-dir",
+            &hosts,
+            "--quiet",
+            reference,
+        ]);
+        run(env!("CARGO_BIN_EXE_zest"), &args, Duration::from_secs(180)).await
+    }
+
     pub async fn start(dir: &Path, zest_socket: &Path) -> TestResult<Self> {
         Self::launch(dir, zest_socket, None, ContainerdVersion::V1).await
     }
