@@ -29,7 +29,9 @@ use zest_cache::{CacheConfig, ChunkCache};
 use zest_fetch::toc::{open_image_layers, open_layer, TocFetchOptions};
 use zest_fetch::{FetchConfig, FetchLimits, Fetcher};
 use zest_format::{write_chunked, WriteOptions};
-use zest_fs::{ImageMount, LayerFsOptions, LayerMount, MountOptions, PassthroughStore};
+use zest_fs::{
+    AccessRecorder, ImageMount, LayerFsOptions, LayerMount, MountOptions, PassthroughStore,
+};
 use zest_oci::digest::Digest;
 use zest_oci::{media_type, Descriptor, ImageManifest, Reference, Repository};
 use zest_registry::{PlainHttp, RegistryClient};
@@ -1624,6 +1626,43 @@ fn warm_opens_and_listings_never_reach_the_daemon() {
         "{:?}",
         env.leftover_mounts()
     );
+}
+
+#[test]
+fn a_finished_recording_gives_the_mount_the_warm_path() {
+    let Some(env) = env() else { return };
+    let (tar, files) = small_files_layer(&env, "recorded", 2, 10);
+    let repo = env.repo("lazyfs/recorded");
+    let desc = env.push_layer(&repo, &tar, &WriteOptions::default());
+    let cache = cache_at(&env.path("cache"), 64 << 20, 0);
+    let fetcher = env.fetcher(env.registry_source(&repo, &desc), &desc, &cache);
+    let recorder = Arc::new(AccessRecorder::new());
+    let options = MountOptions {
+        fs: LayerFsOptions {
+            recorder: Some(Arc::clone(&recorder)),
+            ..LayerFsOptions::default()
+        },
+        ..MountOptions::default()
+    };
+    let m = LayerMount::mount(fetcher, &env.path("mnt"), &options).expect("mount");
+    // While recording, every open reaches the daemon and is noted.
+    assert!(m.fs().needs_opens());
+    let rootfs = container_overlay(m.mountpoint(), &env.path("c1"));
+    read_all(&rootfs, &files);
+    zest_mount::umount(&rootfs).expect("unmount overlay");
+    let recorded = m.fs().stats().requests.opens;
+    assert!(recorded >= files.len() as u64, "{recorded}");
+    assert_eq!(recorder.len(), files.len());
+
+    // Once the recording is finished, the next open is refused and no other
+    // follows: the same mount now has the warm path.
+    recorder.finish();
+    assert!(!m.fs().needs_opens());
+    let rootfs = container_overlay(m.mountpoint(), &env.path("c2"));
+    read_all(&rootfs, &files);
+    assert_eq!(m.fs().stats().requests.opens, recorded + 1);
+    assert_eq!(recorder.len(), files.len());
+    zest_mount::umount(&rootfs).expect("unmount overlay");
 }
 
 #[test]

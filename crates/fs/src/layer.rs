@@ -72,6 +72,9 @@ pub struct AccessRecorder {
     /// One bit per entry of the layer, sized at the first access.
     seen: OnceLock<Box<[AtomicU64]>>,
     order: Mutex<Vec<RecordedAccess>>,
+    /// Set by [`AccessRecorder::finish`]: nothing more is recorded, and the
+    /// mount no longer needs to see opens for it.
+    finished: AtomicBool,
 }
 
 /// One first access noted by an [`AccessRecorder`].
@@ -103,11 +106,26 @@ impl AccessRecorder {
             limit,
             seen: OnceLock::new(),
             order: Mutex::new(Vec::new()),
+            finished: AtomicBool::new(false),
         }
+    }
+
+    /// Ends the recording: later accesses are not noted, and the mount may stop
+    /// asking the kernel for opens (the warm path skips them).
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
+    }
+
+    /// Whether accesses are still being recorded.
+    pub fn is_recording(&self) -> bool {
+        !self.finished.load(Ordering::Acquire)
     }
 
     /// Notes an access to file `id` of `index` (only the first one counts).
     pub fn record(&self, index: &LayerIndex, id: EntryId) {
+        if !self.is_recording() {
+            return;
+        }
         let seen = self.seen.get_or_init(|| {
             (0..index.len().div_ceil(64))
                 .map(|_| AtomicU64::new(0))
@@ -360,10 +378,18 @@ impl LayerFs {
     }
 
     /// Whether the kernel must keep sending OPEN: to hand over backing files
-    /// (passthrough negotiated) or to record opens. Otherwise the adapter
-    /// answers OPEN with ENOSYS once, where the kernel supports that.
+    /// (passthrough negotiated) or to record opens while a recording runs.
+    /// Otherwise the adapter answers OPEN with ENOSYS once, where the kernel
+    /// supports that, so a mount recorded at its first start gets the warm path
+    /// once its recording is finished.
     pub fn needs_opens(&self) -> bool {
-        !self.options.skip_opens || self.passthrough_active() || self.options.recorder.is_some()
+        !self.options.skip_opens
+            || self.passthrough_active()
+            || self
+                .options
+                .recorder
+                .as_ref()
+                .is_some_and(|r| r.is_recording())
     }
 
     /// Counts an open answered with a backing file (called by the adapter once

@@ -350,6 +350,15 @@ fn recorder_keeps_first_accesses_in_order_once_each_and_bounded() {
     // Once each, in first-access order, at most two.
     assert_eq!(paths, ["usr/bin/big", "etc/hosts"]);
     assert!(accesses[0].at <= accesses[1].at);
+
+    // A finished recording notes nothing more.
+    let recorder = AccessRecorder::with_origin(std::time::Instant::now(), 10);
+    recorder.record(&index, id("etc/hosts"));
+    assert!(recorder.is_recording());
+    recorder.finish();
+    assert!(!recorder.is_recording());
+    recorder.record(&index, id("opt/keep"));
+    assert_eq!(recorder.paths(), ["etc/hosts"]);
 }
 
 /// The fuse module's `enable_uring` parameter, put back as it was on drop.

@@ -306,6 +306,7 @@ impl Profiles {
         };
         let mut accesses: Vec<(Duration, usize, ProfileEntry)> = Vec::new();
         for (layer, recorder) in &session.recorders {
+            recorder.finish();
             for access in recorder.accesses() {
                 if validate_path(&access.path).is_err() {
                     continue;
@@ -420,7 +421,11 @@ impl Profiles {
                 return;
             }
             // The image has a profile: no need to record another.
-            state.session = None;
+            if let Some(session) = state.session.take() {
+                for (_, recorder) in &session.recorders {
+                    recorder.finish();
+                }
+            }
             state.profile = Some(Arc::clone(&profile));
             let waiting: Vec<(Digest, Arc<Fetcher>)> = state
                 .waiting
