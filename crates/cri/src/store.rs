@@ -213,7 +213,9 @@ impl CriCredentials {
                 .iter()
                 .map(|(k, e)| (k.clone(), e.updated))
                 .collect();
-            by_age.sort_by_key(|(_, updated)| *updated);
+            // Ties (entries recorded in the same second) break by key, so which
+            // entry goes does not depend on the map's iteration order.
+            by_age.sort_by(|(ka, a), (kb, b)| a.cmp(b).then_with(|| ka.cmp(kb)));
             let excess = entries.len() - self.config.max_entries;
             for (k, _) in by_age.into_iter().take(excess) {
                 entries.remove(&k);
@@ -339,7 +341,13 @@ mod tests {
     #[test]
     fn most_specific_first_and_persisted_root_only() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = CriCredentials::open(config(tmp.path())).unwrap();
+        // Room for all five entries this test records (two per pull, the host's
+        // shared): the bound is `bounded_and_expiring`'s subject, not this one's.
+        let roomy = |dir: &Path| CredentialStoreConfig {
+            max_entries: 16,
+            ..config(dir)
+        };
+        let store = CriCredentials::open(roomy(tmp.path())).unwrap();
         store
             .record("LOCALHOST:5000", "team/a", basic("a"))
             .unwrap();
@@ -371,7 +379,7 @@ mod tests {
         store
             .record("tok.example", "x", Credential::RegistryToken("rt".into()))
             .unwrap();
-        let reopened = CriCredentials::open(config(tmp.path())).unwrap();
+        let reopened = CriCredentials::open(roomy(tmp.path())).unwrap();
         assert_eq!(
             reopened.credential("localhost:5000", "team/a"),
             Some(basic("a"))
