@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use zest_bench::link::{parse_bandwidth, parse_rtt, LinkConfig, LinkEmulator, LinkProfile};
+use zest_bench::link::{
+    parse_bandwidth, parse_idle_timeout, parse_rtt, LinkConfig, LinkEmulator, LinkProfile,
+};
 
 /// Arguments of `zest link`.
 #[derive(Debug, Args)]
@@ -40,17 +42,8 @@ pub struct LinkArgs {
     pub max_connections: usize,
 
     /// Close a connection after this long without traffic (e.g. 120s).
-    #[arg(long, default_value = "120s", value_parser = parse_rtt_like_timeout)]
+    #[arg(long, default_value = "120s", value_parser = |s: &str| parse_idle_timeout(s))]
     pub idle_timeout: Duration,
-}
-
-/// Idle timeouts use the same `ms`/`s` syntax as RTTs.
-fn parse_rtt_like_timeout(s: &str) -> Result<Duration, String> {
-    let d = parse_rtt(s).map_err(|e| e.to_string().replace("RTT", "idle timeout"))?;
-    if d.is_zero() {
-        return Err("the idle timeout must be greater than zero".into());
-    }
-    Ok(d)
 }
 
 /// Runs `zest link` until Ctrl-C.
@@ -84,4 +77,43 @@ pub async fn run(args: LinkArgs) -> anyhow::Result<()> {
         .context("running the link emulator")?;
     println!("{counters}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        link: LinkArgs,
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let cli = Cli::try_parse_from([
+            "zest-link",
+            "--listen",
+            "127.0.0.1:5001",
+            "--upstream",
+            "127.0.0.1:5000",
+            "--profile",
+            "region",
+        ])
+        .expect("the defaults of `zest link` are valid");
+        assert_eq!(cli.link.idle_timeout, Duration::from_secs(120));
+        assert!(Cli::try_parse_from([
+            "zest-link",
+            "--listen",
+            "127.0.0.1:5001",
+            "--upstream",
+            "127.0.0.1:5000",
+            "--rtt",
+            "20ms",
+            "--idle-timeout",
+            "0s",
+        ])
+        .is_err());
+    }
 }

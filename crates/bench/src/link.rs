@@ -173,6 +173,29 @@ pub fn parse_rtt(s: &str) -> Result<Duration, LinkError> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses a connection idle timeout: a number with an `ms` or `s` suffix, more
+/// than zero and at most an hour (`120s`).
+pub fn parse_idle_timeout(s: &str) -> Result<Duration, LinkError> {
+    let err = |reason: &str| LinkError::Parse {
+        what: "idle timeout",
+        input: s.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (value, unit) = number_and_unit(s).ok_or_else(|| err("expected e.g. 120s"))?;
+    let secs = match unit.as_str() {
+        "ms" => value / 1e3,
+        "s" => value,
+        _ => return Err(err("the unit must be ms or s (e.g. 120s)")),
+    };
+    if secs <= 0.0 {
+        return Err(err("must be more than zero"));
+    }
+    if secs > 3600.0 {
+        return Err(err("at most 3600 s"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 /// Parses a bandwidth in bits per second: a number with a `kbit`, `mbit` or `gbit`
 /// suffix (decimal multiples, as `tc` uses them): `200mbit`, `1.5gbit`.
 pub fn parse_bandwidth(s: &str) -> Result<u64, LinkError> {
@@ -903,6 +926,16 @@ mod tests {
         assert_eq!(parse_rtt("2.5ms").unwrap(), Duration::from_micros(2500));
         for bad in ["20", "ms", "20us", "-1ms", "1.2.3ms", "", "61s", "1e3ms"] {
             assert!(parse_rtt(bad).is_err(), "{bad:?} should be rejected");
+        }
+        assert_eq!(
+            parse_idle_timeout("120s").unwrap(),
+            Duration::from_secs(120)
+        );
+        for bad in ["0s", "0ms", "2h", "3601s", "x"] {
+            assert!(
+                parse_idle_timeout(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 
