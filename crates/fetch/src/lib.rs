@@ -938,10 +938,16 @@ impl Fetcher {
     /// Fetches one run of claimed chunks (one range request per attempt),
     /// verifies and caches each chunk and publishes the outcome to its waiters.
     ///
+    /// Chunks are decoded and published as their bytes arrive, not when the
+    /// whole request is in: a reader waiting for the first chunk of a long
+    /// read-ahead, prefetch or speculative request gets it after its own bytes,
+    /// not after everything merged behind it.
+    ///
     /// Only chunks that fail verification are fetched again (at most
     /// [`FetchConfig::attempts`] fetches in all): the source has already retried
     /// transport failures under its policy, so its errors end the run at once.
     async fn fetch_run(&self, run: Vec<Owned>, priority: Priority) {
+        use futures::stream::{FuturesUnordered, StreamExt};
         let all = self.index.all_chunks();
         let mut remaining = run;
         let mut last_err: Option<FetchError> = None;
@@ -963,6 +969,10 @@ impl Fetcher {
                 .iter()
                 .filter_map(|o| all.get(o.idx).copied())
                 .collect();
+            if chunks.len() != remaining.len() {
+                last_err = Some(FetchError::Internal("chunk index out of range".into()));
+                break;
+            }
             let Some(range) = covering(&chunks) else {
                 break;
             };
@@ -982,98 +992,106 @@ impl Fetcher {
             self.stats.add_range_requests(1);
             let expected = range.end - range.start;
             let sent = Instant::now();
-            let fetched =
-                tokio::time::timeout(deadline, self.source.read_range(range.clone())).await;
-            if let Ok(Ok(b)) = &fetched {
-                self.limits
-                    .inner
-                    .estimator
-                    .record(b.len() as u64, sent.elapsed());
+
+            // The source hands pieces over as they arrive; this task assembles
+            // them and decodes each chunk (off the async workers) once its last
+            // byte is in, while the rest of the answer streams.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Bytes)>();
+            let on_data = move |offset: u64, data: Bytes| {
+                let _ = tx.send((offset, data));
+            };
+            let read = tokio::time::timeout(
+                deadline,
+                self.source.read_range_with(range.clone(), &on_data),
+            );
+            tokio::pin!(read);
+            // Positions in `remaining`, by where their bytes end.
+            let mut order: Vec<usize> = (0..chunks.len()).collect();
+            order.sort_by_key(|&i| chunks[i].compressed_range().end);
+            let mut next = 0usize;
+            let mut buf = BytesMut::with_capacity(usize::try_from(expected).unwrap_or(0));
+            let mut decoding = FuturesUnordered::new();
+            let mut slots: Vec<Option<Owned>> = remaining.into_iter().map(Some).collect();
+            let mut failed: Vec<Owned> = Vec::new();
+            let mut read_result = None;
+            let blob = self.describe();
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(done) = decoding.next(), if !decoding.is_empty() => {
+                        self.publish_decoded(done, &mut slots, &mut failed, &mut last_err, attempt);
+                        continue;
+                    }
+                    piece = rx.recv(), if read_result.is_none() || !rx.is_empty() => {
+                        if let Some((offset, data)) = piece {
+                            append_piece(&mut buf, range.start, offset, &data);
+                        }
+                    }
+                    r = &mut read, if read_result.is_none() => {
+                        read_result = Some(r);
+                    }
+                    else => break,
+                }
+                // Every chunk whose bytes are all in goes to a decoder.
+                let have = range.start + buf.len() as u64;
+                let mut batch = Vec::new();
+                while let Some(&pos) = order.get(next) {
+                    let c = chunks[pos];
+                    if c.compressed_range().end > have {
+                        break;
+                    }
+                    let lo = (c.compressed_offset - range.start) as usize;
+                    let hi = lo + c.compressed_len as usize;
+                    batch.push((pos, c, Bytes::copy_from_slice(&buf[lo..hi])));
+                    next += 1;
+                }
+                if !batch.is_empty() {
+                    let blob = blob.clone();
+                    decoding.push(tokio::task::spawn_blocking(move || {
+                        batch
+                            .into_iter()
+                            .map(|(pos, c, bytes)| {
+                                let r = with_decoder(|d| d.decode(&c, &bytes))
+                                    .and_then(|r| r.map_err(|e| verification_error(&blob, &c, e)));
+                                (pos, r)
+                            })
+                            .collect::<Vec<_>>()
+                    }));
+                }
+                if read_result.is_some() && rx.is_empty() && decoding.is_empty() {
+                    break;
+                }
             }
-            let source_err = match fetched {
-                Ok(Ok(b)) if b.len() as u64 == expected => Ok(b),
-                Ok(Ok(b)) => Err(SourceError::WrongLength {
-                    blob: self.describe(),
+            let source_err = match read_result {
+                Some(Ok(Ok(()))) if buf.len() as u64 == expected => {
+                    self.limits.inner.estimator.record(expected, sent.elapsed());
+                    None
+                }
+                Some(Ok(Ok(()))) => Some(SourceError::WrongLength {
+                    blob: blob.clone(),
                     range: range.clone(),
-                    got: b.len() as u64,
+                    got: buf.len() as u64,
                 }),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(SourceError::Timeout {
-                    blob: self.describe(),
+                Some(Ok(Err(e))) => Some(e),
+                Some(Err(_)) | None => Some(SourceError::Timeout {
+                    blob: blob.clone(),
                     range: range.clone(),
                     after: deadline,
                 }),
             };
-            let bytes = match source_err {
-                Ok(b) => b,
-                Err(e) => {
-                    last_err = Some(FetchError::Source(Arc::new(e)));
-                    break;
-                }
-            };
-            self.stats.add_bytes_fetched(expected);
+            self.stats.add_bytes_fetched(buf.len() as u64);
             if priority != Priority::OnDemand {
-                self.stats.add_prefetch_bytes(expected);
+                self.stats.add_prefetch_bytes(buf.len() as u64);
             }
-            // Decompress and hash off the async workers.
-            let start = range.start;
-            let blob = self.describe();
-            let decoded = tokio::task::spawn_blocking(move || {
-                chunks
-                    .iter()
-                    .map(|c| {
-                        let lo = (c.compressed_offset - start) as usize;
-                        let hi = lo + c.compressed_len as usize;
-                        match bytes.get(lo..hi) {
-                            Some(slice) => with_decoder(|d| d.decode(c, slice))
-                                .and_then(|r| r.map_err(|e| verification_error(&blob, c, e))),
-                            None => Err(FetchError::Internal("chunk outside fetched range".into())),
-                        }
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await;
-            let decoded = match decoded {
-                Ok(d) => d,
-                Err(e) => {
-                    last_err = Some(FetchError::Internal(format!("decode task failed: {e}")));
-                    break;
-                }
-            };
-            let mut failed = Vec::new();
-            for (owned, result) in remaining.into_iter().zip(decoded) {
-                match result {
-                    Ok(data) => {
-                        self.stats.add_chunks_verified(1);
-                        let data = Bytes::from(data);
-                        // Cache first, then publish: a reader arriving after the
-                        // claim is released finds the chunk in memory.
-                        self.cache.insert(owned.guard.digest(), data.clone());
-                        if owned.why != Why::Wanted {
-                            if let Some(c) = all.get(owned.idx) {
-                                self.stats
-                                    .add_speculative_bytes(u64::from(c.compressed_len));
-                                // Before publishing: a reader waiting on this
-                                // claim counts it as used after the wait.
-                                self.ledger.fetched(
-                                    c.digest,
-                                    c.compressed_len,
-                                    owned.why == Why::Guess,
-                                );
-                            }
-                        }
-                        owned.guard.complete(Ok(data));
-                    }
-                    Err(e) => {
-                        if matches!(e, FetchError::Verification { .. }) {
-                            self.stats.add_verification_failures(1);
-                            tracing::warn!(kind = e.kind().label(), error = %e, attempt, "chunk failed verification; fetching it again");
-                        }
-                        last_err = Some(e);
-                        failed.push(owned);
-                    }
-                }
+            // Chunks whose bytes never came keep their claims for the error below.
+            let undelivered: Vec<Owned> = slots.into_iter().flatten().collect();
+            if let Some(e) = source_err {
+                last_err = Some(FetchError::Source(Arc::new(e)));
+                failed.extend(undelivered);
+                remaining = failed;
+                break;
             }
+            failed.extend(undelivered);
             remaining = failed;
             // Only verification failures are worth another fetch.
             if !matches!(last_err, Some(FetchError::Verification { .. }) | None) {
@@ -1089,6 +1107,64 @@ impl Fetcher {
         tracing::error!(kind = kind.label(), error = %err, chunks = remaining.len(), blob = %self.describe(), "giving up on chunks");
         for owned in remaining {
             owned.guard.complete(Err(err.clone()));
+        }
+    }
+
+    /// Publishes one decoder batch of [`Fetcher::fetch_run`]: verified chunks go
+    /// to the cache, then to their waiters; failed ones are kept for another
+    /// attempt with the error.
+    fn publish_decoded(
+        &self,
+        done: Result<DecodedBatch, tokio::task::JoinError>,
+        slots: &mut [Option<Owned>],
+        failed: &mut Vec<Owned>,
+        last_err: &mut Option<FetchError>,
+        attempt: u32,
+    ) {
+        let results = match done {
+            Ok(r) => r,
+            Err(e) => {
+                // The batch's chunks stay in `slots` and fail with this error.
+                *last_err = Some(FetchError::Internal(format!("decode task failed: {e}")));
+                return;
+            }
+        };
+        let all = self.index.all_chunks();
+        for (pos, result) in results {
+            let Some(owned) = slots.get_mut(pos).and_then(Option::take) else {
+                continue;
+            };
+            match result {
+                Ok(data) => {
+                    self.stats.add_chunks_verified(1);
+                    let data = Bytes::from(data);
+                    // Cache first, then publish: a reader arriving after the
+                    // claim is released finds the chunk in memory.
+                    self.cache.insert(owned.guard.digest(), data.clone());
+                    if owned.why != Why::Wanted {
+                        if let Some(c) = all.get(owned.idx) {
+                            self.stats
+                                .add_speculative_bytes(u64::from(c.compressed_len));
+                            // Before publishing: a reader waiting on this
+                            // claim counts it as used after the wait.
+                            self.ledger.fetched(
+                                c.digest,
+                                c.compressed_len,
+                                owned.why == Why::Guess,
+                            );
+                        }
+                    }
+                    owned.guard.complete(Ok(data));
+                }
+                Err(e) => {
+                    if matches!(e, FetchError::Verification { .. }) {
+                        self.stats.add_verification_failures(1);
+                        tracing::warn!(kind = e.kind().label(), error = %e, attempt, "chunk failed verification; fetching it again");
+                    }
+                    *last_err = Some(e);
+                    failed.push(owned);
+                }
+            }
         }
     }
 
@@ -1454,6 +1530,26 @@ fn verification_error(blob: &str, c: &Chunk, e: FormatError) -> FetchError {
         blob: blob.to_string(),
         offset: c.compressed_offset,
         source: Arc::new(e),
+    }
+}
+
+/// One decoder task's results in [`Fetcher::fetch_run`]: positions in the run
+/// with each chunk's decoded bytes or why they are not served.
+type DecodedBatch = Vec<(usize, Result<Vec<u8>, FetchError>)>;
+
+/// Appends the part of a piece of a range answer that `buf` (the answer's
+/// bytes from `start` on) does not hold yet. A source that retried sends its
+/// answer again from the beginning: bytes already held are skipped.
+fn append_piece(buf: &mut BytesMut, start: u64, offset: u64, data: &[u8]) {
+    let have = start + buf.len() as u64;
+    if offset > have {
+        // A gap cannot be filled later: leave the buffer short, so the chunks
+        // past it are never decoded and the read reports the wrong length.
+        return;
+    }
+    let skip = (have - offset) as usize;
+    if let Some(rest) = data.get(skip..) {
+        buf.extend_from_slice(rest);
     }
 }
 

@@ -941,7 +941,17 @@ async fn background_requests_follow_the_measured_bandwidth_delay_product() {
     assert!(f.limits.estimate().is_none());
     let id = id_of(&f, "a");
     assert_eq!(&f.read(id, 0, 4096).await.unwrap()[..], &a[..4096]);
-    let est = f.limits.estimate().expect("measured by the read");
+    // The read returns with its first chunk; the request is measured when its
+    // last byte is in.
+    let mut est = f.limits.estimate();
+    for _ in 0..200 {
+        if est.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        est = f.limits.estimate();
+    }
+    let est = est.expect("measured by the read");
     assert!(
         (50_000..200_000).contains(&est.bdp()),
         "BDP {} from {est:?}",
@@ -1035,4 +1045,208 @@ async fn unused_guesses_pause_speculation_to_bound_the_bytes_fetched() {
     // The last directory was not batched.
     let other = id_of(&f, "usr/lib/d39/lib1.so");
     assert!(f.read_from_memory(other, 0, 100).is_none());
+}
+
+/// How [`StreamingBlob`] answers `read_range_with`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stream {
+    /// The answer's bytes up to `at` (blob offset), then nothing until the gate
+    /// opens, then the rest.
+    StallAt(u64),
+    /// Half the answer, then the whole answer again from its start, as a source
+    /// retrying after a broken connection does.
+    Restart,
+    /// The answer with the bytes from `at` to `at + 100` left out.
+    GapAt(u64),
+    /// The answer's bytes up to `at`, then a server error.
+    FailAt(u64),
+}
+
+/// A blob handing answers over in 1 KiB pieces, in the ways of [`Stream`].
+#[derive(Debug)]
+struct StreamingBlob {
+    bytes: Vec<u8>,
+    mode: Stream,
+    gate: tokio::sync::Notify,
+    requests: AtomicU64,
+}
+
+impl StreamingBlob {
+    fn deliver(&self, from: u64, to: u64, on_data: &(dyn Fn(u64, Bytes) + Send + Sync)) {
+        let mut pos = from;
+        while pos < to {
+            let end = (pos + 1024).min(to);
+            on_data(
+                pos,
+                Bytes::copy_from_slice(&self.bytes[pos as usize..end as usize]),
+            );
+            pos = end;
+        }
+    }
+}
+
+impl BlobSource for StreamingBlob {
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        Box::pin(async move {
+            Ok(Bytes::copy_from_slice(
+                &self.bytes[range.start as usize..range.end as usize],
+            ))
+        })
+    }
+    fn read_range_with<'a>(
+        &'a self,
+        range: Range<u64>,
+        on_data: &'a (dyn Fn(u64, Bytes) + Send + Sync),
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            let (start, end) = (range.start, range.end);
+            match self.mode {
+                Stream::StallAt(at) => {
+                    let at = at.clamp(start, end);
+                    self.deliver(start, at, on_data);
+                    self.gate.notified().await;
+                    self.deliver(at, end, on_data);
+                }
+                Stream::Restart => {
+                    self.deliver(start, start + (end - start) / 2, on_data);
+                    self.deliver(start, end, on_data);
+                }
+                Stream::GapAt(at) => {
+                    let at = at.clamp(start, end);
+                    self.deliver(start, at, on_data);
+                    self.deliver((at + 100).min(end), end, on_data);
+                }
+                Stream::FailAt(at) => {
+                    self.deliver(start, at.clamp(start, end), on_data);
+                    return Err(SourceError::Registry {
+                        blob: self.describe(),
+                        range,
+                        source: zest_registry::RegistryError::Status {
+                            host: "registry.test".into(),
+                            repository: "app".into(),
+                            what: "range read of blob sha256:x".into(),
+                            status: 503,
+                            errors: Default::default(),
+                        },
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+    fn size(&self) -> Option<u64> {
+        Some(self.bytes.len() as u64)
+    }
+    fn describe(&self) -> String {
+        "streamingblob".into()
+    }
+}
+
+/// A fetcher over file "a" (16 chunks of 16 KiB) read through a [`StreamingBlob`]
+/// with read-ahead covering the whole file, so one request fetches every chunk.
+fn streaming_fetcher(mode: Stream, data: &[u8]) -> (Arc<Fetcher>, Arc<StreamingBlob>, TestBlob) {
+    let blob = build_one("a", data, 16 << 10);
+    let src = Arc::new(StreamingBlob {
+        bytes: blob.bytes.clone(),
+        mode,
+        gate: tokio::sync::Notify::new(),
+        requests: AtomicU64::new(0),
+    });
+    let config = FetchConfig {
+        readahead_bytes: 1 << 20,
+        speculative_neighbour_bytes: 0,
+        speculative_dir_bytes: 0,
+        ..fast_config()
+    };
+    let f = Fetcher::new(
+        Arc::new(blob.index()),
+        src.clone(),
+        memory_cache(),
+        FetchLimits::default(),
+        config,
+        tokio::runtime::Handle::current(),
+    );
+    (f, src, blob)
+}
+
+/// Where the `n`th chunk of file "a" ends in the blob.
+fn chunk_end(f: &Fetcher, n: usize) -> u64 {
+    let id = id_of(f, "a");
+    f.index().entry(id).chunks()[n].compressed_range().end
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_is_answered_when_its_chunks_arrive_not_when_the_request_ends() {
+    let a = pattern(256 << 10, 60);
+    let (probe, _, _) = streaming_fetcher(Stream::Restart, &a);
+    let stall = chunk_end(&probe, 1);
+    let (f, src, _) = streaming_fetcher(Stream::StallAt(stall), &a);
+    let id = id_of(&f, "a");
+    // The first chunk's bytes are in, the rest of the request is held back:
+    // the read of the first chunk completes anyway.
+    let first = tokio::time::timeout(Duration::from_secs(10), f.read(id, 0, 1000))
+        .await
+        .expect("the read waited for the whole request")
+        .unwrap();
+    assert_eq!(&first[..], &a[..1000]);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    // A read further on waits for its bytes, then gets them from the same request.
+    let later = {
+        let f = f.clone();
+        tokio::spawn(async move { f.read(id, 200 << 10, 4096).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!later.is_finished(), "served bytes that had not arrived");
+    src.gate.notify_one();
+    let later = tokio::time::timeout(Duration::from_secs(10), later)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&later[..], &a[200 << 10..(200 << 10) + 4096]);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    let all = f.read(id, 0, a.len() as u32).await.unwrap();
+    assert_eq!(&all[..], &a[..]);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_restarts_its_answer_gives_the_right_bytes() {
+    let a = pattern(256 << 10, 61);
+    let (f, src, _) = streaming_fetcher(Stream::Restart, &a);
+    let id = id_of(&f, "a");
+    let got = f.read(id, 0, a.len() as u32).await.unwrap();
+    assert_eq!(&got[..], &a[..]);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(f.stats().failures.total(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_a_hole_or_an_error_serves_only_what_arrived_whole() {
+    let a = pattern(256 << 10, 62);
+    let (probe, _, _) = streaming_fetcher(Stream::Restart, &a);
+    let cut = chunk_end(&probe, 3) + 10;
+    for mode in [Stream::GapAt(cut), Stream::FailAt(cut)] {
+        let (f, _, _) = streaming_fetcher(mode, &a);
+        let id = id_of(&f, "a");
+        // One request for the whole file; chunks 0..=3 arrive whole and are
+        // served, the rest never does.
+        let first = tokio::time::timeout(Duration::from_secs(10), f.read(id, 0, 100))
+            .await
+            .expect("a read hung on a broken answer")
+            .unwrap();
+        assert_eq!(&first[..], &a[..100], "{mode:?}");
+        // Chunk 5 fails with an error, neither hanging nor returning wrong bytes.
+        let late = tokio::time::timeout(Duration::from_secs(10), f.read(id, 5 * (16 << 10), 100))
+            .await
+            .expect("a read hung on a broken answer");
+        assert!(late.is_err(), "{mode:?}: {late:?}");
+        let early = f.read_from_memory(id, 0, 4 * (16 << 10));
+        assert_eq!(early.as_deref(), Some(&a[..4 * (16 << 10)]), "{mode:?}");
+        assert!(
+            f.read_from_memory(id, 4 * (16 << 10), 100).is_none(),
+            "{mode:?}"
+        );
+    }
 }

@@ -600,6 +600,34 @@ impl RegistryClient {
         digest: &Digest,
         range: Range<u64>,
     ) -> Result<Bytes, RegistryError> {
+        let len = usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(0);
+        let out = std::sync::Mutex::new(BytesMut::with_capacity(len));
+        let start = range.start;
+        self.get_range_with(repo, digest, range, &|offset, data| {
+            let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+            // A retried attempt starts again from its first byte.
+            out.truncate((offset - start) as usize);
+            out.extend_from_slice(&data);
+        })
+        .await?;
+        Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()).freeze())
+    }
+
+    /// [`RegistryClient::get_range`], handing the body to `on_data` as it arrives
+    /// instead of collecting it: `on_data(offset, bytes)` with `offset` the blob
+    /// offset of `bytes[0]`. Within one attempt pieces come in order and without
+    /// gaps; a retried attempt starts again at `range.start`, so a caller keeps
+    /// what it has and skips bytes it has seen. `Ok` means exactly the range's bytes
+    /// were delivered by the last attempt; callers may use earlier pieces before
+    /// that (after checking them against their own digests), which is the point:
+    /// the first chunks of a long request are usable while the rest is in flight.
+    pub async fn get_range_with(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Range<u64>,
+        on_data: &(dyn Fn(u64, Bytes) + Send + Sync),
+    ) -> Result<(), RegistryError> {
         if range.start >= range.end {
             return Err(RegistryError::InvalidArgument(format!(
                 "empty byte range {}..{} of blob {digest}",
@@ -631,7 +659,7 @@ impl RegistryClient {
                 let timeout = per_attempt.min(left);
                 match tokio::time::timeout(
                     timeout,
-                    self.range_attempt(ep, ctx, repo, digest, range),
+                    self.range_attempt(ep, ctx, repo, digest, range, on_data),
                 )
                 .await
                 {
@@ -651,7 +679,8 @@ impl RegistryClient {
         repo: &Repository,
         digest: &Digest,
         range: &Range<u64>,
-    ) -> Result<Bytes, Failure> {
+        on_data: &(dyn Fn(u64, Bytes) + Send + Sync),
+    ) -> Result<(), Failure> {
         let scope = pull_scope(repo);
         let timeout = self.inner.config.range_timeout;
         let len = range.end - range.start;
@@ -747,23 +776,23 @@ impl RegistryClient {
         };
         let whole_blob = status == 200;
         let mut seen = 0u64; // bytes of the body read so far
-        let mut out = BytesMut::with_capacity(len as usize);
+        let mut delivered = 0u64; // bytes of the range handed to `on_data`
         loop {
-            if whole_blob && out.len() as u64 == len {
+            if whole_blob && delivered == len {
                 // Everything needed is here: stop reading the rest of the blob.
-                return Ok(out.freeze());
+                return Ok(());
             }
             let chunk = match resp.chunk().await {
-                Err(_) => return Err(truncated(out.len() as u64)),
+                Err(_) => return Err(truncated(delivered)),
                 Ok(None) => {
-                    if out.len() as u64 == len {
-                        return Ok(out.freeze());
+                    if delivered == len {
+                        return Ok(());
                     }
                     if whole_blob && content_length(&headers).is_none() {
                         // A complete answer that is simply shorter than the range.
                         return Err(past_end(Some(seen)));
                     }
-                    return Err(truncated(out.len() as u64));
+                    return Err(truncated(delivered));
                 }
                 Ok(Some(c)) => c,
             };
@@ -771,22 +800,26 @@ impl RegistryClient {
                 .stats
                 .bytes(RequestKind::Range, chunk.len() as u64);
             seen += chunk.len() as u64;
-            let mut data: &[u8] = &chunk;
+            let mut data = chunk;
             if skip > 0 {
                 let k = skip.min(data.len() as u64) as usize;
-                data = &data[k..];
+                data = data.slice(k..);
                 skip -= k as u64;
             }
-            let room = (len - out.len() as u64) as usize;
+            let room = (len - delivered) as usize;
             if data.len() > room {
                 if !whole_blob {
                     return Err(Failure::Fatal(ctx.protocol(format!(
                         "answer to a {len}-byte range request is longer than {len} bytes"
                     ))));
                 }
-                data = &data[..room];
+                data.truncate(room);
             }
-            out.extend_from_slice(data);
+            if !data.is_empty() {
+                let n = data.len() as u64;
+                on_data(range.start + delivered, data);
+                delivered += n;
+            }
         }
     }
 }

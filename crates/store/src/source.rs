@@ -116,6 +116,25 @@ pub trait BlobSource: Send + Sync + fmt::Debug + 'static {
     /// Reads `range` (end exclusive) of the blob.
     fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, SourceError>>;
 
+    /// Reads `range` and hands its bytes to `on_data(offset, bytes)` as they
+    /// arrive (`offset` is the blob offset of `bytes[0]`), so that a caller can use
+    /// the start of a long read before its end is in. Within one attempt pieces
+    /// come in order without gaps; a source that retries starts again at
+    /// `range.start`, so callers skip bytes they have seen. `Ok` means the whole
+    /// range was delivered. The default reads the range whole, then delivers it.
+    fn read_range_with<'a>(
+        &'a self,
+        range: Range<u64>,
+        on_data: &'a (dyn Fn(u64, Bytes) + Send + Sync),
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let start = range.start;
+            let bytes = self.read_range(range).await?;
+            on_data(start, bytes);
+            Ok(())
+        })
+    }
+
     /// The blob's total size, when known without a round trip.
     fn size(&self) -> Option<u64>;
 
@@ -248,6 +267,23 @@ impl BlobSource for RegistryBlob {
         Box::pin(async move {
             self.client
                 .get_range(&self.repo, &self.digest, range.clone())
+                .await
+                .map_err(|source| SourceError::Registry {
+                    blob: self.describe(),
+                    range,
+                    source,
+                })
+        })
+    }
+
+    fn read_range_with<'a>(
+        &'a self,
+        range: Range<u64>,
+        on_data: &'a (dyn Fn(u64, Bytes) + Send + Sync),
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            self.client
+                .get_range_with(&self.repo, &self.digest, range.clone(), on_data)
                 .await
                 .map_err(|source| SourceError::Registry {
                     blob: self.describe(),
