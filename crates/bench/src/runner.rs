@@ -386,6 +386,9 @@ async fn measure(
         Ok(samples)
     }
     .await;
+    if result.is_err() {
+        node.keep_logs(plan, &format!("{}-{mode}-{index}", w.name));
+    }
     node.stop().await;
     result
 }
@@ -465,6 +468,9 @@ async fn teach(
         Ok(())
     }
     .await;
+    if result.is_err() {
+        node.keep_logs(plan, &format!("{}-teach-{index}", w.name));
+    }
     node.stop().await;
     result
 }
@@ -921,6 +927,20 @@ impl Node {
                 0
             }
         }
+    }
+
+    /// Copies the node's logs to `<work dir>/failed/<label>/` before the node
+    /// directory goes, so that a failed sample can be looked into.
+    fn keep_logs(&self, plan: &BenchPlan, label: &str) {
+        let dest = plan.work_dir.join("failed").join(label);
+        if let Err(e) = std::fs::create_dir_all(&dest) {
+            tracing::warn!(dir = %dest.display(), error = %e, "cannot keep the failed node's logs");
+            return;
+        }
+        for log in ["zest.log", "containerd.log"] {
+            let _ = std::fs::copy(self.dir.join(log), dest.join(log));
+        }
+        tracing::warn!(dir = %dest.display(), "the failed sample's node logs are kept");
     }
 
     /// Stops containerd (and its shims) and zest, detaches leftover mounts and
