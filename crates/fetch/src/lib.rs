@@ -17,6 +17,10 @@
 //!   ([`speculate`]: the small files that follow in blob order, and the small
 //!   files of a library or module directory), and counts how much of that was
 //!   used;
+//! - merging costs a waiting read nothing: a request's chunks are decoded,
+//!   verified and published one by one as their bytes stream in
+//!   ([`BlobSource::read_range_with`]), so a read waits for its own chunk, not
+//!   for the read-ahead or the guesses behind it;
 //! - every request is one single byte range (`Range: bytes=a-b`), never a
 //!   multi-range request: registries backed by object stores and cluster
 //!   mirrors reject those, and merging adjacent chunks into one range gets the
