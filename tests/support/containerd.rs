@@ -442,7 +442,8 @@ pub fn require_containerd(version: ContainerdVersion) -> bool {
 
 /// A private containerd with zest as proxy snapshotter `zest`, its root, state and
 /// sockets inside `dir`, no CRI (unless started with [`Containerd::start_with_cri`]),
-/// and garbage collection after every deletion; the system's 1.6/1.7 or 2.x
+/// and garbage collection after every deletion (unless started with
+/// [`Containerd::start_without_auto_gc`]); the system's 1.6/1.7 or 2.x
 /// ([`ContainerdVersion`]), configured with the matching packaged snippet.
 pub struct Containerd {
     pub address: PathBuf,
@@ -481,7 +482,22 @@ impl Containerd {
     }
 
     pub async fn start(dir: &Path, zest_socket: &Path) -> TestResult<Self> {
-        Self::launch(dir, zest_socket, None, ContainerdVersion::V1).await
+        Self::launch(
+            dir,
+            zest_socket,
+            None,
+            ContainerdVersion::V1,
+            Gc::AfterEveryDeletion,
+        )
+        .await
+    }
+
+    /// [`Containerd::start`] without automatic garbage collection (none at start,
+    /// none after deletions): for a test that holds unreferenced snapshots for a
+    /// while, such as a view `ctr` creates without a GC-root label, which a
+    /// collection triggered by an earlier deletion could otherwise take.
+    pub async fn start_without_auto_gc(dir: &Path, zest_socket: &Path) -> TestResult<Self> {
+        Self::launch(dir, zest_socket, None, ContainerdVersion::V1, Gc::OnRequest).await
     }
 
     /// [`Containerd::start`] with the given version.
@@ -490,7 +506,7 @@ impl Containerd {
         zest_socket: &Path,
         version: ContainerdVersion,
     ) -> TestResult<Self> {
-        Self::launch(dir, zest_socket, None, version).await
+        Self::launch(dir, zest_socket, None, version, Gc::AfterEveryDeletion).await
     }
 
     /// Starts containerd with its CRI plugin enabled (the packaged snippet makes zest
@@ -506,6 +522,7 @@ impl Containerd {
             zest_socket,
             Some((cri_config, "")),
             ContainerdVersion::V1,
+            Gc::AfterEveryDeletion,
         )
         .await
     }
@@ -520,7 +537,14 @@ impl Containerd {
         images_keys: &str,
         version: ContainerdVersion,
     ) -> TestResult<Self> {
-        Self::launch(dir, zest_socket, Some((cri_config, images_keys)), version).await
+        Self::launch(
+            dir,
+            zest_socket,
+            Some((cri_config, images_keys)),
+            version,
+            Gc::AfterEveryDeletion,
+        )
+        .await
     }
 
     async fn launch(
@@ -528,13 +552,14 @@ impl Containerd {
         zest_socket: &Path,
         cri: Option<(&str, &str)>,
         version: ContainerdVersion,
+        gc: Gc,
     ) -> TestResult<Self> {
         let address = dir.join("containerd.sock");
         let config = dir.join("containerd.toml");
         let log = dir.join("containerd.log");
         let text = match version {
-            ContainerdVersion::V1 => config_v2(dir, &address, zest_socket, cri.map(|c| c.0))?,
-            ContainerdVersion::V2 => config_v3(dir, &address, zest_socket, cri)?,
+            ContainerdVersion::V1 => config_v2(dir, &address, zest_socket, cri.map(|c| c.0), gc)?,
+            ContainerdVersion::V2 => config_v3(dir, &address, zest_socket, cri, gc)?,
         };
         std::fs::write(&config, text)?;
         let log_file = std::fs::File::create(&log)?;
@@ -632,11 +657,33 @@ impl Containerd {
 }
 
 /// containerd 1.6/1.7's configuration (format version 2) for a test in `dir`.
+/// When a test's containerd collects garbage.
+#[derive(Clone, Copy, Debug)]
+enum Gc {
+    /// Right after every deletion, so tests see what containerd would remove.
+    AfterEveryDeletion,
+    /// Only when asked (`--sync` deletions) or after 100 mutations: no startup
+    /// collection, none triggered by a deletion.
+    OnRequest,
+}
+
+impl Gc {
+    /// The keys of `[plugins."io.containerd.gc.v1.scheduler"]` (the same in
+    /// config versions 2 and 3).
+    fn scheduler_keys(self) -> &'static str {
+        match self {
+            Gc::AfterEveryDeletion => "  deletion_threshold = 1\n  schedule_delay = \"0ms\"",
+            Gc::OnRequest => "  deletion_threshold = 0\n  startup_delay = \"1h\"",
+        }
+    }
+}
+
 fn config_v2(
     dir: &Path,
     address: &Path,
     zest_socket: &Path,
     cri: Option<&str>,
+    gc: Gc,
 ) -> TestResult<String> {
     let (disabled_cri, cri_config) = match cri {
         None => ("\n  \"io.containerd.grpc.v1.cri\",", String::new()),
@@ -662,13 +709,13 @@ disabled_plugins = [{disabled_cri}
 [plugins."io.containerd.internal.v1.opt"]
   path = "{opt}"
 [plugins."io.containerd.gc.v1.scheduler"]
-  deletion_threshold = 1
-  schedule_delay = "0ms"
+{gc}
 {cri_config}{packaged}"#,
         root = dir.join("root").display(),
         state = dir.join("state").display(),
         address = address.display(),
         opt = dir.join("opt").display(),
+        gc = gc.scheduler_keys(),
         packaged = packaged_containerd_config(
             include_str!("../../packaging/containerd-config.toml"),
             zest_socket
@@ -683,6 +730,7 @@ fn config_v3(
     address: &Path,
     zest_socket: &Path,
     cri: Option<(&str, &str)>,
+    gc: Gc,
 ) -> TestResult<String> {
     const IMAGES_TABLE: &str =
         "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"zest\"";
@@ -723,13 +771,13 @@ disabled_plugins = [{disabled_cri}
 [plugins."io.containerd.internal.v1.opt"]
   path = "{opt}"
 [plugins."io.containerd.gc.v1.scheduler"]
-  deletion_threshold = 1
-  schedule_delay = "0ms"
+{gc}
 {cri_config}{packaged}"#,
         root = dir.join("root").display(),
         state = dir.join("state").display(),
         address = address.display(),
         opt = dir.join("opt").display(),
+        gc = gc.scheduler_keys(),
         packaged = packaged_containerd_config(&packaged, zest_socket)?,
     ))
 }
