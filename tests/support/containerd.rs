@@ -656,7 +656,6 @@ impl Containerd {
     }
 }
 
-/// containerd 1.6/1.7's configuration (format version 2) for a test in `dir`.
 /// When a test's containerd collects garbage.
 #[derive(Clone, Copy, Debug)]
 enum Gc {
@@ -678,6 +677,7 @@ impl Gc {
     }
 }
 
+/// containerd 1.6/1.7's configuration (format version 2) for a test in `dir`.
 fn config_v2(
     dir: &Path,
     address: &Path,
