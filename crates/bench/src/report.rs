@@ -176,6 +176,9 @@ impl<'a> View<'a> {
         let _ = writeln!(out, "- Machine: {}", field(&info.machine));
         let _ = writeln!(out, "- zest: {}", field(&info.zest_version));
         let _ = writeln!(out, "- Build: {}", field(&info.build));
+        if !info.node_filesystem.is_empty() {
+            let _ = writeln!(out, "- Nodes' state on: {}", info.node_filesystem);
+        }
         let _ = writeln!(
             out,
             "- Load (/proc/loadavg): {} at the start, {} at the end",
@@ -1288,6 +1291,7 @@ mod tests {
                 build: "commit 0123abc, release build".into(),
                 load_start: "0.10 0.20 0.30 1/100 42".into(),
                 load_end: "1.50 0.60 0.40 2/101 43".into(),
+                node_filesystem: "ext4 with a journal".into(),
                 started: "2025-01-02T03:04:05Z".into(),
                 profiles: vec![
                     ProfileInfo {
@@ -1470,6 +1474,7 @@ mod tests {
         assert!(md.contains("- Machine: test machine, 2 cores"));
         assert!(md.contains("- zest: 0.1.0"));
         assert!(md.contains("- Build: commit 0123abc, release build"));
+        assert!(md.contains("- Nodes' state on: ext4 with a journal"));
         assert!(md.contains("- Load (/proc/loadavg): 0.10 0.20 0.30 1/100 42 at the start"));
         assert!(md.contains("- Started: 2025-01-02T03:04:05Z"));
         assert!(md.contains("- Samples: 120"));

@@ -176,6 +176,11 @@ pub struct RunInfo {
     /// `/proc/loadavg` when the run ended (or failed).
     #[serde(default)]
     pub load_end: String,
+    /// The filesystem holding the nodes' state (containerd's and zest's roots),
+    /// e.g. `ext4 with a journal`: file creation costs differ between
+    /// filesystems, and every mode creates files.
+    #[serde(default)]
+    pub node_filesystem: String,
     /// When the run started (RFC 3339).
     pub started: String,
     /// The link profiles used, by name, in the order they ran.

@@ -246,6 +246,15 @@ pub async fn run(
     client: &RegistryClient,
     progress: &dyn Progress,
 ) -> Result<BenchRun, (BenchRun, BenchError)> {
+    let node_filesystem = filesystem_description(&plan.work_dir);
+    if node_filesystem == JOURNAL_LESS_EXT4 {
+        tracing::warn!(
+            work_dir = %plan.work_dir.display(),
+            "the nodes' state is on ext4 without a journal: file creation there slows \
+             after the previous sample's node is removed, unevenly between modes; use a \
+             work directory on a journaled filesystem (scripts/bench mounts one)"
+        );
+    }
     let mut out = BenchRun {
         info: RunInfo {
             command: plan.command_line.clone(),
@@ -254,6 +263,7 @@ pub async fn run(
             build: build_description(),
             load_start: load_average(),
             load_end: String::new(),
+            node_filesystem,
             started: chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             profiles: plan
                 .profiles
@@ -1152,6 +1162,33 @@ pub fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".to_string())
 }
 
+/// How [`filesystem_description`] names ext4 without a journal.
+const JOURNAL_LESS_EXT4: &str = "ext4 without a journal";
+
+/// The filesystem `dir` lives on, e.g. `ext4 with a journal`. For ext4 the
+/// journal matters: without one, every file creation skips (one inode-table
+/// lookup each) the inodes freed in its block group in the last minute or more,
+/// which slows a sample that follows the removal of the previous sample's node.
+pub fn filesystem_description(dir: &Path) -> String {
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let Ok(Some(mount)) = zest_mount::mount_of(&dir) else {
+        return "unknown".to_string();
+    };
+    if mount.fstype != "ext4" {
+        return mount.fstype;
+    }
+    // /sys/fs/ext4/<device>/journal_task: the journal thread's pid, or `<none>`.
+    let device = Path::new(&mount.source)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match std::fs::read_to_string(format!("/sys/fs/ext4/{device}/journal_task")) {
+        Ok(task) if task.trim() == "<none>" => JOURNAL_LESS_EXT4.to_string(),
+        Ok(_) => "ext4 with a journal".to_string(),
+        Err(_) => "ext4".to_string(),
+    }
+}
+
 /// CPU model and count, memory, kernel and OS, as one line.
 pub fn machine_description() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -1188,6 +1225,13 @@ pub fn machine_description() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_node_filesystem_is_named() {
+        assert_eq!(filesystem_description(Path::new("/proc/self")), "proc");
+        let root = filesystem_description(Path::new("/"));
+        assert!(!root.is_empty() && root != "unknown", "{root}");
+    }
 
     #[test]
     fn prometheus_counters_are_summed_over_labels() {

@@ -417,38 +417,75 @@ pub fn is_mount_point(path: &Path) -> Result<bool, SysError> {
 /// The filesystem type (`fuse.zest`, `overlay`, ...) of the topmost mount on
 /// `path` exactly, or `None` when `path` is not a mount point.
 pub fn mount_type(path: &Path) -> Result<Option<String>, SysError> {
-    let table = fs::read(MOUNTINFO)
-        .map_err(|e| SysError::io("read mount table", Path::new(MOUNTINFO), e))?;
-    let mut found = None;
-    for line in table.split(|&b| b == b'\n') {
-        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        // Field 5 is the mount point; the type follows the "-" separator (proc(5)).
-        let Some(point) = fields.get(4) else { continue };
-        if unescape_mountinfo(point) != path {
-            continue;
-        }
-        let fstype = fields
-            .iter()
-            .position(|f| *f == b"-")
-            .and_then(|i| fields.get(i + 1));
-        if let Some(t) = fstype {
-            // Later lines are mounted on top of earlier ones.
-            found = Some(String::from_utf8_lossy(t).into_owned());
-        }
-    }
-    Ok(found)
+    // Later lines are mounted on top of earlier ones.
+    Ok(mount_table()?
+        .into_iter()
+        .rfind(|m| m.mount_point == path)
+        .map(|m| m.fstype))
 }
 
-/// Every mount point of this process's mount namespace, in table order.
-fn mount_points() -> Result<Vec<PathBuf>, SysError> {
+/// One line of the mount table: where, what type, from which source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// Filesystem type (`ext4`, `overlay`, `fuse.zest`, ...).
+    pub fstype: String,
+    /// Mount source (a device such as `/dev/vda`, or a name such as `overlay`).
+    pub source: String,
+}
+
+/// The mount a path lives on: the topmost mount whose mount point is the
+/// longest prefix of `path` (which need not exist; it should be absolute and
+/// free of symlinks and `..`).
+pub fn mount_of(path: &Path) -> Result<Option<MountEntry>, SysError> {
+    let mut best: Option<MountEntry> = None;
+    for entry in mount_table()? {
+        if !path.starts_with(&entry.mount_point) {
+            continue;
+        }
+        // `>=`: of equal mount points the later line is the one on top.
+        let deeper = best.as_ref().is_none_or(|b| {
+            entry.mount_point.components().count() >= b.mount_point.components().count()
+        });
+        if deeper {
+            best = Some(entry);
+        }
+    }
+    Ok(best)
+}
+
+/// Every line of this process's mount table, in table order.
+fn mount_table() -> Result<Vec<MountEntry>, SysError> {
     let table = fs::read(MOUNTINFO)
         .map_err(|e| SysError::io("read mount table", Path::new(MOUNTINFO), e))?;
     Ok(table
         .split(|&b| b == b'\n')
-        // Field 5 is the mount point (see proc(5)).
-        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
-        .map(unescape_mountinfo)
+        .filter_map(parse_mountinfo_line)
         .collect())
+}
+
+/// A mountinfo line (proc(5)): field 5 is the mount point; after the `-`
+/// separator come the type and the source.
+fn parse_mountinfo_line(line: &[u8]) -> Option<MountEntry> {
+    let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+    let mount_point = unescape_mountinfo(fields.get(4)?);
+    let separator = fields.iter().position(|f| *f == b"-")?;
+    let fstype = String::from_utf8_lossy(fields.get(separator + 1)?).into_owned();
+    let source = fields
+        .get(separator + 2)
+        .map(|s| unescape_mountinfo(s).to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Some(MountEntry {
+        mount_point,
+        fstype,
+        source,
+    })
+}
+
+/// Every mount point of this process's mount namespace, in table order.
+fn mount_points() -> Result<Vec<PathBuf>, SysError> {
+    Ok(mount_table()?.into_iter().map(|m| m.mount_point).collect())
 }
 
 /// Decodes the octal escapes (`\040` for a space, ...) of a mountinfo path field.
@@ -579,6 +616,33 @@ mod tests {
             PathBuf::from(r"/trailing\04")
         );
         assert_eq!(unescape_mountinfo(br"\"), PathBuf::from("\\"));
+    }
+
+    #[test]
+    fn mountinfo_lines_parse() {
+        let line =
+            br"36 35 98:0 /mnt1 /mnt\040two rw,noatime master:1 - ext4 /dev/vda rw,errors=continue";
+        assert_eq!(
+            parse_mountinfo_line(line),
+            Some(MountEntry {
+                mount_point: PathBuf::from("/mnt two"),
+                fstype: "ext4".into(),
+                source: "/dev/vda".into(),
+            })
+        );
+        assert_eq!(parse_mountinfo_line(b"36 35 98:0 / /x rw"), None);
+        assert_eq!(parse_mountinfo_line(b""), None);
+    }
+
+    #[test]
+    fn the_mount_of_a_path_is_its_deepest_mount_point() -> Result<(), Box<dyn std::error::Error>> {
+        let root = mount_of(Path::new("/"))?.ok_or("no mount for /")?;
+        assert_eq!(root.mount_point, PathBuf::from("/"));
+        // /proc is mounted in every namespace this runs in.
+        let proc = mount_of(Path::new("/proc/self/not-a-file"))?.ok_or("no mount for /proc")?;
+        assert_eq!(proc.mount_point, PathBuf::from("/proc"));
+        assert_eq!(proc.fstype, "proc");
+        Ok(())
     }
 
     #[test]
