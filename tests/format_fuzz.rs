@@ -375,3 +375,47 @@ fn mutated_startup_profiles_never_panic_and_round_trip_when_accepted() {
     eprintln!("accepted {accepted} of 12000 mutated profiles");
     assert!(accepted < 12_000, "every mutation accepted");
 }
+
+#[test]
+fn mutated_elf_files_never_panic() {
+    use zest_format::elf::{string_at, ElfFile};
+    // The test binary itself: a real dynamically linked ELF file. Only its
+    // first 16 KiB (headers; the dynamic section often lies further, then the
+    // same bytes stand in for it).
+    let own = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let seed = own[..own.len().min(16 << 10)].to_vec();
+    let mut rng = Rng(0x5eed_e1f0_0000_0007);
+    let (mut parsed, mut rounds) = (0, 0);
+    for _ in 0..20_000 {
+        let mut data = seed.clone();
+        mutate(&mut rng, &mut data);
+        // Aim some edits at the header and program headers themselves.
+        for _ in 0..rng.below(4) {
+            let at = rng.below(data.len().min(1024));
+            if let Some(b) = data.get_mut(at) {
+                *b = rng.next() as u8;
+            }
+        }
+        rounds += 1;
+        let Ok(elf) = ElfFile::parse(&data) else {
+            continue;
+        };
+        parsed += 1;
+        let dynamic = elf
+            .dynamic
+            .clone()
+            .and_then(|r| data.get(r.start as usize..r.end.min(data.len() as u64) as usize))
+            .unwrap_or(&data);
+        if let Ok(info) = elf.dynamic_info(dynamic) {
+            assert!(info.needed.len() <= zest_format::elf::MAX_NEEDED);
+            let strtab = info.strtab.and_then(|v| elf.file_offset(v)).unwrap_or(0);
+            for off in &info.needed {
+                if let Some(name) = strtab.checked_add(*off).and_then(|at| string_at(&data, at)) {
+                    assert!(!name.is_empty() && name.len() <= zest_format::elf::MAX_NAME_LEN);
+                }
+            }
+        }
+    }
+    eprintln!("parsed {parsed} of {rounds} mutated ELF heads");
+    assert!(parsed > 0, "no mutation kept a parseable header");
+}

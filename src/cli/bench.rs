@@ -167,6 +167,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = "bench-results")]
     pub out: PathBuf,
 
+    /// Keep every sample's node logs (zest.log, containerd.log) under
+    /// `<work dir>/logs/<sample>/`, not only those of failed samples; with
+    /// `--log` or `RUST_LOG` (e.g. `zest_fetch=debug`: every blocking miss) they
+    /// show where a start waits.
+    #[arg(long)]
+    pub keep_logs: bool,
+
     /// Longest wait for a workload's ready line, in seconds.
     #[arg(long, default_value_t = 300)]
     pub run_timeout: u64,
@@ -428,6 +435,7 @@ async fn run_bench(args: RunArgs) -> anyhow::Result<()> {
         modes: args.modes.clone(),
         samples: args.samples,
         work_dir: args.work_dir.clone(),
+        keep_logs: args.keep_logs,
         zest_binary: std::env::current_exe().context("finding zest's own binary")?,
         zest_config,
         run_timeout: Duration::from_secs(args.run_timeout.max(1)),

@@ -69,6 +69,8 @@ pub struct BenchPlan {
     pub samples: u32,
     /// Directory for the nodes' state (emptied per sample).
     pub work_dir: PathBuf,
+    /// Keep every sample's node logs under `<work_dir>/logs/`.
+    pub keep_logs: bool,
     /// The `zest` binary (`zest serve`, `zest pull`).
     pub zest_binary: PathBuf,
     /// zest's configuration; socket, state dir, metrics and registry access are
@@ -396,8 +398,11 @@ async fn measure(
         Ok(samples)
     }
     .await;
+    let label = format!("{}-{}-{mode}-{index}", w.name, profile.name);
     if result.is_err() {
-        node.keep_logs(plan, &format!("{}-{mode}-{index}", w.name));
+        node.keep_logs(plan, "failed", &label);
+    } else if plan.keep_logs {
+        node.keep_logs(plan, "logs", &label);
     }
     node.stop().await;
     result
@@ -479,7 +484,7 @@ async fn teach(
     }
     .await;
     if result.is_err() {
-        node.keep_logs(plan, &format!("{}-teach-{index}", w.name));
+        node.keep_logs(plan, "failed", &format!("{}-teach-{index}", w.name));
     }
     node.stop().await;
     result
@@ -939,18 +944,21 @@ impl Node {
         }
     }
 
-    /// Copies the node's logs to `<work dir>/failed/<label>/` before the node
-    /// directory goes, so that a failed sample can be looked into.
-    fn keep_logs(&self, plan: &BenchPlan, label: &str) {
-        let dest = plan.work_dir.join("failed").join(label);
+    /// Copies the node's logs to `<work dir>/<kind>/<label>/` before the node
+    /// directory goes, so that a sample can be looked into (`kind`: `failed`,
+    /// or `logs` for `--keep-logs`).
+    fn keep_logs(&self, plan: &BenchPlan, kind: &str, label: &str) {
+        let dest = plan.work_dir.join(kind).join(label);
         if let Err(e) = std::fs::create_dir_all(&dest) {
-            tracing::warn!(dir = %dest.display(), error = %e, "cannot keep the failed node's logs");
+            tracing::warn!(dir = %dest.display(), error = %e, "cannot keep the node's logs");
             return;
         }
         for log in ["zest.log", "containerd.log"] {
             let _ = std::fs::copy(self.dir.join(log), dest.join(log));
         }
-        tracing::warn!(dir = %dest.display(), "the failed sample's node logs are kept");
+        if kind == "failed" {
+            tracing::warn!(dir = %dest.display(), "the failed sample's node logs are kept");
+        }
     }
 
     /// Stops containerd (and its shims) and zest, detaches leftover mounts and
@@ -1268,6 +1276,7 @@ mod tests {
             modes,
             samples: 5,
             work_dir: PathBuf::from("/nonexistent"),
+            keep_logs: false,
             zest_binary: PathBuf::from("zest"),
             zest_config: ServiceConfig::default(),
             run_timeout: Duration::from_secs(1),

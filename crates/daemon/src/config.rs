@@ -361,6 +361,12 @@ pub struct LazySection {
     pub toc_prefetch: bool,
     /// TOCs fetched at the same time by that background work.
     pub toc_prefetch_parallelism: usize,
+    /// When a program is read from its start (an ELF header), fetch the shared
+    /// libraries it needs, found in the image's layers, all at once, instead
+    /// of one by one as the dynamic loader misses them.
+    pub library_prefetch: bool,
+    /// Most compressed bytes that library prefetch fetches per mounted layer.
+    pub library_prefetch_size: ByteSize,
     /// Layer indexes kept in memory for layers that are not mounted (prefetched or
     /// recently unmounted), least recently used dropped first.
     pub max_idle_layers: usize,
@@ -390,6 +396,8 @@ impl Default for LazySection {
             require_authenticated_toc: true,
             toc_prefetch: true,
             toc_prefetch_parallelism: 4,
+            library_prefetch: true,
+            library_prefetch_size: ByteSize::mib(64),
             max_idle_layers: 64,
             mount_timeout_secs: 60,
             check_interval_secs: 60,

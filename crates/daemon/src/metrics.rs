@@ -194,6 +194,21 @@ impl Metrics {
                 s.toc_prefetches_total,
             ),
             (
+                "zest_library_prefetch_files_total",
+                "ELF files library prefetch examined (programs read from their start, and the libraries they need).",
+                s.library_prefetch.elf_files,
+            ),
+            (
+                "zest_library_prefetch_libraries_total",
+                "Needed shared libraries library prefetch found in an image's layers.",
+                s.library_prefetch.libraries,
+            ),
+            (
+                "zest_library_prefetch_bytes_total",
+                "Compressed bytes library prefetch fetched.",
+                s.library_prefetch.bytes,
+            ),
+            (
                 "zest_manifest_fetches_total",
                 "Image manifests fetched for lazy mounts.",
                 s.manifest_fetches_total,

@@ -34,10 +34,12 @@
 //! per registry),
 //! [`speculate`] (speculative batching of misses),
 //! [`stats`] (counters), [`toc`] (finding and fetching a layer's TOC),
-//! [`prefetch`] (mount-time prefetch and background fetch).
+//! [`prefetch`] (mount-time prefetch and background fetch),
+//! [`libraries`] (fetching the shared libraries a program that starts needs).
 
 pub mod estimate;
 mod inflight;
+pub mod libraries;
 pub mod prefetch;
 pub mod speculate;
 pub mod stats;
@@ -623,6 +625,32 @@ impl Fetcher {
         assemble(range, chunks, &pieces).ok()
     }
 
+    /// Reads `offset..offset + len` of file `id` from the cache tiers only
+    /// (memory, then disk), never from the blob: `None` when a chunk is in
+    /// neither. The result is clamped to the file size.
+    pub async fn read_cached(&self, id: EntryId, offset: u64, len: u32) -> Option<Bytes> {
+        if let Some(b) = self.read_from_memory(id, offset, len) {
+            return Some(b);
+        }
+        let (range, chunks) = self.plan(id, offset, len).ok()?;
+        let mut pieces = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            if c.zeros {
+                if !self.zeros_known(c) {
+                    return None;
+                }
+                pieces.push(Piece::Zeros);
+            } else if let Some(b) = self.cache.memory().get(&c.digest) {
+                pieces.push(Piece::Data(b));
+            } else {
+                pieces.push(Piece::Data(self.cache.get_async(&c.digest).await?));
+                self.stats.add_disk_hits(1);
+            }
+        }
+        self.note_used(chunks);
+        assemble(range, chunks, &pieces).ok()
+    }
+
     /// Reads `offset..offset + len` of file `id` (clamped to the file size) from
     /// the cache tiers or the blob. Fails rather than return unverified bytes.
     pub async fn read(
@@ -715,6 +743,14 @@ impl Fetcher {
         }
         if !missing.is_empty() {
             self.stats.add_blocking_misses(1);
+            tracing::debug!(
+                blob = %self.describe(),
+                file = %self.index.entry(id).path(),
+                offset,
+                len,
+                chunks = missing.len(),
+                "blocking miss"
+            );
             // Blob position of the file's last chunk: read-ahead past it is
             // limited to NEIGHBOUR_READAHEAD.
             let file_end = self
@@ -1270,6 +1306,31 @@ impl Fetcher {
     /// Chunks being fetched already (a reader, another prefetch) are left to
     /// that fetch. Returns the compressed bytes fetched.
     pub async fn fetch_files(&self, files: &[EntryId], max_bytes: u64) -> u64 {
+        let whole = 0..u64::MAX;
+        let parts: Vec<(EntryId, Range<u64>)> =
+            files.iter().map(|&id| (id, whole.clone())).collect();
+        self.fetch_file_parts(&parts, max_bytes, false).await
+    }
+
+    /// Like [`Fetcher::fetch_files`], for parts of files: the chunks of each
+    /// file that overlap its uncompressed byte range (the segments of a shared
+    /// library the loader is about to map). With `for_reader` (the parts are
+    /// about to be read: library prefetch), also waits until the chunks
+    /// another fetch had claimed have arrived, and counts the bytes as fetched
+    /// for reads, not as prefetch (so they widen, like reads do, what
+    /// speculative guesses may spend). Returns the compressed bytes fetched.
+    pub async fn fetch_file_parts(
+        &self,
+        parts: &[(EntryId, Range<u64>)],
+        max_bytes: u64,
+        for_reader: bool,
+    ) -> u64 {
+        let wait_for_others = for_reader;
+        let priority = if for_reader {
+            Priority::OnDemand
+        } else {
+            Priority::Prefetch
+        };
         use futures::stream::{FuturesUnordered, StreamExt};
         let all = self.index.all_chunks();
         let max_request = self.config.prefetch_request_bytes.max(1);
@@ -1277,11 +1338,15 @@ impl Fetcher {
         let mut wanted: Vec<usize> = Vec::new();
         let mut taken: HashSet<usize> = HashSet::new();
         let mut budget = 0u64;
-        'files: for &id in files {
+        'files: for (id, range) in parts {
             if id.index() >= self.index.len() {
                 continue;
             }
-            for c in self.index.entry(id).chunks() {
+            for c in self.index.entry(*id).chunks() {
+                let (start, end) = (c.file_offset, c.file_offset.saturating_add(c.len));
+                if end <= range.start || start >= range.end {
+                    continue;
+                }
                 let Some(idx) = self.chunk_index(c) else {
                     continue;
                 };
@@ -1320,6 +1385,7 @@ impl Fetcher {
         let mut fetched = 0u64;
         let mut in_flight = FuturesUnordered::new();
         let mut run: Vec<Owned> = Vec::new();
+        let mut others: Vec<Waiter> = Vec::new();
         let (mut run_start, mut run_end) = (0u64, 0u64);
         let mut wanted = ordered.into_iter();
         loop {
@@ -1337,7 +1403,7 @@ impl Fetcher {
             if !run.is_empty() && !joins {
                 let bytes = compressed_bytes(&run, all);
                 fetched += bytes;
-                in_flight.push(self.fetch_run(std::mem::take(&mut run), Priority::Prefetch));
+                in_flight.push(self.fetch_run(std::mem::take(&mut run), priority));
                 // Sized by the request just made: small scattered files need
                 // more requests in flight to fill the link than big runs do.
                 let depth = pipeline_depth(self.limits.estimate().map(|e| e.bdp()), bytes);
@@ -1351,30 +1417,46 @@ impl Fetcher {
                 }
                 continue;
             };
-            if !self.needs_fetch(c) {
+            // Chunks in flight are claimed too when the caller waits for
+            // them (the claim is then a waiter).
+            let skip = if wait_for_others {
+                c.zeros || c.compressed_len == 0 || self.is_cached(&c.digest)
+            } else {
+                !self.needs_fetch(c)
+            };
+            if skip {
                 continue;
             }
-            if let Claim::Owner(guard) = self.inflight.claim(c.digest) {
-                // Re-check after claiming; complete rather than drop (dropping
-                // reports a failure to waiters).
-                match self.cache.memory().get(&c.digest) {
-                    Some(b) => guard.complete(Ok(b)),
-                    None => {
-                        let r = c.compressed_range();
-                        if run.is_empty() {
-                            run_start = r.start;
+            match self.inflight.claim(c.digest) {
+                Claim::Owner(guard) => {
+                    // Re-check after claiming; complete rather than drop
+                    // (dropping reports a failure to waiters).
+                    match self.cache.memory().get(&c.digest) {
+                        Some(b) => guard.complete(Ok(b)),
+                        None => {
+                            let r = c.compressed_range();
+                            if run.is_empty() {
+                                run_start = r.start;
+                            }
+                            run_end = r.end;
+                            run.push(Owned {
+                                idx,
+                                guard,
+                                why: Why::Wanted,
+                            });
                         }
-                        run_end = r.end;
-                        run.push(Owned {
-                            idx,
-                            guard,
-                            why: Why::Wanted,
-                        });
                     }
                 }
+                Claim::Waiter(w) if wait_for_others => others.push(w),
+                Claim::Waiter(_) => {}
             }
         }
         while in_flight.next().await.is_some() {}
+        for w in others {
+            // A failure is the other fetch's to report; the caller finds the
+            // chunk missing.
+            let _ = w.wait().await;
+        }
         fetched
     }
 

@@ -1250,3 +1250,183 @@ async fn an_answer_with_a_hole_or_an_error_serves_only_what_arrived_whole() {
         );
     }
 }
+
+/// A shared object this test process has mapped whose file name starts with
+/// `prefix` (the host's C library, found without assuming a path).
+fn mapped_library(prefix: &str) -> Option<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .map(std::path::PathBuf::from)
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_read_from_its_start_fetches_its_libraries_from_the_layers_below() {
+    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+    use zest_format::elf::{multiarch_triplet, string_at, ElfFile};
+
+    let prog = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let libc_path = mapped_library("libc.so").expect("the test process maps a C library");
+    let libc = std::fs::read(&libc_path).unwrap();
+    let elf = ElfFile::parse(&prog[..ElfFile::headers_end(&prog).unwrap() as usize]).unwrap();
+    let interp = elf
+        .interp
+        .clone()
+        .expect("a dynamically linked test binary");
+    let interp = String::from_utf8(
+        string_at(&prog[interp.start as usize..interp.end as usize], 0)
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    let triplet = multiarch_triplet(elf.machine, elf.is_64).expect("a Linux host");
+    let libc_name = format!("usr/lib/{triplet}/libc.so.6");
+    let loader_name = format!("usr/lib/{triplet}/ld-real.so");
+    let decoy_name = format!("usr/lib/{triplet}/libunused.so.1");
+    let (loader, decoy) = (pattern(10_000, 3), pattern(300_000, 4));
+    // The lower layer: the C library (reached through the `lib` -> `usr/lib`
+    // directory link), the loader behind the program's interpreter path (a
+    // link into another directory), and a library nobody needs.
+    let lower = build(
+        &[
+            TestFile {
+                name: &libc_name,
+                data: &libc,
+                chunk: 64 << 10,
+            },
+            TestFile {
+                name: &loader_name,
+                data: &loader,
+                chunk: 4096,
+            },
+            TestFile {
+                name: &decoy_name,
+                data: &decoy,
+                chunk: 64 << 10,
+            },
+        ],
+        vec![
+            serde_json::json!({"type": "symlink", "name": "lib", "linkName": "usr/lib", "mode": 0o777}),
+            serde_json::json!({"type": "symlink", "name": interp.trim_start_matches('/'),
+                "linkName": format!("/{loader_name}"), "mode": 0o777}),
+        ],
+    );
+    let (lower, _) = fetcher_over(lower, FetchConfig::default());
+    let (upper, _) = fetcher_for(
+        &[TestFile {
+            name: "usr/bin/prog",
+            data: &prog,
+            chunk: 64 << 10,
+        }],
+        FetchConfig::default(),
+    );
+    let shared = LibraryPrefetch::new(64 << 20);
+    let stack = LibraryStack::new(
+        Arc::clone(&shared),
+        vec![
+            StackLayer {
+                digest: Digest::of(b"upper"),
+                fetcher: Arc::downgrade(&upper),
+            },
+            StackLayer {
+                digest: Digest::of(b"lower"),
+                fetcher: Arc::downgrade(&lower),
+            },
+        ],
+    );
+    let prog_id = id_of(&upper, "usr/bin/prog");
+    let head = upper.read(prog_id, 0, 4096).await.unwrap();
+    stack.file_start(prog_id, &head);
+
+    let (libc_id, loader_id, decoy_id) = (
+        id_of(&lower, &libc_name),
+        id_of(&lower, &loader_name),
+        id_of(&lower, &decoy_name),
+    );
+    let libc_elf = ElfFile::parse(&libc[..ElfFile::headers_end(&libc).unwrap() as usize]).unwrap();
+    let data = libc_elf
+        .segments
+        .iter()
+        .find(|s| s.writable)
+        .unwrap()
+        .file
+        .start;
+    let fetched = |id, at: u64| lower.read_from_memory(id, at, 64);
+    for _ in 0..500 {
+        if fetched(libc_id, 0).is_some()
+            && fetched(libc_id, data).is_some()
+            && fetched(loader_id, 0).is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        fetched(libc_id, 0).unwrap(),
+        &libc[..64],
+        "the C library's header"
+    );
+    assert_eq!(
+        fetched(libc_id, data).unwrap(),
+        &libc[data as usize..data as usize + 64],
+        "its writable segment, relocated at load"
+    );
+    assert_eq!(
+        fetched(loader_id, 0).unwrap(),
+        &loader[..64],
+        "the interpreter"
+    );
+    assert!(
+        fetched(decoy_id, 0).is_none(),
+        "a library nobody needs stays remote"
+    );
+    assert_eq!(
+        lower.stats().blocking_misses,
+        0,
+        "prefetch is not a blocking miss"
+    );
+    let s = shared.stats();
+    assert!(s.elf_files >= 2 && s.libraries >= 2 && s.bytes > 0, "{s:?}");
+
+    // Shown the same program again, nothing is examined twice.
+    stack.file_start(prog_id, &head);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(shared.stats().elf_files, s.elf_files);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_prefetch_stays_within_its_budget() {
+    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+    let prog = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let (f, src) = fetcher_for(
+        &[TestFile {
+            name: "usr/bin/prog",
+            data: &prog,
+            chunk: 64 << 10,
+        }],
+        FetchConfig::default(),
+    );
+    let stack = LibraryStack::new(
+        LibraryPrefetch::new(1),
+        vec![StackLayer {
+            digest: Digest::of(b"l"),
+            fetcher: Arc::downgrade(&f),
+        }],
+    );
+    let id = id_of(&f, "usr/bin/prog");
+    let head = f.read(id, 0, 4096).await.unwrap();
+    let before = src.requests.load(Ordering::SeqCst);
+    stack.file_start(id, &head);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        src.requests.load(Ordering::SeqCst),
+        before,
+        "a 1-byte budget fetches nothing"
+    );
+    // Non-ELF heads are ignored outright.
+    stack.file_start(id, b"#!/bin/sh\n");
+}

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::passthrough::PassthroughStore;
 use super::{DirEntry, Errno, NodeAttr, NodeKind, OpenAnswer, ReadReply, StatFs, XattrAnswer};
+use zest_fetch::libraries::LibraryStack;
 use zest_fetch::Fetcher;
 use zest_format::{EntryId, EntryKind, EntryRef, LayerIndex, Timestamp};
 
@@ -48,6 +49,11 @@ pub struct LayerFsOptions {
     /// Record the first open or read of each regular file (for a startup
     /// profile); `None` (default) = off, and the read path takes no lock.
     pub recorder: Option<Arc<AccessRecorder>>,
+    /// Fetch the shared libraries of programs as they start: the first read
+    /// at offset 0 of each file is shown to this stack (an ELF header starts
+    /// the library prefetch of [`zest_fetch::libraries`]); `None` (default) =
+    /// off.
+    pub libraries: Option<Arc<LibraryStack>>,
     /// When nothing needs to see file opens (passthrough not negotiated, no
     /// recorder), tell the kernel the filesystem has no OPEN (default: on). The
     /// kernel then opens files itself, keeping their page cache, and sends no
@@ -175,6 +181,7 @@ impl Default for LayerFsOptions {
             opaque_xattr: OpaqueXattr::Trusted,
             passthrough: None,
             recorder: None,
+            libraries: None,
             skip_opens: true,
         }
     }
@@ -705,13 +712,25 @@ impl LayerFs {
         if let Some(recorder) = &self.options.recorder {
             recorder.record(&self.index, id);
         }
+        // Shown the head of each file read from its start (a program or
+        // library being loaded); None for other reads.
+        let libraries = self.options.libraries.clone().filter(|_| offset == 0);
         if let Some(data) = self.fetcher.read_from_memory(id, offset, size) {
-            return reply.data(&data);
+            reply.data(&data);
+            if let Some(l) = libraries {
+                l.file_start(id, &data);
+            }
+            return;
         }
         let fetcher = Arc::clone(&self.fetcher);
         self.fetcher.spawn(async move {
             match fetcher.read(id, offset, size).await {
-                Ok(data) => reply.data(&data),
+                Ok(data) => {
+                    reply.data(&data);
+                    if let Some(l) = libraries {
+                        l.file_start(id, &data);
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, ino, offset, size, "read failed; answering EIO");
                     reply.error(Errno::EIO);

@@ -86,6 +86,13 @@ impl LayerTable {
         }
     }
 
+    /// The fetcher of layer `digest`, when its index is in memory.
+    pub(super) fn fetcher(&self, digest: &Digest) -> Option<Arc<Fetcher>> {
+        let entries = self.entries.lock();
+        let opened = entries.get(digest)?.opened.get()?;
+        Some(Arc::clone(&opened.fetcher))
+    }
+
     /// Whether the layer's index is in memory already.
     pub(super) fn is_open(&self, digest: &Digest) -> bool {
         self.entries

@@ -73,6 +73,7 @@ use manifests::Manifests;
 use restore::{mount_details, stored_descriptor};
 use tocs::TocStore;
 use zest_cache::ChunkCache;
+use zest_fetch::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
 use zest_fetch::toc::{fetch_layer_index, FetchedIndex, TocFetchOptions};
 use zest_fetch::{FetchError, FetchLimits, Fetcher};
 use zest_fs::{LayerMount, PassthroughStore};
@@ -121,6 +122,8 @@ struct Inner {
     left_mounted: AtomicBool,
     /// Learned start-up profiles.
     profiles: Arc<profiles::Profiles>,
+    /// Library prefetch (files examined, counters); `None` when off.
+    libraries: Option<Arc<LibraryPrefetch>>,
 }
 
 #[derive(Default)]
@@ -212,6 +215,7 @@ impl LazyLayerProvider {
                 counters: Counters::default(),
                 stop,
                 profiles,
+                libraries: config.library_prefetch.map(LibraryPrefetch::new),
                 toc_work: Arc::new(Semaphore::new(config.toc_prefetch_parallelism.max(1))),
                 handover: handover.map(Arc::new),
                 left_mounted: AtomicBool::new(false),
@@ -270,6 +274,11 @@ impl LazyLayerProvider {
             toc_local_loads_total: g(&c.toc_local),
             toc_prefetches_total: g(&c.toc_prefetches),
             manifest_fetches_total: inner.manifests.fetches(),
+            library_prefetch: inner
+                .libraries
+                .as_ref()
+                .map(|l| l.stats())
+                .unwrap_or_default(),
             check_failures_total: g(&c.check_failures),
             profiles: inner.profiles.stats(),
             fetch,
@@ -280,6 +289,35 @@ impl LazyLayerProvider {
 }
 
 impl Inner {
+    /// The layers the programs of layer `layer` (of image `manifest`) load
+    /// libraries from, for its library prefetch: that layer, then the layers
+    /// below it in the image, top to bottom (those already opened: containerd
+    /// mounts an image's layers bottom-up). `None` when library prefetch is
+    /// off.
+    fn library_stack(
+        &self,
+        manifest: &ImageManifest,
+        layer: Digest,
+        lease: &LayerLease,
+    ) -> Option<Arc<LibraryStack>> {
+        let shared = self.libraries.as_ref()?;
+        let own = lease.opened()?;
+        let below = manifest.layers.iter().position(|l| l.digest == layer)?;
+        let mut stack = vec![StackLayer {
+            digest: layer,
+            fetcher: Arc::downgrade(&own.fetcher),
+        }];
+        for l in manifest.layers[..below].iter().rev() {
+            if let Some(fetcher) = self.layers.fetcher(&l.digest) {
+                stack.push(StackLayer {
+                    digest: l.digest,
+                    fetcher: Arc::downgrade(&fetcher),
+                });
+            }
+        }
+        Some(LibraryStack::new(Arc::clone(shared), stack))
+    }
+
     fn limits(&self, registry: &str) -> FetchLimits {
         self.limits
             .lock()
@@ -419,6 +457,7 @@ impl Inner {
         lease: LayerLease,
         target: &Path,
         recorder: Option<Arc<zest_fs::AccessRecorder>>,
+        libraries: Option<Arc<LibraryStack>>,
     ) -> Result<MountedLayer, Fallback> {
         let Some(opened) = lease.opened().cloned() else {
             return Err(Fallback::new(
@@ -432,6 +471,7 @@ impl Inner {
         let fetcher = Arc::clone(&opened.fetcher);
         let mut options = self.config.mount.clone();
         options.fs.recorder = recorder;
+        options.fs.libraries = libraries;
         let dir = target.to_path_buf();
         let failed = |e: String| {
             Fallback::new(
@@ -674,7 +714,8 @@ impl RemoteLayerProvider for LazyLayerProvider {
             }
             None => None,
         };
-        let mut mounted = inner.mount(lease, target_dir, recorder).await?;
+        let libraries = inner.library_stack(manifest, layer_digest, &lease);
+        let mut mounted = inner.mount(lease, target_dir, recorder, libraries).await?;
         mounted.image = Some(resolved.descriptor.digest);
         {
             let mut mounts = inner.mounts.lock();

@@ -206,8 +206,10 @@ pub(super) async fn restore(
                     }
                     resumed.map(|m| (m, true))
                 }
+                // Without the image manifest at hand, a restored mount does
+                // not know the layers below it: no library prefetch.
                 (Ok(lease), None) => inner
-                    .mount(lease, target_dir, None)
+                    .mount(lease, target_dir, None, None)
                     .await
                     .map(|m| (m, false)),
                 (Err(fallback), kept) => {

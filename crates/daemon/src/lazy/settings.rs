@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::profiles::{ProfileSettings, ProfileStats};
 use crate::config::ServiceConfig;
 use zest_cache::CacheStats;
+use zest_fetch::libraries::LibraryPrefetchStats;
 use zest_fetch::{FetchConfig, FetchStatsSnapshot};
 use zest_fs::MountOptions;
 use zest_oci::Platform;
@@ -34,6 +35,9 @@ pub struct LazyConfig {
     pub toc_prefetch: bool,
     /// TOCs fetched at once by that background work.
     pub toc_prefetch_parallelism: usize,
+    /// Compressed bytes each mounted layer's library prefetch may fetch;
+    /// `None`: library prefetch off.
+    pub library_prefetch: Option<u64>,
     /// Layer indexes kept for layers not mounted.
     pub max_idle_layers: usize,
     /// Time allowed for a manifest or TOC fetch while containerd waits.
@@ -85,6 +89,9 @@ impl LazyConfig {
             require_authenticated_toc: lazy.require_authenticated_toc,
             toc_prefetch: lazy.toc_prefetch,
             toc_prefetch_parallelism: lazy.toc_prefetch_parallelism,
+            library_prefetch: lazy
+                .library_prefetch
+                .then_some(lazy.library_prefetch_size.0),
             max_idle_layers: lazy.max_idle_layers,
             mount_timeout: Duration::from_secs(lazy.mount_timeout_secs),
             check_interval: Duration::from_secs(lazy.check_interval_secs),
@@ -167,6 +174,9 @@ pub struct LazyStats {
     pub toc_prefetches_total: u64,
     /// Image manifests fetched.
     pub manifest_fetches_total: u64,
+    /// Library prefetch: ELF files examined, needed libraries found in the
+    /// layers, compressed bytes fetched for them.
+    pub library_prefetch: LibraryPrefetchStats,
     /// Reachability checks that failed.
     pub check_failures_total: u64,
     /// Learned start-up profiles.
