@@ -629,9 +629,6 @@ impl Fetcher {
     /// (memory, then disk), never from the blob: `None` when a chunk is in
     /// neither. The result is clamped to the file size.
     pub async fn read_cached(&self, id: EntryId, offset: u64, len: u32) -> Option<Bytes> {
-        if let Some(b) = self.read_from_memory(id, offset, len) {
-            return Some(b);
-        }
         let (range, chunks) = self.plan(id, offset, len).ok()?;
         let mut pieces = Vec::with_capacity(chunks.len());
         for c in chunks {
@@ -641,6 +638,7 @@ impl Fetcher {
                 }
                 pieces.push(Piece::Zeros);
             } else if let Some(b) = self.cache.memory().get(&c.digest) {
+                self.stats.add_memory_hits(1);
                 pieces.push(Piece::Data(b));
             } else {
                 pieces.push(Piece::Data(self.cache.get_async(&c.digest).await?));
@@ -1325,7 +1323,6 @@ impl Fetcher {
         max_bytes: u64,
         for_reader: bool,
     ) -> u64 {
-        let wait_for_others = for_reader;
         let priority = if for_reader {
             Priority::OnDemand
         } else {
@@ -1342,11 +1339,8 @@ impl Fetcher {
             if id.index() >= self.index.len() {
                 continue;
             }
-            for c in self.index.entry(*id).chunks() {
-                let (start, end) = (c.file_offset, c.file_offset.saturating_add(c.len));
-                if end <= range.start || start >= range.end {
-                    continue;
-                }
+            let len = range.end.saturating_sub(range.start);
+            for c in self.index.chunk_range_for(*id, range.start, len) {
                 let Some(idx) = self.chunk_index(c) else {
                     continue;
                 };
@@ -1419,7 +1413,7 @@ impl Fetcher {
             };
             // Chunks in flight are claimed too when the caller waits for
             // them (the claim is then a waiter).
-            let skip = if wait_for_others {
+            let skip = if for_reader {
                 c.zeros || c.compressed_len == 0 || self.is_cached(&c.digest)
             } else {
                 !self.needs_fetch(c)
@@ -1447,7 +1441,7 @@ impl Fetcher {
                         }
                     }
                 }
-                Claim::Waiter(w) if wait_for_others => others.push(w),
+                Claim::Waiter(w) if for_reader => others.push(w),
                 Claim::Waiter(_) => {}
             }
         }

@@ -355,7 +355,7 @@ impl LibraryStack {
     ) -> Result<Bytes, &'static str> {
         let len =
             u32::try_from(range.end.saturating_sub(range.start)).map_err(|_| "range too long")?;
-        if let Some(b) = fetcher.read_from_memory(id, range.start, len) {
+        if let Some(b) = fetcher.read_cached(id, range.start, len).await {
             return Ok(b);
         }
         self.fetch(fetcher, &[(id, range.clone())]).await;
