@@ -709,6 +709,25 @@ impl Node {
                 .arg(&zest_toml),
             &dir.join("zest.log"),
         )?;
+        // containerd connects to its proxy snapshotter when it starts, and a
+        // refused connection makes it fail requests for a second or so (gRPC
+        // backoff): start it once zest accepts connections, as systemd's
+        // ordering of the two services does on a node.
+        let deadline = Instant::now() + START_TIMEOUT;
+        while tokio::net::UnixStream::connect(&config.snapshotter.socket)
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                // Dropping the child kills it.
+                return Err(BenchError::Timeout {
+                    what: "zest serve's socket".into(),
+                    after: START_TIMEOUT,
+                    dir: dir.display().to_string(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         let containerd_socket = dir.join("containerd.sock");
         let cd = dir.join("containerd");
@@ -740,26 +759,16 @@ impl Node {
             containerd,
             zest,
         };
-        if let Err(e) = node.wait_ready(&config.snapshotter.socket).await {
+        if let Err(e) = node.wait_ready().await {
             node.stop().await;
             return Err(e);
         }
         Ok(node)
     }
 
-    async fn wait_ready(&self, zest_socket: &Path) -> Result<(), BenchError> {
+    /// Waits until containerd answers (zest already does).
+    async fn wait_ready(&self) -> Result<(), BenchError> {
         let deadline = Instant::now() + START_TIMEOUT;
-        let timeout = |what: &str| BenchError::Timeout {
-            what: what.into(),
-            after: START_TIMEOUT,
-            dir: self.dir.display().to_string(),
-        };
-        while !zest_socket.exists() {
-            if Instant::now() > deadline {
-                return Err(timeout("zest serve's socket"));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         loop {
             let ok = self
                 .ctr()
@@ -773,7 +782,11 @@ impl Node {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(timeout("containerd"));
+                return Err(BenchError::Timeout {
+                    what: "containerd".into(),
+                    after: START_TIMEOUT,
+                    dir: self.dir.display().to_string(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
