@@ -774,7 +774,7 @@ impl Fetcher {
                     })?);
                 }
                 let readahead = if round == 1 { window } else { 0 };
-                let speculate = (round == 1).then_some(id);
+                let speculate = (round == 1).then_some((id, offset));
                 let waiters = self.fetch_chunks(&wanted, readahead, file_end, speculate);
                 let mut again = Vec::new();
                 for (&i, w) in missing.iter().zip(waiters) {
@@ -838,15 +838,16 @@ impl Fetcher {
 
     /// Starts fetching the chunks `wanted` (indices into `all_chunks()`, in read
     /// order), plus up to `readahead` compressed bytes of following uncached
-    /// chunks of the same file and, when `speculate` names the file read, the
-    /// speculative batch of its miss ([`speculate`]); returns one waiter per
+    /// chunks of the same file and, when `speculate` names the file read (and
+    /// the offset of the read), the speculative batch of its miss
+    /// ([`speculate`]); returns one waiter per
     /// wanted chunk, in the same order.
     fn fetch_chunks(
         self: &Arc<Self>,
         wanted: &[usize],
         readahead: u64,
         file_end: Option<usize>,
-        speculate: Option<EntryId>,
+        speculate: Option<(EntryId, u64)>,
     ) -> Vec<Waiter> {
         let all = self.index.all_chunks();
         let mut owned: Vec<Owned> = Vec::new();
@@ -888,7 +889,8 @@ impl Fetcher {
                 .unwrap_or(0);
             self.claim_readahead(last, readahead, file_end, &mut owned);
         }
-        if let Some(id) = speculate.filter(|_| !owned.is_empty() && self.may_speculate()) {
+        if let Some((id, offset)) = speculate.filter(|_| !owned.is_empty() && self.may_speculate())
+        {
             // The neighbour walk starts where this request ends, so the
             // neighbours ride in it (no hole wider than the gap limit).
             let end = owned
@@ -899,6 +901,9 @@ impl Fetcher {
                 .unwrap_or(0);
             self.claim_neighbours(id, end, &mut owned);
             self.claim_directory(id, &mut owned);
+            if offset == 0 {
+                self.claim_program_tail(id, &mut owned);
+            }
         }
         if !owned.is_empty() {
             for run in group_runs(

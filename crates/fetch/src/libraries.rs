@@ -39,6 +39,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::speculate::PROGRAM_TAIL_BYTES;
 use super::Fetcher;
 use zest_format::elf::{multiarch_triplet, string_at, ElfError, ElfFile};
 use zest_format::{EntryId, EntryKind};
@@ -208,7 +209,22 @@ impl LibraryStack {
         let fetcher = self.fetcher(pos).ok_or("layer gone")?;
         let head = match head {
             Some(h) => h,
-            None => self.bytes(&fetcher, id, 0..HEAD_BYTES).await?,
+            None => {
+                // The header and, in the same round trip, what the loader
+                // reads next: the whole file when it is small, else its end
+                // (writable segment and dynamic section, in most binaries).
+                let size = fetcher.index().entry(id).size();
+                let first = if compressed_size(&fetcher, id) <= WHOLE_FILE_BYTES {
+                    vec![(id, 0..size)]
+                } else {
+                    vec![
+                        (id, 0..HEAD_BYTES.min(size)),
+                        (id, size.saturating_sub(PROGRAM_TAIL_BYTES)..size),
+                    ]
+                };
+                self.fetch(&fetcher, &first).await;
+                self.bytes(&fetcher, id, 0..HEAD_BYTES.min(size)).await?
+            }
         };
         let elf = match ElfFile::parse(&head) {
             Ok(elf) => elf,

@@ -14,7 +14,15 @@
 //!   libraries or interpreter modules (`lib`, `lib64`, multiarch lib dirs,
 //!   python's `lib-dynload`, `site-packages`, `__pycache__`, a directory where
 //!   a `.so` was missed, ...) also fetches that directory's small files, up to
-//!   [`FetchConfig::speculative_dir_bytes`], once per directory.
+//!   [`FetchConfig::speculative_dir_bytes`], once per directory;
+//! - **the end of a program**: a miss at offset 0 of an executable or a shared
+//!   object also fetches its last [`PROGRAM_TAIL_BYTES`]. An ELF file's
+//!   writable segment (relocated data, the dynamic section) is its last
+//!   loaded part, and it is touched right after the header: the kernel zeroes
+//!   the end of an executable's data when it maps it, the loader relocates a
+//!   library's. Fetching it with the header saves one round trip per program
+//!   and library, and lets library prefetch read the dynamic section without
+//!   a round trip of its own.
 //!
 //! Guessing pauses while the guessed bytes no read has used exceed the other
 //! bytes fetched for reads, which bounds the bytes fetched to about twice the
@@ -50,6 +58,11 @@ const MAX_TRACKED_DIRS: usize = 4096;
 
 /// Files examined per neighbour walk or directory batch (bounds CPU per miss).
 const MAX_FILES_EXAMINED: usize = 512;
+
+/// Bytes at the end of a program or library fetched with its first miss at
+/// offset 0 (see the module doc): the writable segment and the dynamic
+/// section of most binaries fit (measured on Debian's: 16-60 KiB).
+pub const PROGRAM_TAIL_BYTES: u64 = 128 << 10;
 
 /// Unused speculative bytes always allowed, however little was read on demand.
 const UNUSED_FLOOR: u64 = 1 << 20;
@@ -125,6 +138,12 @@ impl Ledger {
         }
         d.insert(dir)
     }
+}
+
+/// Whether a file is likely an ELF program or library: executable by
+/// someone, or named like a shared object.
+pub(crate) fn may_be_program(mode: u32, name: &[u8]) -> bool {
+    mode & 0o111 != 0 || is_shared_object(name)
 }
 
 /// Whether a file name is a shared object (`libfoo.so`, `libfoo.so.6`,
@@ -280,6 +299,26 @@ impl Fetcher {
     }
 }
 
+impl Fetcher {
+    /// On a miss at offset 0 of a program or library larger than
+    /// [`PROGRAM_TAIL_BYTES`], claims the chunks of its last
+    /// [`PROGRAM_TAIL_BYTES`] (see the module doc).
+    pub(crate) fn claim_program_tail(&self, id: EntryId, owned: &mut Vec<Owned>) {
+        let e = self.index.entry(id);
+        if e.kind() != EntryKind::Reg || !may_be_program(e.mode(), e.name()) {
+            return;
+        }
+        let size = e.size();
+        if size <= PROGRAM_TAIL_BYTES {
+            return;
+        }
+        let tail = self
+            .index
+            .chunk_range_for(id, size - PROGRAM_TAIL_BYTES, PROGRAM_TAIL_BYTES);
+        self.claim_speculative(tail, owned);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,5 +351,8 @@ mod tests {
         assert!(is_shared_object(b"_ssl.cpython-311-x86_64-linux-gnu.so"));
         assert!(!is_shared_object(b"libc.sort"));
         assert!(!is_shared_object(b"README"));
+        assert!(may_be_program(0o755, b"cc1"));
+        assert!(may_be_program(0o644, b"libm.so.6"));
+        assert!(!may_be_program(0o644, b"stdio.h"));
     }
 }
