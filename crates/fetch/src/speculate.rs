@@ -14,7 +14,11 @@
 //!   libraries or interpreter modules (`lib`, `lib64`, multiarch lib dirs,
 //!   python's `lib-dynload`, `site-packages`, `__pycache__`, a directory where
 //!   a `.so` was missed, ...) also fetches that directory's small files, up to
-//!   [`FetchConfig::speculative_dir_bytes`], once per directory;
+//!   [`FetchConfig::speculative_dir_bytes`]. A later miss of another small
+//!   file there shows the batch fell short (python imports the modules of
+//!   its `__pycache__` in dependency order, not name order): it fetches more
+//!   of the directory with twice the previous budget, up to
+//!   [`MAX_DIR_BATCHES`] batches per directory;
 //! - **the end of a program**: a miss at offset 0 of an executable or a shared
 //!   object also fetches its last [`PROGRAM_TAIL_BYTES`]. An ELF file's
 //!   writable segment (relocated data, the dynamic section) is its last
@@ -38,7 +42,7 @@
 //! [`FetchConfig::speculative_dir_bytes`]: crate::FetchConfig::speculative_dir_bytes
 //! [`FetchStatsSnapshot`]: crate::FetchStatsSnapshot
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
@@ -53,8 +57,12 @@ use zest_oci::digest::Digest;
 /// is then a lower bound).
 const MAX_TRACKED_CHUNKS: usize = 1 << 16;
 
-/// Directories batched at most once each; past this many the set is reset.
+/// Directories whose batches are counted; past this many the map is reset.
 const MAX_TRACKED_DIRS: usize = 4096;
+
+/// Batches of one directory at most (budgets 1, 2, 4, 8 times
+/// `speculative_dir_bytes`).
+pub const MAX_DIR_BATCHES: u32 = 4;
 
 /// Files examined per neighbour walk or directory batch (bounds CPU per miss).
 const MAX_FILES_EXAMINED: usize = 512;
@@ -81,7 +89,8 @@ pub(crate) struct Ledger {
     /// `unused.len()`, readable without the lock (the read path skips the lock
     /// when nothing is pending).
     pending: AtomicUsize,
-    dirs: Mutex<HashSet<EntryId>>,
+    /// Batches fetched per directory.
+    dirs: Mutex<HashMap<EntryId, u32>>,
 }
 
 impl Ledger {
@@ -130,13 +139,20 @@ impl Ledger {
         Some(len)
     }
 
-    /// Marks `dir` batched; false when it already was.
-    fn first_batch_of(&self, dir: EntryId) -> bool {
+    /// Counts a batch of `dir`: the number of batches before it, or `None`
+    /// when it may not have one (it had one and `again` is false, or it had
+    /// [`MAX_DIR_BATCHES`]).
+    fn next_batch_of(&self, dir: EntryId, again: bool) -> Option<u32> {
         let mut d = self.dirs.lock();
-        if d.len() >= MAX_TRACKED_DIRS {
+        if d.len() >= MAX_TRACKED_DIRS && !d.contains_key(&dir) {
             d.clear();
         }
-        d.insert(dir)
+        let n = d.entry(dir).or_insert(0);
+        if *n >= MAX_DIR_BATCHES || (*n > 0 && !again) {
+            return None;
+        }
+        *n += 1;
+        Some(*n - 1)
     }
 }
 
@@ -267,11 +283,11 @@ impl Fetcher {
         }
     }
 
-    /// On the first miss in a directory whose files are read together, claims
-    /// its other small files (see the module doc).
+    /// On a miss in a directory whose files are read together, claims its
+    /// other small files (see the module doc).
     pub(crate) fn claim_directory(&self, id: EntryId, owned: &mut Vec<Owned>) {
-        let budget = self.config.speculative_dir_bytes;
-        if budget == 0 {
+        let base = self.config.speculative_dir_bytes;
+        if base == 0 {
             return;
         }
         let e = self.index.entry(id);
@@ -279,9 +295,13 @@ impl Fetcher {
         if !(is_shared_object(e.name()) || read_together(&self.index.entry(dir).path())) {
             return;
         }
-        if !self.ledger.first_batch_of(dir) {
+        // A small file missed after a batch is one the batch could have
+        // taken: the directory is read more widely than guessed.
+        let again = self.small_file_chunks(id).is_some();
+        let Some(batch) = self.ledger.next_batch_of(dir, again) else {
             return;
-        }
+        };
+        let budget = base.saturating_mul(1 << batch);
         let mut taken = 0u64;
         for child in self.index.children(dir).take(MAX_FILES_EXAMINED) {
             let child = child.id;
