@@ -267,7 +267,9 @@ pub struct FetchSection {
     pub prefetch_request_size: ByteSize,
     /// Small files following a missed file in blob order fetched with the miss (0 = off).
     pub speculative_neighbour_size: ByteSize,
-    /// Small files of a library/module directory fetched on its first miss (0 = off).
+    /// Small files of a library/module directory fetched on its first miss, and
+    /// with twice the budget on each later miss of a small file there, 4 batches at
+    /// most (0 = off).
     pub speculative_directory_size: ByteSize,
     /// Largest file fetched speculatively (compressed).
     pub speculative_max_file_size: ByteSize,
@@ -363,7 +365,8 @@ pub struct LazySection {
     pub toc_prefetch_parallelism: usize,
     /// When a program is read from its start (an ELF header), fetch the shared
     /// libraries it needs, found in the image's layers, all at once, instead
-    /// of one by one as the dynamic loader misses them.
+    /// of one by one as the dynamic loader misses them; and when an image's
+    /// top layer is mounted, do the same for the program its config starts.
     pub library_prefetch: bool,
     /// Most compressed bytes that library prefetch fetches per mounted layer.
     pub library_prefetch_size: ByteSize,

@@ -21,6 +21,15 @@
 //! program interpreter (`PT_INTERP`, the loader itself) is fetched the same
 //! way.
 //!
+//! The image's own start command is known before it runs: when the image's
+//! top layer is mounted, the daemon hands the config's Entrypoint and Cmd to
+//! [`LibraryStack::prefetch_start`], which finds the program like `execvp`
+//! does (PATH, or the working directory), follows `#!` interpreter lines
+//! (`/usr/bin/env NAME` included), and examines the program as above; it also
+//! fetches the few files nearly every start reads before the program's own
+//! (the runtime's user and group lookup, the loader's cache). A container
+//! started with another command costs only those few fetches.
+//!
 //! Invariants: this is advice, never on a read's path: it runs in tasks of the
 //! fetcher's runtime, and every byte it causes to be fetched is verified like
 //! any other (it goes through [`Fetcher::fetch_file_parts`], at the priority of
@@ -72,6 +81,31 @@ const MAX_LINK_HOPS: usize = 16;
 
 /// Bytes read for one library name or search path.
 const NAME_READ_BYTES: u32 = 512;
+
+/// Files read at nearly every container start before its program runs: the
+/// runtime's user and group lookup, the name service configuration, the
+/// loader's cache.
+const START_FILES: [&str; 4] = [
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/ld.so.cache",
+];
+
+/// `#!` lines followed from a start command to its interpreter.
+const MAX_SCRIPT_HOPS: usize = 4;
+
+/// What an image starts (its config's Entrypoint followed by Cmd), and where
+/// the program is looked up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StartCommand {
+    /// Entrypoint then Cmd.
+    pub argv: Vec<String>,
+    /// The PATH of the config's environment (colon separated).
+    pub path: String,
+    /// The config's working directory (absolute).
+    pub working_dir: String,
+}
 
 /// State shared by every stack of a daemon: the files already examined and
 /// counters.
@@ -209,22 +243,7 @@ impl LibraryStack {
         let fetcher = self.fetcher(pos).ok_or("layer gone")?;
         let head = match head {
             Some(h) => h,
-            None => {
-                // The header and, in the same round trip, what the loader
-                // reads next: the whole file when it is small, else its end
-                // (writable segment and dynamic section, in most binaries).
-                let size = fetcher.index().entry(id).size();
-                let first = if compressed_size(&fetcher, id) <= WHOLE_FILE_BYTES {
-                    vec![(id, 0..size)]
-                } else {
-                    vec![
-                        (id, 0..HEAD_BYTES.min(size)),
-                        (id, size.saturating_sub(PROGRAM_TAIL_BYTES)..size),
-                    ]
-                };
-                self.fetch(&fetcher, &first).await;
-                self.bytes(&fetcher, id, 0..HEAD_BYTES.min(size)).await?
-            }
+            None => self.head(&fetcher, id).await?,
         };
         let elf = match ElfFile::parse(&head) {
             Ok(elf) => elf,
@@ -312,6 +331,93 @@ impl LibraryStack {
         }
         tracing::debug!(file = %path, depth, wanted, found, "ELF file examined");
         Ok(())
+    }
+
+    /// The first bytes of file `id`, fetched together with what the loader
+    /// reads next if it is a program: the whole file when it is small, else
+    /// its end (the writable segment and dynamic section, in most binaries).
+    async fn head(&self, fetcher: &Arc<Fetcher>, id: EntryId) -> Result<Bytes, &'static str> {
+        let size = fetcher.index().entry(id).size();
+        let first = if compressed_size(fetcher, id) <= WHOLE_FILE_BYTES {
+            vec![(id, 0..size)]
+        } else {
+            vec![
+                (id, 0..HEAD_BYTES.min(size)),
+                (id, size.saturating_sub(PROGRAM_TAIL_BYTES)..size),
+            ]
+        };
+        self.fetch(fetcher, &first).await;
+        self.bytes(fetcher, id, 0..HEAD_BYTES.min(size)).await
+    }
+
+    /// Prefetches what starting `command` reads first: the files of
+    /// [`START_FILES`], the program (through `#!` lines to the interpreter),
+    /// and the libraries it loads. In the background; advice only.
+    pub fn prefetch_start(self: &Arc<Self>, command: StartCommand) {
+        let Some(top) = self.fetcher(0) else {
+            return;
+        };
+        for path in START_FILES {
+            let Some((pos, id)) = self.resolve(path) else {
+                continue;
+            };
+            let Some(fetcher) = self.fetcher(pos) else {
+                continue;
+            };
+            if compressed_size(&fetcher, id) > WHOLE_FILE_BYTES {
+                continue;
+            }
+            let this = Arc::clone(self);
+            let size = fetcher.index().entry(id).size();
+            let f = Arc::clone(&fetcher);
+            fetcher.spawn(async move { this.fetch(&f, &[(id, 0..size)]).await });
+        }
+        let this = Arc::clone(self);
+        top.spawn(async move { this.start_program(command).await });
+    }
+
+    async fn start_program(self: Arc<Self>, command: StartCommand) {
+        let Some(mut program) = command.argv.first().cloned() else {
+            return;
+        };
+        for _ in 0..=MAX_SCRIPT_HOPS {
+            let Some((pos, id)) = self.find_program(&program, &command) else {
+                tracing::debug!(program, "start command not found in the image");
+                return;
+            };
+            let (Some(fetcher), Some(layer)) = (self.fetcher(pos), self.layers.get(pos)) else {
+                return;
+            };
+            let Ok(head) = self.head(&fetcher, id).await else {
+                return;
+            };
+            if ElfFile::has_magic(&head) {
+                if self.shared.first_time(layer.digest, id) {
+                    Arc::clone(&self).examine((pos, id), Some(head), 0).await;
+                }
+                return;
+            }
+            match interpreter_of(&head) {
+                Some(next) => program = next,
+                None => return,
+            }
+        }
+    }
+
+    /// The regular file `execvp` runs for `program`: a name with a slash is
+    /// taken from the working directory, any other is looked up in PATH.
+    fn find_program(&self, program: &str, command: &StartCommand) -> Option<Found> {
+        if program.starts_with('/') {
+            return self.resolve(program);
+        }
+        if program.contains('/') {
+            return self.resolve(&format!("{}/{program}", command.working_dir));
+        }
+        command
+            .path
+            .split(':')
+            .filter(|d| d.starts_with('/'))
+            .find_map(|d| self.resolve(&format!("{d}/{program}")))
     }
 
     /// The library names (and the search path) in the dynamic section of `id`.
@@ -448,6 +554,23 @@ impl LibraryStack {
         }
         None
     }
+}
+
+/// The program a script's `#!` line runs: its interpreter, or the command
+/// `/usr/bin/env` is given (looked up in PATH by the caller).
+fn interpreter_of(head: &[u8]) -> Option<String> {
+    let line = head.strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n')?];
+    let line = std::str::from_utf8(line).ok()?;
+    let mut words = line.split_ascii_whitespace();
+    let interpreter = words.next()?;
+    if interpreter.rsplit('/').next() == Some("env") {
+        // `env -S ...` and other options: the first word that is not one.
+        return words
+            .find(|w| !w.starts_with('-') && !w.contains('='))
+            .map(str::to_owned);
+    }
+    Some(interpreter.to_owned())
 }
 
 /// Library names and search path read from a dynamic section.
@@ -598,6 +721,25 @@ mod tests {
         assert!(parts.iter().all(|r| r.start < 5000));
         let parts = loader_parts(&e, 200 << 20, 1 << 30);
         assert!(parts.contains(&(0..MAX_SEGMENT_BYTES)));
+    }
+
+    #[test]
+    fn scripts_name_their_interpreter() {
+        let i = |s: &[u8]| interpreter_of(s);
+        assert_eq!(i(b"#!/bin/sh\necho\n").as_deref(), Some("/bin/sh"));
+        assert_eq!(
+            i(b"#! /usr/bin/python3 -u\n").as_deref(),
+            Some("/usr/bin/python3")
+        );
+        assert_eq!(i(b"#!/usr/bin/env node\n").as_deref(), Some("node"));
+        assert_eq!(
+            i(b"#!/usr/bin/env -S LANG=C python3 -u\n").as_deref(),
+            Some("python3")
+        );
+        assert_eq!(i(b"#!/usr/bin/env\n"), None);
+        assert_eq!(i(b"#!/bin/sh"), None, "a line cut short");
+        assert_eq!(i(b"\x7fELF"), None);
+        assert_eq!(i(b"#!\xff\xfe\n"), None);
     }
 
     #[test]

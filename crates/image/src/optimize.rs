@@ -513,27 +513,11 @@ fn workload_from_config(
             image: image.to_string(),
         });
     }
-    let section = config.as_json().get("config");
-    let mut env: Vec<(String, String)> = section
-        .and_then(|c| c.get("Env"))
-        .and_then(|e| e.as_array())
-        .map(|list| {
-            list.iter()
-                .filter_map(|v| v.as_str())
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut env = config.env();
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), DEFAULT_PATH.into()));
     }
-    let cwd = section
-        .and_then(|c| c.get("WorkingDir"))
-        .and_then(|w| w.as_str())
-        .filter(|w| w.starts_with('/'))
-        .unwrap_or("/")
-        .to_string();
+    let cwd = config.working_dir().unwrap_or("/").to_string();
     Ok(Workload { argv, env, cwd })
 }
 

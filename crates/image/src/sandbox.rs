@@ -24,9 +24,7 @@ use std::time::{Duration, Instant};
 
 use zest_mount::{self, ChildMount, Overlay, SysError};
 
-/// Default `PATH` when the workload's environment sets none (the one container
-/// runtimes use).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use zest_oci::DEFAULT_PATH;
 
 /// How long unmounting waits for the files of a killed workload to close.
 const UNMOUNT_PATIENCE: Duration = Duration::from_secs(1);

@@ -34,6 +34,10 @@ pub use platform::{Platform, PlatformParseError};
 pub use reference::{Reference, ReferenceError, Repository, DOCKER_HUB, DOCKER_HUB_ENDPOINT};
 pub use types::{Descriptor, ImageConfig, ImageIndex, ImageManifest, ManifestKind, OciJsonError};
 
+/// `PATH` of a container whose image config sets none (the one container
+/// runtimes use).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Chain IDs of a layer stack: the first is the first diff ID; each next one is the
 /// sha256 of `"<previous chain ID> <diff ID>"` (OCI image spec).
 pub fn chain_ids(diff_ids: &[Digest]) -> Vec<Digest> {

@@ -416,6 +416,32 @@ impl ImageConfig {
         self.string_list("Cmd")
     }
 
+    /// `config.Env` as (name, value) pairs, in order; entries without `=`
+    /// and values that are not strings are skipped.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.raw
+            .get("config")
+            .and_then(|c| c.get("Env"))
+            .and_then(|e| e.as_array())
+            .map(|list| {
+                list.iter()
+                    .filter_map(|v| v.as_str())
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `config.WorkingDir` when it is an absolute path.
+    pub fn working_dir(&self) -> Option<&str> {
+        self.raw
+            .get("config")
+            .and_then(|c| c.get("WorkingDir"))
+            .and_then(|w| w.as_str())
+            .filter(|w| w.starts_with('/'))
+    }
+
     /// `rootfs.diff_ids`: digests of the uncompressed layers, base first.
     pub fn diff_ids(&self) -> Result<Vec<Digest>, OciJsonError> {
         let Some(ids) = self.raw.get("rootfs").and_then(|r| r.get("diff_ids")) else {

@@ -73,12 +73,12 @@ use manifests::Manifests;
 use restore::{mount_details, stored_descriptor};
 use tocs::TocStore;
 use zest_cache::ChunkCache;
-use zest_fetch::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+use zest_fetch::libraries::{LibraryPrefetch, LibraryStack, StackLayer, StartCommand};
 use zest_fetch::toc::{fetch_layer_index, FetchedIndex, TocFetchOptions};
 use zest_fetch::{FetchError, FetchLimits, Fetcher};
 use zest_fs::{LayerMount, PassthroughStore};
 use zest_oci::digest::Digest;
-use zest_oci::{Descriptor, ImageManifest, Reference, Repository};
+use zest_oci::{Descriptor, ImageConfig, ImageManifest, Reference, Repository, DEFAULT_PATH};
 use zest_registry::RegistryClient;
 use zest_snapshotter::{
     Fallback, FallbackReason, RemoteError, RemoteLayer, RemoteLayerProvider, RemoteLayerRequest,
@@ -288,6 +288,10 @@ impl LazyLayerProvider {
     }
 }
 
+/// Largest image config read for the start command prefetch (configs are a
+/// few KiB; the cap bounds memory).
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
 impl Inner {
     /// The layers the programs of layer `layer` (of image `manifest`) load
     /// libraries from, for its library prefetch: that layer, then the layers
@@ -316,6 +320,48 @@ impl Inner {
             }
         }
         Some(LibraryStack::new(Arc::clone(shared), stack))
+    }
+
+    /// Reads the image config `config` in the background and prefetches what
+    /// starting its Entrypoint and Cmd reads first
+    /// ([`LibraryStack::prefetch_start`]). Advice: failures are logged.
+    fn prefetch_start(
+        &self,
+        repository: &Repository,
+        config: &Descriptor,
+        stack: &Arc<LibraryStack>,
+    ) {
+        let client = self.client.clone();
+        let (repository, config) = (repository.clone(), config.clone());
+        let stack = Arc::clone(stack);
+        tokio::spawn(async move {
+            let image_config = match client
+                .get_blob_bytes(&repository, &config.digest, MAX_CONFIG_BYTES)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|b| ImageConfig::from_json(&b).map_err(|e| e.to_string()))
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(%repository, config = %config.digest, error = %e, "image config not read: no start command prefetch");
+                    return;
+                }
+            };
+            let mut argv = image_config.entrypoint().ok().flatten().unwrap_or_default();
+            argv.extend(image_config.cmd().ok().flatten().unwrap_or_default());
+            let path = image_config
+                .env()
+                .into_iter()
+                .find(|(k, _)| k == "PATH")
+                .map_or_else(|| DEFAULT_PATH.to_owned(), |(_, v)| v);
+            let working_dir = image_config.working_dir().unwrap_or("/").to_owned();
+            tracing::debug!(%repository, ?argv, "prefetching the image's start command");
+            stack.prefetch_start(StartCommand {
+                argv,
+                path,
+                working_dir,
+            });
+        });
     }
 
     fn limits(&self, registry: &str) -> FetchLimits {
@@ -715,6 +761,13 @@ impl RemoteLayerProvider for LazyLayerProvider {
             None => None,
         };
         let libraries = inner.library_stack(manifest, layer_digest, &lease);
+        if let Some(stack) = &libraries {
+            // The image's top layer: its rootfs is complete, the container
+            // (usually running the image's own command) comes next.
+            if manifest.layers.last().map(|l| l.digest) == Some(layer_digest) {
+                inner.prefetch_start(&reference.repository, &manifest.config, stack);
+            }
+        }
         let mut mounted = inner.mount(lease, target_dir, recorder, libraries).await?;
         mounted.image = Some(resolved.descriptor.digest);
         {
