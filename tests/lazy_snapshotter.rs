@@ -469,7 +469,12 @@ async fn lazy_pull(version: ContainerdVersion) -> TestResult {
 
     // The service and containerd.
     let state = dir.path().join("state");
-    let lazy = lazy_provider(&registry, &state, TestCache::Disk).await?;
+    // Exact request counts below: no advice fetched on the side (library and
+    // start command prefetch have a test of their own).
+    let lazy = lazy_provider_with(&registry, &state, TestCache::Disk, |c| {
+        c.library_prefetch = None
+    })
+    .await?;
     let service = ZestService::start(dir.path(), lazy.clone()).await?;
     let containerd = Containerd::start_version(dir.path(), &service.socket, version).await?;
     containerd
@@ -781,6 +786,72 @@ async fn lazy_pull(version: ContainerdVersion) -> TestResult {
 /// the cache and the metrics endpoint; a lazy layer serves reads; SIGTERM stops it
 /// and leaves the layer mounted (its connection kept by the fd holder), the next
 /// start takes it over, and SIGINT stops it releasing the mount.
+/// The image's start command (its Cmd, `/bin/sh`, a link to busybox in the base
+/// layer) is examined and fetched while the image is unpacked, before any
+/// container reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_start_command_is_fetched_while_the_image_is_unpacked() -> TestResult {
+    if !require_containerd(ContainerdVersion::V1)
+        || !require_tools(&["docker-registry", "busybox", "fusermount3"])
+    {
+        return Ok(());
+    }
+    let Some(busybox_tar) = busybox_layer_tar() else {
+        return Ok(());
+    };
+    let busybox_bin = std::fs::read("/usr/bin/busybox")?;
+    let dir = TestDir::new()?;
+    let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
+    let client = registry.client();
+    let reference: Reference = format!("{}/zest/start:a", registry.host()).parse()?;
+    let a = convert_image(
+        &client,
+        dir.path(),
+        &reference,
+        vec![busybox_tar, data_layer_tar(1)],
+    )
+    .await?;
+    let base = a.layers[0].digest.to_string();
+
+    let state = dir.path().join("state");
+    let lazy = lazy_provider(&registry, &state, TestCache::Memory).await?;
+    let service = ZestService::start(dir.path(), lazy.clone()).await?;
+    let containerd =
+        Containerd::start_version(dir.path(), &service.socket, ContainerdVersion::V1).await?;
+    containerd
+        .ctr_ok(&["leases", "create", "--id", LEASE, "--expires", "0"])
+        .await?;
+    let mut snapshots = containerd_snapshots(&containerd).await?;
+    assert_eq!(unpack(&mut snapshots, &a).await?, vec![Unpacked::Remote; 2]);
+    let gets_after_unpack = registry.range_gets(&base);
+
+    wait_for(
+        "the start command's program to be examined and fetched",
+        Duration::from_secs(20),
+        || {
+            let s = lazy.stats().library_prefetch;
+            async move { (s.elf_files >= 1 && s.bytes > 0).then_some(()) }
+        },
+    )
+    .await?;
+    assert!(
+        registry.range_gets(&base) > 1,
+        "busybox fetched from the base layer ({gets_after_unpack} range requests after unpack)"
+    );
+    let stats = lazy.stats();
+    assert_eq!(stats.fetch.blocking_misses, 0, "no read happened yet");
+
+    // What a container then reads is the source bytes.
+    let rootfs = container_rootfs(&mut snapshots, dir.path(), "ctr-start", &a.top()?).await?;
+    assert_eq!(read(rootfs.join("bin/busybox")).await?, busybox_bin);
+    unmount(&rootfs)?;
+    snapshots.remove("ctr-start").await?;
+
+    drop(containerd);
+    service.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zest_serve_binary() -> TestResult {
     if !require_tools(&["docker-registry", "fusermount3"]) {

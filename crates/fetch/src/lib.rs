@@ -627,15 +627,14 @@ impl Fetcher {
 
     /// Reads `offset..offset + len` of file `id` from the cache tiers only
     /// (memory, then disk), never from the blob: `None` when a chunk is in
-    /// neither. The result is clamped to the file size.
+    /// neither. Runs of zeros need no fetch (their digest is checked here,
+    /// once). The result is clamped to the file size.
     pub async fn read_cached(&self, id: EntryId, offset: u64, len: u32) -> Option<Bytes> {
         let (range, chunks) = self.plan(id, offset, len).ok()?;
         let mut pieces = Vec::with_capacity(chunks.len());
         for c in chunks {
             if c.zeros {
-                if !self.zeros_known(c) {
-                    return None;
-                }
+                self.check_zeros(c).await.ok()?;
                 pieces.push(Piece::Zeros);
             } else if let Some(b) = self.cache.memory().get(&c.digest) {
                 self.stats.add_memory_hits(1);

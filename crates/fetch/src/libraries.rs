@@ -377,31 +377,32 @@ impl LibraryStack {
     }
 
     async fn start_program(self: Arc<Self>, command: StartCommand) {
-        let Some(mut program) = command.argv.first().cloned() else {
-            return;
-        };
+        if let Err(why) = Arc::clone(&self).start_program_inner(&command).await {
+            tracing::debug!(argv = ?command.argv, why, "start command not prefetched");
+        }
+    }
+
+    async fn start_program_inner(
+        self: Arc<Self>,
+        command: &StartCommand,
+    ) -> Result<(), &'static str> {
+        let mut program = command.argv.first().cloned().ok_or("empty command")?;
         for _ in 0..=MAX_SCRIPT_HOPS {
-            let Some((pos, id)) = self.find_program(&program, &command) else {
-                tracing::debug!(program, "start command not found in the image");
-                return;
-            };
-            let (Some(fetcher), Some(layer)) = (self.fetcher(pos), self.layers.get(pos)) else {
-                return;
-            };
-            let Ok(head) = self.head(&fetcher, id).await else {
-                return;
-            };
+            let (pos, id) = self
+                .find_program(&program, command)
+                .ok_or("program not found in the image")?;
+            let fetcher = self.fetcher(pos).ok_or("layer gone")?;
+            let layer = self.layers.get(pos).ok_or("layer gone")?;
+            let head = self.head(&fetcher, id).await?;
             if ElfFile::has_magic(&head) {
                 if self.shared.first_time(layer.digest, id) {
                     Arc::clone(&self).examine((pos, id), Some(head), 0).await;
                 }
-                return;
+                return Ok(());
             }
-            match interpreter_of(&head) {
-                Some(next) => program = next,
-                None => return,
-            }
+            program = interpreter_of(&head).ok_or("neither an ELF file nor a script")?;
         }
+        Err("too many #! interpreters")
     }
 
     /// The regular file `execvp` runs for `program`: a name with a slash is
