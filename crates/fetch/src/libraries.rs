@@ -95,6 +95,10 @@ const START_FILES: [&str; 4] = [
 /// `#!` lines followed from a start command to its interpreter.
 const MAX_SCRIPT_HOPS: usize = 4;
 
+/// PATH directories looked in for a start command (an image config is
+/// untrusted input: its PATH bounds no work by itself).
+const MAX_PATH_DIRS: usize = 64;
+
 /// What an image starts (its config's Entrypoint followed by Cmd), and where
 /// the program is looked up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -418,6 +422,7 @@ impl LibraryStack {
             .path
             .split(':')
             .filter(|d| d.starts_with('/'))
+            .take(MAX_PATH_DIRS)
             .find_map(|d| self.resolve(&format!("{d}/{program}")))
     }
 
