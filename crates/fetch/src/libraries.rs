@@ -381,7 +381,7 @@ impl LibraryStack {
     }
 
     async fn start_program(self: Arc<Self>, command: StartCommand) {
-        if let Err(why) = Arc::clone(&self).start_program_inner(&command).await {
+        if let Err(why) = self.start_program_inner(&command).await {
             tracing::debug!(argv = ?command.argv, why, "start command not prefetched");
         }
     }

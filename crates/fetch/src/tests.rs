@@ -1270,11 +1270,17 @@ fn mapped_library(prefix: &str) -> Option<std::path::PathBuf> {
         })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_program_read_from_its_start_fetches_its_libraries_from_the_layers_below() {
-    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
-    use zest_format::elf::{multiarch_triplet, string_at, ElfFile};
+/// A real dynamically linked program (this test binary), the C library it
+/// maps, its interpreter path and the host's multiarch triplet.
+struct HostProgram {
+    prog: Vec<u8>,
+    libc: Vec<u8>,
+    interp: String,
+    triplet: &'static str,
+}
 
+fn host_program() -> HostProgram {
+    use zest_format::elf::{multiarch_triplet, string_at, ElfFile};
     let prog = std::fs::read(std::env::current_exe().unwrap()).unwrap();
     let libc_path = mapped_library("libc.so").expect("the test process maps a C library");
     let libc = std::fs::read(&libc_path).unwrap();
@@ -1290,6 +1296,25 @@ async fn a_program_read_from_its_start_fetches_its_libraries_from_the_layers_bel
     )
     .unwrap();
     let triplet = multiarch_triplet(elf.machine, elf.is_64).expect("a Linux host");
+    HostProgram {
+        prog,
+        libc,
+        interp,
+        triplet,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_read_from_its_start_fetches_its_libraries_from_the_layers_below() {
+    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+    use zest_format::elf::ElfFile;
+
+    let HostProgram {
+        prog,
+        libc,
+        interp,
+        triplet,
+    } = host_program();
     let libc_name = format!("usr/lib/{triplet}/libc.so.6");
     let loader_name = format!("usr/lib/{triplet}/ld-real.so");
     let decoy_name = format!("usr/lib/{triplet}/libunused.so.1");
@@ -1440,22 +1465,13 @@ async fn library_prefetch_stays_within_its_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_start_command_is_prefetched_through_its_script_before_it_runs() {
     use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer, StartCommand};
-    use zest_format::elf::{multiarch_triplet, string_at, ElfFile};
 
-    let prog = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-    let libc = std::fs::read(mapped_library("libc.so").expect("a C library")).unwrap();
-    let elf = ElfFile::parse(&prog[..ElfFile::headers_end(&prog).unwrap() as usize]).unwrap();
-    let interp = elf
-        .interp
-        .clone()
-        .expect("a dynamically linked test binary");
-    let interp = String::from_utf8(
-        string_at(&prog[interp.start as usize..interp.end as usize], 0)
-            .unwrap()
-            .to_vec(),
-    )
-    .unwrap();
-    let triplet = multiarch_triplet(elf.machine, elf.is_64).expect("a Linux host");
+    let HostProgram {
+        prog,
+        libc,
+        interp,
+        triplet,
+    } = host_program();
     let libc_name = format!("usr/lib/{triplet}/libc.so.6");
     let loader = pattern(10_000, 3);
     let group = b"root:x:0:\n".to_vec();
