@@ -928,6 +928,9 @@ async fn zest_serve_binary() -> TestResult {
         async move { connect(&socket).await.ok() }
     })
     .await?;
+    // HEADs of the layer so far (the push's).
+    let blob_path = format!("/blobs/{}", layer.digest);
+    let heads = registry.count_requests("HEAD", &blob_path, None);
     let chain = image.top()?;
     let status = direct
         .prepare(pb::PrepareSnapshotRequest {
@@ -956,6 +959,26 @@ async fn zest_serve_binary() -> TestResult {
         .await?
         .into_inner()
         .mounts;
+    // The view's availability check found the TOC fetch of the mount a moment ago
+    // (as good as a HEAD); once that is older than check_interval_secs, a new view
+    // asks the registry again.
+    assert_eq!(registry.count_requests("HEAD", &blob_path, None), heads);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    direct
+        .view(pb::ViewSnapshotRequest {
+            snapshotter: "zest".into(),
+            key: "view-2".into(),
+            parent: chain.clone(),
+            labels: HashMap::new(),
+        })
+        .await?;
+    assert_eq!(registry.count_requests("HEAD", &blob_path, None), heads + 1);
+    direct
+        .remove(pb::RemoveSnapshotRequest {
+            snapshotter: "zest".into(),
+            key: "view-2".into(),
+        })
+        .await?;
     let target = dir.path().join("view");
     std::fs::create_dir_all(&target)?;
     mount_at(only(&view)?, &target)?;

@@ -280,9 +280,12 @@ impl SnapshotStore {
         self.blocking(move |inner| inner.create_local(new)).await
     }
 
+    /// Checks every remote layer of `chain` at once (each check may be a round
+    /// trip to a registry); the first failure is the answer.
     async fn check_remote(&self, chain: &[Ancestor]) -> Result<(), SnapshotError> {
-        for ancestor in chain {
-            if let Some(layer) = &ancestor.remote {
+        let checks = chain.iter().filter_map(|ancestor| {
+            let layer = ancestor.remote.as_ref()?;
+            Some(async move {
                 let dir = self.inner.fs_dir(ancestor.id);
                 self.inner.provider.check(layer, &dir).await.map_err(|e| {
                     SnapshotError::Unavailable(format!(
@@ -290,9 +293,10 @@ impl SnapshotStore {
                         ancestor.name,
                         dir.display()
                     ))
-                })?;
-            }
-        }
+                })
+            })
+        });
+        futures::future::try_join_all(checks).await?;
         Ok(())
     }
 

@@ -7,8 +7,8 @@ use std::fmt;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -223,12 +223,15 @@ impl BlobSource for FileBlob {
 /// The client retries transient failures itself (its [`zest_registry::RetryPolicy`]:
 /// backoff, `Retry-After`, token refresh, one overall deadline); its errors are
 /// passed on typed, and callers do not retry them again.
+///
+/// Clones share [`RegistryBlob::last_answer`].
 #[derive(Debug, Clone)]
 pub struct RegistryBlob {
     client: RegistryClient,
     repo: Repository,
     digest: Digest,
     size: Option<u64>,
+    last_answer: Arc<Mutex<Option<Instant>>>,
 }
 
 impl RegistryBlob {
@@ -244,6 +247,7 @@ impl RegistryBlob {
             repo,
             digest,
             size,
+            last_answer: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -260,19 +264,33 @@ impl RegistryBlob {
     pub fn digest(&self) -> Digest {
         self.digest
     }
+
+    /// When the registry last served a range of this blob: proof, as good as a
+    /// HEAD, that it still serves the blob, so a reachability check can skip its
+    /// round trip after one.
+    pub fn last_answer(&self) -> Option<Instant> {
+        *self.last_answer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn answered(&self) {
+        *self.last_answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
 }
 
 impl BlobSource for RegistryBlob {
     fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
-            self.client
+            let bytes = self
+                .client
                 .get_range(&self.repo, &self.digest, range.clone())
                 .await
                 .map_err(|source| SourceError::Registry {
                     blob: self.describe(),
                     range,
                     source,
-                })
+                })?;
+            self.answered();
+            Ok(bytes)
         })
     }
 
@@ -289,7 +307,9 @@ impl BlobSource for RegistryBlob {
                     blob: self.describe(),
                     range,
                     source,
-                })
+                })?;
+            self.answered();
+            Ok(())
         })
     }
 

@@ -20,10 +20,13 @@ use tokio::sync::OnceCell;
 use zest_fetch::{FetchStatsSnapshot, Fetcher};
 use zest_oci::digest::Digest;
 use zest_oci::{Descriptor, Repository};
+use zest_store::RegistryBlob;
 
 /// A layer opened for reading: its fetcher and what is needed to open it again.
 pub(super) struct OpenedLayer {
     pub(super) fetcher: Arc<Fetcher>,
+    /// The blob the fetcher reads (for when the registry last answered).
+    pub(super) blob: Arc<RegistryBlob>,
     pub(super) repository: Repository,
     /// The descriptor as stored for restarts (zstd:chunked annotations only).
     pub(super) descriptor: Descriptor,

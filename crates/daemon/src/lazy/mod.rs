@@ -431,7 +431,7 @@ impl Inner {
         };
         let fetcher = Fetcher::new(
             Arc::new(index),
-            blob,
+            Arc::clone(&blob) as _,
             Arc::clone(&self.cache),
             self.limits(&repository.registry),
             self.config.fetch.clone(),
@@ -440,6 +440,7 @@ impl Inner {
         tracing::debug!(layer = %desc.digest, repository = %repository, authenticated, "layer index loaded");
         Ok(Arc::new(OpenedLayer {
             fetcher,
+            blob,
             repository: repository.clone(),
             descriptor: stored_descriptor(desc),
             authenticated,
@@ -796,7 +797,7 @@ impl RemoteLayerProvider for LazyLayerProvider {
 
     async fn check(&self, _layer: &RemoteLayer, target_dir: &Path) -> Result<(), RemoteError> {
         let inner = &self.inner;
-        let (entry, repository, desc) = {
+        let (entry, repository, desc, last_answer) = {
             let mounts = inner.mounts.lock();
             match mounts.get(target_dir) {
                 Some(Slot::Mounted(m)) => {
@@ -810,6 +811,7 @@ impl RemoteLayerProvider for LazyLayerProvider {
                         Arc::clone(&m.lease.entry),
                         opened.repository.clone(),
                         opened.descriptor.clone(),
+                        opened.blob.last_answer(),
                     )
                 }
                 Some(Slot::Restoring { last_error, .. }) => {
@@ -827,11 +829,14 @@ impl RemoteLayerProvider for LazyLayerProvider {
                 }
             }
         };
+        // A range the registry served (the TOC at mount, a read since) proves as
+        // much as a HEAD: a container started right after its pull pays no round
+        // trip per layer here.
         let interval = inner.config.check_interval;
+        let last_check = *entry.last_check.lock();
         if !interval.is_zero()
-            && entry
-                .last_check
-                .lock()
+            && last_check
+                .max(last_answer)
                 .is_some_and(|t| t.elapsed() < interval)
         {
             return Ok(());
