@@ -22,8 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::containerd::{
-    build_busybox_image, fail, lazy_provider, mounts_under, require_containerd, require_tools, run,
-    wait_for, Containerd, ContainerdVersion, TestCache, TestDir, TestResult, ZestService,
+    build_busybox_image, containerd_content_dir, fail, lazy_provider_with, mounts_under,
+    require_containerd, require_tools, run, wait_for, Containerd, ContainerdVersion, TestCache,
+    TestDir, TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, push_image, TestImage};
 use support::{Auth, Registry};
@@ -33,6 +34,7 @@ use zest_api::labels::{
 };
 use zest_api::snapshots as pb;
 use zest_containerd::ContainerdClient;
+use zest_daemon::LazyLayerProvider;
 use zest_format::{TocLocation, WriteOptions};
 use zest_image::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
 use zest_oci::digest::Digest;
@@ -48,6 +50,7 @@ const TOOLS: &[&str] = &["docker-registry", "busybox"];
 struct Env {
     containerd: Containerd,
     service: ZestService,
+    lazy: Arc<LazyLayerProvider>,
     registry: Registry,
     hosts_dir: PathBuf,
     dir: TestDir,
@@ -73,15 +76,19 @@ impl Env {
         let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
         let hosts_dir = dir.path().join("certs.d");
         std::fs::create_dir_all(&hosts_dir)?;
-        let service = ZestService::start(
-            dir.path(),
-            lazy_provider(&registry, dir.path(), TestCache::Memory).await?,
-        )
+        // The manifests and configs containerd stores are read from its content
+        // store, as on a node.
+        let content_dir = containerd_content_dir(dir.path());
+        let lazy = lazy_provider_with(&registry, dir.path(), TestCache::Memory, |c| {
+            c.containerd_content_dir = Some(content_dir)
+        })
         .await?;
+        let service = ZestService::start(dir.path(), lazy.clone()).await?;
         let containerd = Containerd::start_version(dir.path(), &service.socket, version).await?;
         Ok(Some(Env {
             containerd,
             service,
+            lazy,
             registry,
             hosts_dir,
             dir,
@@ -285,6 +292,11 @@ async fn converted_image_pull(version: ContainerdVersion) -> TestResult {
     assert_lazy(&env, &stdout, &manifest).await?;
     let listed = env.containerd.ctr_ok(&["images", "ls", "-q"]).await?;
     assert!(listed.lines().any(|l| l == image), "{listed}");
+    // The snapshotter read the manifest containerd had just stored (verified)
+    // instead of fetching it again.
+    let stats = env.lazy.stats();
+    assert_eq!(stats.manifest_fetches_total, 0);
+    assert!(stats.local_content_reads_total >= 1, "{stats:?}");
 
     let out = env.ctr_run(&image, echo, &["/bin/echo", "hello"]).await?;
     assert_eq!(out.trim(), "hello");

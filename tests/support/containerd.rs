@@ -915,6 +915,11 @@ pub async fn lazy_provider(
     lazy_provider_with(registry, state, cache, |_| {}).await
 }
 
+/// The content store of the containerd a test starts in `dir`.
+pub fn containerd_content_dir(dir: &Path) -> PathBuf {
+    dir.join("root/io.containerd.content.v1.content")
+}
+
 /// [`lazy_provider`] with `adjust` applied to its configuration last.
 pub async fn lazy_provider_with(
     registry: &super::Registry,
@@ -934,6 +939,9 @@ pub async fn lazy_provider_with(
     config.mount_timeout = Duration::from_secs(20);
     config.check_timeout = Duration::from_secs(5);
     config.restore_max_backoff = Duration::from_secs(1);
+    // Not the machine's containerd: a test that wants its own containerd's
+    // content store read sets it (see `content_dir`).
+    config.containerd_content_dir = None;
     adjust(&mut config);
     Ok(LazyLayerProvider::new(registry.client(), cache, config)?)
 }

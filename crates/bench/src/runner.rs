@@ -691,6 +691,8 @@ impl Node {
         config.snapshotter.state_dir = dir.join("zest");
         config.snapshotter.metrics_address = Some(metrics);
         config.cache.dir = None;
+        let cd = dir.join("containerd");
+        config.lazy.containerd_content_dir = cd.join("root/io.containerd.content.v1.content");
         role.configure(&mut config.profiles);
         let link_host = link.to_string();
         if !config.registry.plain_http_hosts.contains(&link_host) {
@@ -730,7 +732,6 @@ impl Node {
         }
 
         let containerd_socket = dir.join("containerd.sock");
-        let cd = dir.join("containerd");
         let containerd_toml = dir.join("containerd.toml");
         let text = format!(
             "version = 2\nroot = {root:?}\nstate = {state:?}\n\

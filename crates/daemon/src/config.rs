@@ -383,6 +383,10 @@ pub struct LazySection {
     /// Longest wait between two attempts to mount a stored layer again after a
     /// restart (the registry may be down), seconds.
     pub restore_max_backoff_secs: u64,
+    /// containerd's content store (`io.containerd.content.v1.content` under its
+    /// root), where an image's manifest and config are read (verified) instead of
+    /// fetched again; empty: always fetch them.
+    pub containerd_content_dir: PathBuf,
 }
 
 impl Default for LazySection {
@@ -406,6 +410,9 @@ impl Default for LazySection {
             check_interval_secs: 60,
             check_timeout_secs: 10,
             restore_max_backoff_secs: 60,
+            containerd_content_dir: PathBuf::from(
+                "/var/lib/containerd/io.containerd.content.v1.content",
+            ),
         }
     }
 }

@@ -214,6 +214,11 @@ impl Metrics {
                 s.manifest_fetches_total,
             ),
             (
+                "zest_local_content_reads_total",
+                "Image manifests and configs read from containerd's content store instead of the registry.",
+                s.local_content_reads_total,
+            ),
+            (
                 "zest_fetch_range_requests_total",
                 "Range requests for layer chunks, retries included.",
                 s.fetch.range_requests,

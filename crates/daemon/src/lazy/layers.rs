@@ -224,13 +224,23 @@ mod tests {
             FetchConfig::default(),
             tokio::runtime::Handle::current(),
         );
+        let repository = Repository {
+            registry: "r".into(),
+            name: "n".into(),
+        };
+        let descriptor = super::super::classify::tests::zstd_layer(&[]);
+        let client = zest_registry::RegistryClient::new(zest_registry::RegistryConfig::default())
+            .unwrap_or_else(|e| panic!("{e}"));
         Arc::new(OpenedLayer {
             fetcher,
-            repository: Repository {
-                registry: "r".into(),
-                name: "n".into(),
-            },
-            descriptor: super::super::classify::tests::zstd_layer(&[]),
+            // Not the fetcher's source: these tests never check reachability.
+            blob: Arc::new(RegistryBlob::for_layer(
+                client,
+                repository.clone(),
+                &descriptor,
+            )),
+            repository,
+            descriptor,
             authenticated: true,
             toc: Mutex::new(None),
         })

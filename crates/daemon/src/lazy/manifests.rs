@@ -1,7 +1,9 @@
 //! Image manifests by digest, for the layers of an image being prepared one after
-//! the other: resolved by [`RegistryClient::resolve_image`] (the one owner of
-//! manifest resolution: fetched by digest and verified, an index resolved to the
-//! configured platform) and fetched once however many layers ask.
+//! the other: read from containerd's content store when it holds them (verified;
+//! an index resolved to the configured platform there too), else resolved by
+//! [`RegistryClient::resolve_image`] (the one owner of manifest resolution over the
+//! network: fetched by digest and verified, an index resolved to the configured
+//! platform); resolved once however many layers ask.
 //!
 //! Invariants: a resolution that failed is not cached (the next prepare tries
 //! again); the cache is bounded; every resolution is bounded by a timeout.
@@ -14,13 +16,20 @@ use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
+use super::local_content::LocalContent;
 use zest_oci::digest::Digest;
-use zest_oci::{Descriptor, ImageManifest, Platform, Reference, Repository};
+use zest_oci::{
+    media_type, Descriptor, ImageManifest, ManifestKind, Platform, Reference, Repository,
+};
 use zest_registry::RegistryClient;
 use zest_snapshotter::{Fallback, FallbackReason};
 
 /// Manifests kept in memory.
 const ENTRIES: usize = 32;
+
+/// Largest manifest or index read from the content store (the registry client's
+/// default bound).
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
 /// An image manifest as resolved: parsed, and its descriptor (what a referrer
 /// names as its subject).
@@ -35,6 +44,7 @@ type Cell = Arc<OnceCell<Arc<ResolvedManifest>>>;
 /// Recently used image manifests.
 pub(super) struct Manifests {
     client: RegistryClient,
+    local: Arc<LocalContent>,
     platform: Platform,
     timeout: Duration,
     cache: Mutex<lru::LruCache<(Repository, Digest), Cell>>,
@@ -43,9 +53,15 @@ pub(super) struct Manifests {
 }
 
 impl Manifests {
-    pub(super) fn new(client: RegistryClient, platform: Platform, timeout: Duration) -> Self {
+    pub(super) fn new(
+        client: RegistryClient,
+        local: Arc<LocalContent>,
+        platform: Platform,
+        timeout: Duration,
+    ) -> Self {
         Manifests {
             client,
+            local,
             platform,
             timeout,
             cache: Mutex::new(lru::LruCache::new(
@@ -93,6 +109,9 @@ impl Manifests {
         reference: &Reference,
         digest: Digest,
     ) -> Result<Arc<ResolvedManifest>, Fallback> {
+        if let Some(local) = self.resolve_locally(digest).await {
+            return Ok(Arc::new(local));
+        }
         let pinned = reference.with_digest(digest);
         let timeout = self.timeout;
         let unavailable =
@@ -112,5 +131,41 @@ impl Manifests {
             descriptor: resolved.manifest.descriptor(),
             image: resolved.image,
         }))
+    }
+
+    /// The image manifest `digest` from containerd's content store: the manifest
+    /// itself, or the configured platform's entry of the index it is; `None` when
+    /// the store lacks either.
+    async fn resolve_locally(&self, digest: Digest) -> Option<ResolvedManifest> {
+        let bytes = self.local.read(&digest, MAX_MANIFEST_BYTES).await?;
+        let parsed = ManifestKind::parse("", &bytes).ok()?;
+        let (image, descriptor) = match parsed {
+            ManifestKind::Image(image) => {
+                let media_type = image
+                    .media_type
+                    .clone()
+                    .filter(|t| media_type::is_image_manifest(t))
+                    .unwrap_or_else(|| media_type::OCI_MANIFEST.to_owned());
+                let descriptor = Descriptor::new(media_type, digest, bytes.len() as u64);
+                (image, descriptor)
+            }
+            ManifestKind::Index(index) => {
+                let entry = index.select(&self.platform)?;
+                let bytes = self.local.read(&entry.digest, MAX_MANIFEST_BYTES).await?;
+                if bytes.len() as u64 != entry.size {
+                    return None;
+                }
+                let ManifestKind::Image(image) =
+                    ManifestKind::parse(&entry.media_type, &bytes).ok()?
+                else {
+                    return None;
+                };
+                let descriptor =
+                    Descriptor::new(entry.media_type.clone(), entry.digest, entry.size);
+                (image, descriptor)
+            }
+        };
+        tracing::debug!(manifest = %descriptor.digest, "image manifest read from containerd's content store");
+        Some(ResolvedManifest { image, descriptor })
     }
 }

@@ -2,7 +2,8 @@
 //! zstd:chunked image layers straight from their registry through FUSE.
 //!
 //! On a remote prepare it resolves the image manifest by its digest (verified; an
-//! index resolves to this host's platform), finds the layer, reads the layer's TOC
+//! index resolves to this host's platform; from containerd's content store when it
+//! holds it, else from the registry), finds the layer, reads the layer's TOC
 //! with one authenticated range request, and mounts a [`LayerMount`] on the snapshot
 //! directory. Anything else — gzip or plain layers, a TOC the manifest does not vouch
 //! for, an unreachable registry — is a [`Fallback`] with a stable reason code, and
@@ -13,7 +14,8 @@
 //! | module | owns |
 //! |---|---|
 //! | `classify` | which layers can be mounted lazily, and why not |
-//! | `manifests` | image manifests by digest (through the registry client), cached |
+//! | `manifests` | image manifests by digest (content store, else the registry client), cached |
+//! | `local_content` | containerd's content store, read-only: blobs by digest, verified |
 //! | `layers` | one fetcher per layer digest, leases, idle LRU |
 //! | `tocs` | the TOC directory: TOCs kept for restarts, re-verified when read back |
 //! | `restore` | details stored with a mount, taking a layer over or remounting it after a restart |
@@ -46,6 +48,7 @@ mod cancel;
 mod classify;
 mod handover;
 mod layers;
+mod local_content;
 mod manifests;
 mod profile_store;
 mod profiles;
@@ -69,6 +72,7 @@ use tokio::sync::Semaphore;
 use cancel::Cancel;
 use classify::{classify, TocSource};
 use layers::{LayerLease, LayerTable, OpenedLayer};
+use local_content::LocalContent;
 use manifests::Manifests;
 use restore::{mount_details, stored_descriptor};
 use tocs::TocStore;
@@ -109,6 +113,7 @@ struct Inner {
     config: LazyConfig,
     limits: Mutex<HashMap<String, FetchLimits>>,
     manifests: Manifests,
+    local_content: Arc<LocalContent>,
     layers: Arc<LayerTable>,
     tocs: TocStore,
     mounts: Mutex<HashMap<PathBuf, Slot>>,
@@ -199,13 +204,16 @@ impl LazyLayerProvider {
         let stop = Arc::new(Cancel::default());
         let profiles =
             profiles::Profiles::new(config.profiles.clone(), client.clone(), Arc::clone(&stop))?;
+        let local_content = Arc::new(LocalContent::new(config.containerd_content_dir.clone()));
         let provider = Arc::new(LazyLayerProvider {
             inner: Arc::new(Inner {
                 manifests: Manifests::new(
                     client.clone(),
+                    Arc::clone(&local_content),
                     config.platform.clone(),
                     config.mount_timeout,
                 ),
+                local_content,
                 client,
                 cache,
                 limits: Mutex::new(HashMap::new()),
@@ -274,6 +282,7 @@ impl LazyLayerProvider {
             toc_local_loads_total: g(&c.toc_local),
             toc_prefetches_total: g(&c.toc_prefetches),
             manifest_fetches_total: inner.manifests.fetches(),
+            local_content_reads_total: inner.local_content.reads(),
             library_prefetch: inner
                 .libraries
                 .as_ref()
@@ -332,13 +341,18 @@ impl Inner {
         stack: &Arc<LibraryStack>,
     ) {
         let client = self.client.clone();
+        let local = Arc::clone(&self.local_content);
         let (repository, config) = (repository.clone(), config.clone());
         let stack = Arc::clone(stack);
         tokio::spawn(async move {
-            let image_config = match client
-                .get_blob_bytes(&repository, &config.digest, MAX_CONFIG_BYTES)
-                .await
-                .map_err(|e| e.to_string())
+            let bytes = match local.read(&config.digest, MAX_CONFIG_BYTES).await {
+                Some(bytes) => Ok(bytes),
+                None => client
+                    .get_blob_bytes(&repository, &config.digest, MAX_CONFIG_BYTES)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            let image_config = match bytes
                 .and_then(|b| ImageConfig::from_json(&b).map_err(|e| e.to_string()))
             {
                 Ok(c) => c,

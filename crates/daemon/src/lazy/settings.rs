@@ -48,6 +48,9 @@ pub struct LazyConfig {
     pub check_timeout: Duration,
     /// Longest delay between two restore attempts.
     pub restore_max_backoff: Duration,
+    /// containerd's content store, read for manifests and configs before the
+    /// registry; `None`: registry only.
+    pub containerd_content_dir: Option<PathBuf>,
     /// Directory keeping the compressed TOCs of mounted layers, for restarts.
     pub toc_dir: PathBuf,
     /// Where copies of fully cached files are kept for FUSE passthrough, and
@@ -97,6 +100,8 @@ impl LazyConfig {
             check_interval: Duration::from_secs(lazy.check_interval_secs),
             check_timeout: Duration::from_secs(lazy.check_timeout_secs),
             restore_max_backoff: Duration::from_secs(lazy.restore_max_backoff_secs),
+            containerd_content_dir: (!lazy.containerd_content_dir.as_os_str().is_empty())
+                .then(|| lazy.containerd_content_dir.clone()),
             profiles: ProfileSettings {
                 record: config.profiles.record,
                 fetch: config.profiles.fetch,
@@ -174,6 +179,8 @@ pub struct LazyStats {
     pub toc_prefetches_total: u64,
     /// Image manifests fetched.
     pub manifest_fetches_total: u64,
+    /// Image manifests and configs read from containerd's content store instead.
+    pub local_content_reads_total: u64,
     /// Library prefetch: ELF files examined, needed libraries found in the
     /// layers, compressed bytes fetched for them.
     pub library_prefetch: LibraryPrefetchStats,
