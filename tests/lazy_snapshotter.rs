@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use support::containerd::{
     connect, fail, lazy_provider, lazy_provider_with, mount_at, only, require_containerd,
-    require_tools, unmount, wait_for, Containerd, ContainerdVersion, TestCache, TestDir,
-    TestResult, ZestService,
+    require_tools, unmount, wait_for, Containerd, ContainerdVersion, KillMentioningOnDrop,
+    TestCache, TestDir, TestResult, ZestService,
 };
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, gzip};
 use support::{Auth, Registry};
@@ -858,6 +858,8 @@ async fn zest_serve_binary() -> TestResult {
         return Ok(());
     }
     let dir = TestDir::new()?;
+    // `zest serve` and its fd holder name paths under `dir`.
+    let _reaper = KillMentioningOnDrop(dir.path().display().to_string());
     let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
     let client = registry.client();
     let reference: Reference = format!("{}/zest/serve:1", registry.host()).parse()?;

@@ -198,6 +198,17 @@ impl Drop for ProcessGuard {
     }
 }
 
+/// Kills, when dropped, the processes whose command line contains its marker (see
+/// [`kill_processes_mentioning`]): what a test started outside a guard of its own
+/// (a daemon and the helpers it spawned) does not outlive a failed assertion.
+pub struct KillMentioningOnDrop(pub String);
+
+impl Drop for KillMentioningOnDrop {
+    fn drop(&mut self) {
+        kill_processes_mentioning(&self.0);
+    }
+}
+
 /// Kills processes whose command line contains `marker` (a path unique to one test,
 /// e.g. its containerd socket): the shims containerd started for that test.
 pub fn kill_processes_mentioning(marker: &str) {
