@@ -97,22 +97,25 @@ impl RegistryClient {
 
     /// The referrers of `subject` in `repo` whose artifact type is
     /// `artifact_type`: from the referrers API, else from the tag schema (no tag:
-    /// none). Says where they were found.
+    /// none). Says where they were found. Both are asked at once: a registry
+    /// without the API (docker-registry 2.8, most mirrors) would otherwise cost
+    /// a round trip more, and this lookup sits on the way of a container's start
+    /// (learned profiles); the tag schema's answer is dropped where the API
+    /// answered.
     pub async fn list_referrers(
         &self,
         repo: &Repository,
         subject: &Digest,
         artifact_type: &str,
     ) -> Result<(Vec<Descriptor>, ReferrersSource), RegistryError> {
-        let (index, source) = match self
-            .referrers_api(repo, subject, Some(artifact_type))
-            .await?
-        {
+        let (api, tag) = futures::future::join(
+            self.referrers_api(repo, subject, Some(artifact_type)),
+            self.referrers_tag_index(repo, subject),
+        )
+        .await;
+        let (index, source) = match api? {
             Some(index) => (Some(index), ReferrersSource::Api),
-            None => (
-                self.referrers_tag_index(repo, subject).await?,
-                ReferrersSource::TagSchema,
-            ),
+            None => (tag?, ReferrersSource::TagSchema),
         };
         let found = index
             .map(|i| i.manifests)

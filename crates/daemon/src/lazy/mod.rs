@@ -758,6 +758,10 @@ impl RemoteLayerProvider for LazyLayerProvider {
         if inner.config.toc_prefetch {
             inner.prefetch_following(&reference.repository, manifest, request, layer_digest);
         }
+        inner
+            .profiles
+            .on_image(&reference.repository, &resolved.descriptor)
+            .await;
         let lease = inner.open_shared(&reference.repository, &desc).await?;
         let authenticated = lease.opened().is_some_and(|o| o.authenticated);
         let details = mount_details(&reference.repository, &desc, authenticated)?;

@@ -3,11 +3,12 @@
 //! nodes, and used to fetch each layer's start-up files at mount time.
 //!
 //! Per image manifest (the platform manifest a snapshot's labels resolve to):
-//! - at its first lazy mount, the profile kept in the profile directory is used;
-//!   without one, recording starts (every mount of the image gets an
-//!   [`AccessRecorder`]) and, in the background, the image's repository is asked
-//!   for one (referrers API, then the referrers tag schema). A profile found there
-//!   ends the recording: the image has one already;
+//! - when its first layer is about to be mounted (before that layer's table of
+//!   contents is fetched, so the lookup overlaps it), the profile kept in the
+//!   profile directory is used; without one, recording starts (every mount of the
+//!   image gets an [`AccessRecorder`]) and, in the background, the image's
+//!   repository is asked for one (referrers API and referrers tag schema at
+//!   once). A profile found there ends the recording: the image has one already;
 //! - recording ends after the window, or when the image's last lazy mount goes
 //!   away; the layers' first reads are merged by time into one profile, kept, and
 //!   published when configured;
@@ -183,6 +184,60 @@ impl Profiles {
         s.record || s.fetch || s.prefetch
     }
 
+    /// Image `subject` (from `repository`) is about to have a layer mounted:
+    /// takes up its profile state (the kept profile, else a recording) and,
+    /// without a kept profile, starts asking the repository for one. Called
+    /// before the layer's table of contents is fetched, so that the lookup's
+    /// round trips overlap that work rather than follow it.
+    pub(super) async fn on_image(self: &Arc<Self>, repository: &Repository, subject: &Descriptor) {
+        if !self.active() {
+            return;
+        }
+        let image = subject.digest;
+        if self.images.lock().contains_key(&image) {
+            return;
+        }
+        let local = self.store.load(image).await;
+        let start_lookup = {
+            let mut images = self.images.lock();
+            if images.contains_key(&image) {
+                return;
+            }
+            if images.len() >= MAX_TRACKED_IMAGES {
+                images.retain(|_, s| s.session.is_some());
+            }
+            let profile = local.map(Arc::new);
+            if profile.is_some() {
+                bump(&self.counters.fetched_local, 1);
+                tracing::info!(%image, "start-up profile found in the state directory");
+            }
+            let session = (profile.is_none() && self.settings.record).then(|| Session {
+                origin: Instant::now(),
+                recorders: Vec::new(),
+            });
+            if session.is_some() {
+                self.spawn_window_end(image);
+            }
+            let start_lookup = profile.is_none() && self.settings.fetch;
+            images.insert(
+                image,
+                ImageState {
+                    repository: repository.clone(),
+                    subject: subject.clone(),
+                    profile,
+                    session,
+                    waiting: Vec::new(),
+                    prefetched: HashSet::new(),
+                    budget: Arc::new(AtomicU64::new(self.settings.max_prefetch_bytes)),
+                },
+            );
+            start_lookup
+        };
+        if start_lookup {
+            self.spawn_lookup(image, repository.clone());
+        }
+    }
+
     /// A layer `layer` of image `subject` (from `repository`) is about to be
     /// mounted through `fetcher`: starts what the image's profile state calls
     /// for and returns the recorder the mount must use, if the image is being
@@ -197,46 +252,12 @@ impl Profiles {
         if !self.active() {
             return None;
         }
+        // Normally done already (before the table of contents was fetched);
+        // the state may have been forgotten since (MAX_TRACKED_IMAGES).
+        self.on_image(repository, subject).await;
         let image = subject.digest;
-        let known = self.images.lock().contains_key(&image);
-        let local = if known {
-            None
-        } else {
-            self.store.load(image).await
-        };
-        let mut start_lookup = false;
         let (recorder, prefetch) = {
             let mut images = self.images.lock();
-            if !images.contains_key(&image) {
-                if images.len() >= MAX_TRACKED_IMAGES {
-                    images.retain(|_, s| s.session.is_some());
-                }
-                let profile = local.map(Arc::new);
-                if profile.is_some() {
-                    bump(&self.counters.fetched_local, 1);
-                    tracing::info!(%image, "start-up profile found in the state directory");
-                }
-                let session = (profile.is_none() && self.settings.record).then(|| Session {
-                    origin: Instant::now(),
-                    recorders: Vec::new(),
-                });
-                if session.is_some() {
-                    self.spawn_window_end(image);
-                }
-                start_lookup = profile.is_none() && self.settings.fetch;
-                images.insert(
-                    image,
-                    ImageState {
-                        repository: repository.clone(),
-                        subject: subject.clone(),
-                        profile,
-                        session,
-                        waiting: Vec::new(),
-                        prefetched: HashSet::new(),
-                        budget: Arc::new(AtomicU64::new(self.settings.max_prefetch_bytes)),
-                    },
-                );
-            }
             let state = images.get_mut(&image)?;
             let recorder = state.session.as_mut().map(|session| {
                 match session.recorders.iter().find(|(d, _)| *d == layer) {
@@ -266,9 +287,6 @@ impl Profiles {
         };
         if let Some((profile, budget)) = prefetch {
             self.spawn_prefetch(profile, layer, Arc::clone(fetcher), budget);
-        }
-        if start_lookup {
-            self.spawn_lookup(image, repository.clone());
         }
         recorder
     }
