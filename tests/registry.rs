@@ -1465,6 +1465,10 @@ async fn referrers_come_from_the_api_when_the_registry_has_it() {
                 .body(index_bytes.clone())
         } else if req.method == "PUT" && req.path_only().contains("/manifests/sha256:") {
             Response::new(201)
+        } else if req.path_only().contains("/manifests/sha256-") {
+            // The tag schema, asked at the same time, fails: the API's answer
+            // stands.
+            Response::error(403, "DENIED", "no tags here")
         } else {
             Response::error(404, "NOT_FOUND", "not here")
         }
@@ -1484,6 +1488,12 @@ async fn referrers_come_from_the_api_when_the_registry_has_it() {
         .iter()
         .any(|r| r.query("artifactType") == ["application/x.mine+json"]));
 
+    assert!(
+        asked
+            .iter()
+            .any(|r| r.path_only().contains("/manifests/sha256-")),
+        "the tag schema is asked along with the API"
+    );
     let listed = asked.len();
 
     let blob = Descriptor::for_bytes("application/x.mine+json", b"payload");
