@@ -71,7 +71,13 @@ const MAX_DYNAMIC_BYTES: u64 = 64 << 10;
 
 /// Most bytes of one segment fetched: the start of a huge read-only segment
 /// holds what the loader reads first (hash tables, symbols, relocations).
-const MAX_SEGMENT_BYTES: u64 = 2 << 20;
+const MAX_SEGMENT_BYTES: u64 = 4 << 20;
+
+/// Code segments up to this size are fetched with the rest: a start faults in
+/// pages all over the code of the program and its C library, one round trip
+/// each, and code this small costs less than a few of those; larger code
+/// (`libnode`, `cc1`) is left to demand.
+const MAX_CODE_BYTES: u64 = 2 << 20;
 
 /// Files whose chunks compress to at most this are fetched whole.
 const WHOLE_FILE_BYTES: u64 = 256 << 10;
@@ -636,9 +642,10 @@ fn compressed_size(fetcher: &Fetcher, id: EntryId) -> u64 {
 
 /// The byte ranges of an ELF file of `size` bytes (`compressed` once
 /// compressed) that the loader reads before the program runs: the whole file
-/// when it is small; otherwise every segment but code (headers, symbol and
-/// hash tables, relocations, constants; the writable ones are relocated), each
-/// up to [`MAX_SEGMENT_BYTES`], and the dynamic section.
+/// when it is small; otherwise every segment but large code (headers, symbol
+/// and hash tables, relocations, constants; the writable ones are relocated;
+/// code up to [`MAX_CODE_BYTES`]), each up to [`MAX_SEGMENT_BYTES`], and the
+/// dynamic section.
 pub(crate) fn loader_parts(elf: &ElfFile, size: u64, compressed: u64) -> Vec<Range<u64>> {
     if compressed <= WHOLE_FILE_BYTES {
         return std::iter::once(0..size).collect();
@@ -646,12 +653,14 @@ pub(crate) fn loader_parts(elf: &ElfFile, size: u64, compressed: u64) -> Vec<Ran
     let mut parts: Vec<Range<u64>> = elf
         .segments
         .iter()
-        // Every segment but code: the read-only ones hold the headers,
+        // Every segment but large code: the read-only ones hold the headers,
         // symbol and hash tables and relocations the loader reads, and the
         // constants start-up code reads (measured: leaving the later
         // read-only segment to demand was slower for node and postgres); the
-        // writable ones are relocated.
-        .filter(|s| s.writable || !s.executable)
+        // writable ones are relocated; small code is faulted in all over.
+        .filter(|s| {
+            s.writable || !s.executable || s.file.end.saturating_sub(s.file.start) <= MAX_CODE_BYTES
+        })
         .map(|s| {
             s.file.start
                 ..s.file
@@ -716,6 +725,11 @@ mod tests {
             !parts.iter().any(|r| r.contains(&6000)),
             "code is left to demand: {parts:?}"
         );
+        // Small code (a C library's, a program's) is fetched with the rest.
+        let mut small_code = e.clone();
+        small_code.segments[1].file = 5000..5000 + MAX_CODE_BYTES;
+        let parts = loader_parts(&small_code, 8_100_000, 3_000_000);
+        assert!(parts.contains(&(5000..5000 + MAX_CODE_BYTES)), "{parts:?}");
         // A huge read-only segment is cut; ranges past the end are dropped.
         let e = elf(vec![Segment {
             file: 0..100 << 20,
