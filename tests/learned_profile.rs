@@ -371,11 +371,14 @@ async fn profile_recorded_published_and_used_by_a_second_node() -> TestResult {
 }
 
 /// A registry that serves one profile referrer of `image` through the tag
-/// schema, with `blob` as the profile bytes announced as `announced`.
+/// schema, with `blob` as the profile bytes announced as `announced` by the
+/// artifact's manifest and, with `annotated`, by the referrer's descriptor too
+/// (as zest publishes them: readers then skip the manifest).
 async fn scripted_registry(
     image: Digest,
     blob: Vec<u8>,
     announced: Descriptor,
+    annotated: bool,
 ) -> (FakeServer, Repository) {
     let config = b"{}".to_vec();
     let manifest = ImageManifest {
@@ -391,6 +394,16 @@ async fn scripted_registry(
     let manifest_bytes = manifest.to_json();
     let mut desc = Descriptor::for_bytes(media_type::OCI_MANIFEST, &manifest_bytes);
     desc.artifact_type = Some(PROFILE_MEDIA_TYPE.to_owned());
+    if annotated {
+        desc.annotations.insert(
+            "io.github.zest.profile.digest".into(),
+            announced.digest.to_string(),
+        );
+        desc.annotations.insert(
+            "io.github.zest.profile.size".into(),
+            announced.size.to_string(),
+        );
+    }
     let mut index = ImageIndex::new();
     index.manifests.push(desc.clone());
     let index_bytes = index.to_json();
@@ -438,7 +451,21 @@ fn small_profile(image: Digest) -> StartupProfile {
 
 #[tokio::test]
 async fn tampered_foreign_and_oversized_profiles_are_refused() {
+    // Both ways to the blob: named by the artifact's manifest, and named by
+    // the referrer's descriptor (no manifest fetched).
+    for annotated in [false, true] {
+        refused_profiles(annotated).await;
+    }
+}
+
+async fn refused_profiles(annotated: bool) {
     let image = Digest::of(b"image manifest");
+    let manifest_fetched = |server: &FakeServer| {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.path_only().contains("/manifests/sha256:"))
+    };
 
     // The genuine profile is accepted (the scripted registry works).
     let good = small_profile(image).encode();
@@ -446,10 +473,16 @@ async fn tampered_foreign_and_oversized_profiles_are_refused() {
         image,
         good.clone(),
         Descriptor::for_bytes(PROFILE_MEDIA_TYPE, &good),
+        annotated,
     )
     .await;
     let got = zest_daemon::fetch_profile(&scripted_client(&server), &repo, image).await;
     assert_eq!(got.unwrap(), Some(small_profile(image)));
+    assert_eq!(
+        manifest_fetched(&server),
+        !annotated,
+        "annotated: {annotated}"
+    );
 
     // Same size, other bytes: the blob does not hash to its digest.
     let mut tampered = good.clone();
@@ -459,6 +492,7 @@ async fn tampered_foreign_and_oversized_profiles_are_refused() {
         image,
         tampered,
         Descriptor::for_bytes(PROFILE_MEDIA_TYPE, &good),
+        annotated,
     )
     .await;
     let err = zest_daemon::fetch_profile(&scripted_client(&server), &repo, image)
@@ -472,6 +506,7 @@ async fn tampered_foreign_and_oversized_profiles_are_refused() {
         image,
         other.clone(),
         Descriptor::for_bytes(PROFILE_MEDIA_TYPE, &other),
+        annotated,
     )
     .await;
     let err = zest_daemon::fetch_profile(&scripted_client(&server), &repo, image)
@@ -485,7 +520,7 @@ async fn tampered_foreign_and_oversized_profiles_are_refused() {
     // An announced size over the cap is refused before anything is read.
     let mut huge = Descriptor::for_bytes(PROFILE_MEDIA_TYPE, &good);
     huge.size = 1 << 30;
-    let (server, repo) = scripted_registry(image, good, huge).await;
+    let (server, repo) = scripted_registry(image, good.clone(), huge, annotated).await;
     let err = zest_daemon::fetch_profile(&scripted_client(&server), &repo, image)
         .await
         .expect_err("an oversized profile is refused");
@@ -494,6 +529,14 @@ async fn tampered_foreign_and_oversized_profiles_are_refused() {
         .requests()
         .iter()
         .any(|r| r.path_only().contains("/blobs/")));
+
+    // A blob longer than announced is cut off at the announced size.
+    let mut short = Descriptor::for_bytes(PROFILE_MEDIA_TYPE, &good);
+    short.size -= 1;
+    let (server, repo) = scripted_registry(image, good, short, annotated).await;
+    zest_daemon::fetch_profile(&scripted_client(&server), &repo, image)
+        .await
+        .expect_err("a blob longer than announced is refused");
 }
 
 /// Publishing without push rights fails with a `Denied` error (which the daemon

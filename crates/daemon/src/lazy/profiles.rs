@@ -53,6 +53,14 @@ const EMPTY_CONFIG: &[u8] = b"{}";
 const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 /// Annotation with the version of zest that recorded it.
 const ANNOTATION_ZEST_VERSION: &str = "io.github.zest.version";
+/// Annotations naming the profile blob of a published profile. The referrers
+/// index copies a manifest's annotations into its descriptor, so a reader can
+/// fetch the blob straight from the listing, one round trip before the
+/// manifest would have named it. The blob is verified against this digest and
+/// names its image itself, so the shortcut trusts nothing the manifest path
+/// does not.
+const ANNOTATION_PROFILE_DIGEST: &str = "io.github.zest.profile.digest";
+const ANNOTATION_PROFILE_SIZE: &str = "io.github.zest.profile.size";
 
 /// Images whose profile state is kept in memory; beyond, the images without a
 /// recording in progress are forgotten (their profile is on disk).
@@ -532,7 +540,16 @@ pub async fn push_profile(
     client
         .push_blob_bytes(repository, bytes::Bytes::from_static(EMPTY_CONFIG))
         .await?;
+    let profile_blob = Descriptor::for_bytes(PROFILE_MEDIA_TYPE, &blob);
     let mut annotations = std::collections::BTreeMap::new();
+    annotations.insert(
+        ANNOTATION_PROFILE_DIGEST.to_owned(),
+        profile_blob.digest.to_string(),
+    );
+    annotations.insert(
+        ANNOTATION_PROFILE_SIZE.to_owned(),
+        profile_blob.size.to_string(),
+    );
     annotations.insert(
         ANNOTATION_CREATED.to_owned(),
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -546,7 +563,7 @@ pub async fn push_profile(
         media_type: Some(media_type::OCI_MANIFEST.to_owned()),
         artifact_type: Some(PROFILE_MEDIA_TYPE.to_owned()),
         config: Descriptor::for_bytes(EMPTY_CONFIG_MEDIA_TYPE, EMPTY_CONFIG),
-        layers: vec![Descriptor::for_bytes(PROFILE_MEDIA_TYPE, &blob)],
+        layers: vec![profile_blob],
         subject: Some(Descriptor::new(
             subject.media_type.clone(),
             subject.digest,
@@ -580,6 +597,12 @@ pub async fn fetch_profile(
     let Some(desc) = found.into_iter().next() else {
         return Ok(None);
     };
+    if let Some((blob, size)) = profile_blob_named_by(&desc).map_err(ProfileFetchError::Invalid)? {
+        let bytes = client.get_blob_bytes(repository, &blob, size).await?;
+        let profile = StartupProfile::decode(&bytes)?;
+        profile.check_image(image)?;
+        return Ok(Some(profile));
+    }
     let fetched = client.get_manifest_by_descriptor(repository, &desc).await?;
     let manifest = ImageManifest::from_json(&fetched.bytes).map_err(|e| {
         ProfileFetchError::Invalid(format!(
@@ -616,11 +639,34 @@ pub async fn fetch_profile(
         )));
     }
     let bytes = client
-        .get_blob_bytes(repository, &layer.digest, MAX_PROFILE_BYTES)
+        .get_blob_bytes(repository, &layer.digest, layer.size)
         .await?;
     let profile = StartupProfile::decode(&bytes)?;
     profile.check_image(image)?;
     Ok(Some(profile))
+}
+
+/// The profile blob a referrer's descriptor names in its annotations (profiles
+/// published before they were added have none: their manifest names it).
+/// Errors are messages for [`ProfileFetchError::Invalid`].
+fn profile_blob_named_by(desc: &Descriptor) -> Result<Option<(Digest, u64)>, String> {
+    let (Some(digest), Some(size)) = (
+        desc.annotations.get(ANNOTATION_PROFILE_DIGEST),
+        desc.annotations.get(ANNOTATION_PROFILE_SIZE),
+    ) else {
+        return Ok(None);
+    };
+    let invalid = |what: &str| format!("referrer {}: annotation {what} is not valid", desc.digest);
+    let digest: Digest = digest
+        .parse()
+        .map_err(|_| invalid(ANNOTATION_PROFILE_DIGEST))?;
+    let size: u64 = size.parse().map_err(|_| invalid(ANNOTATION_PROFILE_SIZE))?;
+    if size > MAX_PROFILE_BYTES {
+        return Err(format!(
+            "profile blob {digest} is {size} bytes, more than the {MAX_PROFILE_BYTES}-byte limit"
+        ));
+    }
+    Ok(Some((digest, size)))
 }
 
 /// Why a profile could not be fetched.
