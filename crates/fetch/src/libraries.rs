@@ -48,6 +48,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::estimate::LinkEstimate;
 use super::speculate::PROGRAM_TAIL_BYTES;
 use super::Fetcher;
 use zest_format::elf::{multiarch_triplet, string_at, ElfError, ElfFile};
@@ -75,9 +76,22 @@ const MAX_SEGMENT_BYTES: u64 = 4 << 20;
 
 /// Code segments up to this size are fetched with the rest: a start faults in
 /// pages all over the code of the program and its C library, one round trip
-/// each, and code this small costs less than a few of those; larger code
-/// (`libnode`, `cc1`) is left to demand.
-const MAX_CODE_BYTES: u64 = 2 << 20;
+/// each, and code this small (the C library's, the python interpreter's)
+/// costs less than a few of those, on any link (measured at 200 Mbit/s and
+/// 20 ms: 2 MiB -> 4 MiB, 3-7 % faster starts, the same bytes: the start
+/// reads that code anyway).
+const MAX_CODE_BYTES: u64 = 4 << 20;
+
+/// Larger code is fetched whole when it compresses to at most this many
+/// bandwidth-delay products of the registry (once measured): its transfer
+/// then takes as long as this many round trips, about as many places as a
+/// start faults in of a library's code (measured: `libcrypto` at `import
+/// ssl`, seven). Huge code (`libnode`, `cc1`) stays left to demand.
+const CODE_BDPS: u64 = 8;
+
+/// Most compressed bytes of one code segment fetched whole, however fast
+/// the link.
+const MAX_CODE_FETCH_BYTES: u64 = 8 << 20;
 
 /// Files whose chunks compress to at most this are fetched whole.
 const WHOLE_FILE_BYTES: u64 = 256 << 10;
@@ -284,11 +298,25 @@ impl LibraryStack {
         // few strings) are read meanwhile, so that finding them does not wait
         // for a large segment to arrive.
         let size = fetcher.index().entry(id).size();
-        let parts: Vec<(EntryId, Range<u64>)> =
-            loader_parts(&elf, size, compressed_size(&fetcher, id))
-                .into_iter()
-                .map(|r| (id, r))
-                .collect();
+        let code_budget = code_budget(fetcher.limits.estimate());
+        let index = fetcher.index();
+        let compressed_of = |r: &Range<u64>| {
+            index
+                .chunk_range_for(id, r.start, r.end.saturating_sub(r.start))
+                .iter()
+                .map(|c| u64::from(c.compressed_len))
+                .fold(0u64, u64::saturating_add)
+        };
+        let parts: Vec<(EntryId, Range<u64>)> = loader_parts(
+            &elf,
+            size,
+            compressed_size(&fetcher, id),
+            code_budget,
+            compressed_of,
+        )
+        .into_iter()
+        .map(|r| (id, r))
+        .collect();
         {
             let this = Arc::clone(self);
             let f = Arc::clone(&fetcher);
@@ -640,32 +668,53 @@ fn compressed_size(fetcher: &Fetcher, id: EntryId) -> u64 {
         .sum()
 }
 
+/// Compressed bytes of code a library's fetch may include whole on this link
+/// ([`CODE_BDPS`]); 0 before the link is measured.
+fn code_budget(link: Option<LinkEstimate>) -> u64 {
+    link.map_or(0, |l| {
+        l.bdp().saturating_mul(CODE_BDPS).min(MAX_CODE_FETCH_BYTES)
+    })
+}
+
 /// The byte ranges of an ELF file of `size` bytes (`compressed` once
 /// compressed) that the loader reads before the program runs: the whole file
 /// when it is small; otherwise every segment but large code (headers, symbol
 /// and hash tables, relocations, constants; the writable ones are relocated;
-/// code up to [`MAX_CODE_BYTES`]), each up to [`MAX_SEGMENT_BYTES`], and the
-/// dynamic section.
-pub(crate) fn loader_parts(elf: &ElfFile, size: u64, compressed: u64) -> Vec<Range<u64>> {
+/// code up to [`MAX_CODE_BYTES`], or larger code whose compressed bytes,
+/// `compressed_of` the segment, are at most `code_budget`, whole), others up
+/// to [`MAX_SEGMENT_BYTES`], and the dynamic section.
+pub(crate) fn loader_parts(
+    elf: &ElfFile,
+    size: u64,
+    compressed: u64,
+    code_budget: u64,
+    compressed_of: impl Fn(&Range<u64>) -> u64,
+) -> Vec<Range<u64>> {
     if compressed <= WHOLE_FILE_BYTES {
         return std::iter::once(0..size).collect();
     }
     let mut parts: Vec<Range<u64>> = elf
         .segments
         .iter()
-        // Every segment but large code: the read-only ones hold the headers,
-        // symbol and hash tables and relocations the loader reads, and the
-        // constants start-up code reads (measured: leaving the later
-        // read-only segment to demand was slower for node and postgres); the
-        // writable ones are relocated; small code is faulted in all over.
-        .filter(|s| {
-            s.writable || !s.executable || s.file.end.saturating_sub(s.file.start) <= MAX_CODE_BYTES
-        })
-        .map(|s| {
-            s.file.start
-                ..s.file
+        .filter_map(|s| {
+            let code = s.executable && !s.writable;
+            if !code {
+                // The read-only ones hold the headers, symbol and hash tables
+                // and relocations the loader reads, and the constants
+                // start-up code reads (measured: leaving the later read-only
+                // segment to demand was slower for node and postgres); the
+                // writable ones are relocated. A huge one is read from its
+                // start.
+                let end = s
+                    .file
                     .end
-                    .min(s.file.start.saturating_add(MAX_SEGMENT_BYTES))
+                    .min(s.file.start.saturating_add(MAX_SEGMENT_BYTES));
+                return Some(s.file.start..end);
+            }
+            // Code is faulted in all over, a round trip per place: whole, or
+            // left to demand.
+            let small = s.file.end.saturating_sub(s.file.start) <= MAX_CODE_BYTES;
+            (small || compressed_of(&s.file) <= code_budget).then(|| s.file.clone())
         })
         .collect();
     parts.push(0..HEAD_BYTES.min(size));
@@ -714,10 +763,12 @@ mod tests {
                 writable: true,
             },
         ]);
-        let whole = loader_parts(&e, 8_100_000, 100_000);
+        let whole = loader_parts(&e, 8_100_000, 100_000, 0, |_| 0);
         assert_eq!(whole.len(), 1);
         assert_eq!(whole[0], 0..8_100_000);
-        let parts = loader_parts(&e, 8_100_000, 3_000_000);
+        // Code compressing to 2 MB, on a link not measured yet.
+        let code_2mb = |r: &Range<u64>| if r.contains(&6000) { 2_000_000 } else { 1000 };
+        let parts = loader_parts(&e, 8_100_000, 3_000_000, 0, code_2mb);
         assert!(parts.contains(&(0..5000)));
         assert!(parts.contains(&(8_000_000..8_100_000)));
         assert!(parts.contains(&(9000..9100)));
@@ -725,10 +776,27 @@ mod tests {
             !parts.iter().any(|r| r.contains(&6000)),
             "code is left to demand: {parts:?}"
         );
+        // On a link where that is at most CODE_BDPS round trips of transfer
+        // (20 ms, 25 MB/s: 4 MB) the code is fetched whole; on a slower
+        // one (2 MB/s: 320 kB) it is not.
+        let link = |bytes_per_sec: f64| {
+            Some(LinkEstimate {
+                rtt: std::time::Duration::from_millis(20),
+                bytes_per_sec,
+            })
+        };
+        assert_eq!(code_budget(None), 0);
+        assert_eq!(code_budget(link(25e6)), 4_000_000);
+        let parts = loader_parts(&e, 8_100_000, 3_000_000, code_budget(link(25e6)), code_2mb);
+        assert!(parts.contains(&(5000..8_000_000)), "whole: {parts:?}");
+        let parts = loader_parts(&e, 8_100_000, 3_000_000, code_budget(link(2e6)), code_2mb);
+        assert!(!parts.iter().any(|r| r.contains(&6000)), "{parts:?}");
+        // However fast the link, at most MAX_CODE_FETCH_BYTES.
+        assert_eq!(code_budget(link(1e12)), MAX_CODE_FETCH_BYTES);
         // Small code (a C library's, a program's) is fetched with the rest.
         let mut small_code = e.clone();
         small_code.segments[1].file = 5000..5000 + MAX_CODE_BYTES;
-        let parts = loader_parts(&small_code, 8_100_000, 3_000_000);
+        let parts = loader_parts(&small_code, 8_100_000, 3_000_000, 0, code_2mb);
         assert!(parts.contains(&(5000..5000 + MAX_CODE_BYTES)), "{parts:?}");
         // A huge read-only segment is cut; ranges past the end are dropped.
         let e = elf(vec![Segment {
@@ -737,9 +805,9 @@ mod tests {
             executable: false,
             writable: false,
         }]);
-        let parts = loader_parts(&e, 5000, 1 << 30);
+        let parts = loader_parts(&e, 5000, 1 << 30, 0, |_| 0);
         assert!(parts.iter().all(|r| r.start < 5000));
-        let parts = loader_parts(&e, 200 << 20, 1 << 30);
+        let parts = loader_parts(&e, 200 << 20, 1 << 30, 0, |_| 0);
         assert!(parts.contains(&(0..MAX_SEGMENT_BYTES)));
     }
 
