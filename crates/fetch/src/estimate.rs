@@ -4,7 +4,9 @@
 //! Each request is modelled as `elapsed = rtt + bytes / throughput`. The RTT
 //! estimate is the smallest elapsed time of the recent small requests (they
 //! are all round trip), the throughput an average over the large ones with
-//! the RTT taken out; there is no estimate until both kinds were seen. The fetcher sizes guesses and background work from the
+//! the RTT taken out; there is no estimate until both kinds were seen. With
+//! several requests in flight that average is a request's share of the link;
+//! the highest average seen stands for the link's own rate. The fetcher sizes guesses and background work from the
 //! product: fetching one BDP more costs about one round trip, the price of the
 //! miss it may save, and background requests of a few BDPs keep the link busy
 //! without holding an on-demand request behind a long transfer.
@@ -30,14 +32,24 @@ const ALPHA: f64 = 0.25;
 pub struct LinkEstimate {
     /// Round-trip time (time to first byte of a request).
     pub rtt: Duration,
-    /// Transfer rate, bytes per second.
+    /// Transfer rate of one request, bytes per second (recent average: with
+    /// several requests in flight each gets a share of the link).
     pub bytes_per_sec: f64,
+    /// Highest average transfer rate seen: about the link's rate, measured
+    /// while a request had the link to itself.
+    pub peak_bytes_per_sec: f64,
 }
 
 impl LinkEstimate {
-    /// The bandwidth-delay product in bytes.
+    /// The bandwidth-delay product in bytes, at one request's rate.
     pub fn bdp(&self) -> u64 {
         (self.rtt.as_secs_f64() * self.bytes_per_sec) as u64
+    }
+
+    /// The bandwidth-delay product of the link (at its peak rate): what a
+    /// transfer costs the link, whatever else is in flight.
+    pub fn link_bdp(&self) -> u64 {
+        (self.rtt.as_secs_f64() * self.peak_bytes_per_sec) as u64
     }
 }
 
@@ -47,6 +59,7 @@ struct State {
     len: usize,
     next: usize,
     bytes_per_sec: Option<f64>,
+    peak_bytes_per_sec: f64,
 }
 
 /// The live estimator, shared by the fetchers of one registry.
@@ -72,10 +85,12 @@ impl Estimator {
             // fastest one says nothing about the rate.
             let transfer = elapsed.saturating_sub(rtt).max(Duration::from_millis(1));
             let rate = bytes as f64 / transfer.as_secs_f64();
-            s.bytes_per_sec = Some(match s.bytes_per_sec {
+            let average = match s.bytes_per_sec {
                 Some(old) => old + ALPHA * (rate - old),
                 None => rate,
-            });
+            };
+            s.bytes_per_sec = Some(average);
+            s.peak_bytes_per_sec = s.peak_bytes_per_sec.max(average);
         }
     }
 
@@ -92,6 +107,7 @@ impl Estimator {
         Some(LinkEstimate {
             rtt: Self::rtt_of(&s),
             bytes_per_sec: s.bytes_per_sec?,
+            peak_bytes_per_sec: s.peak_bytes_per_sec,
         })
     }
 }
@@ -137,5 +153,30 @@ mod tests {
         let est = e.get().expect("estimate");
         assert_eq!(est.rtt, Duration::from_millis(100));
         assert!((est.bytes_per_sec / 20e6 - 1.0).abs() < 0.05, "{est:?}");
+    }
+
+    #[test]
+    fn the_peak_rate_survives_sharing_the_link() {
+        let e = Estimator::default();
+        let rtt = Duration::from_millis(20);
+        e.record(4096, rtt);
+        // Alone on a 25 MB/s link, then one of five requests sharing it.
+        e.record(
+            1 << 20,
+            rtt + Duration::from_secs_f64((1 << 20) as f64 / 25e6),
+        );
+        for _ in 0..16 {
+            e.record(
+                1 << 20,
+                rtt + Duration::from_secs_f64((1 << 20) as f64 / 5e6),
+            );
+        }
+        let est = e.get().expect("estimate");
+        assert!((est.bytes_per_sec / 5e6 - 1.0).abs() < 0.05, "{est:?}");
+        assert!(
+            (est.peak_bytes_per_sec / 25e6 - 1.0).abs() < 0.05,
+            "{est:?}"
+        );
+        assert!((450_000..550_000).contains(&est.link_bdp()), "{est:?}");
     }
 }

@@ -83,7 +83,8 @@ const MAX_SEGMENT_BYTES: u64 = 4 << 20;
 const MAX_CODE_BYTES: u64 = 4 << 20;
 
 /// Larger code is fetched whole when it compresses to at most this many
-/// bandwidth-delay products of the registry (once measured): its transfer
+/// bandwidth-delay products of the link to the registry (once measured; at
+/// the link's peak rate, not a request's share of it): its transfer
 /// then takes as long as this many round trips, about as many places as a
 /// start faults in of a library's code (measured: `libcrypto` at `import
 /// ssl`, seven). Huge code (`libnode`, `cc1`) stays left to demand.
@@ -367,7 +368,7 @@ impl LibraryStack {
                 f.spawn(this.examine(lib, None, depth + 1));
             }
         }
-        tracing::debug!(file = %path, depth, wanted, found, "ELF file examined");
+        tracing::debug!(file = %path, depth, wanted, found, code_budget, "ELF file examined");
         Ok(())
     }
 
@@ -672,7 +673,9 @@ fn compressed_size(fetcher: &Fetcher, id: EntryId) -> u64 {
 /// ([`CODE_BDPS`]); 0 before the link is measured.
 fn code_budget(link: Option<LinkEstimate>) -> u64 {
     link.map_or(0, |l| {
-        l.bdp().saturating_mul(CODE_BDPS).min(MAX_CODE_FETCH_BYTES)
+        l.link_bdp()
+            .saturating_mul(CODE_BDPS)
+            .min(MAX_CODE_FETCH_BYTES)
     })
 }
 
@@ -782,7 +785,9 @@ mod tests {
         let link = |bytes_per_sec: f64| {
             Some(LinkEstimate {
                 rtt: std::time::Duration::from_millis(20),
-                bytes_per_sec,
+                // Shared with other requests: only the link's rate counts.
+                bytes_per_sec: bytes_per_sec / 4.0,
+                peak_bytes_per_sec: bytes_per_sec,
             })
         };
         assert_eq!(code_budget(None), 0);
