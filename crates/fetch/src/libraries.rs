@@ -52,7 +52,7 @@ use super::estimate::LinkEstimate;
 use super::speculate::PROGRAM_TAIL_BYTES;
 use super::Fetcher;
 use zest_format::elf::{multiarch_triplet, string_at, ElfError, ElfFile};
-use zest_format::{EntryId, EntryKind};
+use zest_format::{Chunk, EntryId, EntryKind};
 use zest_oci::digest::Digest;
 
 /// Files remembered as examined (per daemon); past this many the set is reset.
@@ -302,11 +302,7 @@ impl LibraryStack {
         let code_budget = code_budget(fetcher.limits.estimate());
         let index = fetcher.index();
         let compressed_of = |r: &Range<u64>| {
-            index
-                .chunk_range_for(id, r.start, r.end.saturating_sub(r.start))
-                .iter()
-                .map(|c| u64::from(c.compressed_len))
-                .fold(0u64, u64::saturating_add)
+            compressed_bytes(index.chunk_range_for(id, r.start, r.end.saturating_sub(r.start)))
         };
         let parts: Vec<(EntryId, Range<u64>)> = loader_parts(
             &elf,
@@ -660,13 +656,15 @@ fn standard_dirs(elf: &ElfFile) -> Vec<String> {
 
 /// The compressed size of file `id`.
 fn compressed_size(fetcher: &Fetcher, id: EntryId) -> u64 {
-    fetcher
-        .index()
-        .entry(id)
-        .chunks()
+    compressed_bytes(fetcher.index().entry(id).chunks())
+}
+
+/// The compressed bytes of `chunks`.
+fn compressed_bytes(chunks: &[Chunk]) -> u64 {
+    chunks
         .iter()
         .map(|c| u64::from(c.compressed_len))
-        .sum()
+        .fold(0u64, u64::saturating_add)
 }
 
 /// Compressed bytes of code a library's fetch may include whole on this link

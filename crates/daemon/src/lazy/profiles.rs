@@ -597,13 +597,30 @@ pub async fn fetch_profile(
     let Some(desc) = found.into_iter().next() else {
         return Ok(None);
     };
-    if let Some((blob, size)) = profile_blob_named_by(&desc).map_err(ProfileFetchError::Invalid)? {
-        let bytes = client.get_blob_bytes(repository, &blob, size).await?;
-        let profile = StartupProfile::decode(&bytes)?;
-        profile.check_image(image)?;
-        return Ok(Some(profile));
+    let (blob, size) = match profile_blob_named_by(&desc).map_err(ProfileFetchError::Invalid)? {
+        Some(named) => named,
+        None => profile_blob_of_manifest(client, repository, &desc, image).await?,
+    };
+    if size > MAX_PROFILE_BYTES {
+        return Err(ProfileFetchError::Invalid(format!(
+            "profile blob {blob} is {size} bytes, more than the {MAX_PROFILE_BYTES}-byte limit"
+        )));
     }
-    let fetched = client.get_manifest_by_descriptor(repository, &desc).await?;
+    let bytes = client.get_blob_bytes(repository, &blob, size).await?;
+    let profile = StartupProfile::decode(&bytes)?;
+    profile.check_image(image)?;
+    Ok(Some(profile))
+}
+
+/// The profile blob the artifact manifest of referrer `desc` names, after
+/// checking that it is a profile of `image`.
+async fn profile_blob_of_manifest(
+    client: &RegistryClient,
+    repository: &Repository,
+    desc: &Descriptor,
+    image: Digest,
+) -> Result<(Digest, u64), ProfileFetchError> {
+    let fetched = client.get_manifest_by_descriptor(repository, desc).await?;
     let manifest = ImageManifest::from_json(&fetched.bytes).map_err(|e| {
         ProfileFetchError::Invalid(format!(
             "referrer {}: not an image manifest: {e}",
@@ -632,18 +649,7 @@ pub async fn fetch_profile(
             desc.digest
         )));
     };
-    if layer.size > MAX_PROFILE_BYTES {
-        return Err(ProfileFetchError::Invalid(format!(
-            "profile blob {} is {} bytes, more than the {MAX_PROFILE_BYTES}-byte limit",
-            layer.digest, layer.size
-        )));
-    }
-    let bytes = client
-        .get_blob_bytes(repository, &layer.digest, layer.size)
-        .await?;
-    let profile = StartupProfile::decode(&bytes)?;
-    profile.check_image(image)?;
-    Ok(Some(profile))
+    Ok((layer.digest, layer.size))
 }
 
 /// The profile blob a referrer's descriptor names in its annotations (profiles
@@ -661,11 +667,6 @@ fn profile_blob_named_by(desc: &Descriptor) -> Result<Option<(Digest, u64)>, Str
         .parse()
         .map_err(|_| invalid(ANNOTATION_PROFILE_DIGEST))?;
     let size: u64 = size.parse().map_err(|_| invalid(ANNOTATION_PROFILE_SIZE))?;
-    if size > MAX_PROFILE_BYTES {
-        return Err(format!(
-            "profile blob {digest} is {size} bytes, more than the {MAX_PROFILE_BYTES}-byte limit"
-        ));
-    }
     Ok(Some((digest, size)))
 }
 
