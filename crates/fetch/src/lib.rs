@@ -289,9 +289,11 @@ fn pipeline_depth(bdp: Option<u64>, size: u64) -> usize {
     }
 }
 
-/// Bytes of a learned profile's files, in read order, fetched in blob order
-/// together (see [`Fetcher::fetch_files`]).
-const PROFILE_WINDOW_BYTES: u64 = 4 << 20;
+/// Largest piece of a learned profile's files fetched as one request (see
+/// [`schedule_pieces`]): about two bandwidth-delay products of a 200 Mbit/s,
+/// 20 ms link, so two in flight keep such a link busy, yet a piece the start
+/// reads later never holds up, for long, one it reads sooner.
+const PROFILE_PIECE_BYTES: u64 = 1 << 20;
 
 /// Smallest adaptive background request.
 const BACKGROUND_MIN_REQUEST: u64 = 512 << 10;
@@ -509,6 +511,50 @@ fn with_decoder<T>(f: impl FnOnce(&mut ChunkDecoder) -> T) -> Result<T, FetchErr
 }
 
 /// Compressed bytes of the chunks of `run` (indices into `all`).
+/// Orders the fetch of `wanted` (indexes into `all`, in the order they will be
+/// read): chunks close together in the blob (holes up to `max_gap`) are grouped
+/// into pieces of at most `piece_bytes` compressed bytes, each piece in blob
+/// order, and pieces go in the order of the earliest read each serves. Files a
+/// start reads scattered in time but that sit together in the blob (a package's
+/// modules, a directory of libraries) thus share requests, while what is read
+/// first is fetched first (the start waits on those bytes, not on a neighbour
+/// read a second later).
+fn schedule_pieces(
+    wanted: &[usize],
+    all: &[zest_format::Chunk],
+    max_gap: u64,
+    piece_bytes: u64,
+) -> Vec<Vec<usize>> {
+    let mut by_offset: Vec<(usize, usize)> = wanted
+        .iter()
+        .enumerate()
+        .filter(|(_, &idx)| idx < all.len())
+        .map(|(rank, &idx)| (rank, idx))
+        .collect();
+    by_offset.sort_by_key(|&(rank, idx)| (all[idx].compressed_range().start, rank));
+    // (earliest read, chunks) per piece.
+    let mut pieces: Vec<(usize, Vec<usize>)> = Vec::new();
+    let (mut start, mut end) = (0u64, 0u64);
+    for (rank, idx) in by_offset {
+        let r = all[idx].compressed_range();
+        match pieces.last_mut() {
+            Some((first, piece))
+                if r.start >= end && r.start - end <= max_gap && r.end - start <= piece_bytes =>
+            {
+                *first = (*first).min(rank);
+                piece.push(idx);
+                end = r.end;
+            }
+            _ => {
+                pieces.push((rank, vec![idx]));
+                (start, end) = (r.start, r.end);
+            }
+        }
+    }
+    pieces.sort_by_key(|(first, _)| *first);
+    pieces.into_iter().map(|(_, piece)| piece).collect()
+}
+
 fn compressed_bytes(run: &[Owned], all: &[zest_format::Chunk]) -> u64 {
     run.iter()
         .filter_map(|o| all.get(o.idx))
@@ -1301,9 +1347,10 @@ impl Fetcher {
 
     /// Fetches the not-yet-cached chunks of `files`, in that order (a learned
     /// start-up profile: the workload is about to read them), at on-demand
-    /// priority like [`Fetcher::fetch_prefetch`]. Chunks that follow each other
-    /// in the blob share a request (holes up to `max_gap_bytes`, requests up to
-    /// `prefetch_request_bytes`); at most [`pipeline_depth`] requests are in
+    /// priority like [`Fetcher::fetch_prefetch`]. Chunks close together in the
+    /// blob share a request (holes up to `max_gap_bytes`), in pieces of up to
+    /// [`PROFILE_PIECE_BYTES`] that go in the order of their earliest read
+    /// ([`schedule_pieces`]); at most [`pipeline_depth`] requests are in
     /// flight. Stops adding files once `max_bytes` compressed bytes are wanted.
     /// Chunks being fetched already (a reader, another prefetch) are left to
     /// that fetch. Returns the compressed bytes fetched.
@@ -1336,6 +1383,14 @@ impl Fetcher {
         let all = self.index.all_chunks();
         let max_request = self.config.prefetch_request_bytes.max(1);
         let max_gap = self.config.max_gap_bytes;
+        // A library's parts are all read at once (the loader maps them
+        // together): whole runs. A profile's files are read over the start:
+        // smaller pieces, in read order.
+        let piece_bytes = if for_reader {
+            max_request
+        } else {
+            PROFILE_PIECE_BYTES.min(max_request)
+        };
         let mut wanted: Vec<usize> = Vec::new();
         let mut taken: HashSet<usize> = HashSet::new();
         let mut budget = 0u64;
@@ -1358,43 +1413,28 @@ impl Fetcher {
                 wanted.push(idx);
             }
         }
-        // Read order is kept between windows of a few requests' worth of bytes;
-        // inside a window chunks go in blob order, so files that a start reads
-        // scattered in time but that sit together in the blob (a package's
-        // modules, a directory of libraries) share requests instead of each
-        // costing one.
-        let window = max_request.max(PROFILE_WINDOW_BYTES);
-        let len = |idx: usize| all.get(idx).map_or(0, |c| u64::from(c.compressed_len));
-        let offset = |idx: usize| all.get(idx).map_or(0, |c| c.compressed_range().start);
-        let mut ordered = Vec::with_capacity(wanted.len());
-        let mut rest = wanted.as_slice();
-        while !rest.is_empty() {
-            let mut bytes = 0u64;
-            let mut n = 0;
-            while n < rest.len() && (n == 0 || bytes + len(rest[n]) <= window) {
-                bytes += len(rest[n]);
-                n += 1;
-            }
-            let mut part = rest[..n].to_vec();
-            part.sort_by_key(|&idx| offset(idx));
-            ordered.extend(part);
-            rest = &rest[n..];
-        }
+        let pieces = schedule_pieces(&wanted, all, max_gap, piece_bytes);
         let mut fetched = 0u64;
         let mut in_flight = FuturesUnordered::new();
         let mut run: Vec<Owned> = Vec::new();
         let mut others: Vec<Waiter> = Vec::new();
-        let (mut run_start, mut run_end) = (0u64, 0u64);
+        let (mut run_start, mut run_end, mut run_piece) = (0u64, 0u64, 0usize);
+        let mut ordered: Vec<(usize, usize)> = Vec::with_capacity(wanted.len());
+        for (n, piece) in pieces.into_iter().enumerate() {
+            ordered.extend(piece.into_iter().map(|idx| (n, idx)));
+        }
         let mut wanted = ordered.into_iter();
         loop {
             let next = wanted.next();
-            let chunk = next.and_then(|idx| all.get(idx).map(|c| (idx, c)));
-            // Whether the chunk extends the run being built (it follows it in
-            // the blob, close enough, and the request stays within bounds).
+            let chunk = next.and_then(|(n, idx)| all.get(idx).map(|c| (n, idx, c)));
+            // Whether the chunk extends the run being built (same piece, it
+            // follows the run in the blob, close enough, and the request
+            // stays within bounds).
             let joins = !run.is_empty()
-                && chunk.is_some_and(|(_, c)| {
+                && chunk.is_some_and(|(n, _, c)| {
                     let r = c.compressed_range();
-                    r.start >= run_end
+                    n == run_piece
+                        && r.start >= run_end
                         && r.start - run_end <= max_gap
                         && r.end - run_start <= max_request
                 });
@@ -1409,7 +1449,7 @@ impl Fetcher {
                     in_flight.next().await;
                 }
             }
-            let Some((idx, c)) = chunk else {
+            let Some((piece, idx, c)) = chunk else {
                 if next.is_none() {
                     break;
                 }
@@ -1435,6 +1475,7 @@ impl Fetcher {
                             let r = c.compressed_range();
                             if run.is_empty() {
                                 run_start = r.start;
+                                run_piece = piece;
                             }
                             run_end = r.end;
                             run.push(Owned {

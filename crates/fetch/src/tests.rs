@@ -1594,3 +1594,48 @@ async fn the_start_command_is_prefetched_through_its_script_before_it_runs() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(shared.stats().elf_files, before.elf_files);
 }
+
+#[test]
+fn profile_pieces_group_blob_neighbours_and_go_in_read_order() {
+    // Chunks of 100 compressed bytes, back to back from offset 0, except the
+    // fourth, 10 000 bytes further on.
+    let chunk = |offset: u64| zest_format::Chunk {
+        compressed_offset: offset,
+        file_offset: 0,
+        len: 1000,
+        compressed_len: 100,
+        zeros: false,
+        gzip: false,
+        digest: Digest::of(&offset.to_le_bytes()),
+    };
+    let all: Vec<_> = [0, 100, 200, 10_300, 400, 500]
+        .into_iter()
+        .map(chunk)
+        .collect();
+    // Read order: the far chunk first, then the last in the blob, ...
+    let wanted = [3, 5, 0, 2, 1, 4];
+    // Pieces of up to 300 bytes, holes up to 100: [0, 1, 2] and [4, 5] sit
+    // together, [3] alone. [3] is read first; [4, 5] serves the second read,
+    // [0, 1, 2] the third. Each piece is in blob order.
+    assert_eq!(
+        schedule_pieces(&wanted, &all, 100, 300),
+        vec![vec![3], vec![4, 5], vec![0, 1, 2]]
+    );
+    // Smaller pieces split a run; each part goes by its own earliest read.
+    assert_eq!(
+        schedule_pieces(&wanted, &all, 100, 200),
+        vec![vec![3], vec![4, 5], vec![0, 1], vec![2]]
+    );
+    // Larger pieces take the hole between the two runs.
+    assert_eq!(
+        schedule_pieces(&wanted, &all, 100, 1 << 20),
+        vec![vec![3], vec![0, 1, 2, 4, 5]]
+    );
+    // No hole allowed: chunks must touch.
+    assert_eq!(
+        schedule_pieces(&wanted, &all, 0, 1 << 20),
+        vec![vec![3], vec![4, 5], vec![0, 1, 2]]
+    );
+    // Indexes outside the layer are ignored.
+    assert_eq!(schedule_pieces(&[9, 3], &all, 0, 1 << 20), vec![vec![3]]);
+}
