@@ -27,7 +27,9 @@
 //! does (PATH, or the working directory), follows `#!` interpreter lines
 //! (`/usr/bin/env NAME` included), and examines the program as above; it also
 //! fetches the few files nearly every start reads before the program's own
-//! (the runtime's user and group lookup, the loader's cache). A container
+//! (the runtime's user and group lookup, the loader's cache, and what the C
+//! library reads for the locale and time zone the config's environment names:
+//! each a blocking round trip otherwise, one after another). A container
 //! started with another command costs only those few fetches.
 //!
 //! Invariants: this is advice, never on a read's path: it runs in tasks of the
@@ -105,13 +107,72 @@ const NAME_READ_BYTES: u32 = 512;
 
 /// Files read at nearly every container start before its program runs: the
 /// runtime's user and group lookup, the name service configuration, the
-/// loader's cache.
-const START_FILES: [&str; 4] = [
+/// loader's cache, the C library's time zone.
+const START_FILES: [&str; 5] = [
     "/etc/passwd",
     "/etc/group",
     "/etc/nsswitch.conf",
     "/etc/ld.so.cache",
+    "/etc/localtime",
 ];
+
+/// Environment variables naming a locale, in the C library's precedence
+/// (`LC_ALL` over a category's own variable over `LANG`).
+const LOCALE_VARIABLES: [&str; 14] = [
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_NUMERIC",
+    "LC_TIME",
+    "LC_COLLATE",
+    "LC_MONETARY",
+    "LC_MESSAGES",
+    "LC_PAPER",
+    "LC_NAME",
+    "LC_ADDRESS",
+    "LC_TELEPHONE",
+    "LC_MEASUREMENT",
+    "LC_IDENTIFICATION",
+    "LANG",
+];
+
+/// The files of one locale's categories in its directory, as `setlocale`
+/// loads them when there is no locale archive.
+const LOCALE_CATEGORY_FILES: [&str; 12] = [
+    "LC_CTYPE",
+    "LC_NUMERIC",
+    "LC_TIME",
+    "LC_COLLATE",
+    "LC_MONETARY",
+    "LC_MESSAGES/SYS_LC_MESSAGES",
+    "LC_PAPER",
+    "LC_NAME",
+    "LC_ADDRESS",
+    "LC_TELEPHONE",
+    "LC_MEASUREMENT",
+    "LC_IDENTIFICATION",
+];
+
+/// Directories holding the C library's character set conversion modules and
+/// their cache, read once a locale with a multibyte character set is set:
+/// Debian's multiarch directories, then the others' `lib64` and `lib`.
+const GCONV_DIRS: [&str; 9] = [
+    "/usr/lib/x86_64-linux-gnu/gconv",
+    "/usr/lib/aarch64-linux-gnu/gconv",
+    "/usr/lib/arm-linux-gnueabihf/gconv",
+    "/usr/lib/powerpc64le-linux-gnu/gconv",
+    "/usr/lib/s390x-linux-gnu/gconv",
+    "/usr/lib/riscv64-linux-gnu/gconv",
+    "/usr/lib/i386-linux-gnu/gconv",
+    "/usr/lib64/gconv",
+    "/usr/lib/gconv",
+];
+
+/// Distinct locales of an environment looked at (an image config is untrusted
+/// input).
+const MAX_LOCALES: usize = 2;
+
+/// Longest locale or time zone name taken from an environment.
+const MAX_ENV_NAME: usize = 64;
 
 /// `#!` lines followed from a start command to its interpreter.
 const MAX_SCRIPT_HOPS: usize = 4;
@@ -130,6 +191,102 @@ pub struct StartCommand {
     pub path: String,
     /// The config's working directory (absolute).
     pub working_dir: String,
+    /// The config's environment: its locale and time zone variables name
+    /// files the C library reads at start ([`start_files`]).
+    pub env: Vec<(String, String)>,
+}
+
+/// The files a start reads before its program's own, by absolute path: those
+/// of [`START_FILES`], and those `env` (an image config's environment) names
+/// through the C library: each locale's category files (in the directory
+/// named as given and as the library normalizes it, `C.UTF-8` also as
+/// `C.utf8`), the locale archive and aliases, the character set conversion
+/// cache, and the time zone of `TZ`. Bounded whatever `env` holds.
+pub fn start_files(env: &[(String, String)]) -> Vec<String> {
+    let mut files: Vec<String> = START_FILES.iter().map(|f| (*f).to_owned()).collect();
+    let value = |name: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    // LC_ALL, when set, is the locale of every category.
+    let variables: &[&str] = match value("LC_ALL") {
+        Some(v) if !v.is_empty() => &LOCALE_VARIABLES[..1],
+        _ => &LOCALE_VARIABLES[1..],
+    };
+    let mut locales: Vec<String> = Vec::new();
+    for var in variables {
+        let Some(name) = value(var).filter(|v| is_locale_name(v)) else {
+            continue;
+        };
+        for dir in std::iter::once(name.to_owned()).chain(normalized_locale(name)) {
+            if !locales.contains(&dir) && locales.len() < MAX_LOCALES * 2 {
+                locales.push(dir);
+            }
+        }
+    }
+    if !locales.is_empty() {
+        files.push("/usr/lib/locale/locale-archive".to_owned());
+        files.push("/usr/share/locale/locale.alias".to_owned());
+        for dir in &locales {
+            for category in LOCALE_CATEGORY_FILES {
+                files.push(format!("/usr/lib/locale/{dir}/{category}"));
+            }
+        }
+        for dir in GCONV_DIRS {
+            files.push(format!("{dir}/gconv-modules.cache"));
+        }
+    }
+    if let Some(tz) = value("TZ").map(|v| v.strip_prefix(':').unwrap_or(v)) {
+        let plain = tz.len() <= MAX_ENV_NAME
+            && !tz.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+            && tz
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_+-/".contains(&b));
+        if plain {
+            files.push(format!("/usr/share/zoneinfo/{tz}"));
+        } else if tz.starts_with('/') && tz.len() <= MAX_ENV_NAME {
+            files.push(tz.to_owned());
+        }
+    }
+    files
+}
+
+/// Whether `name` names a locale whose files the C library reads (not the
+/// built-in `C` and `POSIX`, not a path).
+fn is_locale_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_ENV_NAME
+        && name != "C"
+        && name != "POSIX"
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+}
+
+/// The locale directory name the C library also tries for `name`: its
+/// character set normalized (lower case, letters and digits only, `iso` before
+/// one that is all digits), when that differs.
+fn normalized_locale(name: &str) -> Option<String> {
+    let (head, rest) = name.split_once('.')?;
+    let (codeset, modifier) = match rest.split_once('@') {
+        Some((c, m)) => (c, Some(m)),
+        None => (rest, None),
+    };
+    let mut norm: String = codeset
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if !norm.is_empty() && norm.bytes().all(|b| b.is_ascii_digit()) {
+        norm.insert_str(0, "iso");
+    }
+    let mut out = format!("{head}.{norm}");
+    if let Some(m) = modifier {
+        out.push('@');
+        out.push_str(m);
+    }
+    (out != name).then_some(out)
 }
 
 /// State shared by every stack of a daemon: the files already examined and
@@ -386,14 +543,16 @@ impl LibraryStack {
     }
 
     /// Prefetches what starting `command` reads first: the files of
-    /// [`START_FILES`], the program (through `#!` lines to the interpreter),
-    /// and the libraries it loads. In the background; advice only.
+    /// [`start_files`] (each layer's at once, so neighbours in the blob share
+    /// requests), the program (through `#!` lines to the interpreter), and the
+    /// libraries it loads. In the background; advice only.
     pub fn prefetch_start(self: &Arc<Self>, command: StartCommand) {
         let Some(top) = self.fetcher(0) else {
             return;
         };
-        for path in START_FILES {
-            let Some((pos, id)) = self.resolve(path) else {
+        let mut per_layer: Vec<Vec<(EntryId, Range<u64>)>> = vec![Vec::new(); self.layers.len()];
+        for path in start_files(&command.env) {
+            let Some((pos, id)) = self.resolve(&path) else {
                 continue;
             };
             let Some(fetcher) = self.fetcher(pos) else {
@@ -402,10 +561,20 @@ impl LibraryStack {
             if compressed_size(&fetcher, id) > WHOLE_FILE_BYTES {
                 continue;
             }
-            let this = Arc::clone(self);
             let size = fetcher.index().entry(id).size();
+            if let Some(parts) = per_layer.get_mut(pos) {
+                if !parts.iter().any(|(seen, _)| *seen == id) {
+                    parts.push((id, 0..size));
+                }
+            }
+        }
+        for (pos, parts) in per_layer.into_iter().enumerate() {
+            let Some(fetcher) = self.fetcher(pos).filter(|_| !parts.is_empty()) else {
+                continue;
+            };
+            let this = Arc::clone(self);
             let f = Arc::clone(&fetcher);
-            fetcher.spawn(async move { this.fetch(&f, &[(id, 0..size)]).await });
+            fetcher.spawn(async move { this.fetch(&f, &parts).await });
         }
         let this = Arc::clone(self);
         top.spawn(async move { this.start_program(command).await });
@@ -850,5 +1019,82 @@ mod tests {
         assert_eq!(dirs[0], "/lib/x86_64-linux-gnu");
         assert_eq!(dirs[1], "/usr/lib/x86_64-linux-gnu");
         assert!(dirs.contains(&"/usr/lib64".to_string()));
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_environment_names_the_locale_and_time_zone_files_read_at_start() {
+        // Without locale or time zone variables: the fixed set only.
+        let plain = start_files(&env(&[("PATH", "/usr/bin")]));
+        assert_eq!(plain, START_FILES.map(str::to_owned).to_vec());
+        // LANG=C.UTF-8 (official images): both directory spellings, the
+        // archive and aliases, and the conversion cache.
+        let files = start_files(&env(&[("LANG", "C.UTF-8")]));
+        for f in [
+            "/usr/lib/locale/C.UTF-8/LC_CTYPE",
+            "/usr/lib/locale/C.utf8/LC_CTYPE",
+            "/usr/lib/locale/C.utf8/LC_MESSAGES/SYS_LC_MESSAGES",
+            "/usr/lib/locale/locale-archive",
+            "/usr/share/locale/locale.alias",
+            "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+            "/usr/lib64/gconv/gconv-modules.cache",
+        ] {
+            assert!(files.iter().any(|x| x == f), "{f} in {files:?}");
+        }
+        // The codeset normalized as the C library does; modifiers kept.
+        assert_eq!(
+            normalized_locale("en_US.UTF-8").as_deref(),
+            Some("en_US.utf8")
+        );
+        assert_eq!(
+            normalized_locale("de_DE.ISO-8859-15@euro").as_deref(),
+            Some("de_DE.iso885915@euro")
+        );
+        assert_eq!(normalized_locale("ja_JP.eucjp"), None);
+        assert_eq!(normalized_locale("en_US"), None);
+        // LC_ALL overrides the rest; C and POSIX are built in: no files.
+        for vars in [
+            [("LC_ALL", "C"), ("LANG", "en_US.UTF-8")],
+            [("LANG", "POSIX"), ("LC_CTYPE", "")],
+        ] {
+            let files = start_files(&env(&vars));
+            assert!(!files.iter().any(|f| f.contains("/locale")), "{files:?}");
+        }
+        let files = start_files(&env(&[("LC_ALL", "fr_FR.UTF-8"), ("LANG", "en_US.UTF-8")]));
+        assert!(files.iter().any(|f| f.contains("fr_FR.utf8")));
+        assert!(!files.iter().any(|f| f.contains("en_US")));
+        // TZ: a zone name, or an absolute path; anything else is ignored.
+        let zone = |tz: &str| {
+            let files = start_files(&env(&[("TZ", tz)]));
+            files[START_FILES.len()..].to_vec()
+        };
+        assert_eq!(zone(":Europe/Paris"), ["/usr/share/zoneinfo/Europe/Paris"]);
+        assert_eq!(zone("UTC"), ["/usr/share/zoneinfo/UTC"]);
+        assert_eq!(zone("/etc/zone"), ["/etc/zone"]);
+        for hostile in ["../../etc/shadow", "Europe//Paris", "CET-1CEST,M3.5.0", ""] {
+            assert!(zone(hostile).is_empty(), "{hostile}");
+        }
+        // Hostile locale names are skipped; however many variables, bounded.
+        for name in ["../x", "a/b", ".UTF-8", &"x".repeat(200)] {
+            let files = start_files(&env(&[("LANG", name)]));
+            assert!(!files.iter().any(|f| f.contains("/locale/")), "{name}");
+        }
+        let many: Vec<(String, String)> = LOCALE_VARIABLES
+            .iter()
+            .enumerate()
+            .map(|(i, v)| ((*v).to_owned(), format!("l{i}_XX.UTF-8")))
+            .filter(|(k, _)| k != "LC_ALL")
+            .collect();
+        let files = start_files(&many);
+        let limit = START_FILES.len()
+            + 2
+            + MAX_LOCALES * 2 * LOCALE_CATEGORY_FILES.len()
+            + GCONV_DIRS.len();
+        assert!(files.len() <= limit, "{} files", files.len());
     }
 }

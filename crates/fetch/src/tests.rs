@@ -1540,6 +1540,7 @@ async fn the_start_command_is_prefetched_through_its_script_before_it_runs() {
         argv: vec!["./start.sh".into(), "serve".into()],
         path: "/nowhere:/usr/bin".into(),
         working_dir: "/app".into(),
+        env: Vec::new(),
     });
     let (libc_id, group_id, loader_id) = (
         id_of(&lower, &libc_name),
@@ -1590,6 +1591,7 @@ async fn the_start_command_is_prefetched_through_its_script_before_it_runs() {
         argv: vec!["missing".into()],
         path: "/usr/bin".into(),
         working_dir: "/".into(),
+        env: Vec::new(),
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(shared.stats().elf_files, before.elf_files);

@@ -363,17 +363,18 @@ impl Inner {
             };
             let mut argv = image_config.entrypoint().ok().flatten().unwrap_or_default();
             argv.extend(image_config.cmd().ok().flatten().unwrap_or_default());
-            let path = image_config
-                .env()
-                .into_iter()
+            let env = image_config.env();
+            let path = env
+                .iter()
                 .find(|(k, _)| k == "PATH")
-                .map_or_else(|| DEFAULT_PATH.to_owned(), |(_, v)| v);
+                .map_or_else(|| DEFAULT_PATH.to_owned(), |(_, v)| v.clone());
             let working_dir = image_config.working_dir().unwrap_or("/").to_owned();
             tracing::debug!(%repository, ?argv, "prefetching the image's start command");
             stack.prefetch_start(StartCommand {
                 argv,
                 path,
                 working_dir,
+                env,
             });
         });
     }
