@@ -419,3 +419,49 @@ fn mutated_elf_files_never_panic() {
     eprintln!("parsed {parsed} of {rounds} mutated ELF heads");
     assert!(parsed > 0, "no mutation kept a parseable header");
 }
+
+#[test]
+fn mutated_python_modules_never_panic_and_name_only_modules() {
+    use zest_format::python::{imported_names, ImportContext, ModuleFile, MAX_NAMES};
+    // A compiled module's shape (magic, flags, a code object naming modules in
+    // `marshal`'s short strings) and a source module's.
+    let mut pyc = vec![
+        0xa7, 0x0d, 0x0d, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xe3,
+    ];
+    for name in ["os", "json.decoder", "_ssl", "helper", "__name__"] {
+        pyc.extend([b'z' | 0x80, name.len() as u8]);
+        pyc.extend(name.as_bytes());
+        pyc.extend([b')', 2, b'r', 1, 0, 0, 0]);
+    }
+    let source =
+        b"import os, sys as s\nfrom . import helper\nfrom json import (decoder,\n  encoder)\n"
+            .to_vec();
+    let context =
+        ImportContext::of("/usr/lib/python3.11/pkg/__pycache__/m.cpython-311.pyc").unwrap();
+    let mut rng = Rng(0x5eed_0070_7963_0001);
+    let mut named = 0usize;
+    for round in 0..20_000 {
+        let (kind, seed) = if round % 2 == 0 {
+            (ModuleFile::Compiled, &pyc)
+        } else {
+            (ModuleFile::Source, &source)
+        };
+        let mut data = seed.clone();
+        mutate(&mut rng, &mut data);
+        let names = imported_names(kind, &data);
+        assert!(names.len() <= MAX_NAMES);
+        named += names.len();
+        for name in &names {
+            assert!(
+                name.split('.').all(|p| !p.is_empty() && !p.contains('/')),
+                "{name}"
+            );
+            for base in context.bases(name) {
+                for group in context.files_under(base, name) {
+                    assert!(group.iter().all(|p| p.starts_with(base.as_str())));
+                }
+            }
+        }
+    }
+    assert!(named > 0, "no mutation kept a name");
+}

@@ -205,8 +205,13 @@ impl Metrics {
             ),
             (
                 "zest_library_prefetch_bytes_total",
-                "Compressed bytes library prefetch fetched.",
+                "Compressed bytes library prefetch fetched (shared libraries and Python modules).",
                 s.library_prefetch.bytes,
+            ),
+            (
+                "zest_python_import_prefetch_modules_total",
+                "Python modules fetched ahead of the import that reads them.",
+                s.library_prefetch.python_modules,
             ),
             (
                 "zest_manifest_fetches_total",

@@ -466,6 +466,9 @@ pub struct Fetcher {
     file_pos: Vec<u32>,
     /// Speculative chunks not yet used, directories already batched.
     ledger: speculate::Ledger,
+    /// A learned start-up profile drives this layer's prefetch
+    /// ([`Fetcher::set_profile_guided`]).
+    profile_guided: std::sync::atomic::AtomicBool,
 }
 
 /// Files tracked for sequential detection before the table is reset (bounds memory).
@@ -616,7 +619,25 @@ impl Fetcher {
             files,
             file_pos,
             ledger: speculate::Ledger::default(),
+            profile_guided: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks this layer's start as known from a learned start-up profile:
+    /// guesses made without one ([`libraries`]' Python import prefetch) stand
+    /// down, the profile fetches what the start reads.
+    pub fn set_profile_guided(&self) {
+        self.profile_guided
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a start-up profile says what this layer's start reads: a
+    /// learned one ([`Fetcher::set_profile_guided`]), or the one an optimized
+    /// layer carries (its prefetch extent).
+    pub fn profile_guided(&self) -> bool {
+        self.profile_guided
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || self.index.prefetch_extent().is_some()
     }
 
     /// The layer's index.

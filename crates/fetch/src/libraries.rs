@@ -42,7 +42,7 @@
 //! running them (a scanner, `cp -r`) costs at most that. Hostile ELF files get
 //! [`zest_format::elf`]'s checks: a malformed file is skipped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -54,6 +54,7 @@ use super::estimate::LinkEstimate;
 use super::speculate::PROGRAM_TAIL_BYTES;
 use super::Fetcher;
 use zest_format::elf::{multiarch_triplet, string_at, ElfError, ElfFile};
+use zest_format::python::{self, ImportContext, ModuleFile};
 use zest_format::{Chunk, EntryId, EntryKind};
 use zest_oci::digest::Digest;
 
@@ -166,6 +167,28 @@ const GCONV_DIRS: [&str; 9] = [
     "/usr/lib64/gconv",
     "/usr/lib/gconv",
 ];
+
+/// Compressed bytes of Python modules one stack fetches ahead of their
+/// imports, at most (a scan's candidates include attribute names that match a
+/// module's: this bounds what such guesses cost).
+const MAX_PYTHON_BYTES: u64 = 16 << 20;
+
+/// Levels of imports fetched ahead of the interpreter.
+const MAX_PYTHON_DEPTH: u32 = 8;
+
+/// Bytes of a Python module scanned for its imports.
+const PYTHON_SCAN_BYTES: u64 = 256 << 10;
+
+/// Modules of its own package one module may name before its names are taken
+/// for a table rather than imports (a package's `__init__` imports a few
+/// dozen submodules at most).
+const MAX_RELATIVE_MODULES: usize = 32;
+
+/// Directories one Python examination looks names up in, at most.
+const MAX_PYTHON_DIRS: usize = 1024;
+
+/// Entries of one directory looked at for extension modules.
+const MAX_DIR_ENTRIES: usize = 4096;
 
 /// Distinct locales of an environment looked at (an image config is untrusted
 /// input).
@@ -298,6 +321,7 @@ pub struct LibraryPrefetch {
     elf_files: AtomicU64,
     libraries: AtomicU64,
     bytes: AtomicU64,
+    python_modules: AtomicU64,
 }
 
 /// Counters of a [`LibraryPrefetch`].
@@ -308,8 +332,10 @@ pub struct LibraryPrefetchStats {
     pub elf_files: u64,
     /// Needed libraries found in the layers.
     pub libraries: u64,
-    /// Compressed bytes fetched for them.
+    /// Compressed bytes fetched for them (and for Python modules).
     pub bytes: u64,
+    /// Python modules fetched ahead of the import that reads them.
+    pub python_modules: u64,
 }
 
 /// One layer a stack looks in.
@@ -328,6 +354,7 @@ pub struct LibraryStack {
     shared: Arc<LibraryPrefetch>,
     layers: Vec<StackLayer>,
     spent: AtomicU64,
+    python_spent: AtomicU64,
 }
 
 impl LibraryPrefetch {
@@ -340,6 +367,7 @@ impl LibraryPrefetch {
             elf_files: AtomicU64::new(0),
             libraries: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            python_modules: AtomicU64::new(0),
         })
     }
 
@@ -349,6 +377,7 @@ impl LibraryPrefetch {
             elf_files: self.elf_files.load(Ordering::Relaxed),
             libraries: self.libraries.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
+            python_modules: self.python_modules.load(Ordering::Relaxed),
         }
     }
 
@@ -365,6 +394,15 @@ impl LibraryPrefetch {
 /// A file found in a stack: the layer's position and the entry.
 type Found = (usize, EntryId);
 
+/// A directory as a stack shows it (see [`LibraryStack::dir_view`]).
+#[derive(Default)]
+struct DirView {
+    /// The directory in each layer that has it, top first.
+    layers: Vec<(usize, EntryId)>,
+    /// Extension modules by module name.
+    extensions: HashMap<String, Found>,
+}
+
 impl LibraryStack {
     /// A stack over `layers` (the mounted layer first), sharing `shared`.
     pub fn new(shared: Arc<LibraryPrefetch>, layers: Vec<StackLayer>) -> Arc<LibraryStack> {
@@ -372,28 +410,278 @@ impl LibraryStack {
             shared,
             layers,
             spent: AtomicU64::new(0),
+            python_spent: AtomicU64::new(0),
         })
     }
 
     /// A read at offset 0 of file `id` of the stack's first layer returned
-    /// `head`. When that is an ELF file not examined yet, starts examining it
-    /// in the background; otherwise costs a comparison of four bytes.
+    /// `head`. When that is an ELF file or a Python module not examined yet,
+    /// starts examining it in the background; otherwise costs a comparison of
+    /// four bytes and one of a name's end.
     pub fn file_start(self: &Arc<Self>, id: EntryId, head: &[u8]) {
-        if !ElfFile::has_magic(head) {
-            return;
-        }
         let Some(top) = self.layers.first() else {
             return;
         };
         let Some(fetcher) = top.fetcher.upgrade() else {
             return;
         };
+        let elf = ElfFile::has_magic(head);
+        let module = if elf {
+            None
+        } else {
+            let entry = fetcher.index().entry(id);
+            if entry.kind() != EntryKind::Reg {
+                return;
+            }
+            match python::module_file(entry.name()) {
+                Some(kind) => Some(kind),
+                None => return,
+            }
+        };
+        if module.is_some() && self.profile_guided() {
+            return;
+        }
         if !self.shared.first_time(top.digest, id) {
             return;
         }
-        let head = Bytes::copy_from_slice(&head[..head.len().min(MAX_HEADERS_BYTES as usize)]);
         let this = Arc::clone(self);
-        fetcher.spawn(async move { this.examine((0, id), Some(head), 0).await });
+        match module {
+            None => {
+                let head =
+                    Bytes::copy_from_slice(&head[..head.len().min(MAX_HEADERS_BYTES as usize)]);
+                fetcher.spawn(async move { this.examine((0, id), Some(head), 0).await });
+            }
+            Some(kind) => {
+                let head =
+                    Bytes::copy_from_slice(&head[..head.len().min(PYTHON_SCAN_BYTES as usize)]);
+                fetcher.spawn(async move { this.examine_module((0, id), kind, head).await });
+            }
+        }
+    }
+
+    /// Examines Python module `found` (its first bytes `data`) and what it
+    /// imports, a level at a time: the module files the names a level's
+    /// modules use resolve to in the stack are fetched at once (so neighbours
+    /// share requests), then scanned in turn, up to [`MAX_PYTHON_DEPTH`]
+    /// levels and [`MAX_PYTHON_BYTES`]. Extension modules found on the way
+    /// are examined as ELF files (their libraries are fetched too). A name is
+    /// looked up in each candidate directory (a binary search per layer)
+    /// before any path is built: most names a scan yields are not modules.
+    async fn examine_module(self: Arc<Self>, found: Found, kind: ModuleFile, data: Bytes) {
+        let Some(fetcher) = self.fetcher(found.0) else {
+            return;
+        };
+        let path = format!("/{}", fetcher.index().entry(found.1).path());
+        let context = match ImportContext::of(&path) {
+            Some(c) => c,
+            None if kind == ModuleFile::Source => match self.script_context(&path) {
+                Some(c) => c,
+                None => return,
+            },
+            None => return,
+        };
+        let mut views: HashMap<String, DirView> = HashMap::new();
+        let mut level: Vec<(ModuleFile, Bytes, ImportContext)> = vec![(kind, data, context)];
+        for depth in 0..MAX_PYTHON_DEPTH {
+            if level.is_empty()
+                || self.python_spent.load(Ordering::Relaxed) >= MAX_PYTHON_BYTES
+                || self.profile_guided()
+            {
+                break;
+            }
+            let mut modules: Vec<(Found, ModuleFile, ImportContext)> = Vec::new();
+            for (kind, data, context) in &level {
+                // (module, found in the module's own package).
+                let mut candidates: Vec<((Found, ModuleFile, ImportContext), bool)> = Vec::new();
+                for name in python::imported_names(*kind, data) {
+                    let first = name.split('.').next().unwrap_or_default();
+                    for base in context.bases(&name) {
+                        if views.len() >= MAX_PYTHON_DIRS && !views.contains_key(base) {
+                            continue;
+                        }
+                        let root = context.roots.first() == Some(base);
+                        let view = views
+                            .entry(base.clone())
+                            .or_insert_with(|| self.dir_view(base, root));
+                        if let Some(&ext) = view.extensions.get(first).filter(|_| first == name) {
+                            if self.first_time(ext) {
+                                let this = Arc::clone(&self);
+                                fetcher.spawn(async move { this.examine(ext, None, 1).await });
+                            }
+                            continue;
+                        }
+                        if !self.has_child(view, first)
+                            && !self.has_child(view, &format!("{first}.py"))
+                        {
+                            continue;
+                        }
+                        let relative =
+                            *base == context.package_dir && !context.roots.contains(base);
+                        for group in context.files_under(base, &name) {
+                            let Some((found, kind, path)) = group.iter().find_map(|p| {
+                                let kind = python::module_file(p.as_bytes())?;
+                                Some((self.resolve(p)?, kind, p))
+                            }) else {
+                                continue;
+                            };
+                            // A large module is left to the interpreter's
+                            // read, and examined then.
+                            let small = self
+                                .fetcher(found.0)
+                                .is_some_and(|f| compressed_size(&f, found.1) <= WHOLE_FILE_BYTES);
+                            if !small || candidates.iter().any(|((f, ..), _)| *f == found) {
+                                continue;
+                            }
+                            if let Some(context) = ImportContext::of(path) {
+                                candidates.push(((found, kind, context), relative));
+                            }
+                        }
+                    }
+                }
+                // Many names of a module's own package are a table of them
+                // (the codec names of `encodings.aliases`), not imports.
+                if candidates.iter().filter(|(_, relative)| *relative).count()
+                    > MAX_RELATIVE_MODULES
+                {
+                    candidates.retain(|(_, relative)| !relative);
+                }
+                // Each module once (one the interpreter read first was
+                // examined then).
+                modules.extend(
+                    candidates
+                        .into_iter()
+                        .map(|(c, _)| c)
+                        .filter(|(found, ..)| self.first_time(*found)),
+                );
+            }
+            let mut per_layer: Vec<Vec<(EntryId, Range<u64>)>> =
+                vec![Vec::new(); self.layers.len()];
+            for ((pos, id), ..) in &modules {
+                let Some(f) = self.fetcher(*pos) else {
+                    continue;
+                };
+                if let Some(parts) = per_layer.get_mut(*pos) {
+                    parts.push((*id, 0..f.index().entry(*id).size()));
+                }
+            }
+            let this = &self;
+            let fetches = per_layer
+                .into_iter()
+                .enumerate()
+                .filter(|(_, parts)| !parts.is_empty())
+                .filter_map(|(pos, parts)| Some((this.fetcher(pos)?, parts)))
+                .map(|(f, parts)| async move { this.fetch_modules(&f, &parts).await });
+            futures::future::join_all(fetches).await;
+            tracing::debug!(
+                module = %path,
+                level = depth,
+                modules = modules.len(),
+                "Python imports prefetched"
+            );
+            level.clear();
+            for ((pos, id), kind, context) in modules {
+                let Some(f) = self.fetcher(pos) else {
+                    continue;
+                };
+                let len = f.index().entry(id).size().min(PYTHON_SCAN_BYTES) as u32;
+                if let Some(data) = f.read_cached(id, 0, len).await {
+                    level.push((kind, data, context));
+                }
+            }
+        }
+    }
+
+    /// Whether a start-up profile says what the start reads in some layer
+    /// of the stack ([`Fetcher::profile_guided`]): then Python import
+    /// prefetch, a guess, stands down (measured: with a profile it only
+    /// added requests competing with the profile's).
+    fn profile_guided(&self) -> bool {
+        self.layers
+            .iter()
+            .filter_map(|l| l.fetcher.upgrade())
+            .any(|f| f.profile_guided())
+    }
+
+    /// Marks `found` examined; false when it already was.
+    fn first_time(&self, (pos, id): Found) -> bool {
+        self.layers
+            .get(pos)
+            .is_some_and(|l| self.shared.first_time(l.digest, id))
+    }
+
+    /// Directory `path` across the stack's layers (no symbolic links
+    /// followed), with the extension modules in it (and, for a library's
+    /// root, in its `lib-dynload`).
+    fn dir_view(&self, path: &str, root: bool) -> DirView {
+        let mut view = DirView::default();
+        let dynload = format!("{path}/lib-dynload");
+        let dirs = std::iter::once(path).chain(root.then_some(dynload.as_str()));
+        for (n, dir) in dirs.enumerate() {
+            for (pos, layer) in self.layers.iter().enumerate() {
+                let Some(fetcher) = layer.fetcher.upgrade() else {
+                    continue;
+                };
+                let index = fetcher.index();
+                let Some(id) = index.resolve_path(dir.trim_start_matches('/')) else {
+                    continue;
+                };
+                if index.entry(id).kind() != EntryKind::Dir {
+                    continue;
+                }
+                if n == 0 {
+                    view.layers.push((pos, id));
+                }
+                for child in index.children(id).take(MAX_DIR_ENTRIES) {
+                    let Some(stem) = child
+                        .name
+                        .strip_suffix(b".so")
+                        .and_then(|n| n.split(|&b| b == b'.').next())
+                    else {
+                        continue;
+                    };
+                    if index.entry(child.id).kind() == EntryKind::Reg {
+                        let stem = String::from_utf8_lossy(stem).into_owned();
+                        view.extensions.entry(stem).or_insert((pos, child.id));
+                    }
+                }
+            }
+        }
+        view
+    }
+
+    /// Whether `name` is in directory `view` in some layer.
+    fn has_child(&self, view: &DirView, name: &str) -> bool {
+        view.layers.iter().any(|(pos, id)| {
+            self.fetcher(*pos)
+                .is_some_and(|f| f.index().lookup(*id, name.as_bytes()).is_some())
+        })
+    }
+
+    /// The import context of a start script outside any Python library: the
+    /// newest Python 3 library the stack holds.
+    fn script_context(&self, script: &str) -> Option<ImportContext> {
+        python::VERSIONS.rev().find_map(|version| {
+            ["/usr/local/lib", "/usr/lib"]
+                .into_iter()
+                .find_map(|prefix| {
+                    self.resolve(&format!("{prefix}/python3.{version}/os.py"))
+                        .map(|_| ImportContext::for_script(script, prefix, version))
+                })
+        })
+    }
+
+    /// Fetches Python modules `parts` within the stack's byte budgets.
+    async fn fetch_modules(&self, fetcher: &Arc<Fetcher>, parts: &[(EntryId, Range<u64>)]) {
+        if self.python_spent.load(Ordering::Relaxed) >= MAX_PYTHON_BYTES {
+            return;
+        }
+        let before = self.spent.load(Ordering::Relaxed);
+        self.fetch(fetcher, parts).await;
+        let got = self.spent.load(Ordering::Relaxed).saturating_sub(before);
+        self.python_spent.fetch_add(got, Ordering::Relaxed);
+        self.shared
+            .python_modules
+            .fetch_add(parts.len() as u64, Ordering::Relaxed);
     }
 
     /// Examines ELF file `found`: fetches the parts the loader reads, then the

@@ -1641,3 +1641,128 @@ fn profile_pieces_group_blob_neighbours_and_go_in_read_order() {
     // Indexes outside the layer are ignored.
     assert_eq!(schedule_pieces(&[9, 3], &all, 0, 1 << 20), vec![vec![3]]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_imports_are_fetched_a_level_at_a_time_ahead_of_the_interpreter() {
+    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+
+    // A compiled module naming `names` the way `marshal` stores them.
+    fn pyc(names: &[&str]) -> Vec<u8> {
+        let mut v = vec![
+            0xa7, 0x0d, 0x0d, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xe3,
+        ];
+        for n in names {
+            v.extend([b'z' | 0x80, n.len() as u8]);
+            v.extend(n.as_bytes());
+        }
+        v.extend(pattern(2000, names.len() as u8));
+        v
+    }
+    let lib = "usr/lib/python3.11";
+    let script = b"import pkg\nfrom json import decoder\n".to_vec();
+    // Every file's content differs (the chunk cache is content-addressed).
+    let files: Vec<(String, Vec<u8>)> = [
+        ("app/main.py", script),
+        ("os.py", b"import sys\n".to_vec()),
+        ("pkg/__init__.py", b"from . import helper\n".to_vec()),
+        (
+            "pkg/__pycache__/__init__.cpython-311.pyc",
+            pyc(&["helper", "print"]),
+        ),
+        ("pkg/helper.py", b"import deep\n".to_vec()),
+        ("pkg/__pycache__/helper.cpython-311.pyc", pyc(&["deep"])),
+        ("unrelated.py", b"x = 1\n".to_vec()),
+        ("__pycache__/unrelated.cpython-311.pyc", pyc(&[])),
+        ("deep.py", b"y = 2\n".to_vec()),
+        ("__pycache__/deep.cpython-311.pyc", pyc(&["z"])),
+        ("json/__init__.py", b"\n".to_vec()),
+        ("json/__pycache__/__init__.cpython-311.pyc", pyc(&[])),
+        ("json/decoder.py", b"\n\n".to_vec()),
+        ("json/__pycache__/decoder.cpython-311.pyc", pyc(&[])),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (name, mut data))| {
+        data.extend(format!("# {i}").as_bytes());
+        let name = if name.starts_with("app/") {
+            name.to_owned()
+        } else {
+            format!("{lib}/{name}")
+        };
+        (name, data)
+    })
+    .collect();
+    let test_files: Vec<TestFile<'_>> = files
+        .iter()
+        .map(|(name, data)| TestFile {
+            name,
+            data,
+            chunk: 64 << 10,
+        })
+        .collect();
+    // No holes fetched between wanted files: what is fetched was asked for.
+    let config = FetchConfig {
+        max_gap_bytes: 0,
+        readahead_bytes: 0,
+        speculative_neighbour_bytes: 0,
+        speculative_dir_bytes: 0,
+        ..FetchConfig::default()
+    };
+    let shared = LibraryPrefetch::new(64 << 20);
+    let stack_over = |f: &Arc<Fetcher>| {
+        LibraryStack::new(
+            Arc::clone(&shared),
+            vec![StackLayer {
+                digest: Digest::of(b"python"),
+                fetcher: Arc::downgrade(f),
+            }],
+        )
+    };
+    let cached = |f: &Fetcher, path: &str| f.read_from_memory(id_of(f, path), 0, 1).is_some();
+
+    let (f, _) = fetcher_for(&test_files, config.clone());
+    let stack = stack_over(&f);
+    let main = id_of(&f, "app/main.py");
+    let head = f.read(main, 0, 4096).await.unwrap();
+    stack.file_start(main, &head);
+    let deep = format!("{lib}/__pycache__/deep.cpython-311.pyc");
+    for _ in 0..500 {
+        if cached(&f, &deep) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Three levels: the script's imports, the package's relative import,
+    // and that module's own; compiled files, not sources.
+    for path in [
+        format!("{lib}/pkg/__pycache__/__init__.cpython-311.pyc"),
+        format!("{lib}/pkg/__pycache__/helper.cpython-311.pyc"),
+        deep,
+        format!("{lib}/json/__pycache__/__init__.cpython-311.pyc"),
+        format!("{lib}/json/__pycache__/decoder.cpython-311.pyc"),
+    ] {
+        assert!(cached(&f, &path), "{path} fetched");
+    }
+    for path in [
+        format!("{lib}/pkg/__init__.py"),
+        format!("{lib}/pkg/helper.py"),
+        format!("{lib}/__pycache__/unrelated.cpython-311.pyc"),
+        format!("{lib}/json/decoder.py"),
+    ] {
+        assert!(!cached(&f, &path), "{path} not fetched");
+    }
+    assert_eq!(shared.stats().python_modules, 5);
+
+    // A layer a start-up profile guides: no guessing.
+    let (f, _) = fetcher_for(&test_files, config);
+    f.set_profile_guided();
+    let stack = stack_over(&f);
+    let main = id_of(&f, "app/main.py");
+    let head = f.read(main, 0, 4096).await.unwrap();
+    stack.file_start(main, &head);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!cached(
+        &f,
+        &format!("{lib}/pkg/__pycache__/__init__.cpython-311.pyc")
+    ));
+}

@@ -43,6 +43,7 @@ pub mod estargz;
 mod footer;
 mod index;
 pub mod profile;
+pub mod python;
 mod read;
 pub mod reorder;
 pub(crate) mod tar;

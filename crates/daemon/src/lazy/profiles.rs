@@ -506,6 +506,7 @@ impl Profiles {
                 if granted == 0 {
                     return;
                 }
+                fetcher.set_profile_guided();
                 let t = Instant::now();
                 let bytes = fetcher.fetch_files(&files, granted).await;
                 bump(&this.counters.prefetched_bytes, bytes);
