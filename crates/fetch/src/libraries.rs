@@ -117,34 +117,17 @@ const START_FILES: [&str; 5] = [
     "/etc/localtime",
 ];
 
-/// Environment variables naming a locale, in the C library's precedence
-/// (`LC_ALL` over a category's own variable over `LANG`).
-const LOCALE_VARIABLES: [&str; 14] = [
-    "LC_ALL",
+/// The locale categories: each is named by an environment variable of its
+/// own (after `LC_ALL`, before `LANG`) and loaded from a file of that name in
+/// the locale's directory (`LC_MESSAGES` from `LC_MESSAGES/SYS_LC_MESSAGES`)
+/// when there is no locale archive.
+const LOCALE_CATEGORIES: [&str; 12] = [
     "LC_CTYPE",
     "LC_NUMERIC",
     "LC_TIME",
     "LC_COLLATE",
     "LC_MONETARY",
     "LC_MESSAGES",
-    "LC_PAPER",
-    "LC_NAME",
-    "LC_ADDRESS",
-    "LC_TELEPHONE",
-    "LC_MEASUREMENT",
-    "LC_IDENTIFICATION",
-    "LANG",
-];
-
-/// The files of one locale's categories in its directory, as `setlocale`
-/// loads them when there is no locale archive.
-const LOCALE_CATEGORY_FILES: [&str; 12] = [
-    "LC_CTYPE",
-    "LC_NUMERIC",
-    "LC_TIME",
-    "LC_COLLATE",
-    "LC_MONETARY",
-    "LC_MESSAGES/SYS_LC_MESSAGES",
     "LC_PAPER",
     "LC_NAME",
     "LC_ADDRESS",
@@ -237,10 +220,11 @@ pub fn start_files(env: &[(String, String)]) -> Vec<String> {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
-    // LC_ALL, when set, is the locale of every category.
-    let variables: &[&str] = match value("LC_ALL") {
-        Some(v) if !v.is_empty() => &LOCALE_VARIABLES[..1],
-        _ => &LOCALE_VARIABLES[1..],
+    // LC_ALL, when set, is the locale of every category; otherwise each
+    // category's own variable, then LANG.
+    let variables: Vec<&str> = match value("LC_ALL") {
+        Some(v) if !v.is_empty() => vec!["LC_ALL"],
+        _ => LOCALE_CATEGORIES.into_iter().chain(["LANG"]).collect(),
     };
     let mut locales: Vec<String> = Vec::new();
     for var in variables {
@@ -257,8 +241,13 @@ pub fn start_files(env: &[(String, String)]) -> Vec<String> {
         files.push("/usr/lib/locale/locale-archive".to_owned());
         files.push("/usr/share/locale/locale.alias".to_owned());
         for dir in &locales {
-            for category in LOCALE_CATEGORY_FILES {
-                files.push(format!("/usr/lib/locale/{dir}/{category}"));
+            for category in LOCALE_CATEGORIES {
+                let file = if category == "LC_MESSAGES" {
+                    "LC_MESSAGES/SYS_LC_MESSAGES"
+                } else {
+                    category
+                };
+                files.push(format!("/usr/lib/locale/{dir}/{file}"));
             }
         }
         for dir in GCONV_DIRS {
@@ -696,9 +685,8 @@ impl LibraryStack {
         if self.python_spent.load(Ordering::Relaxed) >= MAX_PYTHON_BYTES {
             return;
         }
-        let before = self.spent.load(Ordering::Relaxed);
-        self.fetch(fetcher, parts).await;
-        let got = self.spent.load(Ordering::Relaxed).saturating_sub(before);
+        // Its own bytes: library fetches of the same stack run meanwhile.
+        let got = self.fetch(fetcher, parts).await;
         self.python_spent.fetch_add(got, Ordering::Relaxed);
         self.shared
             .python_modules
@@ -783,7 +771,9 @@ impl LibraryStack {
         {
             let this = Arc::clone(self);
             let f = Arc::clone(&fetcher);
-            fetcher.spawn(async move { this.fetch(&f, &parts).await });
+            fetcher.spawn(async move {
+                this.fetch(&f, &parts).await;
+            });
         }
         if depth >= MAX_DEPTH {
             return Ok(());
@@ -883,7 +873,9 @@ impl LibraryStack {
             };
             let this = Arc::clone(self);
             let f = Arc::clone(&fetcher);
-            fetcher.spawn(async move { this.fetch(&f, &parts).await });
+            fetcher.spawn(async move {
+                this.fetch(&f, &parts).await;
+            });
         }
         let this = Arc::clone(self);
         top.spawn(async move { this.start_program(command).await });
@@ -1003,18 +995,20 @@ impl LibraryStack {
             .ok_or("not fetched (budget spent, or the fetch failed)")
     }
 
-    /// Fetches `parts` within the stack's byte budget.
-    async fn fetch(&self, fetcher: &Arc<Fetcher>, parts: &[(EntryId, Range<u64>)]) {
+    /// Fetches `parts` within the stack's byte budget; returns the compressed
+    /// bytes fetched.
+    async fn fetch(&self, fetcher: &Arc<Fetcher>, parts: &[(EntryId, Range<u64>)]) -> u64 {
         let left = self
             .shared
             .max_bytes_per_stack
             .saturating_sub(self.spent.load(Ordering::Relaxed));
         if left == 0 {
-            return;
+            return 0;
         }
         let got = fetcher.fetch_file_parts(parts, left, true).await;
         self.spent.fetch_add(got, Ordering::Relaxed);
         self.shared.bytes.fetch_add(got, Ordering::Relaxed);
+        got
     }
 
     fn fetcher(&self, pos: usize) -> Option<Arc<Fetcher>> {
@@ -1393,17 +1387,15 @@ mod tests {
             let files = start_files(&env(&[("LANG", name)]));
             assert!(!files.iter().any(|f| f.contains("/locale/")), "{name}");
         }
-        let many: Vec<(String, String)> = LOCALE_VARIABLES
+        let many: Vec<(String, String)> = LOCALE_CATEGORIES
             .iter()
+            .chain(&["LANG"])
             .enumerate()
             .map(|(i, v)| ((*v).to_owned(), format!("l{i}_XX.UTF-8")))
-            .filter(|(k, _)| k != "LC_ALL")
             .collect();
         let files = start_files(&many);
-        let limit = START_FILES.len()
-            + 2
-            + MAX_LOCALES * 2 * LOCALE_CATEGORY_FILES.len()
-            + GCONV_DIRS.len();
+        let limit =
+            START_FILES.len() + 2 + MAX_LOCALES * 2 * LOCALE_CATEGORIES.len() + GCONV_DIRS.len();
         assert!(files.len() <= limit, "{} files", files.len());
     }
 }
