@@ -44,8 +44,18 @@ pub struct PassthroughStore {
     budget: u64,
     min_size: u64,
     used: AtomicU64,
-    files: Mutex<HashMap<Digest, PathBuf>>,
-    pending: Mutex<HashSet<Digest>>,
+    /// One lock for both sets: a file moves from `pending` to `files` in one
+    /// step, so a caller that finds it in neither cannot race a store finishing
+    /// and store (and count) it a second time.
+    state: Mutex<StoreState>,
+}
+
+#[derive(Debug, Default)]
+struct StoreState {
+    /// Files stored, by key.
+    files: HashMap<Digest, PathBuf>,
+    /// Files being stored.
+    pending: HashSet<Digest>,
 }
 
 impl PassthroughStore {
@@ -72,8 +82,7 @@ impl PassthroughStore {
             budget,
             min_size: min_size.max(1),
             used: AtomicU64::new(0),
-            files: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashSet::new()),
+            state: Mutex::new(StoreState::default()),
         }))
     }
 
@@ -84,7 +93,7 @@ impl PassthroughStore {
 
     /// Files stored.
     pub fn len(&self) -> usize {
-        self.files.lock().len()
+        self.state.lock().files.len()
     }
 
     /// Whether the store is empty.
@@ -106,13 +115,16 @@ impl PassthroughStore {
 
     /// Whether a copy of file `id` is stored.
     pub(crate) fn contains(&self, fetcher: &Fetcher, id: EntryId) -> bool {
-        self.files.lock().contains_key(&Self::key(fetcher, id))
+        self.state
+            .lock()
+            .files
+            .contains_key(&Self::key(fetcher, id))
     }
 
     /// Opens the stored copy of file `id`, if there is one. Cheap: an `open(2)`.
     pub(crate) fn open_file(&self, fetcher: &Fetcher, id: EntryId) -> Option<std::fs::File> {
         let key = Self::key(fetcher, id);
-        let path = self.files.lock().get(&key).cloned()?;
+        let path = self.state.lock().files.get(&key).cloned()?;
         std::fs::File::open(path).ok()
     }
 
@@ -124,8 +136,11 @@ impl PassthroughStore {
             return;
         }
         let key = Self::key(fetcher, id);
-        if self.files.lock().contains_key(&key) {
-            return;
+        {
+            let state = self.state.lock();
+            if state.files.contains_key(&key) || state.pending.contains(&key) {
+                return;
+            }
         }
         let cache = fetcher.cache();
         let all_cached = e.chunks().iter().all(|c| {
@@ -136,8 +151,11 @@ impl PassthroughStore {
         if !all_cached {
             return;
         }
-        if !self.pending.lock().insert(key) {
-            return;
+        {
+            let mut state = self.state.lock();
+            if state.files.contains_key(&key) || !state.pending.insert(key) {
+                return;
+            }
         }
         // Reserve the space first, so concurrent stores cannot overshoot.
         let size = e.size();
@@ -148,7 +166,7 @@ impl PassthroughStore {
             })
             .is_ok();
         if !reserved {
-            self.pending.lock().remove(&key);
+            self.state.lock().pending.remove(&key);
             return;
         }
         let store = Arc::clone(self);
@@ -156,9 +174,9 @@ impl PassthroughStore {
         fetcher.spawn(async move {
             if let Err(e) = store.materialize(&f, id, key).await {
                 store.used.fetch_sub(size, Ordering::Relaxed);
+                store.state.lock().pending.remove(&key);
                 tracing::warn!(error = %e, "passthrough: file not stored");
             }
-            store.pending.lock().remove(&key);
         });
     }
 
@@ -222,7 +240,11 @@ impl PassthroughStore {
         }
         drop(file);
         std::fs::rename(&tmp, &final_path).map_err(|e| e.to_string())?;
-        self.files.lock().insert(key, final_path);
+        {
+            let mut state = self.state.lock();
+            state.files.insert(key, final_path);
+            state.pending.remove(&key);
+        }
         tracing::debug!(file = %e.path(), size, "passthrough: file stored");
         Ok(())
     }
