@@ -37,7 +37,10 @@ use zest_oci::{media_type, Descriptor, ImageManifest, Reference, Repository};
 use zest_registry::{PlainHttp, RegistryClient};
 use zest_store::{BlobSource, ImageStore, RegistryBlob};
 
-use support::{pseudo_random, require_root_and_fuse, require_tool, Auth, Registry, REGISTRY_BIN};
+use support::{
+    pseudo_random, require_root_and_fuse, require_tool, unmount_settled, Auth, Registry,
+    REGISTRY_BIN,
+};
 
 // ---------------------------------------------------------------------------
 // Environment
@@ -684,7 +687,7 @@ fn mounted_layer_matches_gnu_tar_extraction() {
             .expect("run busybox");
         assert_eq!(out.stdout, b"lazy\n");
     }
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
     assert!(
         env.leftover_mounts().is_empty(),
         "{:?}",
@@ -754,7 +757,7 @@ fn layer_served_over_io_uring_matches_gnu_tar_and_concurrent_cold_reads() {
     let ring = m.io_uring().expect("mounted");
     assert_eq!(ring.state, zest_fs::IoUring::Active);
     assert!(ring.requests as usize > compared, "{ring:?}");
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
 
     let (n, size) = (12, 700_000);
     let tar = data_layer(&env, "uring-conc", n, size);
@@ -787,7 +790,7 @@ fn layer_served_over_io_uring_matches_gnu_tar_and_concurrent_cold_reads() {
         m.io_uring().expect("mounted").state,
         zest_fs::IoUring::Active
     );
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
     assert!(
         env.leftover_mounts().is_empty(),
         "{:?}",
@@ -947,7 +950,7 @@ fn overlay_of_layers_matches_layers_applied_in_order() {
     assert!(!root.join("app/lib/a.so").exists());
     assert!(!root.join("tree/sub").exists());
 
-    image.unmount().expect("unmount image");
+    unmount_settled("unmount image", || image.unmount());
     assert!(
         env.leftover_mounts().is_empty(),
         "{:?}",
@@ -1024,7 +1027,7 @@ fn reads_are_lazy_cached_and_survive_a_restart() {
     let want = pseudo_random(1 << 20, 103);
     assert!(std::fs::read(&big).expect("read") == want);
     let after_read = range_gets(&env, &desc);
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
     drop(m);
     drop(fetcher);
     cache.flush();
@@ -1048,7 +1051,7 @@ fn reads_are_lazy_cached_and_survive_a_restart() {
         "with a warm disk cache, reading fetches nothing"
     );
     assert_eq!(fetcher.stats().range_requests, 0);
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
     assert!(env.leftover_mounts().is_empty());
 }
 
@@ -1136,7 +1139,7 @@ fn concurrent_readers_get_correct_bytes_and_each_chunk_is_fetched_once() {
         s.range_requests + 1,
         "registry saw the fetcher's requests + TOC"
     );
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
 }
 
 #[test]
@@ -1175,7 +1178,7 @@ fn disk_cache_stays_under_budget_while_reading_more() {
         on_disk <= budget + (64 << 10),
         "{on_disk} bytes of files in the cache dir"
     );
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
 }
 
 // ---------------------------------------------------------------------------
@@ -1310,7 +1313,7 @@ fn corrupted_range_responses_never_reach_the_reader() {
     drop_page_cache(&p);
     let got = std::fs::read(&p).expect("read after the proxy heals");
     assert!(got == pseudo_random(300_000, 100), "healed read content");
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
     drop(proxy);
     assert!(env.leftover_mounts().is_empty());
 }
@@ -1394,7 +1397,7 @@ fn prefetch_fetches_the_startup_files_in_few_requests_at_mount() {
     assert!(got == pseudo_random(1 << 20, 305));
     assert!(fetcher.stats().blocking_misses > 0);
     assert!(range_gets(&env, &desc) > after_prefetch);
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -1498,7 +1501,7 @@ fn fully_cached_files_are_served_by_passthrough_also_under_overlay() {
         "{after:?}"
     );
     assert_eq!(after.reads, before.reads);
-    image.unmount().expect("unmount");
+    unmount_settled("unmount", || image.unmount());
     assert!(
         env.leftover_mounts().is_empty(),
         "{:?}",
@@ -1586,7 +1589,7 @@ fn warm_opens_and_listings_never_reach_the_daemon() {
     // kernel sends none after, and no RELEASE at all.
     let rootfs = container_overlay(m.mountpoint(), &env.path("c1"));
     read_all(&rootfs, &files);
-    zest_mount::umount(&rootfs).expect("unmount overlay");
+    unmount_settled("unmount overlay", || zest_mount::umount(&rootfs));
     let first = m.fs().stats();
     assert!(first.reads > 0, "{first:?}");
     let r = first.requests;
@@ -1619,7 +1622,7 @@ fn warm_opens_and_listings_never_reach_the_daemon() {
     assert!(&std::fs::read(rootfs.join(rel)).expect("read again") == want);
     assert!(m.fs().stats().reads > reads, "the read did not reach FUSE");
     assert_eq!(m.fs().stats().requests.opens, 1);
-    zest_mount::umount(&rootfs).expect("unmount overlay");
+    unmount_settled("unmount overlay", || zest_mount::umount(&rootfs));
     drop(m);
     assert!(
         env.leftover_mounts().is_empty(),
@@ -1649,7 +1652,7 @@ fn a_finished_recording_gives_the_mount_the_warm_path() {
     assert!(m.fs().needs_opens());
     let rootfs = container_overlay(m.mountpoint(), &env.path("c1"));
     read_all(&rootfs, &files);
-    zest_mount::umount(&rootfs).expect("unmount overlay");
+    unmount_settled("unmount overlay", || zest_mount::umount(&rootfs));
     let recorded = m.fs().stats().requests.opens;
     assert!(recorded >= files.len() as u64, "{recorded}");
     assert_eq!(recorder.len(), files.len());
@@ -1662,7 +1665,7 @@ fn a_finished_recording_gives_the_mount_the_warm_path() {
     read_all(&rootfs, &files);
     assert_eq!(m.fs().stats().requests.opens, recorded + 1);
     assert_eq!(recorder.len(), files.len());
-    zest_mount::umount(&rootfs).expect("unmount overlay");
+    unmount_settled("unmount overlay", || zest_mount::umount(&rootfs));
 }
 
 #[test]
@@ -1698,7 +1701,7 @@ fn every_cached_file_small_ones_included_is_served_by_passthrough() {
     // closed.
     let rootfs = container_overlay(m.mountpoint(), &env.path("c1"));
     read_all(&rootfs, &files);
-    zest_mount::umount(&rootfs).expect("unmount overlay");
+    unmount_settled("unmount overlay", || zest_mount::umount(&rootfs));
     wait_for("every file to be stored", Duration::from_secs(30), || {
         store.len() == files.len()
     });
@@ -1715,7 +1718,7 @@ fn every_cached_file_small_ones_included_is_served_by_passthrough() {
     let before = m.fs().stats();
     let rootfs = container_overlay(m.mountpoint(), &env.path("c2"));
     read_all(&rootfs, &files);
-    zest_mount::umount(&rootfs).expect("unmount overlay");
+    unmount_settled("unmount overlay", || zest_mount::umount(&rootfs));
     let after = m.fs().stats();
     assert_eq!(
         after.passthrough_opens - before.passthrough_opens,
@@ -1888,7 +1891,7 @@ fn skopeo_zstd_chunked_layer_of_a_real_rootfs_matches_gnu_tar_extraction() {
     let s = fetcher.stats();
     assert_eq!(s.verification_failures, 0);
     assert!(s.chunks_verified > 0);
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
     assert!(
         env.leftover_mounts().is_empty(),
         "{:?}",
@@ -1933,7 +1936,7 @@ fn fd_holder_drops_the_connection_of_an_unmounted_layer() {
         std::fs::read(m.mountpoint().join("small.txt")).expect("read"),
         b"a small file\n"
     );
-    m.unmount().expect("unmount");
+    unmount_settled("unmount", || m.unmount());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let held = holder.list().expect("list").len();

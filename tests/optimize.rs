@@ -28,7 +28,7 @@ use zest_oci::layout::LayoutRef;
 use zest_oci::{ImageConfig, Platform, Reference};
 use zest_store::{ImageRef, ImageStore};
 
-use support::{require_root_and_fuse, require_tool, Auth, Registry, REGISTRY_BIN};
+use support::{require_root_and_fuse, require_tool, unmount_settled, Auth, Registry, REGISTRY_BIN};
 
 fn can_run() -> bool {
     require_root_and_fuse() && require_tool(REGISTRY_BIN)
@@ -299,6 +299,6 @@ fn optimized_image_prefetches_the_recorded_startup_files() {
     assert_eq!(random.len(), 1 << 20);
     assert!(count() > before, "unrecorded files are lazy");
     for mut m in mounts {
-        m.unmount().expect("unmount");
+        unmount_settled("unmount", || m.unmount());
     }
 }

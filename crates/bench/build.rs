@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn git(dir: &Path, args: &[&str]) -> Option<String> {
+    // `--no-optional-locks`: `git status` would otherwise refresh and rewrite
+    // the index, which this script watches, so every build would trigger the next.
     let out = Command::new("git")
+        .arg("--no-optional-locks")
         .arg("-C")
         .arg(dir)
         .args(args)
@@ -53,14 +56,13 @@ fn commit_of_checkout() -> Option<String> {
         git(&here, &["rev-parse", "--git-common-dir"]).map(abs),
         git(&here, &["symbolic-ref", "-q", "HEAD"]),
     ) {
-        println!(
-            "cargo:rerun-if-changed={}",
-            common.join(&head_ref).display()
-        );
-        println!(
-            "cargo:rerun-if-changed={}",
-            common.join("packed-refs").display()
-        );
+        // Only files that exist: cargo treats a missing one as always changed,
+        // and a fresh clone has no packed-refs.
+        for f in [common.join(&head_ref), common.join("packed-refs")] {
+            if f.exists() {
+                println!("cargo:rerun-if-changed={}", f.display());
+            }
+        }
     }
     let dirty = git(&here, &["status", "--porcelain", "--untracked-files=no"])
         .is_some_and(|s| !s.is_empty());

@@ -522,3 +522,36 @@ pub async fn scrape_metrics(port: u16) -> Option<String> {
     stream.read_to_string(&mut text).await.ok()?;
     Some(text)
 }
+
+/// Unmounts through `unmount`, retrying while the mount is busy. Tests run on
+/// threads of one process, and a child forked by another test holds copies of
+/// this test's open files until it execs: a file closed just before can keep the
+/// mount busy for a moment.
+pub fn unmount_settled<E: MaybeBusy>(what: &str, mut unmount: impl FnMut() -> Result<(), E>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match unmount() {
+            Err(e) if e.is_busy() && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.unwrap_or_else(|e| panic!("{what}: {e}")),
+        }
+    }
+}
+
+/// An unmount error that may only mean "busy for now".
+pub trait MaybeBusy: std::fmt::Display {
+    fn is_busy(&self) -> bool;
+}
+
+impl MaybeBusy for zest_fs::MountError {
+    fn is_busy(&self) -> bool {
+        matches!(self, zest_fs::MountError::Busy { .. })
+    }
+}
+
+impl MaybeBusy for zest_mount::SysError {
+    fn is_busy(&self) -> bool {
+        zest_mount::SysError::is_busy(self)
+    }
+}
