@@ -465,3 +465,39 @@ fn mutated_python_modules_never_panic_and_name_only_modules() {
     }
     assert!(named > 0, "no mutation kept a name");
 }
+
+#[test]
+fn mutated_c_sources_never_panic_and_name_only_paths_inside_the_image() {
+    use zest_format::c_include::{includes, join, MAX_INCLUDES, MAX_NAME_LEN};
+    let seed = b"#include <stdio.h>\n  # include \"../lib/util.h\"\n#include_next <limits.h>\n\
+                 #if defined(X)\n#import <bits/types.h>\n#endif\n#include MACRO\n"
+        .to_vec();
+    let mut rng = Rng(0x5eed_0063_696e_0001);
+    let mut named = 0usize;
+    for _ in 0..20_000 {
+        let mut data = seed.clone();
+        mutate(&mut rng, &mut data);
+        let found = includes(&data);
+        assert!(found.len() <= MAX_INCLUDES);
+        named += found.len();
+        for include in &found {
+            let name = &include.name;
+            assert!(!name.is_empty() && name.len() <= MAX_NAME_LEN && !name.starts_with('/'));
+            for dir in ["usr/include", "app/src", ""] {
+                let Some(path) = join(dir, name) else {
+                    continue;
+                };
+                assert!(!path.starts_with('/'), "{path}");
+                assert!(
+                    path.split('/')
+                        .all(|c| !c.is_empty() && c != "." && c != ".."),
+                    "{path}"
+                );
+                if !name.split('/').any(|c| c == "..") {
+                    assert!(path.starts_with(dir), "{path} under {dir}");
+                }
+            }
+        }
+    }
+    assert!(named > 0, "no mutation kept a directive");
+}

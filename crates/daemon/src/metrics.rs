@@ -205,13 +205,18 @@ impl Metrics {
             ),
             (
                 "zest_library_prefetch_bytes_total",
-                "Compressed bytes library prefetch fetched (shared libraries and Python modules).",
+                "Compressed bytes library prefetch fetched (shared libraries, Python modules, headers).",
                 s.library_prefetch.bytes,
             ),
             (
                 "zest_python_import_prefetch_modules_total",
                 "Python modules fetched ahead of the import that reads them.",
                 s.library_prefetch.python_modules,
+            ),
+            (
+                "zest_include_prefetch_headers_total",
+                "C and C++ headers fetched ahead of the compiler's read.",
+                s.library_prefetch.headers,
             ),
             (
                 "zest_manifest_fetches_total",

@@ -32,6 +32,12 @@
 //! each a blocking round trip otherwise, one after another). A container
 //! started with another command costs only those few fetches.
 //!
+//! Interpreters and compilers read files whose names come from other files the
+//! same way: Python modules ([`LibraryStack::file_start`] on a `.py` or `.pyc`
+//! file, see `examine_module`) and C and C++ headers ([`includes`]) are found
+//! and fetched a level of their tree at a time, as guesses that stand down
+//! where a start-up profile guides the layer.
+//!
 //! Invariants: this is advice, never on a read's path: it runs in tasks of the
 //! fetcher's runtime, and every byte it causes to be fetched is verified like
 //! any other (it goes through [`Fetcher::fetch_file_parts`], at the priority of
@@ -53,8 +59,11 @@ use parking_lot::Mutex;
 use super::estimate::LinkEstimate;
 use super::speculate::PROGRAM_TAIL_BYTES;
 use super::Fetcher;
+use zest_format::c_include::{self, CFile};
 use zest_format::elf::{multiarch_triplet, string_at, ElfError, ElfFile};
 use zest_format::python::{self, ImportContext, ModuleFile};
+
+mod includes;
 use zest_format::{Chunk, EntryId, EntryKind};
 use zest_oci::digest::Digest;
 
@@ -315,6 +324,7 @@ pub struct LibraryPrefetch {
     libraries: AtomicU64,
     bytes: AtomicU64,
     python_modules: AtomicU64,
+    headers: AtomicU64,
 }
 
 /// Counters of a [`LibraryPrefetch`].
@@ -325,10 +335,12 @@ pub struct LibraryPrefetchStats {
     pub elf_files: u64,
     /// Needed libraries found in the layers.
     pub libraries: u64,
-    /// Compressed bytes fetched for them (and for Python modules).
+    /// Compressed bytes fetched for them (and for Python modules and headers).
     pub bytes: u64,
     /// Python modules fetched ahead of the import that reads them.
     pub python_modules: u64,
+    /// C and C++ headers fetched ahead of the compiler's read.
+    pub headers: u64,
 }
 
 /// One layer a stack looks in.
@@ -348,6 +360,8 @@ pub struct LibraryStack {
     layers: Vec<StackLayer>,
     spent: AtomicU64,
     python_spent: AtomicU64,
+    include_spent: AtomicU64,
+    search_path: std::sync::OnceLock<includes::SearchPath>,
 }
 
 impl LibraryPrefetch {
@@ -361,6 +375,7 @@ impl LibraryPrefetch {
             libraries: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             python_modules: AtomicU64::new(0),
+            headers: AtomicU64::new(0),
         })
     }
 
@@ -371,6 +386,7 @@ impl LibraryPrefetch {
             libraries: self.libraries.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             python_modules: self.python_modules.load(Ordering::Relaxed),
+            headers: self.headers.load(Ordering::Relaxed),
         }
     }
 
@@ -386,6 +402,13 @@ impl LibraryPrefetch {
 
 /// A file found in a stack: the layer's position and the entry.
 type Found = (usize, EntryId);
+
+/// What kind of file a read from offset 0 started.
+enum Started {
+    Elf,
+    Module(ModuleFile),
+    C(CFile),
+}
 
 /// A directory as a stack shows it (see [`LibraryStack::dir_view`]).
 #[derive(Default)]
@@ -404,50 +427,65 @@ impl LibraryStack {
             layers,
             spent: AtomicU64::new(0),
             python_spent: AtomicU64::new(0),
+            include_spent: AtomicU64::new(0),
+            search_path: std::sync::OnceLock::new(),
         })
     }
 
     /// A read at offset 0 of file `id` of the stack's first layer returned
-    /// `head`. When that is an ELF file or a Python module not examined yet,
-    /// starts examining it in the background; otherwise costs a comparison of
-    /// four bytes and one of a name's end.
+    /// `head`. When that is an ELF file, a Python module or a C or C++ file
+    /// not examined yet, starts examining it in the background; otherwise
+    /// costs a comparison of four bytes and a look at a name's end.
     pub fn file_start(self: &Arc<Self>, id: EntryId, head: &[u8]) {
-        let Some(top) = self.layers.first() else {
+        self.examine_started((0, id), head);
+    }
+
+    /// Starts examining file `found`, whose first bytes are `head`, when it is
+    /// an ELF file, a Python module or a C or C++ file not examined yet.
+    fn examine_started(self: &Arc<Self>, (pos, id): Found, head: &[u8]) {
+        let Some(layer) = self.layers.get(pos) else {
             return;
         };
-        let Some(fetcher) = top.fetcher.upgrade() else {
+        let Some(fetcher) = layer.fetcher.upgrade() else {
             return;
         };
-        let elf = ElfFile::has_magic(head);
-        let module = if elf {
-            None
+        let found_kind = if ElfFile::has_magic(head) {
+            Started::Elf
         } else {
             let entry = fetcher.index().entry(id);
             if entry.kind() != EntryKind::Reg {
                 return;
             }
-            match python::module_file(entry.name()) {
-                Some(kind) => Some(kind),
-                None => return,
+            if let Some(kind) = python::module_file(entry.name()) {
+                Started::Module(kind)
+            } else if let Some(kind) = c_include::c_file(entry.name(), || entry.path()) {
+                Started::C(kind)
+            } else {
+                return;
             }
         };
-        if module.is_some() && self.profile_guided() {
+        // Guesses stand down where a start-up profile says what is read.
+        if !matches!(found_kind, Started::Elf) && self.profile_guided() {
             return;
         }
-        if !self.shared.first_time(top.digest, id) {
+        if !self.shared.first_time(layer.digest, id) {
             return;
         }
         let this = Arc::clone(self);
-        match module {
-            None => {
-                let head =
-                    Bytes::copy_from_slice(&head[..head.len().min(MAX_HEADERS_BYTES as usize)]);
-                fetcher.spawn(async move { this.examine((0, id), Some(head), 0).await });
+        let head_of = |max: u64| Bytes::copy_from_slice(&head[..head.len().min(max as usize)]);
+        let found = (pos, id);
+        match found_kind {
+            Started::Elf => {
+                let head = head_of(MAX_HEADERS_BYTES);
+                fetcher.spawn(async move { this.examine(found, Some(head), 0).await });
             }
-            Some(kind) => {
-                let head =
-                    Bytes::copy_from_slice(&head[..head.len().min(PYTHON_SCAN_BYTES as usize)]);
-                fetcher.spawn(async move { this.examine_module((0, id), kind, head).await });
+            Started::Module(kind) => {
+                let head = head_of(PYTHON_SCAN_BYTES);
+                fetcher.spawn(async move { this.examine_module(found, kind, head).await });
+            }
+            Started::C(kind) => {
+                let head = head_of(includes::INCLUDE_SCAN_BYTES);
+                fetcher.spawn(async move { this.examine_includes(found, kind, head).await });
             }
         }
     }
@@ -882,16 +920,91 @@ impl LibraryStack {
     }
 
     async fn start_program(self: Arc<Self>, command: StartCommand) {
-        if let Err(why) = self.start_program_inner(&command).await {
-            tracing::debug!(argv = ?command.argv, why, "start command not prefetched");
+        let words = CommandWords::of(&command.argv);
+        let programs = command.argv.first().into_iter().chain(&words.programs);
+        let this = &self;
+        let command = &command;
+        let programs = programs.map(|program| async move {
+            if let Err(why) = Arc::clone(this)
+                .start_program_named(program, command, true)
+                .await
+            {
+                tracing::debug!(program, why, "start program not prefetched");
+            }
+        });
+        futures::future::join(
+            futures::future::join_all(programs),
+            self.start_arguments(&words.files, command),
+        )
+        .await;
+    }
+
+    /// Fetches the small files the start command names (a script, a source
+    /// file) and examines them like a read from their start would, before the
+    /// program that reads them has even loaded.
+    async fn start_arguments(self: &Arc<Self>, names: &[String], command: &StartCommand) {
+        let mut found: Vec<Found> = Vec::new();
+        for name in names {
+            let path = if name.starts_with('/') {
+                name.clone()
+            } else {
+                format!("{}/{name}", command.working_dir)
+            };
+            let Some(file) = self.resolve(&path) else {
+                continue;
+            };
+            let small = self
+                .fetcher(file.0)
+                .is_some_and(|f| compressed_size(&f, file.1) <= WHOLE_FILE_BYTES);
+            if small && !found.contains(&file) {
+                found.push(file);
+            }
+        }
+        let mut per_layer: Vec<Vec<(EntryId, Range<u64>)>> = vec![Vec::new(); self.layers.len()];
+        for (pos, id) in &found {
+            if let (Some(f), Some(parts)) = (self.fetcher(*pos), per_layer.get_mut(*pos)) {
+                parts.push((*id, 0..f.index().entry(*id).size()));
+            }
+        }
+        let fetches = per_layer
+            .into_iter()
+            .enumerate()
+            .filter(|(_, parts)| !parts.is_empty())
+            .filter_map(|(pos, parts)| Some((self.fetcher(pos)?, parts)))
+            .map(|(f, parts)| async move { self.fetch(&f, &parts).await });
+        futures::future::join_all(fetches).await;
+        for (pos, id) in found {
+            let Some(f) = self.fetcher(pos) else {
+                continue;
+            };
+            let len = f.index().entry(id).size().min(PYTHON_SCAN_BYTES) as u32;
+            if let Some(head) = f.read_cached(id, 0, len).await {
+                self.examine_started((pos, id), &head);
+            }
         }
     }
 
-    async fn start_program_inner(
+    /// Finds `program` like `execvp` and examines it, through `#!` lines to
+    /// the interpreter. With `scripts`, a shell script's own programs (the
+    /// first word of each command in its first [`MAX_SCRIPT_BYTES`]) are
+    /// examined too, concurrently (theirs are not: no recursion).
+    fn start_program_named<'a>(
         self: Arc<Self>,
+        program: &'a str,
+        command: &'a StartCommand,
+        scripts: bool,
+    ) -> futures::future::BoxFuture<'a, Result<(), &'static str>> {
+        Box::pin(self.start_program_named_inner(program, command, scripts))
+    }
+
+    async fn start_program_named_inner(
+        self: Arc<Self>,
+        program: &str,
         command: &StartCommand,
+        scripts: bool,
     ) -> Result<(), &'static str> {
-        let mut program = command.argv.first().cloned().ok_or("empty command")?;
+        let mut program = program.to_owned();
+        let mut script_programs: Vec<String> = Vec::new();
         for _ in 0..=MAX_SCRIPT_HOPS {
             let (pos, id) = self
                 .find_program(&program, command)
@@ -900,12 +1013,27 @@ impl LibraryStack {
             let layer = self.layers.get(pos).ok_or("layer gone")?;
             let head = self.head(&fetcher, id).await?;
             if ElfFile::has_magic(&head) {
-                if self.shared.first_time(layer.digest, id) {
-                    Arc::clone(&self).examine((pos, id), Some(head), 0).await;
-                }
+                let this = &self;
+                let others = script_programs.iter().map(|p| async move {
+                    if let Err(why) = Arc::clone(this).start_program_named(p, command, false).await {
+                        tracing::debug!(program = %p, why, "program of the start script not prefetched");
+                    }
+                });
+                let own = async {
+                    if self.shared.first_time(layer.digest, id) {
+                        Arc::clone(&self).examine((pos, id), Some(head), 0).await;
+                    }
+                };
+                futures::future::join(own, futures::future::join_all(others)).await;
                 return Ok(());
             }
             program = interpreter_of(&head).ok_or("neither an ELF file nor a script")?;
+            if scripts && script_programs.is_empty() && is_shell(&program) {
+                let mut words = CommandWords::default();
+                let text = &head[..head.len().min(MAX_SCRIPT_BYTES)];
+                words.script(&String::from_utf8_lossy(text));
+                script_programs = words.programs;
+            }
         }
         Err("too many #! interpreters")
     }
@@ -1063,6 +1191,142 @@ impl LibraryStack {
         }
         None
     }
+}
+
+/// Words a start command holds beyond its program, bounded
+/// ([`MAX_COMMAND_WORDS`] each, scripts read up to [`MAX_SCRIPT_BYTES`]).
+#[derive(Debug, Default, PartialEq)]
+struct CommandWords {
+    /// Programs a shell's `-c` script runs: the first word of each of its
+    /// commands (`gcc` in `sh -c "gcc -o /tmp/x x.c && /tmp/x"`).
+    programs: Vec<String>,
+    /// Words that may name files (a script, a source file): not options,
+    /// and with a slash or a dot in them.
+    files: Vec<String>,
+}
+
+/// Programs and files taken from one start command, each.
+const MAX_COMMAND_WORDS: usize = 16;
+
+/// Bytes of a shell's `-c` script looked at.
+const MAX_SCRIPT_BYTES: usize = 4096;
+
+/// Shells whose `-c` argument is a script.
+const SHELLS: [&str; 7] = ["sh", "bash", "dash", "ash", "zsh", "ksh", "busybox"];
+
+/// Shell words that are not a command's program.
+const SHELL_KEYWORDS: [&str; 14] = [
+    "if", "then", "else", "elif", "fi", "do", "done", "while", "until", "for", "case", "esac",
+    "exec", "!",
+];
+
+impl CommandWords {
+    /// The words of `argv` (Entrypoint then Cmd).
+    fn of(argv: &[String]) -> CommandWords {
+        let mut out = CommandWords::default();
+        let Some(program) = argv.first() else {
+            return out;
+        };
+        let shell = is_shell(program);
+        let mut i = 1;
+        while i < argv.len() {
+            let arg = &argv[i];
+            let c_option = arg.len() > 1
+                && arg.starts_with('-')
+                && !arg.starts_with("--")
+                && arg.ends_with('c');
+            if shell && c_option {
+                if let Some(script) = argv.get(i + 1) {
+                    out.script(script);
+                }
+                i += 2;
+                continue;
+            }
+            out.file(arg);
+            i += 1;
+        }
+        out
+    }
+
+    /// Takes the words of a shell script: programs at command positions,
+    /// files elsewhere. Quotes are dropped, expansions are not made (a word
+    /// with `$` is skipped).
+    fn script(&mut self, script: &str) {
+        let script = &script.as_bytes()[..script.len().min(MAX_SCRIPT_BYTES)];
+        let mut command_start = true;
+        let mut word = String::new();
+        let flush = |word: &mut String, command_start: &mut bool, this: &mut CommandWords| {
+            if word.is_empty() {
+                return;
+            }
+            let w = std::mem::take(word);
+            if *command_start {
+                let assignment = w.split('/').next().is_some_and(|h| h.contains('='));
+                if SHELL_KEYWORDS.contains(&w.as_str()) || assignment {
+                    return;
+                }
+                *command_start = false;
+                if !w.contains('$')
+                    && this.programs.len() < MAX_COMMAND_WORDS
+                    && !this.programs.contains(&w)
+                {
+                    this.programs.push(w);
+                }
+            } else {
+                this.file(&w);
+            }
+        };
+        let mut comment = false;
+        for &b in script {
+            if comment {
+                comment = b != b'\n';
+                if comment {
+                    continue;
+                }
+            }
+            match b {
+                b'#' if word.is_empty() => comment = true,
+                b';' | b'&' | b'|' | b'\n' | b'(' | b')' | b'{' | b'}' => {
+                    flush(&mut word, &mut command_start, self);
+                    command_start = true;
+                }
+                b' ' | b'\t' | b'<' | b'>' => flush(&mut word, &mut command_start, self),
+                b'\'' | b'"' | b'`' => {}
+                b => {
+                    if let Some(c) = char::from_u32(u32::from(b)).filter(|_| b.is_ascii()) {
+                        word.push(c);
+                    } else {
+                        // Not ASCII: no program or file name zest would find.
+                        word.push('\u{fffd}');
+                    }
+                }
+            }
+        }
+        flush(&mut word, &mut command_start, self);
+    }
+
+    /// Takes `word` as a file name if it may be one.
+    fn file(&mut self, word: &str) {
+        let may_be_file = !word.is_empty()
+            && word.len() <= 4096
+            && !word.starts_with('-')
+            && (word.contains('/') || word.contains('.'))
+            && !word.contains([
+                '=', '$', '*', '?', ' ', '\t', '(', ')', '"', '\'', ';', '<', '>', '|', '&', '`',
+                '{', '}', '\u{fffd}',
+            ]);
+        if may_be_file
+            && self.files.len() < MAX_COMMAND_WORDS
+            && !self.files.iter().any(|f| f == word)
+        {
+            self.files.push(word.to_owned());
+        }
+    }
+}
+
+/// Whether `program` (a path or a name) is a shell.
+fn is_shell(program: &str) -> bool {
+    SHELLS.contains(&program.rsplit('/').next().unwrap_or(program))
 }
 
 /// The program a script's `#!` line runs: its interpreter, or the command
@@ -1303,6 +1567,41 @@ mod tests {
         assert_eq!(i(b"#!/bin/sh"), None, "a line cut short");
         assert_eq!(i(b"\x7fELF"), None);
         assert_eq!(i(b"#!\xff\xfe\n"), None);
+    }
+
+    #[test]
+    fn start_commands_name_programs_and_files() {
+        let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let words = CommandWords::of(&argv(&[
+            "sh",
+            "-c",
+            "gcc -o /tmp/hello /bench/hello.c && /tmp/hello; X=1 exec env > out.log",
+        ]));
+        assert_eq!(words.programs, ["gcc", "/tmp/hello", "env"]);
+        assert_eq!(words.files, ["/tmp/hello", "/bench/hello.c", "out.log"]);
+        let words = CommandWords::of(&argv(&["python3", "/bench/imports.py", "-v", "--x=a.b"]));
+        assert!(words.programs.is_empty());
+        assert_eq!(words.files, ["/bench/imports.py"]);
+        let words = CommandWords::of(&argv(&["node", "-e", "console.log(\"hello\")"]));
+        assert_eq!(words, CommandWords::default());
+        let words = CommandWords::of(&argv(&[
+            "/bin/bash",
+            "-ec",
+            "if true; then run.sh $HOME/x; fi",
+        ]));
+        assert_eq!(words.programs, ["true", "run.sh"]);
+        assert!(words.files.is_empty());
+        let mut words = CommandWords::default();
+        words.script(
+            "#!/bin/sh\n# a comment; rm -rf x\nset -eu\nd=$(mktemp -d) # why\nchown a \"$d\"\n",
+        );
+        assert_eq!(words.programs, ["set", "mktemp", "chown"]);
+        // Bounded whatever the command.
+        let long = "a.sh ".repeat(10_000) + &"; p".repeat(10_000);
+        let words = CommandWords::of(&argv(&["sh", "-c", &long]));
+        assert!(words.programs.len() <= MAX_COMMAND_WORDS);
+        assert!(words.files.len() <= MAX_COMMAND_WORDS);
+        assert!(CommandWords::of(&[]).files.is_empty());
     }
 
     #[test]

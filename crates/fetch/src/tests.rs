@@ -1766,3 +1766,174 @@ async fn python_imports_are_fetched_a_level_at_a_time_ahead_of_the_interpreter()
         &format!("{lib}/pkg/__pycache__/__init__.cpython-311.pyc")
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_fetched_a_level_at_a_time_along_the_compilers_search_path() {
+    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+
+    let gcc = "usr/lib/gcc/x86_64-linux-gnu/12/include";
+    let multiarch = "usr/include/x86_64-linux-gnu";
+    let files: Vec<(String, String)> = [
+        (
+            "app/hello.c".to_string(),
+            "#include <stdio.h>\n#include \"util.h\"\n#include <limits.h>\n#include MACRO\n",
+        ),
+        ("app/util.h".into(), "#include <stddef.h>\n"),
+        ("usr/include/stdc-predef.h".into(), "/* predefined */\n"),
+        (
+            "usr/include/stdio.h".into(),
+            "#include <bits/start.h>\n#include <stddef.h>\n",
+        ),
+        (
+            format!("{multiarch}/bits/start.h"),
+            "#include <features.h>\n",
+        ),
+        ("usr/include/features.h".into(), "#include <sys/cdefs.h>\n"),
+        (
+            format!("{multiarch}/sys/cdefs.h"),
+            "#include <bits/wordsize.h>\n",
+        ),
+        (
+            format!("{multiarch}/bits/wordsize.h"),
+            "#include <bits/deeper.h>\n",
+        ),
+        (
+            format!("{multiarch}/bits/deeper.h"),
+            "#include <bits/deepest.h>\n",
+        ),
+        (
+            format!("{multiarch}/bits/deepest.h"),
+            "/* past the walk */\n",
+        ),
+        (format!("{gcc}/stddef.h"), "/* the compiler's own */\n"),
+        ("usr/include/stddef.h".into(), "/* shadowed by GCC's */\n"),
+        (format!("{gcc}/limits.h"), "#include_next <limits.h>\n"),
+        ("usr/include/limits.h".into(), "/* the C library's */\n"),
+        ("usr/include/unrelated.h".into(), "/* never named */\n"),
+    ]
+    .into_iter()
+    .enumerate()
+    // Every file's content differs (the chunk cache is content-addressed).
+    .map(|(i, (name, text))| (name, format!("{text}/* {i} */\n")))
+    .collect();
+    let test_files: Vec<TestFile<'_>> = files
+        .iter()
+        .map(|(name, data)| TestFile {
+            name,
+            data: data.as_bytes(),
+            chunk: 64 << 10,
+        })
+        .collect();
+    // No holes fetched between wanted files: what is fetched was asked for.
+    let config = FetchConfig {
+        max_gap_bytes: 0,
+        readahead_bytes: 0,
+        speculative_neighbour_bytes: 0,
+        speculative_dir_bytes: 0,
+        ..FetchConfig::default()
+    };
+    let shared = LibraryPrefetch::new(64 << 20);
+    let stack_over = |f: &Arc<Fetcher>| {
+        LibraryStack::new(
+            Arc::clone(&shared),
+            vec![StackLayer {
+                digest: Digest::of(b"gcc"),
+                fetcher: Arc::downgrade(f),
+            }],
+        )
+    };
+    let cached = |f: &Fetcher, path: &str| f.read_from_memory(id_of(f, path), 0, 1).is_some();
+
+    let (f, _) = fetcher_for(&test_files, config.clone());
+    let stack = stack_over(&f);
+    let source = id_of(&f, "app/hello.c");
+    let head = f.read(source, 0, 4096).await.unwrap();
+    stack.file_start(source, &head);
+    let deeper = format!("{multiarch}/bits/deeper.h");
+    for _ in 0..500 {
+        if cached(&f, &deeper) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Six levels, the first with the header GCC includes before the file;
+    // quoted names next to the file; GCC's directory before the C library's;
+    // `#include_next` goes on past the including file's directory.
+    for path in [
+        "usr/include/stdc-predef.h".to_string(),
+        "usr/include/stdio.h".into(),
+        "app/util.h".into(),
+        format!("{gcc}/limits.h"),
+        format!("{multiarch}/bits/start.h"),
+        format!("{gcc}/stddef.h"),
+        "usr/include/limits.h".into(),
+        "usr/include/features.h".into(),
+        format!("{multiarch}/sys/cdefs.h"),
+        format!("{multiarch}/bits/wordsize.h"),
+        deeper,
+    ] {
+        assert!(cached(&f, &path), "{path} fetched");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for path in [
+        format!("{multiarch}/bits/deepest.h"),
+        "usr/include/stddef.h".into(),
+        "usr/include/unrelated.h".into(),
+    ] {
+        assert!(!cached(&f, &path), "{path} not fetched");
+    }
+    assert_eq!(shared.stats().headers, 11);
+
+    // The compiler's read of the last level fetched walks on.
+    let last = id_of(&f, &format!("{multiarch}/bits/deeper.h"));
+    let head = f.read(last, 0, 4096).await.unwrap();
+    stack.file_start(last, &head);
+    let deepest = format!("{multiarch}/bits/deepest.h");
+    for _ in 0..500 {
+        if cached(&f, &deepest) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cached(&f, &deepest));
+
+    // A start command naming the source: its headers are fetched before the
+    // compiler reads it (no read of it here at all). A new daemon: the
+    // files examined above are remembered per daemon.
+    let (f, _) = fetcher_for(&test_files, config.clone());
+    let stack = LibraryStack::new(
+        LibraryPrefetch::new(64 << 20),
+        vec![StackLayer {
+            digest: Digest::of(b"gcc"),
+            fetcher: Arc::downgrade(&f),
+        }],
+    );
+    stack.prefetch_start(crate::libraries::StartCommand {
+        argv: ["sh", "-c", "cc -o /tmp/hello hello.c && /tmp/hello"]
+            .map(String::from)
+            .to_vec(),
+        path: "/usr/bin".into(),
+        working_dir: "/app".into(),
+        env: Vec::new(),
+    });
+    let features = "usr/include/features.h";
+    for _ in 0..500 {
+        if cached(&f, features) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for path in ["app/hello.c", "usr/include/stdio.h", features] {
+        assert!(cached(&f, path), "{path} fetched at start");
+    }
+
+    // A layer a start-up profile guides: no guessing.
+    let (f, _) = fetcher_for(&test_files, config);
+    f.set_profile_guided();
+    let stack = stack_over(&f);
+    let source = id_of(&f, "app/hello.c");
+    let head = f.read(source, 0, 4096).await.unwrap();
+    stack.file_start(source, &head);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!cached(&f, "usr/include/stdio.h"));
+}

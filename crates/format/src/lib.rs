@@ -37,6 +37,7 @@
 //! [`Generation::Estargz`] location, [`LayerIndex::decode`] builds the model from the
 //! TOC, and [`ChunkDecoder`] decodes their chunks (gzip members) with the same checks.
 
+pub mod c_include;
 pub mod elf;
 mod error;
 pub mod estargz;

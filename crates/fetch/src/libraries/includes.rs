@@ -1,0 +1,322 @@
+//! Include prefetch: when a C or C++ file is read from its start, the headers
+//! its `#include` directives name are found in the stack the way the
+//! compiler's search path would find them, and fetched a level of the include
+//! tree at a time, so a compile costs about as many round trips as its header
+//! tree is deep instead of one per header.
+//!
+//! The search path is the compiler's built-in one, as laid out in the image:
+//! the C++ library's directories (for C++ files), GCC's own `include`
+//! directories (`usr/lib/gcc/TRIPLE/VERSION/include`), `usr/local/include`, the
+//! multiarch directory and `usr/include`. A quoted name is looked for next to
+//! the including file first. Directories given with `-I` are not known; the
+//! quoted, relative includes of a project mostly are next to their file.
+//!
+//! Bounded like Python import prefetch: each header is examined once, at most
+//! [`MAX_INCLUDE_DEPTH`] levels ahead of the file read (the last level
+//! fetched, not scanned, so the compiler's reads carry the walk on), at most
+//! [`MAX_INCLUDE_BYTES`] per stack, only headers small enough to fetch whole;
+//! it stands down where a start-up profile guides the layer.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{compressed_size, Found, LibraryStack, WHOLE_FILE_BYTES};
+use crate::Fetcher;
+use zest_format::c_include::{self, CFile, Include};
+use zest_format::{EntryId, EntryKind};
+
+/// Compressed bytes of headers one stack fetches at most.
+const MAX_INCLUDE_BYTES: u64 = 16 << 20;
+
+/// Levels of the include tree fetched ahead of the file read (the last
+/// fetched, not scanned). Headers nest deeply (`stdio.h` → `features.h` →
+/// `sys/cdefs.h` → `bits/wordsize.h`) and the preprocessor opens nearly all
+/// it names, so the walk goes deeper than Python's.
+const MAX_INCLUDE_DEPTH: u32 = 6;
+
+/// Bytes of a file scanned for directives.
+pub(super) const INCLUDE_SCAN_BYTES: u64 = 256 << 10;
+
+/// Entries of one directory looked at while finding the search path.
+const MAX_LISTED: usize = 64;
+
+/// The header GCC includes before every translation unit on glibc systems.
+const PREDEFINED: &str = "stdc-predef.h";
+
+/// The compiler's search path as the stack lays it out.
+#[derive(Debug, Default)]
+pub(super) struct SearchPath {
+    /// C++ library directories, searched first for C++ files.
+    cxx: Vec<String>,
+    /// The directories C and C++ both search.
+    c: Vec<String>,
+}
+
+impl SearchPath {
+    fn dirs(&self, cxx: bool) -> impl Iterator<Item = &String> {
+        self.cxx.iter().filter(move |_| cxx).chain(self.c.iter())
+    }
+}
+
+/// One file of a level: its path (no leading slash), first bytes, and
+/// whether it is compiled as C++.
+struct Scanned {
+    path: String,
+    data: Bytes,
+    kind: CFile,
+    cxx: bool,
+}
+
+/// Whether a C or C++ file is compiled as C++ (taken from its name: C++
+/// sources and headers, and the C++ library's extension-less headers).
+fn is_cxx(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    match name.rsplit_once('.') {
+        Some((_, ext)) => matches!(
+            ext,
+            "cc" | "cpp" | "cxx" | "c++" | "C" | "mm" | "hh" | "hpp" | "hxx" | "h++" | "tcc"
+        ),
+        None => true,
+    }
+}
+
+/// The directory part of `path` (no leading slash), `""` at the root.
+fn dir_of(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(dir, _)| dir)
+}
+
+impl LibraryStack {
+    /// Examines C or C++ file `found` (its first bytes `data`) and the headers
+    /// it includes, a level at a time (see the module doc).
+    pub(super) async fn examine_includes(self: Arc<Self>, found: Found, kind: CFile, data: Bytes) {
+        let Some(fetcher) = self.fetcher(found.0) else {
+            return;
+        };
+        let path = fetcher.index().entry(found.1).path();
+        let cxx = is_cxx(&path) || path.contains("/c++/");
+        let mut level = vec![Scanned {
+            path,
+            data,
+            kind,
+            cxx,
+        }];
+        let root = level[0].path.clone();
+        for depth in 0..MAX_INCLUDE_DEPTH {
+            if level.is_empty()
+                || self.include_spent.load(Ordering::Relaxed) >= MAX_INCLUDE_BYTES
+                || self.profile_guided()
+            {
+                break;
+            }
+            let last = depth + 1 == MAX_INCLUDE_DEPTH;
+            // (header, its path, compiled as C++).
+            let mut headers: Vec<(Found, String, bool)> = Vec::new();
+            let mut seen: HashSet<Found> = HashSet::new();
+            for file in &level {
+                let mut names = c_include::includes(&file.data);
+                if file.kind == CFile::Source {
+                    names.insert(
+                        0,
+                        Include {
+                            name: PREDEFINED.into(),
+                            quoted: false,
+                            next: false,
+                        },
+                    );
+                }
+                for include in &names {
+                    let Some((found, path)) = self.find_header(include, &file.path, file.cxx)
+                    else {
+                        continue;
+                    };
+                    if !seen.insert(found) {
+                        continue;
+                    }
+                    let small = self
+                        .fetcher(found.0)
+                        .is_some_and(|f| compressed_size(&f, found.1) <= WHOLE_FILE_BYTES);
+                    // Each header once (one the compiler read first was
+                    // examined then); the last level is left unmarked so
+                    // the compiler's read of it walks on.
+                    let fresh = if last {
+                        !self.examined(found)
+                    } else {
+                        self.first_time(found)
+                    };
+                    if small && fresh {
+                        headers.push((found, path, file.cxx));
+                    }
+                }
+            }
+            let mut per_layer: Vec<Vec<(EntryId, Range<u64>)>> =
+                vec![Vec::new(); self.layers.len()];
+            for ((pos, id), ..) in &headers {
+                if let (Some(f), Some(parts)) = (self.fetcher(*pos), per_layer.get_mut(*pos)) {
+                    parts.push((*id, 0..f.index().entry(*id).size()));
+                }
+            }
+            let this = &self;
+            let fetches = per_layer
+                .into_iter()
+                .enumerate()
+                .filter(|(_, parts)| !parts.is_empty())
+                .filter_map(|(pos, parts)| Some((this.fetcher(pos)?, parts)))
+                .map(|(f, parts)| async move { this.fetch_headers(&f, &parts).await });
+            futures::future::join_all(fetches).await;
+            tracing::debug!(file = %root, level = depth, headers = headers.len(), "headers prefetched");
+            level.clear();
+            if last {
+                break;
+            }
+            for ((pos, id), path, cxx) in headers {
+                let Some(f) = self.fetcher(pos) else {
+                    continue;
+                };
+                let len = f.index().entry(id).size().min(INCLUDE_SCAN_BYTES) as u32;
+                if let Some(data) = f.read_cached(id, 0, len).await {
+                    level.push(Scanned {
+                        path,
+                        data,
+                        kind: CFile::Header,
+                        cxx,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The header `include` of the file at `from` names: next to `from` when
+    /// quoted, then along the search path (after the directory `from` lies
+    /// in, for `#include_next`). With the path it was found at.
+    fn find_header(&self, include: &Include, from: &str, cxx: bool) -> Option<(Found, String)> {
+        let search = self.search_path();
+        let here = include
+            .quoted
+            .then(|| c_include::join(dir_of(from), &include.name));
+        let mut dirs: Vec<&String> = search.dirs(cxx).collect();
+        if include.next {
+            // On past the directory the including file was found in.
+            if let Some(i) = dirs.iter().position(|d| {
+                from.strip_prefix(d.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+            }) {
+                dirs.drain(..=i);
+            }
+        }
+        here.into_iter()
+            .flatten()
+            .chain(
+                dirs.into_iter()
+                    .filter_map(|d| c_include::join(d, &include.name)),
+            )
+            .filter(|candidate| *candidate != from)
+            .find_map(|candidate| Some((self.resolve(&format!("/{candidate}"))?, candidate)))
+    }
+
+    /// The compiler's search path in this stack, found once.
+    fn search_path(&self) -> &SearchPath {
+        self.search_path.get_or_init(|| {
+            let mut path = SearchPath::default();
+            let triples: Vec<String> = self
+                .list("usr/include")
+                .into_iter()
+                .filter(|n| n.contains("-linux-"))
+                .collect();
+            // The newest version first: an image with two keeps using the
+            // default, mostly the newest.
+            let versions = |dir: &str| {
+                let mut v = self.list(dir);
+                v.sort_by_key(|s| std::cmp::Reverse(version_key(s)));
+                v
+            };
+            for version in versions("usr/include/c++") {
+                path.cxx.push(format!("usr/include/c++/{version}"));
+                for triple in &triples {
+                    path.cxx.push(format!("usr/include/{triple}/c++/{version}"));
+                }
+                path.cxx.push(format!("usr/include/c++/{version}/backward"));
+            }
+            for gcc in ["usr/lib/gcc", "usr/lib64/gcc"] {
+                for triple in self.list(gcc) {
+                    for version in versions(&format!("{gcc}/{triple}")) {
+                        path.c.push(format!("{gcc}/{triple}/{version}/include"));
+                    }
+                }
+            }
+            path.c.push("usr/local/include".into());
+            for triple in &triples {
+                path.c.push(format!("usr/include/{triple}"));
+            }
+            path.c.push("usr/include".into());
+            tracing::debug!(cxx = ?path.cxx, c = ?path.c, "include search path");
+            path
+        })
+    }
+
+    /// The names of the subdirectories of directory `dir` in any layer of the
+    /// stack (at most [`MAX_LISTED`]).
+    fn list(&self, dir: &str) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for layer in &self.layers {
+            let Some(fetcher) = layer.fetcher.upgrade() else {
+                continue;
+            };
+            let index = fetcher.index();
+            let Some(id) = index.resolve_path(dir) else {
+                continue;
+            };
+            for child in index.children(id).take(MAX_LISTED) {
+                let kind = index.entry(child.id).kind();
+                if !matches!(kind, EntryKind::Dir | EntryKind::Symlink) {
+                    continue;
+                }
+                let name = String::from_utf8_lossy(child.name).into_owned();
+                if names.len() < MAX_LISTED && !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+    }
+
+    /// Fetches headers `parts` within the stack's byte budgets.
+    async fn fetch_headers(&self, fetcher: &Arc<Fetcher>, parts: &[(EntryId, Range<u64>)]) {
+        if self.include_spent.load(Ordering::Relaxed) >= MAX_INCLUDE_BYTES {
+            return;
+        }
+        let got = self.fetch(fetcher, parts).await;
+        self.include_spent.fetch_add(got, Ordering::Relaxed);
+        self.shared
+            .headers
+            .fetch_add(parts.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Sorts version directory names (`12`, `4.9.2`, `14-win32`) numerically.
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(['.', '-'])
+        .map_while(|p| p.parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn languages_and_versions() {
+        assert!(is_cxx("src/a.cpp"));
+        assert!(is_cxx("usr/include/c++/12/vector"));
+        assert!(!is_cxx("src/a.c"));
+        assert!(!is_cxx("usr/include/stdio.h"));
+        assert_eq!(dir_of("usr/include/stdio.h"), "usr/include");
+        assert_eq!(dir_of("a.c"), "");
+        let mut v = vec!["9", "12", "4.9.2", "10"];
+        v.sort_by_key(|s| std::cmp::Reverse(version_key(s)));
+        assert_eq!(v, ["12", "10", "9", "4.9.2"]);
+    }
+}
