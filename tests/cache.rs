@@ -528,6 +528,14 @@ fn chunk_cache_under_concurrent_use_serves_only_correct_bytes() {
         }
     });
     cache.flush();
+    // Disk writes are queued: under load the threads above may never have
+    // read one back. Once flushed, every chunk the disk tier holds that memory
+    // does not is a disk hit, and must be the right bytes too.
+    for (i, (d, data)) in pool.iter().enumerate() {
+        if let Some(got) = cache.get(d) {
+            assert_eq!(&got, data, "wrong bytes for chunk {i} after flush");
+        }
+    }
     let s = cache.stats();
     let disk = s.disk.as_ref().unwrap();
     assert!(s.memory.bytes <= 100 * 1024 && disk.bytes <= 600 * 1024);
