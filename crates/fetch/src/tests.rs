@@ -1812,6 +1812,9 @@ async fn headers_are_fetched_a_level_at_a_time_along_the_compilers_search_path()
         ("usr/include/unrelated.h".into(), "/* never named */\n"),
     ]
     .into_iter()
+    // More directories in usr/include than the search path's listing keeps
+    // (the multiarch one must still be found among them).
+    .chain((0..100).map(|i| (format!("usr/include/a{i:03}/x.h"), "/* a library's */\n")))
     .enumerate()
     // Every file's content differs (the chunk cache is content-addressed).
     .map(|(i, (name, text))| (name, format!("{text}/* {i} */\n")))

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{compressed_size, Found, LibraryStack, WHOLE_FILE_BYTES};
+use super::{compressed_size, Found, LibraryStack, MAX_DIR_ENTRIES, WHOLE_FILE_BYTES};
 use crate::Fetcher;
 use zest_format::c_include::{self, CFile, Include};
 use zest_format::{EntryId, EntryKind};
@@ -221,15 +221,11 @@ impl LibraryStack {
     fn search_path(&self) -> &SearchPath {
         self.search_path.get_or_init(|| {
             let mut path = SearchPath::default();
-            let triples: Vec<String> = self
-                .list("usr/include")
-                .into_iter()
-                .filter(|n| n.contains("-linux-"))
-                .collect();
+            let triples = self.list("usr/include", |n| n.contains("-linux-"));
             // The newest version first: an image with two keeps using the
             // default, mostly the newest.
             let versions = |dir: &str| {
-                let mut v = self.list(dir);
+                let mut v = self.list(dir, |_| true);
                 v.sort_by_key(|s| std::cmp::Reverse(version_key(s)));
                 v
             };
@@ -241,7 +237,7 @@ impl LibraryStack {
                 path.cxx.push(format!("usr/include/c++/{version}/backward"));
             }
             for gcc in ["usr/lib/gcc", "usr/lib64/gcc"] {
-                for triple in self.list(gcc) {
+                for triple in self.list(gcc, |_| true) {
                     for version in versions(&format!("{gcc}/{triple}")) {
                         path.c.push(format!("{gcc}/{triple}/{version}/include"));
                     }
@@ -258,8 +254,9 @@ impl LibraryStack {
     }
 
     /// The names of the subdirectories of directory `dir` in any layer of the
-    /// stack (at most [`MAX_LISTED`]).
-    fn list(&self, dir: &str) -> Vec<String> {
+    /// stack that `keep` keeps (at most [`MAX_LISTED`], of the first
+    /// [`MAX_DIR_ENTRIES`] entries: `usr/include` has hundreds).
+    fn list(&self, dir: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
         for layer in &self.layers {
             let Some(fetcher) = layer.fetcher.upgrade() else {
@@ -269,13 +266,13 @@ impl LibraryStack {
             let Some(id) = index.resolve_path(dir) else {
                 continue;
             };
-            for child in index.children(id).take(MAX_LISTED) {
+            for child in index.children(id).take(MAX_DIR_ENTRIES) {
                 let kind = index.entry(child.id).kind();
                 if !matches!(kind, EntryKind::Dir | EntryKind::Symlink) {
                     continue;
                 }
                 let name = String::from_utf8_lossy(child.name).into_owned();
-                if names.len() < MAX_LISTED && !names.contains(&name) {
+                if names.len() < MAX_LISTED && keep(&name) && !names.contains(&name) {
                     names.push(name);
                 }
             }
