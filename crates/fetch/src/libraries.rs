@@ -403,6 +403,9 @@ impl LibraryPrefetch {
 /// A file found in a stack: the layer's position and the entry.
 type Found = (usize, EntryId);
 
+/// Bytes of a file of one layer: the entry and a range of its contents.
+type FilePart = (EntryId, Range<u64>);
+
 /// What kind of file a read from offset 0 started.
 enum Started {
     Elf,
@@ -557,10 +560,9 @@ impl LibraryStack {
                             };
                             // A large module is left to the interpreter's
                             // read, and examined then.
-                            let small = self
-                                .fetcher(found.0)
-                                .is_some_and(|f| compressed_size(&f, found.1) <= WHOLE_FILE_BYTES);
-                            if !small || candidates.iter().any(|((f, ..), _)| *f == found) {
+                            if !self.small(found)
+                                || candidates.iter().any(|((f, ..), _)| *f == found)
+                            {
                                 continue;
                             }
                             if let Some(context) = ImportContext::of(path) {
@@ -592,22 +594,10 @@ impl LibraryStack {
                         }),
                 );
             }
-            let mut per_layer: Vec<Vec<(EntryId, Range<u64>)>> =
-                vec![Vec::new(); self.layers.len()];
-            for ((pos, id), ..) in &modules {
-                let Some(f) = self.fetcher(*pos) else {
-                    continue;
-                };
-                if let Some(parts) = per_layer.get_mut(*pos) {
-                    parts.push((*id, 0..f.index().entry(*id).size()));
-                }
-            }
             let this = &self;
-            let fetches = per_layer
+            let fetches = self
+                .whole_files_by_layer(modules.iter().map(|(found, ..)| *found))
                 .into_iter()
-                .enumerate()
-                .filter(|(_, parts)| !parts.is_empty())
-                .filter_map(|(pos, parts)| Some((this.fetcher(pos)?, parts)))
                 .map(|(f, parts)| async move { this.fetch_modules(&f, &parts).await });
             futures::future::join_all(fetches).await;
             tracing::debug!(
@@ -887,28 +877,11 @@ impl LibraryStack {
         let Some(top) = self.fetcher(0) else {
             return;
         };
-        let mut per_layer: Vec<Vec<(EntryId, Range<u64>)>> = vec![Vec::new(); self.layers.len()];
-        for path in start_files(&command.env) {
-            let Some((pos, id)) = self.resolve(&path) else {
-                continue;
-            };
-            let Some(fetcher) = self.fetcher(pos) else {
-                continue;
-            };
-            if compressed_size(&fetcher, id) > WHOLE_FILE_BYTES {
-                continue;
-            }
-            let size = fetcher.index().entry(id).size();
-            if let Some(parts) = per_layer.get_mut(pos) {
-                if !parts.iter().any(|(seen, _)| *seen == id) {
-                    parts.push((id, 0..size));
-                }
-            }
-        }
-        for (pos, parts) in per_layer.into_iter().enumerate() {
-            let Some(fetcher) = self.fetcher(pos).filter(|_| !parts.is_empty()) else {
-                continue;
-            };
+        let files = start_files(&command.env)
+            .into_iter()
+            .filter_map(|path| self.resolve(&path))
+            .filter(|found| self.small(*found));
+        for (fetcher, parts) in self.whole_files_by_layer(files) {
             let this = Arc::clone(self);
             let f = Arc::clone(&fetcher);
             fetcher.spawn(async move {
@@ -953,24 +926,13 @@ impl LibraryStack {
             let Some(file) = self.resolve(&path) else {
                 continue;
             };
-            let small = self
-                .fetcher(file.0)
-                .is_some_and(|f| compressed_size(&f, file.1) <= WHOLE_FILE_BYTES);
-            if small && !found.contains(&file) {
+            if self.small(file) && !found.contains(&file) {
                 found.push(file);
             }
         }
-        let mut per_layer: Vec<Vec<(EntryId, Range<u64>)>> = vec![Vec::new(); self.layers.len()];
-        for (pos, id) in &found {
-            if let (Some(f), Some(parts)) = (self.fetcher(*pos), per_layer.get_mut(*pos)) {
-                parts.push((*id, 0..f.index().entry(*id).size()));
-            }
-        }
-        let fetches = per_layer
+        let fetches = self
+            .whole_files_by_layer(found.iter().copied())
             .into_iter()
-            .enumerate()
-            .filter(|(_, parts)| !parts.is_empty())
-            .filter_map(|(pos, parts)| Some((self.fetcher(pos)?, parts)))
             .map(|(f, parts)| async move { self.fetch(&f, &parts).await });
         futures::future::join_all(fetches).await;
         for (pos, id) in found {
@@ -1137,6 +1099,37 @@ impl LibraryStack {
         self.spent.fetch_add(got, Ordering::Relaxed);
         self.shared.bytes.fetch_add(got, Ordering::Relaxed);
         got
+    }
+
+    /// Whether file `found` is small enough to fetch whole
+    /// ([`WHOLE_FILE_BYTES`]); a larger one is left to its reader.
+    fn small(&self, (pos, id): Found) -> bool {
+        self.fetcher(pos)
+            .is_some_and(|f| compressed_size(&f, id) <= WHOLE_FILE_BYTES)
+    }
+
+    /// The whole-file parts of `files` grouped by layer, each file once, with
+    /// the layer's fetcher (layers gone are left out): a layer's files go in
+    /// one batch, so neighbours in its blob share requests.
+    fn whole_files_by_layer(
+        &self,
+        files: impl IntoIterator<Item = Found>,
+    ) -> Vec<(Arc<Fetcher>, Vec<FilePart>)> {
+        let mut per_layer: Vec<Vec<FilePart>> = vec![Vec::new(); self.layers.len()];
+        for (pos, id) in files {
+            let (Some(f), Some(parts)) = (self.fetcher(pos), per_layer.get_mut(pos)) else {
+                continue;
+            };
+            if !parts.iter().any(|(seen, _)| *seen == id) {
+                parts.push((id, 0..f.index().entry(id).size()));
+            }
+        }
+        per_layer
+            .into_iter()
+            .enumerate()
+            .filter(|(_, parts)| !parts.is_empty())
+            .filter_map(|(pos, parts)| Some((self.fetcher(pos)?, parts)))
+            .collect()
     }
 
     fn fetcher(&self, pos: usize) -> Option<Arc<Fetcher>> {

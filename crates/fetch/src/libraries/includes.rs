@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{compressed_size, Found, LibraryStack, MAX_DIR_ENTRIES, WHOLE_FILE_BYTES};
+use super::{Found, LibraryStack, MAX_DIR_ENTRIES};
 use crate::Fetcher;
 use zest_format::c_include::{self, CFile, Include};
 use zest_format::{EntryId, EntryKind};
@@ -136,9 +136,7 @@ impl LibraryStack {
                     if !seen.insert(found) {
                         continue;
                     }
-                    let small = self
-                        .fetcher(found.0)
-                        .is_some_and(|f| compressed_size(&f, found.1) <= WHOLE_FILE_BYTES);
+                    let small = self.small(found);
                     // Each header once (one the compiler read first was
                     // examined then); the last level is left unmarked so
                     // the compiler's read of it walks on.
@@ -152,19 +150,10 @@ impl LibraryStack {
                     }
                 }
             }
-            let mut per_layer: Vec<Vec<(EntryId, Range<u64>)>> =
-                vec![Vec::new(); self.layers.len()];
-            for ((pos, id), ..) in &headers {
-                if let (Some(f), Some(parts)) = (self.fetcher(*pos), per_layer.get_mut(*pos)) {
-                    parts.push((*id, 0..f.index().entry(*id).size()));
-                }
-            }
             let this = &self;
-            let fetches = per_layer
+            let fetches = self
+                .whole_files_by_layer(headers.iter().map(|(found, ..)| *found))
                 .into_iter()
-                .enumerate()
-                .filter(|(_, parts)| !parts.is_empty())
-                .filter_map(|(pos, parts)| Some((this.fetcher(pos)?, parts)))
                 .map(|(f, parts)| async move { this.fetch_headers(&f, &parts).await });
             futures::future::join_all(fetches).await;
             tracing::debug!(file = %root, level = depth, headers = headers.len(), "headers prefetched");
