@@ -709,16 +709,29 @@ impl LibraryStack {
     }
 
     /// Fetches Python modules `parts` within the stack's byte budgets.
-    async fn fetch_modules(&self, fetcher: &Arc<Fetcher>, parts: &[(EntryId, Range<u64>)]) {
-        if self.python_spent.load(Ordering::Relaxed) >= MAX_PYTHON_BYTES {
+    async fn fetch_modules(&self, fetcher: &Arc<Fetcher>, parts: &[FilePart]) {
+        let budget = (&self.python_spent, MAX_PYTHON_BYTES);
+        self.fetch_guessed(fetcher, parts, budget, &self.shared.python_modules)
+            .await;
+    }
+
+    /// Fetches the files `parts` a walk guessed (modules, headers) within the
+    /// stack's byte budget and the walk's own (`spent` of at most `max`),
+    /// counting the files in `files`.
+    async fn fetch_guessed(
+        &self,
+        fetcher: &Arc<Fetcher>,
+        parts: &[FilePart],
+        (spent, max): (&AtomicU64, u64),
+        files: &AtomicU64,
+    ) {
+        if spent.load(Ordering::Relaxed) >= max {
             return;
         }
         // Its own bytes: library fetches of the same stack run meanwhile.
         let got = self.fetch(fetcher, parts).await;
-        self.python_spent.fetch_add(got, Ordering::Relaxed);
-        self.shared
-            .python_modules
-            .fetch_add(parts.len() as u64, Ordering::Relaxed);
+        spent.fetch_add(got, Ordering::Relaxed);
+        files.fetch_add(parts.len() as u64, Ordering::Relaxed);
     }
 
     /// Examines ELF file `found`: fetches the parts the loader reads, then the

@@ -139,6 +139,43 @@ fn id_of(f: &Fetcher, path: &str) -> EntryId {
     f.index().resolve_path(path).unwrap()
 }
 
+/// Waits until `done` holds, for at most 5 s (the caller asserts after).
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A config that fetches exactly what is asked for: no holes between wanted
+/// chunks, no read-ahead, no guesses.
+fn exact_config() -> FetchConfig {
+    FetchConfig {
+        max_gap_bytes: 0,
+        readahead_bytes: 0,
+        speculative_neighbour_bytes: 0,
+        speculative_dir_bytes: 0,
+        ..FetchConfig::default()
+    }
+}
+
+/// A library stack over the single layer of `f`, named by `name`.
+fn single_layer_stack(
+    shared: &Arc<crate::libraries::LibraryPrefetch>,
+    name: &[u8],
+    f: &Arc<Fetcher>,
+) -> Arc<crate::libraries::LibraryStack> {
+    crate::libraries::LibraryStack::new(
+        Arc::clone(shared),
+        vec![crate::libraries::StackLayer {
+            digest: Digest::of(name),
+            fetcher: Arc::downgrade(f),
+        }],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_verified_bytes_and_merges_chunks() {
     let a = pattern(10_000, 1);
@@ -1644,7 +1681,7 @@ fn profile_pieces_group_blob_neighbours_and_go_in_read_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_imports_are_fetched_a_level_at_a_time_ahead_of_the_interpreter() {
-    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+    use crate::libraries::LibraryPrefetch;
 
     // A compiled module naming `names` the way `marshal` stores them.
     fn pyc(names: &[&str]) -> Vec<u8> {
@@ -1701,23 +1738,9 @@ async fn python_imports_are_fetched_a_level_at_a_time_ahead_of_the_interpreter()
         })
         .collect();
     // No holes fetched between wanted files: what is fetched was asked for.
-    let config = FetchConfig {
-        max_gap_bytes: 0,
-        readahead_bytes: 0,
-        speculative_neighbour_bytes: 0,
-        speculative_dir_bytes: 0,
-        ..FetchConfig::default()
-    };
+    let config = exact_config();
     let shared = LibraryPrefetch::new(64 << 20);
-    let stack_over = |f: &Arc<Fetcher>| {
-        LibraryStack::new(
-            Arc::clone(&shared),
-            vec![StackLayer {
-                digest: Digest::of(b"python"),
-                fetcher: Arc::downgrade(f),
-            }],
-        )
-    };
+    let stack_over = |f: &Arc<Fetcher>| single_layer_stack(&shared, b"python", f);
     let cached = |f: &Fetcher, path: &str| f.read_from_memory(id_of(f, path), 0, 1).is_some();
 
     let (f, _) = fetcher_for(&test_files, config.clone());
@@ -1726,12 +1749,7 @@ async fn python_imports_are_fetched_a_level_at_a_time_ahead_of_the_interpreter()
     let head = f.read(main, 0, 4096).await.unwrap();
     stack.file_start(main, &head);
     let deep = format!("{lib}/__pycache__/deep.cpython-311.pyc");
-    for _ in 0..500 {
-        if cached(&f, &deep) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(|| cached(&f, &deep)).await;
     // Three levels: the script's imports, the package's relative import,
     // and that module's own; compiled files, not sources.
     for path in [
@@ -1769,7 +1787,7 @@ async fn python_imports_are_fetched_a_level_at_a_time_ahead_of_the_interpreter()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_fetched_a_level_at_a_time_along_the_compilers_search_path() {
-    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+    use crate::libraries::LibraryPrefetch;
 
     let gcc = "usr/lib/gcc/x86_64-linux-gnu/12/include";
     let multiarch = "usr/include/x86_64-linux-gnu";
@@ -1828,23 +1846,9 @@ async fn headers_are_fetched_a_level_at_a_time_along_the_compilers_search_path()
         })
         .collect();
     // No holes fetched between wanted files: what is fetched was asked for.
-    let config = FetchConfig {
-        max_gap_bytes: 0,
-        readahead_bytes: 0,
-        speculative_neighbour_bytes: 0,
-        speculative_dir_bytes: 0,
-        ..FetchConfig::default()
-    };
+    let config = exact_config();
     let shared = LibraryPrefetch::new(64 << 20);
-    let stack_over = |f: &Arc<Fetcher>| {
-        LibraryStack::new(
-            Arc::clone(&shared),
-            vec![StackLayer {
-                digest: Digest::of(b"gcc"),
-                fetcher: Arc::downgrade(f),
-            }],
-        )
-    };
+    let stack_over = |f: &Arc<Fetcher>| single_layer_stack(&shared, b"gcc", f);
     let cached = |f: &Fetcher, path: &str| f.read_from_memory(id_of(f, path), 0, 1).is_some();
 
     let (f, _) = fetcher_for(&test_files, config.clone());
@@ -1853,12 +1857,7 @@ async fn headers_are_fetched_a_level_at_a_time_along_the_compilers_search_path()
     let head = f.read(source, 0, 4096).await.unwrap();
     stack.file_start(source, &head);
     let deeper = format!("{multiarch}/bits/deeper.h");
-    for _ in 0..500 {
-        if cached(&f, &deeper) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(|| cached(&f, &deeper)).await;
     // Six levels, the first with the header GCC includes before the file;
     // quoted names next to the file; GCC's directory before the C library's;
     // `#include_next` goes on past the including file's directory.
@@ -1892,25 +1891,14 @@ async fn headers_are_fetched_a_level_at_a_time_along_the_compilers_search_path()
     let head = f.read(last, 0, 4096).await.unwrap();
     stack.file_start(last, &head);
     let deepest = format!("{multiarch}/bits/deepest.h");
-    for _ in 0..500 {
-        if cached(&f, &deepest) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(|| cached(&f, &deepest)).await;
     assert!(cached(&f, &deepest));
 
     // A start command naming the source: its headers are fetched before the
     // compiler reads it (no read of it here at all). A new daemon: the
     // files examined above are remembered per daemon.
     let (f, _) = fetcher_for(&test_files, config.clone());
-    let stack = LibraryStack::new(
-        LibraryPrefetch::new(64 << 20),
-        vec![StackLayer {
-            digest: Digest::of(b"gcc"),
-            fetcher: Arc::downgrade(&f),
-        }],
-    );
+    let stack = single_layer_stack(&LibraryPrefetch::new(64 << 20), b"gcc", &f);
     stack.prefetch_start(crate::libraries::StartCommand {
         argv: ["sh", "-c", "cc -o /tmp/hello hello.c && /tmp/hello"]
             .map(String::from)
@@ -1920,12 +1908,7 @@ async fn headers_are_fetched_a_level_at_a_time_along_the_compilers_search_path()
         env: Vec::new(),
     });
     let features = "usr/include/features.h";
-    for _ in 0..500 {
-        if cached(&f, features) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(|| cached(&f, features)).await;
     for path in ["app/hello.c", "usr/include/stdio.h", features] {
         assert!(cached(&f, path), "{path} fetched at start");
     }

@@ -18,16 +18,15 @@
 //! it stands down where a start-up profile guides the layer.
 
 use std::collections::HashSet;
-use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Found, LibraryStack, MAX_DIR_ENTRIES};
+use super::{FilePart, Found, LibraryStack, MAX_DIR_ENTRIES};
 use crate::Fetcher;
 use zest_format::c_include::{self, CFile, Include};
-use zest_format::{EntryId, EntryKind};
+use zest_format::EntryKind;
 
 /// Compressed bytes of headers one stack fetches at most.
 const MAX_INCLUDE_BYTES: u64 = 16 << 20;
@@ -270,15 +269,10 @@ impl LibraryStack {
     }
 
     /// Fetches headers `parts` within the stack's byte budgets.
-    async fn fetch_headers(&self, fetcher: &Arc<Fetcher>, parts: &[(EntryId, Range<u64>)]) {
-        if self.include_spent.load(Ordering::Relaxed) >= MAX_INCLUDE_BYTES {
-            return;
-        }
-        let got = self.fetch(fetcher, parts).await;
-        self.include_spent.fetch_add(got, Ordering::Relaxed);
-        self.shared
-            .headers
-            .fetch_add(parts.len() as u64, Ordering::Relaxed);
+    async fn fetch_headers(&self, fetcher: &Arc<Fetcher>, parts: &[FilePart]) {
+        let budget = (&self.include_spent, MAX_INCLUDE_BYTES);
+        self.fetch_guessed(fetcher, parts, budget, &self.shared.headers)
+            .await;
     }
 }
 
