@@ -692,6 +692,16 @@ impl Fetcher {
         assemble(range, chunks, &pieces).ok()
     }
 
+    /// Whether every chunk of `offset..offset + len` of file `id` is cached
+    /// (memory or disk; runs of zeros need none). Never blocks.
+    pub fn has_cached(&self, id: EntryId, offset: u64, len: u32) -> bool {
+        self.plan(id, offset, len).is_ok_and(|(_, chunks)| {
+            chunks
+                .iter()
+                .all(|c| c.zeros || c.compressed_len == 0 || self.is_cached(&c.digest))
+        })
+    }
+
     /// Reads `offset..offset + len` of file `id` from the cache tiers only
     /// (memory, then disk), never from the blob: `None` when a chunk is in
     /// neither. Runs of zeros need no fetch (their digest is checked here,
@@ -1379,7 +1389,7 @@ impl Fetcher {
         let whole = 0..u64::MAX;
         let parts: Vec<(EntryId, Range<u64>)> =
             files.iter().map(|&id| (id, whole.clone())).collect();
-        self.fetch_file_parts(&parts, max_bytes, false).await
+        self.fetch_file_parts(&parts, max_bytes, false, None).await
     }
 
     /// Like [`Fetcher::fetch_files`], for parts of files: the chunks of each
@@ -1388,12 +1398,16 @@ impl Fetcher {
     /// about to be read: library prefetch), also waits until the chunks
     /// another fetch had claimed have arrived, and counts the bytes as fetched
     /// for reads, not as prefetch (so they widen, like reads do, what
-    /// speculative guesses may spend). Returns the compressed bytes fetched.
+    /// speculative guesses may spend). `progress`, when given, is notified
+    /// each time one of the requests completes (its chunks are cached), so a
+    /// caller can use files as they arrive ([`Fetcher::has_cached`]) instead
+    /// of when the last one has. Returns the compressed bytes fetched.
     pub async fn fetch_file_parts(
         &self,
         parts: &[(EntryId, Range<u64>)],
         max_bytes: u64,
         for_reader: bool,
+        progress: Option<&Notify>,
     ) -> u64 {
         let priority = if for_reader {
             Priority::OnDemand
@@ -1462,7 +1476,13 @@ impl Fetcher {
             if !run.is_empty() && !joins {
                 let bytes = compressed_bytes(&run, all);
                 fetched += bytes;
-                in_flight.push(self.fetch_run(std::mem::take(&mut run), priority));
+                let run = std::mem::take(&mut run);
+                in_flight.push(async move {
+                    self.fetch_run(run, priority).await;
+                    if let Some(progress) = progress {
+                        progress.notify_one();
+                    }
+                });
                 // Sized by the request just made: small scattered files need
                 // more requests in flight to fill the link than big runs do.
                 let depth = pipeline_depth(self.limits.estimate().map(|e| e.bdp()), bytes);

@@ -35,8 +35,9 @@
 //! Interpreters and compilers read files whose names come from other files the
 //! same way: Python modules ([`LibraryStack::file_start`] on a `.py` or `.pyc`
 //! file, see `examine_module`) and C and C++ headers ([`includes`]) are found
-//! and fetched a level of their tree at a time, as guesses that stand down
-//! where a start-up profile guides the layer.
+//! and fetched ahead of their reader, each scanned as soon as it arrives
+//! ([`walk`]), as guesses that stand down where a start-up profile guides the
+//! layer.
 //!
 //! Invariants: this is advice, never on a read's path: it runs in tasks of the
 //! fetcher's runtime, and every byte it causes to be fetched is verified like
@@ -64,6 +65,8 @@ use zest_format::elf::{multiarch_triplet, string_at, ElfError, ElfFile};
 use zest_format::python::{self, ImportContext, ModuleFile};
 
 mod includes;
+mod walk;
+use walk::Guess;
 use zest_format::{Chunk, EntryId, EntryKind};
 use zest_oci::digest::Digest;
 
@@ -494,13 +497,14 @@ impl LibraryStack {
     }
 
     /// Examines Python module `found` (its first bytes `data`) and what it
-    /// imports, a level at a time: the module files the names a level's
-    /// modules use resolve to in the stack are fetched at once (so neighbours
-    /// share requests), then scanned in turn, up to [`MAX_PYTHON_DEPTH`]
-    /// levels (the last fetched, not scanned) and [`MAX_PYTHON_BYTES`]. Extension modules found on the way
-    /// are examined as ELF files (their libraries are fetched too). A name is
-    /// looked up in each candidate directory (a binary search per layer)
-    /// before any path is built: most names a scan yields are not modules.
+    /// imports: the module files the names it uses resolve to in the stack
+    /// are fetched at once (so neighbours share requests), each scanned in
+    /// turn as it arrives, up to [`MAX_PYTHON_DEPTH`] levels (the last
+    /// fetched, not scanned) and [`MAX_PYTHON_BYTES`] ([`walk`]). Extension
+    /// modules found on the way are examined as ELF files (their libraries
+    /// are fetched too). A name is looked up in each candidate directory (a
+    /// binary search per layer) before any path is built: most names a scan
+    /// yields are not modules.
     async fn examine_module(self: Arc<Self>, found: Found, kind: ModuleFile, data: Bytes) {
         let Some(fetcher) = self.fetcher(found.0) else {
             return;
@@ -514,112 +518,165 @@ impl LibraryStack {
             },
             None => return,
         };
+        self.walk_imports(&path, kind, context, data).await;
+    }
+
+    /// What the interpreter at `path` (a Python 3 program, by its name)
+    /// imports before any script of its own: its start-up modules, found in
+    /// the standard library of its version that the stack holds, and what
+    /// they import, fetched as a script importing them would have them.
+    /// Every Python start reads them one after another, a blocking round
+    /// trip each, before the first line of a script runs.
+    fn python_start(self: &Arc<Self>, path: &str) {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let version = match name.strip_prefix("python3") {
+            Some("") => None,
+            Some(minor) => match minor.strip_prefix('.').and_then(|m| m.parse::<u32>().ok()) {
+                Some(v) if python::VERSIONS.contains(&v) => Some(v),
+                _ => return,
+            },
+            None => return,
+        };
+        let local = path.starts_with("usr/local/");
+        let prefixes = if local {
+            ["/usr/local/lib", "/usr/lib"]
+        } else {
+            ["/usr/lib", "/usr/local/lib"]
+        };
+        let versions: Vec<u32> = match version {
+            Some(v) => vec![v],
+            None => python::VERSIONS.rev().collect(),
+        };
+        let Some((library, version)) = versions.iter().find_map(|&v| {
+            prefixes.iter().find_map(|prefix| {
+                let library = format!("{prefix}/python3.{v}");
+                self.resolve(&format!("{library}/os.py"))
+                    .map(|_| (library, v))
+            })
+        }) else {
+            return;
+        };
+        let Some(context) = ImportContext::of(&format!("{library}/os.py")) else {
+            return;
+        };
+        let Some(fetcher) = self.fetcher(0) else {
+            return;
+        };
+        let this = Arc::clone(self);
+        let imports = Bytes::from(python::startup_imports(version));
+        fetcher.spawn(async move {
+            this.walk_imports(&library, ModuleFile::Source, context, imports)
+                .await;
+        });
+    }
+
+    /// Walks the imports of module `data` (of `kind`, in `context`; shown
+    /// as `path`): see [`LibraryStack::examine_module`].
+    async fn walk_imports(
+        self: &Arc<Self>,
+        path: &str,
+        kind: ModuleFile,
+        context: ImportContext,
+        data: Bytes,
+    ) {
         let mut views: HashMap<String, DirView> = HashMap::new();
-        let mut level: Vec<(ModuleFile, Bytes, ImportContext)> = vec![(kind, data, context)];
-        for depth in 0..MAX_PYTHON_DEPTH {
-            if level.is_empty()
-                || self.python_spent.load(Ordering::Relaxed) >= MAX_PYTHON_BYTES
-                || self.profile_guided()
-            {
-                break;
-            }
-            let mut modules: Vec<(Found, ModuleFile, ImportContext)> = Vec::new();
-            for (kind, data, context) in &level {
-                // (module, found in the module's own package).
-                let mut candidates: Vec<((Found, ModuleFile, ImportContext), bool)> = Vec::new();
-                for name in python::imported_names(*kind, data) {
-                    let first = name.split('.').next().unwrap_or_default();
-                    for base in context.bases(&name) {
-                        if views.len() >= MAX_PYTHON_DIRS && !views.contains_key(base) {
-                            continue;
-                        }
-                        let root = context.roots.first() == Some(base);
-                        let view = views
-                            .entry(base.clone())
-                            .or_insert_with(|| self.dir_view(base, root));
-                        if let Some(&ext) = view.extensions.get(first).filter(|_| first == name) {
-                            if self.first_time(ext) {
-                                let this = Arc::clone(&self);
-                                fetcher.spawn(async move { this.examine(ext, None, 1).await });
-                            }
-                            continue;
-                        }
-                        if !self.has_child(view, first)
-                            && !self.has_child(view, &format!("{first}.py"))
-                        {
-                            continue;
-                        }
-                        let relative =
-                            *base == context.package_dir && !context.roots.contains(base);
-                        for group in context.files_under(base, &name) {
-                            let Some((found, kind, path)) = group.iter().find_map(|p| {
-                                let kind = python::module_file(p.as_bytes())?;
-                                Some((self.resolve(p)?, kind, p))
-                            }) else {
-                                continue;
-                            };
-                            // A large module is left to the interpreter's
-                            // read, and examined then.
-                            if !self.small(found)
-                                || candidates.iter().any(|((f, ..), _)| *f == found)
-                            {
-                                continue;
-                            }
-                            if let Some(context) = ImportContext::of(path) {
-                                candidates.push(((found, kind, context), relative));
-                            }
+        let guess = Guess {
+            spent: &self.python_spent,
+            max: MAX_PYTHON_BYTES,
+            files: &self.shared.python_modules,
+        };
+        let walked = self
+            .walk(
+                ((kind, context), data),
+                MAX_PYTHON_DEPTH,
+                PYTHON_SCAN_BYTES,
+                guess,
+                |(kind, context), data, last| {
+                    self.imported_modules(&mut views, *kind, data, context, last)
+                },
+            )
+            .await;
+        tracing::debug!(
+            module = path,
+            scanned = walked.scanned,
+            fetched = walked.fetched,
+            "Python imports prefetched"
+        );
+    }
+
+    /// The modules Python module `data` (of `kind`, in `context`) imports
+    /// that are small enough to fetch whole and not examined yet (marked
+    /// examined unless `last`), with their own kind and context. Directory
+    /// views are kept in `views` across a walk.
+    fn imported_modules(
+        self: &Arc<Self>,
+        views: &mut HashMap<String, DirView>,
+        kind: ModuleFile,
+        data: &Bytes,
+        context: &ImportContext,
+        last: bool,
+    ) -> Vec<(Found, (ModuleFile, ImportContext))> {
+        // (module, found in the module's own package).
+        let mut candidates: Vec<((Found, ModuleFile, ImportContext), bool)> = Vec::new();
+        for name in python::imported_names(kind, data) {
+            let first = name.split('.').next().unwrap_or_default();
+            for base in context.bases(&name) {
+                if views.len() >= MAX_PYTHON_DIRS && !views.contains_key(base) {
+                    continue;
+                }
+                let root = context.roots.first() == Some(base);
+                let view = views
+                    .entry(base.clone())
+                    .or_insert_with(|| self.dir_view(base, root));
+                if let Some(&ext) = view.extensions.get(first).filter(|_| first == name) {
+                    if self.first_time(ext) {
+                        if let Some(f) = self.fetcher(ext.0) {
+                            let this = Arc::clone(self);
+                            f.spawn(async move { this.examine(ext, None, 1).await });
                         }
                     }
-                }
-                // Many names of a module's own package are a table of them
-                // (the codec names of `encodings.aliases`), not imports.
-                if candidates.iter().filter(|(_, relative)| *relative).count()
-                    > MAX_RELATIVE_MODULES
-                {
-                    candidates.retain(|(_, relative)| !relative);
-                }
-                // Each module once (one the interpreter read first was
-                // examined then).
-                let last = depth + 1 == MAX_PYTHON_DEPTH;
-                modules.extend(
-                    candidates
-                        .into_iter()
-                        .map(|(c, _)| c)
-                        .filter(|(found, ..)| {
-                            if last {
-                                !self.examined(*found)
-                            } else {
-                                self.first_time(*found)
-                            }
-                        }),
-                );
-            }
-            let this = &self;
-            let fetches = self
-                .whole_files_by_layer(modules.iter().map(|(found, ..)| *found))
-                .into_iter()
-                .map(|(f, parts)| async move { this.fetch_modules(&f, &parts).await });
-            futures::future::join_all(fetches).await;
-            tracing::debug!(
-                module = %path,
-                level = depth,
-                modules = modules.len(),
-                "Python imports prefetched"
-            );
-            level.clear();
-            if depth + 1 == MAX_PYTHON_DEPTH {
-                break;
-            }
-            for ((pos, id), kind, context) in modules {
-                let Some(f) = self.fetcher(pos) else {
                     continue;
-                };
-                let len = f.index().entry(id).size().min(PYTHON_SCAN_BYTES) as u32;
-                if let Some(data) = f.read_cached(id, 0, len).await {
-                    level.push((kind, data, context));
+                }
+                if !self.has_child(view, first) && !self.has_child(view, &format!("{first}.py")) {
+                    continue;
+                }
+                let relative = *base == context.package_dir && !context.roots.contains(base);
+                for group in context.files_under(base, &name) {
+                    let Some((found, kind, path)) = group.iter().find_map(|p| {
+                        let kind = python::module_file(p.as_bytes())?;
+                        Some((self.resolve(p)?, kind, p))
+                    }) else {
+                        continue;
+                    };
+                    // A large module is left to the interpreter's read, and
+                    // examined then.
+                    if !self.small(found) || candidates.iter().any(|((f, ..), _)| *f == found) {
+                        continue;
+                    }
+                    if let Some(context) = ImportContext::of(path) {
+                        candidates.push(((found, kind, context), relative));
+                    }
                 }
             }
         }
+        // Many names of a module's own package are a table of them (the codec
+        // names of `encodings.aliases`), not imports.
+        if candidates.iter().filter(|(_, relative)| *relative).count() > MAX_RELATIVE_MODULES {
+            candidates.retain(|(_, relative)| !relative);
+        }
+        // Each module once (one the interpreter read first was examined then).
+        candidates
+            .into_iter()
+            .map(|(c, _)| c)
+            .filter(|(found, ..)| {
+                if last {
+                    !self.examined(*found)
+                } else {
+                    self.first_time(*found)
+                }
+            })
+            .map(|(found, kind, context)| (found, (kind, context)))
+            .collect()
     }
 
     /// Whether a start-up profile says what the start reads in some layer
@@ -708,32 +765,6 @@ impl LibraryStack {
         })
     }
 
-    /// Fetches Python modules `parts` within the stack's byte budgets.
-    async fn fetch_modules(&self, fetcher: &Arc<Fetcher>, parts: &[FilePart]) {
-        let budget = (&self.python_spent, MAX_PYTHON_BYTES);
-        self.fetch_guessed(fetcher, parts, budget, &self.shared.python_modules)
-            .await;
-    }
-
-    /// Fetches the files `parts` a walk guessed (modules, headers) within the
-    /// stack's byte budget and the walk's own (`spent` of at most `max`),
-    /// counting the files in `files`.
-    async fn fetch_guessed(
-        &self,
-        fetcher: &Arc<Fetcher>,
-        parts: &[FilePart],
-        (spent, max): (&AtomicU64, u64),
-        files: &AtomicU64,
-    ) {
-        if spent.load(Ordering::Relaxed) >= max {
-            return;
-        }
-        // Its own bytes: library fetches of the same stack run meanwhile.
-        let got = self.fetch(fetcher, parts).await;
-        spent.fetch_add(got, Ordering::Relaxed);
-        files.fetch_add(parts.len() as u64, Ordering::Relaxed);
-    }
-
     /// Examines ELF file `found`: fetches the parts the loader reads, then the
     /// libraries it needs (each examined in a task of its own).
     fn examine(
@@ -775,6 +806,9 @@ impl LibraryStack {
         };
         self.shared.elf_files.fetch_add(1, Ordering::Relaxed);
         let path = fetcher.index().entry(id).path();
+        if depth == 0 && !self.profile_guided() {
+            self.python_start(&path);
+        }
 
         // Candidate paths, a group per library: the interpreter of the
         // program read first (the loader, which the kernel maps right after
@@ -813,7 +847,7 @@ impl LibraryStack {
             let this = Arc::clone(self);
             let f = Arc::clone(&fetcher);
             fetcher.spawn(async move {
-                this.fetch(&f, &parts).await;
+                this.fetch(&f, &parts, None).await;
             });
         }
         if depth >= MAX_DEPTH {
@@ -878,7 +912,7 @@ impl LibraryStack {
                 (id, size.saturating_sub(PROGRAM_TAIL_BYTES)..size),
             ]
         };
-        self.fetch(fetcher, &first).await;
+        self.fetch(fetcher, &first, None).await;
         self.bytes(fetcher, id, 0..HEAD_BYTES.min(size)).await
     }
 
@@ -898,7 +932,7 @@ impl LibraryStack {
             let this = Arc::clone(self);
             let f = Arc::clone(&fetcher);
             fetcher.spawn(async move {
-                this.fetch(&f, &parts).await;
+                this.fetch(&f, &parts, None).await;
             });
         }
         let this = Arc::clone(self);
@@ -946,7 +980,7 @@ impl LibraryStack {
         let fetches = self
             .whole_files_by_layer(found.iter().copied())
             .into_iter()
-            .map(|(f, parts)| async move { self.fetch(&f, &parts).await });
+            .map(|(f, parts)| async move { self.fetch(&f, &parts, None).await });
         futures::future::join_all(fetches).await;
         for (pos, id) in found {
             let Some(f) = self.fetcher(pos) else {
@@ -1090,7 +1124,7 @@ impl LibraryStack {
         if let Some(b) = fetcher.read_cached(id, range.start, len).await {
             return Ok(b);
         }
-        self.fetch(fetcher, &[(id, range.clone())]).await;
+        self.fetch(fetcher, &[(id, range.clone())], None).await;
         // Whatever the budget left out stays remote: never a read of its own.
         fetcher
             .read_cached(id, range.start, len)
@@ -1100,7 +1134,12 @@ impl LibraryStack {
 
     /// Fetches `parts` within the stack's byte budget; returns the compressed
     /// bytes fetched.
-    async fn fetch(&self, fetcher: &Arc<Fetcher>, parts: &[(EntryId, Range<u64>)]) -> u64 {
+    async fn fetch(
+        &self,
+        fetcher: &Arc<Fetcher>,
+        parts: &[(EntryId, Range<u64>)],
+        progress: Option<&tokio::sync::Notify>,
+    ) -> u64 {
         let left = self
             .shared
             .max_bytes_per_stack
@@ -1108,7 +1147,7 @@ impl LibraryStack {
         if left == 0 {
             return 0;
         }
-        let got = fetcher.fetch_file_parts(parts, left, true).await;
+        let got = fetcher.fetch_file_parts(parts, left, true, progress).await;
         self.spent.fetch_add(got, Ordering::Relaxed);
         self.shared.bytes.fetch_add(got, Ordering::Relaxed);
         got

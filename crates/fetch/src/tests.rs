@@ -1679,22 +1679,47 @@ fn profile_pieces_group_blob_neighbours_and_go_in_read_order() {
     assert_eq!(schedule_pieces(&[9, 3], &all, 0, 1 << 20), vec![vec![3]]);
 }
 
+/// A compiled Python module naming `names` the way `marshal` stores them.
+fn pyc(names: &[&str]) -> Vec<u8> {
+    let mut v = vec![
+        0xa7, 0x0d, 0x0d, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xe3,
+    ];
+    for n in names {
+        v.extend([b'z' | 0x80, n.len() as u8]);
+        v.extend(n.as_bytes());
+    }
+    v.extend(pattern(2000, names.len() as u8));
+    v
+}
+
+/// Test files from (name, contents) pairs, each made distinct (the chunk
+/// cache is content-addressed).
+fn distinct_files(files: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+    files
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, mut data))| {
+            data.extend(format!("# {i}").as_bytes());
+            (name, data)
+        })
+        .collect()
+}
+
+fn test_files(files: &[(String, Vec<u8>)]) -> Vec<TestFile<'_>> {
+    files
+        .iter()
+        .map(|(name, data)| TestFile {
+            name,
+            data,
+            chunk: 64 << 10,
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_imports_are_fetched_a_level_at_a_time_ahead_of_the_interpreter() {
+async fn python_imports_are_fetched_ahead_of_the_interpreter() {
     use crate::libraries::LibraryPrefetch;
 
-    // A compiled module naming `names` the way `marshal` stores them.
-    fn pyc(names: &[&str]) -> Vec<u8> {
-        let mut v = vec![
-            0xa7, 0x0d, 0x0d, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xe3,
-        ];
-        for n in names {
-            v.extend([b'z' | 0x80, n.len() as u8]);
-            v.extend(n.as_bytes());
-        }
-        v.extend(pattern(2000, names.len() as u8));
-        v
-    }
     let lib = "usr/lib/python3.11";
     let script = b"import pkg\nfrom json import decoder\n".to_vec();
     // Every file's content differs (the chunk cache is content-addressed).
@@ -1786,7 +1811,113 @@ async fn python_imports_are_fetched_a_level_at_a_time_ahead_of_the_interpreter()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn headers_are_fetched_a_level_at_a_time_along_the_compilers_search_path() {
+async fn each_module_is_scanned_as_it_arrives_not_with_the_slowest_of_its_level() {
+    use crate::libraries::LibraryPrefetch;
+
+    let lib = "usr/lib/python3.11";
+    // The script imports `first` and `slow`; `first` imports `second`, which
+    // imports `third`. `slow` lies last in the blob, and its request takes
+    // seconds.
+    let files = distinct_files(
+        [
+            (
+                "app/main.py".to_string(),
+                b"import first\nimport slow\n".to_vec(),
+            ),
+            (format!("{lib}/os.py"), b"import sys\n".to_vec()),
+            (format!("{lib}/first.py"), b"import second\n".to_vec()),
+            (format!("{lib}/second.py"), b"import third\n".to_vec()),
+            (format!("{lib}/third.py"), b"x = 3\n".to_vec()),
+            (format!("{lib}/slow.py"), b"y = 4\n".to_vec()),
+        ]
+        .into(),
+    );
+    let (f, src) = fetcher_for(&test_files(&files), exact_config());
+    let slow = id_of(&f, &format!("{lib}/slow.py"));
+    let slow_at = f.index().entry(slow).chunks()[0].compressed_range().start;
+    src.slow_from.store(slow_at, Ordering::SeqCst);
+    src.slow_ms.store(3000, Ordering::SeqCst);
+    let shared = LibraryPrefetch::new(64 << 20);
+    let stack = single_layer_stack(&shared, b"python", &f);
+    let main = id_of(&f, "app/main.py");
+    let head = f.read(main, 0, 4096).await.unwrap();
+    stack.file_start(main, &head);
+    let third = id_of(&f, &format!("{lib}/third.py"));
+    wait_until(|| f.has_cached(third, 0, 1)).await;
+    // Two levels below `first` arrived while `slow`, of the first level,
+    // was still on its way.
+    assert!(f.has_cached(third, 0, 1), "third.py fetched");
+    assert!(!f.has_cached(slow, 0, 1), "slow.py still on its way");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_interpreter_read_from_its_start_fetches_its_start_up_modules() {
+    use crate::libraries::LibraryPrefetch;
+
+    let HostProgram { libc, .. } = host_program();
+    let lib = "usr/local/lib/python3.11";
+    let cached_in =
+        |dir: &str, name: &str| format!("{lib}/{dir}__pycache__/{name}.cpython-311.pyc");
+    let files = distinct_files(vec![
+        ("usr/local/bin/python3.11".to_string(), libc),
+        (format!("{lib}/os.py"), b"import sys\n".to_vec()),
+        (
+            format!("{lib}/encodings/__init__.py"),
+            b"import codecs\n".to_vec(),
+        ),
+        (
+            cached_in("encodings/", "__init__"),
+            pyc(&["codecs", "aliases"]),
+        ),
+        (cached_in("encodings/", "aliases"), pyc(&[])),
+        (cached_in("encodings/", "utf_8"), pyc(&["codecs"])),
+        (cached_in("encodings/", "cp1252"), pyc(&[])),
+        (format!("{lib}/sitecustomize.py"), b"\n".to_vec()),
+        (cached_in("", "sitecustomize"), pyc(&[])),
+        (format!("{lib}/site.py"), b"\n\n".to_vec()),
+        // Frozen into the interpreter since 3.11: never read from a file.
+        (cached_in("", "site"), pyc(&[])),
+        (cached_in("", "unrelated"), pyc(&[])),
+    ]);
+    let cached = |f: &Fetcher, path: &str| f.has_cached(id_of(f, path), 0, 1);
+    let (f, _) = fetcher_for(&test_files(&files), exact_config());
+    let shared = LibraryPrefetch::new(64 << 20);
+    let stack = single_layer_stack(&shared, b"python", &f);
+    let python = id_of(&f, "usr/local/bin/python3.11");
+    let head = f.read(python, 0, 4096).await.unwrap();
+    stack.file_start(python, &head);
+    wait_until(|| cached(&f, &cached_in("", "sitecustomize"))).await;
+    wait_until(|| cached(&f, &cached_in("encodings/", "utf_8"))).await;
+    for path in [
+        cached_in("encodings/", "__init__"),
+        cached_in("encodings/", "aliases"),
+        cached_in("encodings/", "utf_8"),
+        cached_in("", "sitecustomize"),
+    ] {
+        assert!(cached(&f, &path), "{path} fetched");
+    }
+    for path in [
+        cached_in("encodings/", "cp1252"),
+        cached_in("", "site"),
+        cached_in("", "unrelated"),
+        format!("{lib}/encodings/__init__.py"),
+    ] {
+        assert!(!cached(&f, &path), "{path} not fetched");
+    }
+
+    // Under a start-up profile: no guessing.
+    let (f, _) = fetcher_for(&test_files(&files), exact_config());
+    f.set_profile_guided();
+    let stack = single_layer_stack(&shared, b"python under a profile", &f);
+    let python = id_of(&f, "usr/local/bin/python3.11");
+    let head = f.read(python, 0, 4096).await.unwrap();
+    stack.file_start(python, &head);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!cached(&f, &cached_in("encodings/", "__init__")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_fetched_ahead_of_the_compiler_along_its_search_path() {
     use crate::libraries::LibraryPrefetch;
 
     let gcc = "usr/lib/gcc/x86_64-linux-gnu/12/include";

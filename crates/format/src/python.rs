@@ -44,6 +44,26 @@ pub enum ModuleFile {
     Source,
 }
 
+/// The modules Python 3.`version` imports from files at every start, before
+/// a script's own, as the source of a module importing them: the codec
+/// package and the UTF-8 codec (the file system and standard stream
+/// encoding of a UTF-8 or C locale), and the site hooks (`site` itself and
+/// the modules it needs are frozen into the interpreter from 3.11 on, files
+/// before).
+pub fn startup_imports(version: u32) -> String {
+    let mut source = String::from(
+        "import encodings, encodings.aliases, encodings.utf_8\n\
+         import sitecustomize, usercustomize\n",
+    );
+    if version < 11 {
+        source.push_str(
+            "import abc, codecs, io, _collections_abc, _sitebuiltins, genericpath, \
+             posixpath, os, site, stat\n",
+        );
+    }
+    source
+}
+
 /// Whether the file named `name` is a Python module the interpreter reads.
 pub fn module_file(name: &[u8]) -> Option<ModuleFile> {
     if name.ends_with(b".pyc") {
@@ -304,6 +324,18 @@ mod tests {
                 "xml.etree.ElementTree"
             ]
         );
+    }
+
+    #[test]
+    fn start_up_modules_are_files_only_where_the_version_does_not_freeze_them() {
+        let names = |v| imported_names(ModuleFile::Source, startup_imports(v).as_bytes());
+        for v in VERSIONS {
+            let names = names(v);
+            assert!(names.iter().any(|n| n == "encodings.utf_8"), "3.{v}");
+            assert!(names.iter().any(|n| n == "sitecustomize"), "3.{v}");
+            assert_eq!(names.iter().any(|n| n == "site"), v < 11, "3.{v}");
+            assert_eq!(names.iter().any(|n| n == "os"), v < 11, "3.{v}");
+        }
     }
 
     #[test]

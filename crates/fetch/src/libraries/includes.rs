@@ -1,8 +1,9 @@
 //! Include prefetch: when a C or C++ file is read from its start, the headers
 //! its `#include` directives name are found in the stack the way the
 //! compiler's search path would find them, and fetched a level of the include
-//! tree at a time, so a compile costs about as many round trips as its header
-//! tree is deep instead of one per header.
+//! tree ahead of the compiler (each header scanned as soon as it arrives, see
+//! [`super::walk`]), so a compile costs about as many round trips as its
+//! header tree is deep instead of one per header.
 //!
 //! The search path is the compiler's built-in one, as laid out in the image:
 //! the C++ library's directories (for C++ files), GCC's own `include`
@@ -18,13 +19,11 @@
 //! it stands down where a start-up profile guides the layer.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{FilePart, Found, LibraryStack, MAX_DIR_ENTRIES};
-use crate::Fetcher;
+use super::{Found, Guess, LibraryStack, MAX_DIR_ENTRIES};
 use zest_format::c_include::{self, CFile, Include};
 use zest_format::EntryKind;
 
@@ -61,11 +60,10 @@ impl SearchPath {
     }
 }
 
-/// One file of a level: its path (no leading slash), first bytes, and
-/// whether it is compiled as C++.
+/// A file of the include tree: its path (no leading slash), whether it is a
+/// source or a header, and whether it is compiled as C++.
 struct Scanned {
     path: String,
-    data: Bytes,
     kind: CFile,
     cxx: bool,
 }
@@ -90,91 +88,79 @@ fn dir_of(path: &str) -> &str {
 
 impl LibraryStack {
     /// Examines C or C++ file `found` (its first bytes `data`) and the headers
-    /// it includes, a level at a time (see the module doc).
+    /// it includes, each as it arrives (see the module doc).
     pub(super) async fn examine_includes(self: Arc<Self>, found: Found, kind: CFile, data: Bytes) {
         let Some(fetcher) = self.fetcher(found.0) else {
             return;
         };
         let path = fetcher.index().entry(found.1).path();
         let cxx = is_cxx(&path) || path.contains("/c++/");
-        let mut level = vec![Scanned {
-            path,
-            data,
-            kind,
-            cxx,
-        }];
-        let root = level[0].path.clone();
-        for depth in 0..MAX_INCLUDE_DEPTH {
-            if level.is_empty()
-                || self.include_spent.load(Ordering::Relaxed) >= MAX_INCLUDE_BYTES
-                || self.profile_guided()
-            {
-                break;
+        let guess = Guess {
+            spent: &self.include_spent,
+            max: MAX_INCLUDE_BYTES,
+            files: &self.shared.headers,
+        };
+        let root = Scanned { path, kind, cxx };
+        let shown = root.path.clone();
+        let walked = self
+            .walk(
+                (root, data),
+                MAX_INCLUDE_DEPTH,
+                INCLUDE_SCAN_BYTES,
+                guess,
+                |file, data, last| self.included_headers(file, data, last),
+            )
+            .await;
+        tracing::debug!(
+            file = %shown,
+            scanned = walked.scanned,
+            fetched = walked.fetched,
+            "headers prefetched"
+        );
+    }
+
+    /// The headers C or C++ file `file` (its first bytes `data`) includes
+    /// that are small enough to fetch whole and not examined yet (marked
+    /// examined unless `last`).
+    fn included_headers(&self, file: &Scanned, data: &Bytes, last: bool) -> Vec<(Found, Scanned)> {
+        let mut names = c_include::includes(data);
+        if file.kind == CFile::Source {
+            names.insert(
+                0,
+                Include {
+                    name: PREDEFINED.into(),
+                    quoted: false,
+                    next: false,
+                },
+            );
+        }
+        let mut headers: Vec<(Found, Scanned)> = Vec::new();
+        let mut seen: HashSet<Found> = HashSet::new();
+        for include in &names {
+            let Some((found, path)) = self.find_header(include, &file.path, file.cxx) else {
+                continue;
+            };
+            if !seen.insert(found) || !self.small(found) {
+                continue;
             }
-            let last = depth + 1 == MAX_INCLUDE_DEPTH;
-            // (header, its path, compiled as C++).
-            let mut headers: Vec<(Found, String, bool)> = Vec::new();
-            let mut seen: HashSet<Found> = HashSet::new();
-            for file in &level {
-                let mut names = c_include::includes(&file.data);
-                if file.kind == CFile::Source {
-                    names.insert(
-                        0,
-                        Include {
-                            name: PREDEFINED.into(),
-                            quoted: false,
-                            next: false,
-                        },
-                    );
-                }
-                for include in &names {
-                    let Some((found, path)) = self.find_header(include, &file.path, file.cxx)
-                    else {
-                        continue;
-                    };
-                    if !seen.insert(found) {
-                        continue;
-                    }
-                    let small = self.small(found);
-                    // Each header once (one the compiler read first was
-                    // examined then); the last level is left unmarked so
-                    // the compiler's read of it walks on.
-                    let fresh = if last {
-                        !self.examined(found)
-                    } else {
-                        self.first_time(found)
-                    };
-                    if small && fresh {
-                        headers.push((found, path, file.cxx));
-                    }
-                }
-            }
-            let this = &self;
-            let fetches = self
-                .whole_files_by_layer(headers.iter().map(|(found, ..)| *found))
-                .into_iter()
-                .map(|(f, parts)| async move { this.fetch_headers(&f, &parts).await });
-            futures::future::join_all(fetches).await;
-            tracing::debug!(file = %root, level = depth, headers = headers.len(), "headers prefetched");
-            level.clear();
-            if last {
-                break;
-            }
-            for ((pos, id), path, cxx) in headers {
-                let Some(f) = self.fetcher(pos) else {
-                    continue;
+            // Each header once (one the compiler read first was examined
+            // then); the last level is left unmarked so the compiler's read
+            // of it walks on.
+            let fresh = if last {
+                !self.examined(found)
+            } else {
+                self.first_time(found)
+            };
+            if fresh {
+                let header = Scanned {
+                    path,
+                    kind: CFile::Header,
+                    cxx: file.cxx,
                 };
-                let len = f.index().entry(id).size().min(INCLUDE_SCAN_BYTES) as u32;
-                if let Some(data) = f.read_cached(id, 0, len).await {
-                    level.push(Scanned {
-                        path,
-                        data,
-                        kind: CFile::Header,
-                        cxx,
-                    });
-                }
+                headers.push((found, header));
             }
         }
+        headers
     }
 
     /// The header `include` of the file at `from` names: next to `from` when
@@ -266,13 +252,6 @@ impl LibraryStack {
             }
         }
         names
-    }
-
-    /// Fetches headers `parts` within the stack's byte budgets.
-    async fn fetch_headers(&self, fetcher: &Arc<Fetcher>, parts: &[FilePart]) {
-        let budget = (&self.include_spent, MAX_INCLUDE_BYTES);
-        self.fetch_guessed(fetcher, parts, budget, &self.shared.headers)
-            .await;
     }
 }
 
