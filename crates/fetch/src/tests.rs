@@ -569,20 +569,86 @@ async fn readahead_window_grows_for_sequential_misses_and_resets_on_jumps() {
     let id = id_of(&f, "a");
     let base = f.config().readahead_bytes;
     let max = f.config().max_readahead_bytes;
-    assert_eq!(f.readahead_window(id, 0), base);
-    assert_eq!(f.readahead_window(id, base), 2 * base);
-    assert_eq!(f.readahead_window(id, 3 * base), 4 * base);
+    let window = |offset| {
+        let w = f.readahead_window(id, offset);
+        assert!(!w.backward, "{offset}: {w:?}");
+        w.bytes
+    };
+    assert_eq!(window(0), base);
+    assert_eq!(window(base), 2 * base);
+    assert_eq!(window(3 * base), 4 * base);
     let mut off = 3 * base;
     for _ in 0..10 {
         off += 4 * base;
-        assert!(f.readahead_window(id, off) <= max);
+        assert!(window(off) <= max);
     }
-    assert_eq!(f.readahead_window(id, off + base), max);
+    assert_eq!(window(off + base), max);
     // A jump backwards resets the window.
-    assert_eq!(f.readahead_window(id, 0), base);
+    assert_eq!(window(0), base);
     // Another file has its own window.
     let other = f.index().root();
-    assert_eq!(f.readahead_window(other, 5 * base), base);
+    assert_eq!(f.readahead_window(other, 5 * base).bytes, base);
+    // Misses moving backward, close together, read behind, growing too.
+    let at = 100 * base;
+    assert_eq!(window(at), base);
+    let behind = f.readahead_window(id, at - base / 2);
+    assert_eq!((behind.bytes, behind.backward), (2 * base, true));
+    let behind = f.readahead_window(id, at - base);
+    assert_eq!((behind.bytes, behind.backward), (4 * base, true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_moving_backward_reads_behind_in_a_request_of_its_own() {
+    // 64 chunks of 4 KiB; read-ahead of 8 chunks.
+    let chunk = 4096usize;
+    let a = pattern(64 * chunk, 31);
+    let config = FetchConfig {
+        readahead_bytes: 8 * chunk as u64,
+        max_readahead_bytes: 8 * chunk as u64,
+        speculative_neighbour_bytes: 0,
+        ..fast_config()
+    };
+    let (f, src) = fetcher_for_a(&a, chunk, config);
+    let id = id_of(&f, "a");
+    let at = |c: usize| (c * chunk) as u64;
+    // A fault at chunk 40 reads ahead (41..=48), then one just before it
+    // (chunk 38) starts a backward run: it reads behind, 30..=37.
+    assert_eq!(
+        &f.read(id, at(40), 100).await.unwrap()[..],
+        &a[at(40) as usize..][..100]
+    );
+    let before = src.requests.load(Ordering::SeqCst);
+    assert_eq!(
+        &f.read(id, at(38), 100).await.unwrap()[..],
+        &a[at(38) as usize..][..100]
+    );
+    // The read-behind is fetched (its own request, settled by now or soon).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.read_from_memory(id, at(30), 100).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read-behind never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The read's chunk came in a request of its own: behind it, the
+    // read-behind would have come first.
+    let wanted = f.index().entry(id).chunks()[38].compressed_range();
+    let ranges = src.ranges.lock().unwrap().clone();
+    let new: Vec<_> = ranges[before as usize..].to_vec();
+    assert!(new.len() >= 2, "{new:?}");
+    let carrying: Vec<_> = new.iter().filter(|r| r.contains(&wanted.start)).collect();
+    assert_eq!(carrying.len(), 1, "{new:?}");
+    assert!(
+        carrying[0].start >= wanted.start,
+        "read waited behind: {new:?}"
+    );
+    // Nothing before the window, nothing twice.
+    assert!(f.read_from_memory(id, at(29), 100).is_none());
+    assert_eq!(f.stats().chunks_verified, 1 + 8 + 1 + 8);
+    // Every byte served matches.
+    let got = f.read(id, at(30), (10 * chunk) as u32).await.unwrap();
+    assert_eq!(&got[..], &a[at(30) as usize..at(40) as usize]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
