@@ -808,6 +808,7 @@ impl LibraryStack {
         let path = fetcher.index().entry(id).path();
         if depth == 0 && !self.profile_guided() {
             self.python_start(&path);
+            self.compiler_start(&path);
         }
 
         // Candidate paths, a group per library: the interpreter of the

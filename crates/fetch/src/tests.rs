@@ -1983,6 +1983,70 @@ async fn a_python_interpreter_read_from_its_start_fetches_its_start_up_modules()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compiler_driver_read_from_its_start_fetches_the_programs_it_runs() {
+    use crate::libraries::LibraryPrefetch;
+
+    let HostProgram { libc, .. } = host_program();
+    // Copies of one ELF file whose first chunks differ (in the header's
+    // padding, which nothing reads), so each is fetched on its own.
+    let elf = |i: u8| {
+        let mut data = libc.clone();
+        data[9] = i;
+        data
+    };
+    let gcc = "usr/lib/gcc/x86_64-linux-gnu/12";
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("usr/bin/x86_64-linux-gnu-gcc-12".into(), elf(1)),
+        (format!("{gcc}/cc1"), elf(2)),
+        (format!("{gcc}/cc1plus"), elf(3)),
+        (format!("{gcc}/collect2"), elf(4)),
+        (format!("{gcc}/liblto_plugin.so"), elf(5)),
+        ("usr/bin/x86_64-linux-gnu-as".into(), elf(6)),
+        ("usr/bin/ld".into(), elf(7)),
+        ("usr/lib/x86_64-linux-gnu/libgcc_s.so.1".into(), elf(8)),
+        ("usr/lib/gcc/x86_64-linux-gnu/11/cc1".into(), elf(9)),
+        ("usr/bin/unrelated".into(), elf(10)),
+    ];
+    let cached = |f: &Fetcher, path: &str| f.has_cached(id_of(f, path), 0, 1);
+    let (f, _) = fetcher_for(&test_files(&files), exact_config());
+    let shared = LibraryPrefetch::new(64 << 20);
+    let stack = single_layer_stack(&shared, b"gcc", &f);
+    let driver = id_of(&f, "usr/bin/x86_64-linux-gnu-gcc-12");
+    let head = f.read(driver, 0, 4096).await.unwrap();
+    stack.file_start(driver, &head);
+    let run = [
+        format!("{gcc}/cc1"),
+        format!("{gcc}/collect2"),
+        format!("{gcc}/liblto_plugin.so"),
+        "usr/bin/x86_64-linux-gnu-as".into(),
+        "usr/bin/ld".into(),
+        "usr/lib/x86_64-linux-gnu/libgcc_s.so.1".into(),
+    ];
+    for path in &run {
+        wait_until(|| cached(&f, path)).await;
+        assert!(cached(&f, path), "{path} fetched");
+    }
+    // Not the C++ compiler, not another version's, nothing else.
+    for path in [
+        format!("{gcc}/cc1plus"),
+        "usr/lib/gcc/x86_64-linux-gnu/11/cc1".into(),
+        "usr/bin/unrelated".into(),
+    ] {
+        assert!(!cached(&f, &path), "{path} not fetched");
+    }
+
+    // Under a start-up profile: no guessing.
+    let (f, _) = fetcher_for(&test_files(&files), exact_config());
+    f.set_profile_guided();
+    let stack = single_layer_stack(&shared, b"gcc under a profile", &f);
+    let driver = id_of(&f, "usr/bin/x86_64-linux-gnu-gcc-12");
+    let head = f.read(driver, 0, 4096).await.unwrap();
+    stack.file_start(driver, &head);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!cached(&f, &format!("{gcc}/cc1")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_fetched_ahead_of_the_compiler_along_its_search_path() {
     use crate::libraries::LibraryPrefetch;
 

@@ -12,6 +12,14 @@
 //! the including file first. Directories given with `-I` are not known; the
 //! quoted, relative includes of a project mostly are next to their file.
 //!
+//! The programs of the toolchain go the same way: a C compiler driver
+//! (`gcc`, `cc`, `g++`, `c++`) read from its start runs its compiler proper,
+//! the assembler and the linker one after another, each with its libraries a
+//! blocking round trip or more away; they are examined as soon as the driver
+//! is ([`LibraryStack::compiler_start`]), while the driver and the compiler
+//! run. A compile that does not link fetches the linker's few megabytes for
+//! nothing; a build links sooner or later.
+//!
 //! Bounded like Python import prefetch: each header is examined once, at most
 //! [`MAX_INCLUDE_DEPTH`] levels ahead of the file read (the last level
 //! fetched, not scanned, so the compiler's reads carry the walk on), at most
@@ -79,6 +87,28 @@ fn is_cxx(path: &str) -> bool {
         ),
         None => true,
     }
+}
+
+/// Whether `name` is a C compiler driver's (`gcc`, `cc`, `g++` or `c++`,
+/// after a target prefix such as `x86_64-linux-gnu-`, before a version
+/// suffix such as `-12`): whether it compiles C++, and the version it names.
+fn compiler_driver(name: &str) -> Option<(bool, Option<&str>)> {
+    let words: Vec<&str> = name.split('-').collect();
+    let at = words
+        .iter()
+        .rposition(|w| matches!(*w, "gcc" | "cc" | "g++" | "c++"))?;
+    let version = match words.get(at + 1..)? {
+        [] => None,
+        [v] if v
+            .split('.')
+            .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            Some(*v)
+        }
+        // `gcc-ar-12`, `gcc-nm`: other tools.
+        _ => return None,
+    };
+    Some((matches!(words[at], "g++" | "c++"), version))
 }
 
 /// The directory part of `path` (no leading slash), `""` at the root.
@@ -191,6 +221,88 @@ impl LibraryStack {
             .find_map(|candidate| Some((self.resolve(&format!("/{candidate}"))?, candidate)))
     }
 
+    /// When `path` is a C compiler driver's, examines the programs it runs
+    /// after itself like a read from their start would (their loader parts
+    /// and libraries fetched): the compiler proper (`cc1`, `cc1plus` for
+    /// C++) first, then the assembler, `collect2`, the linker, its LTO plugin
+    /// and `libgcc_s`, which the linker reads. They are looked for in the
+    /// GCC directory of the driver's version (the newest without one), and
+    /// the assembler and linker where the driver finds them next, in
+    /// `usr/bin`. In the background; advice only.
+    pub(super) fn compiler_start(self: &Arc<Self>, path: &str) {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let Some((cxx, version)) = compiler_driver(name) else {
+            return;
+        };
+        let compiler = if cxx { "cc1plus" } else { "cc1" };
+        let mut dirs: Vec<(String, String)> = Vec::new();
+        for gcc in ["usr/lib/gcc", "usr/libexec/gcc", "usr/lib64/gcc"] {
+            for triple in self.list(gcc, |_| true) {
+                let mut versions = self.list(&format!("{gcc}/{triple}"), |v| {
+                    version.is_none_or(|want| {
+                        v == want || v.strip_prefix(want).is_some_and(|r| r.starts_with('.'))
+                    })
+                });
+                versions.sort_by_key(|v| std::cmp::Reverse(version_key(v)));
+                dirs.extend(
+                    versions
+                        .into_iter()
+                        .map(|v| (format!("/{gcc}/{triple}/{v}"), triple.clone())),
+                );
+            }
+        }
+        let Some((dir, triple)) = dirs
+            .into_iter()
+            .find(|(dir, _)| self.resolve(&format!("{dir}/{compiler}")).is_some())
+        else {
+            return;
+        };
+        let in_path = |tool: &str| {
+            vec![
+                format!("{dir}/{tool}"),
+                format!("/usr/bin/{triple}-{tool}"),
+                format!("/usr/bin/{tool}"),
+            ]
+        };
+        let programs: Vec<Found> = [
+            vec![format!("{dir}/{compiler}")],
+            in_path("as"),
+            vec![format!("{dir}/collect2")],
+            in_path("ld"),
+            vec![format!("{dir}/liblto_plugin.so")],
+            vec![
+                format!("/usr/lib/{triple}/libgcc_s.so.1"),
+                format!("/lib/{triple}/libgcc_s.so.1"),
+            ],
+        ]
+        .iter()
+        .filter_map(|group| group.iter().find_map(|p| self.resolve(p)))
+        .filter(|found| self.first_time(*found))
+        .collect();
+        let Some((&first, rest)) = programs.split_first() else {
+            return;
+        };
+        let Some(fetcher) = self.fetcher(first.0) else {
+            return;
+        };
+        tracing::debug!(
+            driver = path,
+            programs = programs.len(),
+            "compiler's programs prefetched"
+        );
+        let this = Arc::clone(self);
+        let rest = rest.to_vec();
+        fetcher.spawn(async move {
+            // The compiler runs first: its headers and libraries are asked
+            // for first.
+            Arc::clone(&this).examine(first, None, 0).await;
+            let others = rest
+                .into_iter()
+                .map(|found| Arc::clone(&this).examine(found, None, 0));
+            futures::future::join_all(others).await;
+        });
+    }
+
     /// The compiler's search path in this stack, found once.
     fn search_path(&self) -> &SearchPath {
         self.search_path.get_or_init(|| {
@@ -265,6 +377,30 @@ fn version_key(name: &str) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compiler_drivers_by_name() {
+        assert_eq!(compiler_driver("gcc"), Some((false, None)));
+        assert_eq!(compiler_driver("cc"), Some((false, None)));
+        assert_eq!(compiler_driver("gcc-12"), Some((false, Some("12"))));
+        assert_eq!(
+            compiler_driver("x86_64-linux-gnu-gcc-12"),
+            Some((false, Some("12")))
+        );
+        assert_eq!(compiler_driver("g++-4.9"), Some((true, Some("4.9"))));
+        assert_eq!(compiler_driver("c++"), Some((true, None)));
+        for other in [
+            "gcc-ar-12",
+            "gcc-nm",
+            "c++filt",
+            "clang",
+            "gccgo",
+            "gcc-",
+            "cpp-12",
+        ] {
+            assert_eq!(compiler_driver(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn languages_and_versions() {
