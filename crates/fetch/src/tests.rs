@@ -2006,6 +2006,12 @@ async fn a_compiler_driver_read_from_its_start_fetches_the_programs_it_runs() {
         ("usr/lib/x86_64-linux-gnu/libgcc_s.so.1".into(), elf(8)),
         ("usr/lib/gcc/x86_64-linux-gnu/11/cc1".into(), elf(9)),
         ("usr/bin/unrelated".into(), elf(10)),
+        (format!("{gcc}/crtbeginS.o"), b"start file".to_vec()),
+        (
+            "usr/lib/x86_64-linux-gnu/libc.so".into(),
+            b"GROUP ( libc.so.6 )".to_vec(),
+        ),
+        (format!("{gcc}/libgcc.a"), pattern(1 << 20, 32)),
     ];
     let cached = |f: &Fetcher, path: &str| f.has_cached(id_of(f, path), 0, 1);
     let (f, _) = fetcher_for(&test_files(&files), exact_config());
@@ -2026,6 +2032,20 @@ async fn a_compiler_driver_read_from_its_start_fetches_the_programs_it_runs() {
         wait_until(|| cached(&f, path)).await;
         assert!(cached(&f, path), "{path} fetched");
     }
+    // What the linker reads: small files whole, the archive's head only.
+    for path in [
+        format!("{gcc}/crtbeginS.o"),
+        "usr/lib/x86_64-linux-gnu/libc.so".into(),
+        format!("{gcc}/libgcc.a"),
+    ] {
+        wait_until(|| cached(&f, &path)).await;
+        assert!(cached(&f, &path), "{path} fetched");
+    }
+    let archive = id_of(&f, &format!("{gcc}/libgcc.a"));
+    assert!(
+        !f.has_cached(archive, 512 << 10, 1),
+        "past the archive's head"
+    );
     // Not the C++ compiler, not another version's, nothing else.
     for path in [
         format!("{gcc}/cc1plus"),

@@ -50,6 +50,10 @@ pub(super) const INCLUDE_SCAN_BYTES: u64 = 256 << 10;
 /// Entries of one directory looked at while finding the search path.
 const MAX_LISTED: usize = 64;
 
+/// Bytes of the head of GCC's archive fetched for the linker: its symbol
+/// index, which the linker reads before choosing members.
+const ARCHIVE_HEAD_BYTES: u64 = 128 << 10;
+
 /// The header GCC includes before every translation unit on glibc systems.
 const PREDEFINED: &str = "stdc-predef.h";
 
@@ -225,7 +229,8 @@ impl LibraryStack {
     /// after itself like a read from their start would (their loader parts
     /// and libraries fetched): the compiler proper (`cc1`, `cc1plus` for
     /// C++) first, then the assembler, `collect2`, the linker, its LTO plugin
-    /// and `libgcc_s`, which the linker reads. They are looked for in the
+    /// and `libgcc_s`; then the small files the linker reads (start files,
+    /// linker scripts) and the head of `libgcc.a`. They are looked for in the
     /// GCC directory of the driver's version (the newest without one), and
     /// the assembler and linker where the driver finds them next, in
     /// `usr/bin`. In the background; advice only.
@@ -279,27 +284,54 @@ impl LibraryStack {
         .filter_map(|group| group.iter().find_map(|p| self.resolve(p)))
         .filter(|found| self.first_time(*found))
         .collect();
-        let Some((&first, rest)) = programs.split_first() else {
-            return;
-        };
-        let Some(fetcher) = self.fetcher(first.0) else {
+        // What the linker reads besides programs: the start files (GCC's and
+        // the C library's) and linker scripts, whole, and the symbol index at
+        // the head of GCC's archive.
+        let lib = format!("/usr/lib/{triple}");
+        let link_files: Vec<Found> = [
+            format!("{dir}/crtbeginS.o"),
+            format!("{dir}/crtendS.o"),
+            format!("{dir}/crtbegin.o"),
+            format!("{dir}/crtend.o"),
+            format!("{dir}/libgcc_s.so"),
+            format!("{lib}/Scrt1.o"),
+            format!("{lib}/crt1.o"),
+            format!("{lib}/crti.o"),
+            format!("{lib}/crtn.o"),
+            format!("{lib}/libc.so"),
+            format!("{lib}/libc_nonshared.a"),
+        ]
+        .iter()
+        .filter_map(|p| self.resolve(p))
+        .filter(|found| self.small(*found))
+        .collect();
+        let archive = self.resolve(&format!("{dir}/libgcc.a"));
+        let Some(fetcher) = self.fetcher(0) else {
             return;
         };
         tracing::debug!(
             driver = path,
             programs = programs.len(),
+            link_files = link_files.len(),
             "compiler's programs prefetched"
         );
         let this = Arc::clone(self);
-        let rest = rest.to_vec();
         fetcher.spawn(async move {
-            // The compiler runs first: its headers and libraries are asked
-            // for first.
-            Arc::clone(&this).examine(first, None, 0).await;
-            let others = rest
-                .into_iter()
-                .map(|found| Arc::clone(&this).examine(found, None, 0));
+            let mut programs = programs.into_iter();
+            // The compiler runs first: its parts and libraries are asked for
+            // first.
+            if let Some(compiler) = programs.next() {
+                Arc::clone(&this).examine(compiler, None, 0).await;
+            }
+            let others = programs.map(|found| Arc::clone(&this).examine(found, None, 0));
             futures::future::join_all(others).await;
+            let mut batches = this.whole_files_by_layer(link_files);
+            if let Some(((_, id), f)) = archive.and_then(|a| Some((a, this.fetcher(a.0)?))) {
+                let size = f.index().entry(id).size();
+                batches.push((f, vec![(id, 0..size.min(ARCHIVE_HEAD_BYTES))]));
+            }
+            let fetches = batches.iter().map(|(f, parts)| this.fetch(f, parts, None));
+            futures::future::join_all(fetches).await;
         });
     }
 
