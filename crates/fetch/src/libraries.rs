@@ -1015,6 +1015,7 @@ impl LibraryStack {
     ) -> Result<(), &'static str> {
         let mut program = program.to_owned();
         let mut script_programs: Vec<String> = Vec::new();
+        let mut computed: Vec<Found> = Vec::new();
         for _ in 0..=MAX_SCRIPT_HOPS {
             let (pos, id) = self
                 .find_program(&program, command)
@@ -1034,7 +1035,16 @@ impl LibraryStack {
                         Arc::clone(&self).examine((pos, id), Some(head), 0).await;
                     }
                 };
-                futures::future::join(own, futures::future::join_all(others)).await;
+                let found_by_name = computed
+                    .iter()
+                    .filter(|found| self.first_time(**found))
+                    .map(|&found| Arc::clone(&self).examine(found, None, 0));
+                futures::future::join3(
+                    own,
+                    futures::future::join_all(others),
+                    futures::future::join_all(found_by_name),
+                )
+                .await;
                 return Ok(());
             }
             program = interpreter_of(&head).ok_or("neither an ELF file nor a script")?;
@@ -1043,9 +1053,44 @@ impl LibraryStack {
                 let text = &head[..head.len().min(MAX_SCRIPT_BYTES)];
                 words.script(&String::from_utf8_lossy(text));
                 script_programs = words.programs;
+                computed = words
+                    .computed
+                    .iter()
+                    .flat_map(|name| self.programs_named(name))
+                    .collect();
             }
         }
         Err("too many #! interpreters")
+    }
+
+    /// The programs named `name` anywhere in the stack (executable regular
+    /// files, not hidden by an upper layer): none when more than
+    /// [`MAX_PROGRAMS_NAMED`] are, as the name says too little then.
+    fn programs_named(&self, name: &str) -> Vec<Found> {
+        let mut found: Vec<Found> = Vec::new();
+        for (pos, layer) in self.layers.iter().enumerate() {
+            let Some(fetcher) = layer.fetcher.upgrade() else {
+                continue;
+            };
+            let index = fetcher.index();
+            for id in index.files_in_blob_order() {
+                let entry = index.entry(id);
+                if entry.name() != name.as_bytes()
+                    || entry.kind() != EntryKind::Reg
+                    || entry.mode() & 0o111 == 0
+                {
+                    continue;
+                }
+                if self.resolve(&format!("/{}", entry.path())) != Some((pos, id)) {
+                    continue;
+                }
+                if found.len() == MAX_PROGRAMS_NAMED {
+                    return Vec::new();
+                }
+                found.push((pos, id));
+            }
+        }
+        found
     }
 
     /// The regular file `execvp` runs for `program`: a name with a slash is
@@ -1249,10 +1294,16 @@ struct CommandWords {
     /// Words that may name files (a script, a source file): not options,
     /// and with a slash or a dot in them.
     files: Vec<String>,
+    /// The names a script gives to files in a directory it computes
+    /// (`initdb` of `"$bin/initdb"`): programs it may run, found by name.
+    computed: Vec<String>,
 }
 
 /// Programs and files taken from one start command, each.
 const MAX_COMMAND_WORDS: usize = 16;
+
+/// Programs found for one name a script computes the directory of, at most.
+const MAX_PROGRAMS_NAMED: usize = 2;
 
 /// Bytes of a shell's `-c` script looked at.
 const MAX_SCRIPT_BYTES: usize = 4096;
@@ -1306,6 +1357,13 @@ impl CommandWords {
                 return;
             }
             let w = std::mem::take(word);
+            if let Some(name) = computed_name(&w) {
+                if this.computed.len() < MAX_COMMAND_WORDS
+                    && !this.computed.iter().any(|c| c == name)
+                {
+                    this.computed.push(name.to_owned());
+                }
+            }
             if *command_start {
                 let assignment = w.split('/').next().is_some_and(|h| h.contains('='));
                 if SHELL_KEYWORDS.contains(&w.as_str()) || assignment {
@@ -1323,6 +1381,7 @@ impl CommandWords {
             }
         };
         let mut comment = false;
+        let mut expansion = false;
         for &b in script {
             if comment {
                 comment = b != b'\n';
@@ -1332,6 +1391,15 @@ impl CommandWords {
             }
             match b {
                 b'#' if word.is_empty() => comment = true,
+                // A parameter expansion (`${bin}`), not a brace group.
+                b'{' if word.ends_with('$') => {
+                    word.push('{');
+                    expansion = true;
+                }
+                b'}' if expansion => {
+                    word.push('}');
+                    expansion = false;
+                }
                 b';' | b'&' | b'|' | b'\n' | b'(' | b')' | b'{' | b'}' => {
                     flush(&mut word, &mut command_start, self);
                     command_start = true;
@@ -1368,6 +1436,25 @@ impl CommandWords {
             self.files.push(word.to_owned());
         }
     }
+}
+
+/// The file name of a word naming a file in a directory held by a shell
+/// variable (`$bin/initdb`, `${dir}/run.sh`): `initdb`, `run.sh`.
+fn computed_name(word: &str) -> Option<&str> {
+    let (dir, name) = word.rsplit_once('/')?;
+    let var = dir.strip_prefix('$')?;
+    let var = var
+        .strip_prefix('{')
+        .and_then(|v| v.strip_suffix('}'))
+        .unwrap_or(var);
+    let identifier = !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let file_name = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'+'));
+    (identifier && file_name).then_some(name)
 }
 
 /// Whether `program` (a path or a name) is a shell.
@@ -1648,6 +1735,32 @@ mod tests {
         assert!(words.programs.len() <= MAX_COMMAND_WORDS);
         assert!(words.files.len() <= MAX_COMMAND_WORDS);
         assert!(CommandWords::of(&[]).files.is_empty());
+        // Programs in a directory the script computes: by name.
+        let mut words = CommandWords::default();
+        words.script(
+            "for d in /usr/lib/pg/*/bin; do bin=$d; done\n[ -x \"$bin/initdb\" ]\n\
+             $as_pg \"$bin/initdb\" -D \"$data\"\nexec $as_pg \"${bin}/postgres\" -c x=$y/z\n",
+        );
+        assert_eq!(words.computed, ["initdb", "postgres"]);
+    }
+
+    #[test]
+    fn names_in_computed_directories() {
+        assert_eq!(computed_name("$bin/initdb"), Some("initdb"));
+        assert_eq!(computed_name("${PGBIN}/pg_ctl"), Some("pg_ctl"));
+        assert_eq!(computed_name("$HOME/run.sh"), Some("run.sh"));
+        for word in [
+            "/usr/bin/x",
+            "$bin/",
+            "$bin/..",
+            "$a/$b",
+            "$(pwd)/x",
+            "${a/x",
+            "$/x",
+            "x$y/z",
+        ] {
+            assert_eq!(computed_name(word), None, "{word}");
+        }
     }
 
     #[test]

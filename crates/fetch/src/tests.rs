@@ -1700,6 +1700,57 @@ async fn the_start_command_is_prefetched_through_its_script_before_it_runs() {
     assert_eq!(shared.stats().elf_files, before.elf_files);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_a_start_script_runs_from_a_computed_directory_are_found_by_name() {
+    use crate::libraries::{LibraryPrefetch, StartCommand};
+    use zest_format::testblob::build_with_modes;
+
+    let HostProgram { prog, libc, .. } = host_program();
+    // Copies of one ELF file whose first chunks differ (in the header's
+    // padding, which nothing reads).
+    let elf = |i: u8| {
+        let mut data = libc.clone();
+        data[9] = i;
+        data
+    };
+    let script = b"#!/bin/sh\nbin=$(ls -d /opt/db/*/bin)\n\
+        $as_user \"$bin/initdb\" -D \"$data\"\nexec $as_user \"${bin}/server\" -D x\n"
+        .to_vec();
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("app/start.sh".into(), script),
+        ("bin/sh".into(), prog),
+        ("opt/db/15/bin/initdb".into(), elf(1)),
+        ("opt/db/15/bin/server".into(), elf(2)),
+        ("opt/db/15/bin/other".into(), elf(3)),
+        // Not a program: no execute permission.
+        ("opt/db/15/share/server".into(), elf(4)),
+    ];
+    let blob = build_with_modes(&test_files(&files), vec![], |name| {
+        if name.contains("bin/") || name.ends_with(".sh") {
+            0o755
+        } else {
+            0o644
+        }
+    });
+    let (f, _) = fetcher_over(blob, exact_config());
+    let shared = LibraryPrefetch::new(64 << 20);
+    let stack = single_layer_stack(&shared, b"db", &f);
+    stack.prefetch_start(StartCommand {
+        argv: vec!["/app/start.sh".into()],
+        path: "/bin".into(),
+        working_dir: "/".into(),
+        env: Vec::new(),
+    });
+    let cached = |path: &str| f.has_cached(id_of(&f, path), 0, 1);
+    for path in ["opt/db/15/bin/initdb", "opt/db/15/bin/server"] {
+        wait_until(|| cached(path)).await;
+        assert!(cached(path), "{path} fetched");
+    }
+    for path in ["opt/db/15/bin/other", "opt/db/15/share/server"] {
+        assert!(!cached(path), "{path} not fetched");
+    }
+}
+
 #[test]
 fn profile_pieces_group_blob_neighbours_and_go_in_read_order() {
     // Chunks of 100 compressed bytes, back to back from offset 0, except the

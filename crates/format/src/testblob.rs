@@ -42,6 +42,15 @@ pub fn build_one(name: &str, data: &[u8], chunk: usize) -> TestBlob {
 /// small "header" frame between files), plus `extra` TOC entries (dirs,
 /// links, whiteouts...).
 pub fn build(files: &[TestFile<'_>], extra: Vec<Value>) -> TestBlob {
+    build_with_modes(files, extra, |_| 0o644)
+}
+
+/// Like [`build`], each file with the permission bits `mode` gives its name.
+pub fn build_with_modes(
+    files: &[TestFile<'_>],
+    extra: Vec<Value>,
+    mode: impl Fn(&str) -> u32,
+) -> TestBlob {
     let mut blob = frame(b"leading tar headers");
     let mut entries = vec![json!({"type": "dir", "name": "./", "mode": 0o755})];
     entries.extend(extra);
@@ -69,12 +78,12 @@ pub fn build(files: &[TestFile<'_>], extra: Vec<Value>) -> TestBlob {
             first = false;
         }
         if recs.is_empty() {
-            entries.push(json!({"type": "reg", "name": f.name, "mode": 0o644, "size": 0}));
+            entries.push(json!({"type": "reg", "name": f.name, "mode": mode(f.name), "size": 0}));
             continue;
         }
         let end = blob.len();
         if let Some(r) = recs.first_mut() {
-            r["mode"] = json!(0o644);
+            r["mode"] = json!(mode(f.name));
             r["size"] = json!(f.data.len());
             r["digest"] = json!(Digest::of(f.data).to_string());
             r["endOffset"] = json!(end);
