@@ -1382,7 +1382,16 @@ impl CommandWords {
         };
         let mut comment = false;
         let mut expansion = false;
+        let mut escaped = false;
         for &b in script {
+            // A backslash before a newline continues the command.
+            if std::mem::take(&mut escaped) && b == b'\n' {
+                continue;
+            }
+            if b == b'\\' && !comment {
+                escaped = true;
+                continue;
+            }
             if comment {
                 comment = b != b'\n';
                 if comment {
@@ -1742,6 +1751,11 @@ mod tests {
              $as_pg \"$bin/initdb\" -D \"$data\"\nexec $as_pg \"${bin}/postgres\" -c x=$y/z\n",
         );
         assert_eq!(words.computed, ["initdb", "postgres"]);
+        // A continued line is one command.
+        let mut words = CommandWords::default();
+        words.script("run --a \\\n  --b x.conf\n");
+        assert_eq!(words.programs, ["run"]);
+        assert_eq!(words.files, ["x.conf"]);
     }
 
     #[test]
