@@ -1706,13 +1706,7 @@ async fn programs_a_start_script_runs_from_a_computed_directory_are_found_by_nam
     use zest_format::testblob::build_with_modes;
 
     let HostProgram { prog, libc, .. } = host_program();
-    // Copies of one ELF file whose first chunks differ (in the header's
-    // padding, which nothing reads).
-    let elf = |i: u8| {
-        let mut data = libc.clone();
-        data[9] = i;
-        data
-    };
+    let elf = |i: u8| elf_copy(&libc, i);
     let script = b"#!/bin/sh\nbin=$(ls -d /opt/db/*/bin)\n\
         $as_user \"$bin/initdb\" -D \"$data\"\nexec $as_user \"${bin}/server\" -D x\n"
         .to_vec();
@@ -2023,14 +2017,33 @@ async fn a_python_interpreter_read_from_its_start_fetches_its_start_up_modules()
     }
 
     // Under a start-up profile: no guessing.
-    let (f, _) = fetcher_for(&test_files(&files), exact_config());
-    f.set_profile_guided();
-    let stack = single_layer_stack(&shared, b"python under a profile", &f);
-    let python = id_of(&f, "usr/local/bin/python3.11");
-    let head = f.read(python, 0, 4096).await.unwrap();
-    stack.file_start(python, &head);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let f = started_under_a_profile(&files, &shared, "usr/local/bin/python3.11").await;
     assert!(!cached(&f, &cached_in("encodings/", "__init__")));
+}
+
+/// A one-layer stack of `files` whose layer a start-up profile guides, after
+/// the file at `path` was read from its start and guesses had time to run.
+async fn started_under_a_profile(
+    files: &[(String, Vec<u8>)],
+    shared: &Arc<crate::libraries::LibraryPrefetch>,
+    path: &str,
+) -> Arc<Fetcher> {
+    let (f, _) = fetcher_for(&test_files(files), exact_config());
+    f.set_profile_guided();
+    let stack = single_layer_stack(shared, path.as_bytes(), &f);
+    let id = id_of(&f, path);
+    let head = f.read(id, 0, 4096).await.unwrap();
+    stack.file_start(id, &head);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    f
+}
+
+/// A copy of ELF file `elf` whose first chunk is its own (byte `i` in the
+/// header's padding, which nothing reads), so each copy is fetched apart.
+fn elf_copy(elf: &[u8], i: u8) -> Vec<u8> {
+    let mut data = elf.to_vec();
+    data[9] = i;
+    data
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2038,13 +2051,7 @@ async fn a_compiler_driver_read_from_its_start_fetches_the_programs_it_runs() {
     use crate::libraries::LibraryPrefetch;
 
     let HostProgram { libc, .. } = host_program();
-    // Copies of one ELF file whose first chunks differ (in the header's
-    // padding, which nothing reads), so each is fetched on its own.
-    let elf = |i: u8| {
-        let mut data = libc.clone();
-        data[9] = i;
-        data
-    };
+    let elf = |i: u8| elf_copy(&libc, i);
     let gcc = "usr/lib/gcc/x86_64-linux-gnu/12";
     let files: Vec<(String, Vec<u8>)> = vec![
         ("usr/bin/x86_64-linux-gnu-gcc-12".into(), elf(1)),
@@ -2107,13 +2114,7 @@ async fn a_compiler_driver_read_from_its_start_fetches_the_programs_it_runs() {
     }
 
     // Under a start-up profile: no guessing.
-    let (f, _) = fetcher_for(&test_files(&files), exact_config());
-    f.set_profile_guided();
-    let stack = single_layer_stack(&shared, b"gcc under a profile", &f);
-    let driver = id_of(&f, "usr/bin/x86_64-linux-gnu-gcc-12");
-    let head = f.read(driver, 0, 4096).await.unwrap();
-    stack.file_start(driver, &head);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let f = started_under_a_profile(&files, &shared, "usr/bin/x86_64-linux-gnu-gcc-12").await;
     assert!(!cached(&f, &format!("{gcc}/cc1")));
 }
 
