@@ -1991,12 +1991,8 @@ async fn a_python_interpreter_read_from_its_start_fetches_its_start_up_modules()
         (cached_in("", "unrelated"), pyc(&[])),
     ]);
     let cached = |f: &Fetcher, path: &str| f.has_cached(id_of(f, path), 0, 1);
-    let (f, _) = fetcher_for(&test_files(&files), exact_config());
     let shared = LibraryPrefetch::new(64 << 20);
-    let stack = single_layer_stack(&shared, b"python", &f);
-    let python = id_of(&f, "usr/local/bin/python3.11");
-    let head = f.read(python, 0, 4096).await.unwrap();
-    stack.file_start(python, &head);
+    let f = read_from_its_start(&files, &shared, "usr/local/bin/python3.11", false).await;
     wait_until(|| cached(&f, &cached_in("", "sitecustomize"))).await;
     wait_until(|| cached(&f, &cached_in("encodings/", "utf_8"))).await;
     for path in [
@@ -2017,24 +2013,28 @@ async fn a_python_interpreter_read_from_its_start_fetches_its_start_up_modules()
     }
 
     // Under a start-up profile: no guessing.
-    let f = started_under_a_profile(&files, &shared, "usr/local/bin/python3.11").await;
+    let f = read_from_its_start(&files, &shared, "usr/local/bin/python3.11", true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!cached(&f, &cached_in("encodings/", "__init__")));
 }
 
-/// A one-layer stack of `files` whose layer a start-up profile guides, after
-/// the file at `path` was read from its start and guesses had time to run.
-async fn started_under_a_profile(
+/// A one-layer stack of `files` (its layer guided by a start-up profile when
+/// `profiled`) whose file at `path` has been read from its start.
+async fn read_from_its_start(
     files: &[(String, Vec<u8>)],
     shared: &Arc<crate::libraries::LibraryPrefetch>,
     path: &str,
+    profiled: bool,
 ) -> Arc<Fetcher> {
     let (f, _) = fetcher_for(&test_files(files), exact_config());
-    f.set_profile_guided();
-    let stack = single_layer_stack(shared, path.as_bytes(), &f);
+    if profiled {
+        f.set_profile_guided();
+    }
+    let name = format!("{path} {profiled}");
+    let stack = single_layer_stack(shared, name.as_bytes(), &f);
     let id = id_of(&f, path);
     let head = f.read(id, 0, 4096).await.unwrap();
     stack.file_start(id, &head);
-    tokio::time::sleep(Duration::from_millis(200)).await;
     f
 }
 
@@ -2072,12 +2072,8 @@ async fn a_compiler_driver_read_from_its_start_fetches_the_programs_it_runs() {
         (format!("{gcc}/libgcc.a"), pattern(1 << 20, 32)),
     ];
     let cached = |f: &Fetcher, path: &str| f.has_cached(id_of(f, path), 0, 1);
-    let (f, _) = fetcher_for(&test_files(&files), exact_config());
     let shared = LibraryPrefetch::new(64 << 20);
-    let stack = single_layer_stack(&shared, b"gcc", &f);
-    let driver = id_of(&f, "usr/bin/x86_64-linux-gnu-gcc-12");
-    let head = f.read(driver, 0, 4096).await.unwrap();
-    stack.file_start(driver, &head);
+    let f = read_from_its_start(&files, &shared, "usr/bin/x86_64-linux-gnu-gcc-12", false).await;
     let run = [
         format!("{gcc}/cc1"),
         format!("{gcc}/collect2"),
@@ -2114,7 +2110,8 @@ async fn a_compiler_driver_read_from_its_start_fetches_the_programs_it_runs() {
     }
 
     // Under a start-up profile: no guessing.
-    let f = started_under_a_profile(&files, &shared, "usr/bin/x86_64-linux-gnu-gcc-12").await;
+    let f = read_from_its_start(&files, &shared, "usr/bin/x86_64-linux-gnu-gcc-12", true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!cached(&f, &format!("{gcc}/cc1")));
 }
 
