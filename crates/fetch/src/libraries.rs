@@ -37,7 +37,8 @@
 //! file, see `examine_module`) and C and C++ headers ([`includes`]) are found
 //! and fetched ahead of their reader, each scanned as soon as it arrives
 //! ([`walk`]), as guesses that stand down where a start-up profile guides the
-//! layer.
+//! layer. So are the data files a starting program names in its read-only
+//! data ([`named`]).
 //!
 //! Invariants: this is advice, never on a read's path: it runs in tasks of the
 //! fetcher's runtime, and every byte it causes to be fetched is verified like
@@ -65,6 +66,7 @@ use zest_format::elf::{multiarch_triplet, string_at, ElfError, ElfFile};
 use zest_format::python::{self, ImportContext, ModuleFile};
 
 mod includes;
+mod named;
 mod walk;
 use walk::Guess;
 use zest_format::{Chunk, EntryId, EntryKind};
@@ -364,7 +366,9 @@ pub struct LibraryStack {
     spent: AtomicU64,
     python_spent: AtomicU64,
     include_spent: AtomicU64,
+    named_spent: AtomicU64,
     search_path: std::sync::OnceLock<includes::SearchPath>,
+    names: std::sync::OnceLock<named::NameIndex>,
 }
 
 impl LibraryPrefetch {
@@ -434,7 +438,9 @@ impl LibraryStack {
             spent: AtomicU64::new(0),
             python_spent: AtomicU64::new(0),
             include_spent: AtomicU64::new(0),
+            named_spent: AtomicU64::new(0),
             search_path: std::sync::OnceLock::new(),
+            names: std::sync::OnceLock::new(),
         })
     }
 
@@ -850,6 +856,11 @@ impl LibraryStack {
             fetcher.spawn(async move {
                 this.fetch(&f, &parts, None).await;
             });
+        }
+        if depth == 0 && !self.profile_guided() {
+            let this = Arc::clone(self);
+            let elf = elf.clone();
+            fetcher.spawn(async move { this.fetch_named_files((pos, id), &elf).await });
         }
         if depth >= MAX_DEPTH {
             return Ok(());

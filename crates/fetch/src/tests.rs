@@ -2116,6 +2116,40 @@ async fn a_compiler_driver_read_from_its_start_fetches_the_programs_it_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_read_from_its_start_fetches_the_data_files_it_names() {
+    use crate::libraries::LibraryPrefetch;
+
+    let HostProgram { libc, .. } = host_program();
+    // The C library as a program: its read-only data names `/etc/hosts`;
+    // one of its names is replaced by a name the image has elsewhere.
+    let mut prog = libc.clone();
+    let at = prog
+        .windows(13)
+        .position(|w| w == b"\0/etc/passwd\0")
+        .expect("the C library names /etc/passwd");
+    prog[at + 1..at + 13].copy_from_slice(b"mydata.bki\0\0");
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("usr/bin/prog".into(), prog),
+        ("etc/hosts".into(), b"127.0.0.1 localhost\n".to_vec()),
+        ("opt/app/share/mydata.bki".into(), b"data".to_vec()),
+        ("etc/unrelated.conf".into(), b"x = 1\n".to_vec()),
+    ];
+    let shared = LibraryPrefetch::new(64 << 20);
+    let f = read_from_its_start(&files, &shared, "usr/bin/prog", false).await;
+    let cached = |f: &Fetcher, path: &str| f.has_cached(id_of(f, path), 0, 1);
+    for path in ["etc/hosts", "opt/app/share/mydata.bki"] {
+        wait_until(|| cached(&f, path)).await;
+        assert!(cached(&f, path), "{path} fetched");
+    }
+    assert!(!cached(&f, "etc/unrelated.conf"));
+
+    // Under a start-up profile: no guessing.
+    let f = read_from_its_start(&files, &shared, "usr/bin/prog", true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!cached(&f, "etc/hosts"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_fetched_ahead_of_the_compiler_along_its_search_path() {
     use crate::libraries::LibraryPrefetch;
 

@@ -1,0 +1,239 @@
+//! Data files a program names: when a program starts (read from its start,
+//! or found from the image's start command), the file names written as
+//! strings in its read-only data (`postgres.bki`, `pg_hba.conf.sample`,
+//! `/etc/ssl/openssl.cnf`) are looked up in the image, and the small files
+//! they name are fetched whole, before the program opens them one after
+//! another, a blocking round trip each.
+//!
+//! A program builds most such paths at run time from a directory it computes
+//! and a name it holds literally, so a name is looked up anywhere in the
+//! image, by its file name: a name more than [`MAX_FILES_PER_NAME`] files
+//! carry (`__init__.py`, `index.js`) says too little and is left alone, as is
+//! a shared library's (library prefetch finds those the loader's way).
+//!
+//! Bounded: at most [`MAX_SCAN_BYTES`] of a program are scanned and
+//! [`MAX_NAMES`] names taken from it; at most [`MAX_NAMED_BYTES`] are
+//! fetched per stack; only files small enough to fetch whole; none where a
+//! start-up profile guides the layer.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use zest_format::elf::ElfFile;
+use zest_format::EntryKind;
+
+use super::{Found, LibraryStack};
+
+/// Compressed bytes of named files one stack fetches at most.
+pub(super) const MAX_NAMED_BYTES: u64 = 4 << 20;
+
+/// Bytes of one program's read-only data scanned for names.
+const MAX_SCAN_BYTES: u64 = 4 << 20;
+
+/// Names taken from one program.
+const MAX_NAMES: usize = 256;
+
+/// Files one name may match and still be fetched.
+const MAX_FILES_PER_NAME: usize = 2;
+
+/// Files of a stack indexed by name, at most (a bound on memory; an image
+/// with more is left unindexed).
+const MAX_INDEXED_FILES: usize = 1 << 20;
+
+/// The regular files of a stack by file name (every layer's, visible or
+/// not; callers check visibility).
+pub(super) type NameIndex = HashMap<Box<[u8]>, Vec<Found>>;
+
+/// A string of a program that may name a data file: an absolute path, or a
+/// file name with an extension (`postgres.bki`, `pg_hba.conf.sample`), not a
+/// shared library's.
+fn is_file_name(s: &[u8]) -> bool {
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'+');
+    if s.first() == Some(&b'/') {
+        return (6..=128).contains(&s.len())
+            && s.iter().all(|b| plain(b) || *b == b'/')
+            && !s.windows(2).any(|w| w == b"//" || w == b"/.")
+            && s.last() != Some(&b'/');
+    }
+    if !(5..=64).contains(&s.len()) || !s.iter().all(plain) || !s[0].is_ascii_alphanumeric() {
+        return false;
+    }
+    let Some(dot) = s.iter().rposition(|&b| b == b'.') else {
+        return false;
+    };
+    let extension = &s[dot + 1..];
+    let library = s.windows(4).any(|w| w == b".so.") || s.ends_with(b".so");
+    dot > 0
+        && (1..=8).contains(&extension.len())
+        && extension.iter().all(u8::is_ascii_alphanumeric)
+        && extension.iter().any(u8::is_ascii_alphabetic)
+        && !library
+}
+
+/// The distinct strings of `data` (NUL-separated) that may name data files,
+/// in order, at most [`MAX_NAMES`].
+pub(super) fn file_names(data: &[u8]) -> Vec<&[u8]> {
+    let mut out: Vec<&[u8]> = Vec::new();
+    for s in data.split(|&b| b == 0) {
+        if out.len() >= MAX_NAMES {
+            break;
+        }
+        if is_file_name(s) && !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+impl LibraryStack {
+    /// Fetches the small files the read-only data of program `found` (parsed
+    /// as `elf`) names (see the module doc).
+    pub(super) async fn fetch_named_files(self: &Arc<Self>, (pos, id): Found, elf: &ElfFile) {
+        if self.profile_guided() || self.named_spent.load(Ordering::Relaxed) >= MAX_NAMED_BYTES {
+            return;
+        }
+        let Some(fetcher) = self.fetcher(pos) else {
+            return;
+        };
+        let size = fetcher.index().entry(id).size();
+        let mut left = MAX_SCAN_BYTES;
+        let ranges: Vec<Range<u64>> = elf
+            .segments
+            .iter()
+            .filter(|s| !s.executable && !s.writable)
+            .filter_map(|s| {
+                let end = s.file.end.min(size).min(s.file.start.saturating_add(left));
+                left = left.saturating_sub(end.saturating_sub(s.file.start));
+                (s.file.start < end).then_some(s.file.start..end)
+            })
+            .collect();
+        // The loader's parts are being fetched: these wait for the same
+        // chunks, not for a second copy.
+        let parts: Vec<(zest_format::EntryId, Range<u64>)> =
+            ranges.iter().map(|r| (id, r.clone())).collect();
+        self.fetch(&fetcher, &parts, None).await;
+        let mut found: Vec<Found> = Vec::new();
+        for range in ranges {
+            let len = u32::try_from(range.end - range.start).unwrap_or(u32::MAX);
+            let Some(data) = fetcher.read_cached(id, range.start, len).await else {
+                continue;
+            };
+            for name in file_names(&data) {
+                for file in self.files_named(name) {
+                    if self.small(file) && !found.contains(&file) {
+                        found.push(file);
+                    }
+                }
+            }
+        }
+        let mut fetched = 0usize;
+        for (f, parts) in self.whole_files_by_layer(found) {
+            if self.named_spent.load(Ordering::Relaxed) >= MAX_NAMED_BYTES {
+                break;
+            }
+            fetched += parts.len();
+            let got = self.fetch(&f, &parts, None).await;
+            self.named_spent.fetch_add(got, Ordering::Relaxed);
+        }
+        tracing::debug!(
+            file = %fetcher.index().entry(id).path(),
+            fetched,
+            "files the program names prefetched"
+        );
+    }
+
+    /// The visible regular files `name` names: an absolute path's file, or
+    /// the files of that file name anywhere in the stack (none when more
+    /// than [`MAX_FILES_PER_NAME`] are).
+    fn files_named(&self, name: &[u8]) -> Vec<Found> {
+        let Ok(name) = std::str::from_utf8(name) else {
+            return Vec::new();
+        };
+        if name.starts_with('/') {
+            return self.resolve(name).into_iter().collect();
+        }
+        let Some(files) = self.name_index().get(name.as_bytes()) else {
+            return Vec::new();
+        };
+        if files.len() > MAX_FILES_PER_NAME {
+            return Vec::new();
+        }
+        files
+            .iter()
+            .copied()
+            .filter(|&(pos, id)| {
+                let path = self
+                    .fetcher(pos)
+                    .map(|f| format!("/{}", f.index().entry(id).path()));
+                path.and_then(|p| self.resolve(&p)) == Some((pos, id))
+            })
+            .collect()
+    }
+
+    /// The stack's files by file name, built once.
+    fn name_index(&self) -> &NameIndex {
+        self.names.get_or_init(|| {
+            let mut index = NameIndex::new();
+            let mut files = 0usize;
+            for (pos, layer) in self.layers.iter().enumerate() {
+                let Some(fetcher) = layer.fetcher.upgrade() else {
+                    continue;
+                };
+                let layer_index = fetcher.index();
+                for id in layer_index.files_in_blob_order() {
+                    let entry = layer_index.entry(id);
+                    if entry.kind() != EntryKind::Reg {
+                        continue;
+                    }
+                    files += 1;
+                    if files > MAX_INDEXED_FILES {
+                        return NameIndex::new();
+                    }
+                    index
+                        .entry(entry.name().into())
+                        .or_default()
+                        .push((pos, id));
+                }
+            }
+            index
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_data_files() {
+        let data = b"\0postgres.bki\0%s/%s\0pg_hba.conf.sample\0libpq.so.5\0libc.so\0\
+            /etc/ssl/openssl.cnf\0could not open file \"%s\"\0x.y\0.hidden.conf\0\
+            postgres.bki\0v1.2.3\0/usr/../etc/passwd\0/tmp/\0information_schema.sql";
+        let names: Vec<&str> = file_names(data)
+            .into_iter()
+            .map(|n| std::str::from_utf8(n).unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "postgres.bki",
+                "pg_hba.conf.sample",
+                "/etc/ssl/openssl.cnf",
+                "information_schema.sql"
+            ]
+        );
+    }
+
+    #[test]
+    fn names_are_bounded() {
+        let mut data = Vec::new();
+        for i in 0..10_000 {
+            data.extend(format!("file{i}.dat\0").as_bytes());
+        }
+        assert_eq!(file_names(&data).len(), MAX_NAMES);
+        assert!(file_names(&[0xff; 1000]).is_empty());
+        assert!(file_names(b"").is_empty());
+    }
+}
