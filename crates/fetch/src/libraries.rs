@@ -1078,30 +1078,9 @@ impl LibraryStack {
     /// files, not hidden by an upper layer): none when more than
     /// [`MAX_PROGRAMS_NAMED`] are, as the name says too little then.
     fn programs_named(&self, name: &str) -> Vec<Found> {
-        let mut found: Vec<Found> = Vec::new();
-        for (pos, layer) in self.layers.iter().enumerate() {
-            let Some(fetcher) = layer.fetcher.upgrade() else {
-                continue;
-            };
-            let index = fetcher.index();
-            for id in index.files_in_blob_order() {
-                let entry = index.entry(id);
-                if entry.name() != name.as_bytes()
-                    || entry.kind() != EntryKind::Reg
-                    || entry.mode() & 0o111 == 0
-                {
-                    continue;
-                }
-                if self.resolve(&format!("/{}", entry.path())) != Some((pos, id)) {
-                    continue;
-                }
-                if found.len() == MAX_PROGRAMS_NAMED {
-                    return Vec::new();
-                }
-                found.push((pos, id));
-            }
-        }
-        found
+        self.visible_files_named(name.as_bytes(), MAX_PROGRAMS_NAMED, |entry| {
+            entry.mode() & 0o111 != 0
+        })
     }
 
     /// The regular file `execvp` runs for `program`: a name with a slash is

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use zest_format::elf::ElfFile;
-use zest_format::EntryKind;
+use zest_format::{EntryKind, EntryRef};
 
 use super::{Found, LibraryStack};
 
@@ -148,28 +148,41 @@ impl LibraryStack {
     /// the files of that file name anywhere in the stack (none when more
     /// than [`MAX_FILES_PER_NAME`] are).
     fn files_named(&self, name: &[u8]) -> Vec<Found> {
-        let Ok(name) = std::str::from_utf8(name) else {
+        if name.first() == Some(&b'/') {
+            let Ok(path) = std::str::from_utf8(name) else {
+                return Vec::new();
+            };
+            return self.resolve(path).into_iter().collect();
+        }
+        self.visible_files_named(name, MAX_FILES_PER_NAME, |_| true)
+    }
+
+    /// The regular files of file name `name` in the stack that `keep` keeps
+    /// and no upper layer hides: none when more than `max` are.
+    pub(super) fn visible_files_named(
+        &self,
+        name: &[u8],
+        max: usize,
+        keep: impl Fn(&EntryRef<'_>) -> bool,
+    ) -> Vec<Found> {
+        let Some(files) = self.name_index().get(name) else {
             return Vec::new();
         };
-        if name.starts_with('/') {
-            return self.resolve(name).into_iter().collect();
+        let mut found = Vec::new();
+        for &(pos, id) in files {
+            let Some(fetcher) = self.fetcher(pos) else {
+                continue;
+            };
+            let entry = fetcher.index().entry(id);
+            if !keep(&entry) || self.resolve(&format!("/{}", entry.path())) != Some((pos, id)) {
+                continue;
+            }
+            if found.len() == max {
+                return Vec::new();
+            }
+            found.push((pos, id));
         }
-        let Some(files) = self.name_index().get(name.as_bytes()) else {
-            return Vec::new();
-        };
-        if files.len() > MAX_FILES_PER_NAME {
-            return Vec::new();
-        }
-        files
-            .iter()
-            .copied()
-            .filter(|&(pos, id)| {
-                let path = self
-                    .fetcher(pos)
-                    .map(|f| format!("/{}", f.index().entry(id).path()));
-                path.and_then(|p| self.resolve(&p)) == Some((pos, id))
-            })
-            .collect()
+        found
     }
 
     /// The stack's files by file name, built once.
