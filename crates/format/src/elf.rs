@@ -18,6 +18,9 @@
 //! them to [`ElfFile::dynamic_info`], map [`DynamicInfo::strtab`] to a file
 //! offset with [`ElfFile::file_offset`], and read each name with
 //! [`string_at`].
+//!
+//! [`file_names`] finds the strings of a program's read-only data that may
+//! name the data files it opens (the fetcher fetches them before it does).
 
 use std::ops::Range;
 
@@ -353,6 +356,50 @@ pub fn multiarch_triplet(machine: u16, is_64: bool) -> Option<&'static str> {
     })
 }
 
+/// Names [`file_names`] takes from one program's data, at most.
+pub const MAX_FILE_NAMES: usize = 256;
+
+/// A string of a program that may name a data file: an absolute path, or a
+/// file name with an extension (`postgres.bki`, `pg_hba.conf.sample`), not a
+/// shared library's.
+fn is_file_name(s: &[u8]) -> bool {
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'+');
+    if s.first() == Some(&b'/') {
+        return (6..=128).contains(&s.len())
+            && s.iter().all(|b| plain(b) || *b == b'/')
+            && !s.windows(2).any(|w| w == b"//" || w == b"/.")
+            && s.last() != Some(&b'/');
+    }
+    if !(5..=64).contains(&s.len()) || !s.iter().all(plain) || !s[0].is_ascii_alphanumeric() {
+        return false;
+    }
+    let Some(dot) = s.iter().rposition(|&b| b == b'.') else {
+        return false;
+    };
+    let extension = &s[dot + 1..];
+    let library = s.windows(4).any(|w| w == b".so.") || s.ends_with(b".so");
+    dot > 0
+        && (1..=8).contains(&extension.len())
+        && extension.iter().all(u8::is_ascii_alphanumeric)
+        && extension.iter().any(u8::is_ascii_alphabetic)
+        && !library
+}
+
+/// The distinct strings of `data` (NUL-separated) that may name data files,
+/// in order, at most [`MAX_FILE_NAMES`].
+pub fn file_names(data: &[u8]) -> Vec<&[u8]> {
+    let mut out: Vec<&[u8]> = Vec::new();
+    for s in data.split(|&b| b == 0) {
+        if out.len() >= MAX_FILE_NAMES {
+            break;
+        }
+        if is_file_name(s) && !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,5 +523,36 @@ mod tests {
         assert_eq!(string_at(b"abc\0", u64::MAX), None);
         let long = vec![b'a'; MAX_NAME_LEN + 10];
         assert_eq!(string_at(&long, 0), None);
+    }
+
+    #[test]
+    fn names_of_data_files() {
+        let data = b"\0postgres.bki\0%s/%s\0pg_hba.conf.sample\0libpq.so.5\0libc.so\0\
+            /etc/ssl/openssl.cnf\0could not open file \"%s\"\0x.y\0.hidden.conf\0\
+            postgres.bki\0v1.2.3\0/usr/../etc/passwd\0/tmp/\0information_schema.sql";
+        let names: Vec<&str> = file_names(data)
+            .into_iter()
+            .map(|n| std::str::from_utf8(n).unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "postgres.bki",
+                "pg_hba.conf.sample",
+                "/etc/ssl/openssl.cnf",
+                "information_schema.sql"
+            ]
+        );
+    }
+
+    #[test]
+    fn names_are_bounded() {
+        let mut data = Vec::new();
+        for i in 0..10_000 {
+            data.extend(format!("file{i}.dat\0").as_bytes());
+        }
+        assert_eq!(file_names(&data).len(), MAX_FILE_NAMES);
+        assert!(file_names(&[0xff; 1000]).is_empty());
+        assert!(file_names(b"").is_empty());
     }
 }

@@ -12,7 +12,8 @@
 //! a shared library's (library prefetch finds those the loader's way).
 //!
 //! Bounded: at most [`MAX_SCAN_BYTES`] of a program are scanned and
-//! [`MAX_NAMES`] names taken from it; at most [`MAX_NAMED_BYTES`] are
+//! [`zest_format::elf::MAX_FILE_NAMES`] names taken from it
+//! ([`zest_format::elf::file_names`]); at most [`MAX_NAMED_BYTES`] are
 //! fetched per stack; only files small enough to fetch whole; none where a
 //! start-up profile guides the layer.
 
@@ -21,7 +22,7 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use zest_format::elf::ElfFile;
+use zest_format::elf::{file_names, ElfFile};
 use zest_format::{EntryKind, EntryRef};
 
 use super::{Found, LibraryStack};
@@ -31,9 +32,6 @@ pub(super) const MAX_NAMED_BYTES: u64 = 4 << 20;
 
 /// Bytes of one program's read-only data scanned for names.
 const MAX_SCAN_BYTES: u64 = 4 << 20;
-
-/// Names taken from one program.
-const MAX_NAMES: usize = 256;
 
 /// Files one name may match and still be fetched.
 const MAX_FILES_PER_NAME: usize = 2;
@@ -45,47 +43,6 @@ const MAX_INDEXED_FILES: usize = 1 << 20;
 /// The regular files of a stack by file name (every layer's, visible or
 /// not; callers check visibility).
 pub(super) type NameIndex = HashMap<Box<[u8]>, Vec<Found>>;
-
-/// A string of a program that may name a data file: an absolute path, or a
-/// file name with an extension (`postgres.bki`, `pg_hba.conf.sample`), not a
-/// shared library's.
-fn is_file_name(s: &[u8]) -> bool {
-    let plain = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'+');
-    if s.first() == Some(&b'/') {
-        return (6..=128).contains(&s.len())
-            && s.iter().all(|b| plain(b) || *b == b'/')
-            && !s.windows(2).any(|w| w == b"//" || w == b"/.")
-            && s.last() != Some(&b'/');
-    }
-    if !(5..=64).contains(&s.len()) || !s.iter().all(plain) || !s[0].is_ascii_alphanumeric() {
-        return false;
-    }
-    let Some(dot) = s.iter().rposition(|&b| b == b'.') else {
-        return false;
-    };
-    let extension = &s[dot + 1..];
-    let library = s.windows(4).any(|w| w == b".so.") || s.ends_with(b".so");
-    dot > 0
-        && (1..=8).contains(&extension.len())
-        && extension.iter().all(u8::is_ascii_alphanumeric)
-        && extension.iter().any(u8::is_ascii_alphabetic)
-        && !library
-}
-
-/// The distinct strings of `data` (NUL-separated) that may name data files,
-/// in order, at most [`MAX_NAMES`].
-pub(super) fn file_names(data: &[u8]) -> Vec<&[u8]> {
-    let mut out: Vec<&[u8]> = Vec::new();
-    for s in data.split(|&b| b == 0) {
-        if out.len() >= MAX_NAMES {
-            break;
-        }
-        if is_file_name(s) && !out.contains(&s) {
-            out.push(s);
-        }
-    }
-    out
-}
 
 impl LibraryStack {
     /// Fetches the small files the read-only data of program `found` (parsed
@@ -212,41 +169,5 @@ impl LibraryStack {
             }
             index
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_of_data_files() {
-        let data = b"\0postgres.bki\0%s/%s\0pg_hba.conf.sample\0libpq.so.5\0libc.so\0\
-            /etc/ssl/openssl.cnf\0could not open file \"%s\"\0x.y\0.hidden.conf\0\
-            postgres.bki\0v1.2.3\0/usr/../etc/passwd\0/tmp/\0information_schema.sql";
-        let names: Vec<&str> = file_names(data)
-            .into_iter()
-            .map(|n| std::str::from_utf8(n).unwrap())
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "postgres.bki",
-                "pg_hba.conf.sample",
-                "/etc/ssl/openssl.cnf",
-                "information_schema.sql"
-            ]
-        );
-    }
-
-    #[test]
-    fn names_are_bounded() {
-        let mut data = Vec::new();
-        for i in 0..10_000 {
-            data.extend(format!("file{i}.dat\0").as_bytes());
-        }
-        assert_eq!(file_names(&data).len(), MAX_NAMES);
-        assert!(file_names(&[0xff; 1000]).is_empty());
-        assert!(file_names(b"").is_empty());
     }
 }
