@@ -14,8 +14,8 @@
 //!   nowhere, a window that doubles (up to [`FetchConfig::max_readahead_bytes`])
 //!   while a file is read sequentially (of the preceding chunks, in a request
 //!   of its own, while its misses move backward: [`ReadAhead`]); past the end
-//!   of the file being read,
-//!   a miss also fetches likely next files speculatively, bounded in bytes
+//!   of the file being read, a miss also fetches likely next files
+//!   speculatively, bounded in bytes
 //!   ([`speculate`]: the small files that follow in blob order, and the small
 //!   files of a library or module directory), and counts how much of that was
 //!   used;

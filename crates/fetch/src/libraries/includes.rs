@@ -262,6 +262,10 @@ impl LibraryStack {
         else {
             return;
         };
+        // Checked before the programs are marked examined below.
+        let Some(fetcher) = self.fetcher(0) else {
+            return;
+        };
         let in_path = |tool: &str| {
             vec![
                 format!("{dir}/{tool}"),
@@ -306,9 +310,6 @@ impl LibraryStack {
         .filter(|found| self.small(*found))
         .collect();
         let archive = self.resolve(&format!("{dir}/libgcc.a"));
-        let Some(fetcher) = self.fetcher(0) else {
-            return;
-        };
         tracing::debug!(
             driver = path,
             programs = programs.len(),

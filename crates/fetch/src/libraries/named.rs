@@ -36,9 +36,10 @@ const MAX_SCAN_BYTES: u64 = 4 << 20;
 /// Files one name may match and still be fetched.
 const MAX_FILES_PER_NAME: usize = 2;
 
-/// Files of a stack indexed by name, at most (a bound on memory; an image
-/// with more is left unindexed).
-const MAX_INDEXED_FILES: usize = 1 << 20;
+/// Files of a stack indexed by name, at most: a bound on memory and on the
+/// time the index takes to build on a runtime thread (tens of
+/// milliseconds at this size); an image with more is left unindexed.
+const MAX_INDEXED_FILES: usize = 1 << 18;
 
 /// The regular files of a stack by file name (every layer's, visible or
 /// not; callers check visibility).
