@@ -612,8 +612,11 @@ impl LibraryStack {
 
     /// The modules Python module `data` (of `kind`, in `context`) imports
     /// that are small enough to fetch whole and not examined yet (marked
-    /// examined unless `last`), with their own kind and context. Directory
-    /// views are kept in `views` across a walk.
+    /// examined unless `last`), with their own kind and context; those its
+    /// module-level code imports first. A module only a function imports is
+    /// fetched, not scanned or marked (the function may never run: what it
+    /// imports in turn is left to its own read). Directory views are kept in
+    /// `views` across a walk.
     fn imported_modules(
         self: &Arc<Self>,
         views: &mut HashMap<String, DirView>,
@@ -621,10 +624,13 @@ impl LibraryStack {
         data: &Bytes,
         context: &ImportContext,
         last: bool,
-    ) -> Vec<(Found, (ModuleFile, ImportContext))> {
-        // (module, found in the module's own package).
-        let mut candidates: Vec<((Found, ModuleFile, ImportContext), bool)> = Vec::new();
-        for name in python::imported_names(kind, data) {
+    ) -> Vec<(Found, Option<(ModuleFile, ImportContext)>)> {
+        // (module, found in the module's own package, imported by a function).
+        let mut candidates: Vec<((Found, ModuleFile, ImportContext), bool, bool)> = Vec::new();
+        let mut imports = python::imported_names(kind, data);
+        // Stable: the module's own imports first, each group in its order.
+        imports.sort_by_key(|i| i.in_function);
+        for python::Import { name, in_function } in imports {
             let first = name.split('.').next().unwrap_or_default();
             for base in context.bases(&name) {
                 if views.len() >= MAX_PYTHON_DIRS && !views.contains_key(base) {
@@ -635,7 +641,9 @@ impl LibraryStack {
                     .entry(base.clone())
                     .or_insert_with(|| self.dir_view(base, root));
                 if let Some(&ext) = view.extensions.get(first).filter(|_| first == name) {
-                    if self.first_time(ext) {
+                    // An extension module and its libraries: only for an
+                    // import that happens.
+                    if !in_function && self.first_time(ext) {
                         if let Some(f) = self.fetcher(ext.0) {
                             let this = Arc::clone(self);
                             f.spawn(async move { this.examine(ext, None, 1).await });
@@ -656,32 +664,38 @@ impl LibraryStack {
                     };
                     // A large module is left to the interpreter's read, and
                     // examined then.
-                    if !self.small(found) || candidates.iter().any(|((f, ..), _)| *f == found) {
+                    if !self.small(found) || candidates.iter().any(|((f, ..), ..)| *f == found) {
                         continue;
                     }
                     if let Some(context) = ImportContext::of(path) {
-                        candidates.push(((found, kind, context), relative));
+                        candidates.push(((found, kind, context), relative, in_function));
                     }
                 }
             }
         }
         // Many names of a module's own package are a table of them (the codec
         // names of `encodings.aliases`), not imports.
-        if candidates.iter().filter(|(_, relative)| *relative).count() > MAX_RELATIVE_MODULES {
-            candidates.retain(|(_, relative)| !relative);
+        if candidates
+            .iter()
+            .filter(|(_, relative, _)| *relative)
+            .count()
+            > MAX_RELATIVE_MODULES
+        {
+            candidates.retain(|(_, relative, _)| !relative);
         }
         // Each module once (one the interpreter read first was examined then).
         candidates
             .into_iter()
-            .map(|(c, _)| c)
-            .filter(|(found, ..)| {
-                if last {
+            .filter(|((found, ..), _, in_function)| {
+                if last || *in_function {
                     !self.examined(*found)
                 } else {
                     self.first_time(*found)
                 }
             })
-            .map(|(found, kind, context)| (found, (kind, context)))
+            .map(|((found, kind, context), _, in_function)| {
+                (found, (!in_function).then_some((kind, context)))
+            })
             .collect()
     }
 

@@ -1790,16 +1790,57 @@ fn profile_pieces_group_blob_neighbours_and_go_in_read_order() {
     assert_eq!(schedule_pieces(&[9, 3], &all, 0, 1 << 20), vec![vec![3]]);
 }
 
-/// A compiled Python module naming `names` the way `marshal` stores them.
-fn pyc(names: &[&str]) -> Vec<u8> {
-    let mut v = vec![
-        0xa7, 0x0d, 0x0d, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xe3,
-    ];
-    for n in names {
-        v.extend([b'z' | 0x80, n.len() as u8]);
-        v.extend(n.as_bytes());
+/// A CPython 3.11 code object as `marshal` writes it: its code imports
+/// `imports` by name (`IMPORT_NAME`) and uses `attributes` (names that are
+/// not imported); `nested` (another code object) is among its constants.
+fn code_object(
+    function: bool,
+    imports: &[&str],
+    attributes: &[&str],
+    nested: Option<Vec<u8>>,
+) -> Vec<u8> {
+    const IMPORT_NAME: u8 = 108;
+    const LOAD_ATTR: u8 = 106;
+    let mut v = vec![b'c'];
+    // argcount, posonlyargcount, kwonlyargcount, stacksize, flags.
+    v.extend([0u8; 16]);
+    v.extend(if function { 3u32 } else { 0 }.to_le_bytes());
+    let code: Vec<u8> = (0..imports.len())
+        .map(|i| [IMPORT_NAME, i as u8])
+        .chain((0..attributes.len()).map(|i| [LOAD_ATTR, (imports.len() + i) as u8]))
+        .flatten()
+        .collect();
+    v.push(b's');
+    v.extend((code.len() as u32).to_le_bytes());
+    v.extend(code);
+    v.extend([b')', 1 + u8::from(nested.is_some()), b'N']);
+    v.extend(nested.unwrap_or_default());
+    v.extend([b')', (imports.len() + attributes.len()) as u8]);
+    for name in imports.iter().chain(attributes) {
+        v.extend([b'Z' | 0x80, name.len() as u8]);
+        v.extend(name.as_bytes());
     }
-    v.extend(pattern(2000, names.len() as u8));
+    // localsplusnames, localspluskinds, filename, name, qualname, first
+    // line, linetable, exceptiontable.
+    v.extend([
+        b')', 0, b')', 0, b')', 0, b')', 0, b')', 0, 1, 0, 0, 0, b'N', b'N',
+    ]);
+    v
+}
+
+/// A compiled Python 3.11 module importing `imports` at module level, and
+/// using `attributes` that are not imports.
+fn pyc(imports: &[&str], attributes: &[&str]) -> Vec<u8> {
+    pyc_with_function(imports, attributes, &[])
+}
+
+/// [`pyc`] with a function importing `function_imports` when called.
+fn pyc_with_function(imports: &[&str], attributes: &[&str], function_imports: &[&str]) -> Vec<u8> {
+    let function = code_object(true, function_imports, &[], None);
+    let mut v = vec![0xa7, 0x0d, 0x0d, 0x0a];
+    v.extend([0u8; 12]);
+    v.extend(code_object(false, imports, attributes, Some(function)));
+    v.extend(pattern(2000, imports.len() as u8));
     v
 }
 
@@ -1840,18 +1881,21 @@ async fn python_imports_are_fetched_ahead_of_the_interpreter() {
         ("pkg/__init__.py", b"from . import helper\n".to_vec()),
         (
             "pkg/__pycache__/__init__.cpython-311.pyc",
-            pyc(&["helper", "print"]),
+            pyc(&["helper"], &["print"]),
         ),
         ("pkg/helper.py", b"import deep\n".to_vec()),
-        ("pkg/__pycache__/helper.cpython-311.pyc", pyc(&["deep"])),
+        (
+            "pkg/__pycache__/helper.cpython-311.pyc",
+            pyc(&["deep"], &[]),
+        ),
         ("unrelated.py", b"x = 1\n".to_vec()),
-        ("__pycache__/unrelated.cpython-311.pyc", pyc(&[])),
+        ("__pycache__/unrelated.cpython-311.pyc", pyc(&[], &[])),
         ("deep.py", b"y = 2\n".to_vec()),
-        ("__pycache__/deep.cpython-311.pyc", pyc(&["z"])),
+        ("__pycache__/deep.cpython-311.pyc", pyc(&["z"], &[])),
         ("json/__init__.py", b"\n".to_vec()),
-        ("json/__pycache__/__init__.cpython-311.pyc", pyc(&[])),
+        ("json/__pycache__/__init__.cpython-311.pyc", pyc(&[], &[])),
         ("json/decoder.py", b"\n\n".to_vec()),
-        ("json/__pycache__/decoder.cpython-311.pyc", pyc(&[])),
+        ("json/__pycache__/decoder.cpython-311.pyc", pyc(&[], &[])),
     ]
     .into_iter()
     .enumerate()
@@ -1922,6 +1966,51 @@ async fn python_imports_are_fetched_ahead_of_the_interpreter() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compiled_module_has_what_its_code_imports_fetched_not_its_attributes() {
+    use crate::libraries::LibraryPrefetch;
+
+    let lib = "usr/lib/python3.11";
+    let compiled = |name: &str| format!("{lib}/__pycache__/{name}.cpython-311.pyc");
+    // `top` imports `a` at module level and `c` in a function, and uses an
+    // attribute named `b`; `a` imports `a2`, `c` imports `c2`.
+    // Each with its source beside it, as the interpreter wants.
+    let mut files = vec![(format!("{lib}/os.py"), b"import sys\n".to_vec())];
+    for (name, module) in [
+        ("top", pyc_with_function(&["a"], &["b"], &["c"])),
+        ("a", pyc(&["a2"], &[])),
+        ("a2", pyc(&[], &[])),
+        ("b", pyc(&[], &[])),
+        ("c", pyc(&["c2"], &[])),
+        ("c2", pyc(&[], &[])),
+    ] {
+        files.push((format!("{lib}/{name}.py"), name.as_bytes().to_vec()));
+        files.push((compiled(name), module));
+    }
+    let files = distinct_files(files);
+    let cached = |f: &Fetcher, path: &str| f.has_cached(id_of(f, path), 0, 1);
+    let shared = LibraryPrefetch::new(64 << 20);
+    let (f, _) = fetcher_for(&test_files(&files), exact_config());
+    let stack = single_layer_stack(&shared, b"python", &f);
+    let top = id_of(&f, &compiled("top"));
+    let head = f.read(top, 0, 4096).await.unwrap();
+    stack.file_start(top, &head);
+    wait_until(|| cached(&f, &compiled("a2")) && cached(&f, &compiled("c"))).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The module's import and what it imports; the function's import
+    // fetched, not scanned; the attribute not at all.
+    assert!(cached(&f, &compiled("a2")), "a2 fetched");
+    assert!(cached(&f, &compiled("c")), "c fetched");
+    assert!(!cached(&f, &compiled("c2")), "c2 left to c's own read");
+    assert!(!cached(&f, &compiled("b")), "an attribute is not an import");
+    // When the function runs and `c` is read, its own imports follow.
+    let c = id_of(&f, &compiled("c"));
+    let head = f.read(c, 0, 4096).await.unwrap();
+    stack.file_start(c, &head);
+    wait_until(|| cached(&f, &compiled("c2"))).await;
+    assert!(cached(&f, &compiled("c2")), "c2 fetched once c is read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_module_is_scanned_as_it_arrives_not_with_the_slowest_of_its_level() {
     use crate::libraries::LibraryPrefetch;
 
@@ -1978,17 +2067,17 @@ async fn a_python_interpreter_read_from_its_start_fetches_its_start_up_modules()
         ),
         (
             cached_in("encodings/", "__init__"),
-            pyc(&["codecs", "aliases"]),
+            pyc(&["codecs", "aliases"], &[]),
         ),
-        (cached_in("encodings/", "aliases"), pyc(&[])),
-        (cached_in("encodings/", "utf_8"), pyc(&["codecs"])),
-        (cached_in("encodings/", "cp1252"), pyc(&[])),
+        (cached_in("encodings/", "aliases"), pyc(&[], &[])),
+        (cached_in("encodings/", "utf_8"), pyc(&["codecs"], &[])),
+        (cached_in("encodings/", "cp1252"), pyc(&[], &[])),
         (format!("{lib}/sitecustomize.py"), b"\n".to_vec()),
-        (cached_in("", "sitecustomize"), pyc(&[])),
+        (cached_in("", "sitecustomize"), pyc(&[], &[])),
         (format!("{lib}/site.py"), b"\n\n".to_vec()),
         // Frozen into the interpreter since 3.11: never read from a file.
-        (cached_in("", "site"), pyc(&[])),
-        (cached_in("", "unrelated"), pyc(&[])),
+        (cached_in("", "site"), pyc(&[], &[])),
+        (cached_in("", "unrelated"), pyc(&[], &[])),
     ]);
     let cached = |f: &Fetcher, path: &str| f.has_cached(id_of(f, path), 0, 1);
     let shared = LibraryPrefetch::new(64 << 20);

@@ -6,17 +6,16 @@
 //! An unprofiled Python start blocks once per module it imports, one after
 //! another: the interpreter reads a module, runs it, and only then reads what
 //! it imports. The names it will import are in the module already: a compiled
-//! module keeps every name its code uses as a short string of the `marshal`
-//! format (imported module names among them), a source module spells them in
-//! `import` and `from` statements. Fetching the files those names resolve to
-//! as soon as a module is read makes an import tree cost about as many round
-//! trips as it is deep.
+//! module's code imports them by name (`bytecode` decodes it), a source
+//! module spells them in `import` and `from` statements. Fetching the files
+//! those names resolve to as soon as a module is read makes an import tree
+//! cost about as many round trips as it is deep.
 //!
-//! No bytecode is decoded: every short identifier-like string of a compiled
-//! module is a candidate, and only candidates that name a module file present
-//! in the image are fetched (attribute names that happen to match a module's
-//! cost a small file). The scan is a single bounded pass over bytes that may be
-//! anything: hostile input yields at worst useless candidates.
+//! Each scan is a single bounded pass over bytes that may be anything:
+//! hostile input yields at worst useless names, and only names that resolve
+//! to a module file present in the image are fetched.
+
+mod bytecode;
 
 /// Candidate names taken from one module.
 pub const MAX_NAMES: usize = 256;
@@ -194,78 +193,133 @@ fn is_identifier(s: &str) -> bool {
 }
 
 /// Whether `s` is a dotted name worth looking up: identifiers joined by dots,
-/// not a dunder (`__name__`, `__init__`), not too long.
-fn is_module_name(s: &str) -> bool {
+/// not too long, and (for a name that is not known to be imported, `strict`)
+/// not a dunder (`__name__`, `__init__`).
+fn is_module_name(s: &str, strict: bool) -> bool {
     s.len() <= MAX_NAME_LEN
-        && !(s.starts_with("__") && s.ends_with("__"))
+        && !(strict && s.starts_with("__") && s.ends_with("__"))
         && s.split('.').all(is_identifier)
 }
 
-/// The candidate module names of a module whose bytes begin with `data`
-/// (distinct, in order of appearance, at most [`MAX_NAMES`]).
-pub fn imported_names(kind: ModuleFile, data: &[u8]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut push = |name: &str| {
-        if out.len() < MAX_NAMES && is_module_name(name) && !out.iter().any(|n| n == name) {
-            out.push(name.to_owned());
+/// A module a module imports, as far as its bytes tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Import {
+    /// The dotted name (a relative import's without its leading dots).
+    pub name: String,
+    /// Imported by a function, when it is called (perhaps never), not when
+    /// the module itself is imported.
+    pub in_function: bool,
+}
+
+/// The modules a module whose bytes begin with `data` imports (distinct, in
+/// order of appearance, at most [`MAX_NAMES`]).
+///
+/// A compiled module's code is decoded for its imports (`bytecode`); when
+/// that fails (a version this scan does not know, bytes cut short) every
+/// short identifier-like string is taken as a candidate instead. A source
+/// module's `import` and `from` statements are read, those indented under a
+/// `def` taken as a function's.
+pub fn imported_names(kind: ModuleFile, data: &[u8]) -> Vec<Import> {
+    let mut out: Vec<Import> = Vec::new();
+    let mut push = |name: &str, in_function: bool, strict: bool| {
+        if !is_module_name(name, strict) {
+            return;
+        }
+        if let Some(seen) = out.iter_mut().find(|i| i.name == name) {
+            // Imported at import time somewhere: that is when it is read.
+            seen.in_function &= in_function;
+        } else if out.len() < MAX_NAMES {
+            out.push(Import {
+                name: name.to_owned(),
+                in_function,
+            });
         }
     };
     match kind {
-        ModuleFile::Compiled => {
-            let mut i = 0;
-            while i + 1 < data.len() {
-                if SHORT_ASCII.contains(&data[i]) {
-                    let len = usize::from(data[i + 1]);
-                    let start = i + 2;
-                    if len > 0 && start + len <= data.len() {
-                        if let Ok(s) = std::str::from_utf8(&data[start..start + len]) {
-                            if is_module_name(s) {
-                                push(s);
-                                i = start + len;
-                                continue;
-                            }
-                        }
+        ModuleFile::Compiled => match bytecode::code_imports(data) {
+            Some(imports) => {
+                for import in imports {
+                    push(&import.name, import.in_function, false);
+                }
+            }
+            None => identifier_scan(data, |name| push(name, false, true)),
+        },
+        ModuleFile::Source => source_scan(data, push),
+    }
+    out
+}
+
+/// Every short ASCII string of `marshal` data that is identifier-like.
+fn identifier_scan(data: &[u8], mut push: impl FnMut(&str)) {
+    let mut i = 0;
+    while i + 1 < data.len() {
+        if SHORT_ASCII.contains(&data[i]) {
+            let len = usize::from(data[i + 1]);
+            let start = i + 2;
+            if len > 0 && start + len <= data.len() {
+                if let Ok(s) = std::str::from_utf8(&data[start..start + len]) {
+                    if is_module_name(s, true) {
+                        push(s);
+                        i = start + len;
+                        continue;
                     }
                 }
-                i += 1;
             }
         }
-        ModuleFile::Source => {
-            let text = String::from_utf8_lossy(data);
-            for line in text.lines().take(MAX_SOURCE_LINES) {
-                let line = line.trim_start();
-                if let Some(rest) = line.strip_prefix("import ") {
-                    for item in rest.split(',') {
-                        if let Some(name) = item.split_whitespace().next() {
-                            push(name);
-                        }
-                    }
-                } else if let Some(rest) = line.strip_prefix("from ") {
-                    let mut words = rest.split_whitespace();
-                    let (Some(module), Some("import")) = (words.next(), words.next()) else {
-                        continue;
-                    };
-                    let module = module.trim_start_matches('.');
-                    if !module.is_empty() {
-                        push(module);
-                    }
-                    // `from package import module` imports a module too.
-                    for item in words.collect::<Vec<_>>().join(" ").split(',') {
-                        let item =
-                            item.trim_matches(|c: char| c == '(' || c == ')' || c.is_whitespace());
-                        if let Some(name) = item.split_whitespace().next() {
-                            if module.is_empty() {
-                                push(name);
-                            } else {
-                                push(&format!("{module}.{name}"));
-                            }
-                        }
+        i += 1;
+    }
+}
+
+/// The `import` and `from` statements of source `data`, each with whether it
+/// lies in a function (indented under a `def`, by the indentation of the
+/// lines before it).
+fn source_scan(data: &[u8], mut push: impl FnMut(&str, bool, bool)) {
+    let text = String::from_utf8_lossy(data);
+    // Open `def` and `class` blocks: (indentation, is a function).
+    let mut blocks: Vec<(usize, bool)> = Vec::new();
+    for line in text.lines().take(MAX_SOURCE_LINES) {
+        let body = line.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - body.len();
+        while blocks.last().is_some_and(|&(i, _)| i >= indent) {
+            blocks.pop();
+        }
+        let in_function = blocks.iter().any(|&(_, f)| f);
+        if body.starts_with("def ") || body.starts_with("async def ") {
+            blocks.push((indent, true));
+        } else if body.starts_with("class ") {
+            blocks.push((indent, false));
+        }
+        if let Some(rest) = body.strip_prefix("import ") {
+            for item in rest.split(',') {
+                if let Some(name) = item.split_whitespace().next() {
+                    push(name, in_function, true);
+                }
+            }
+        } else if let Some(rest) = body.strip_prefix("from ") {
+            let mut words = rest.split_whitespace();
+            let (Some(module), Some("import")) = (words.next(), words.next()) else {
+                continue;
+            };
+            let module = module.trim_start_matches('.');
+            if !module.is_empty() {
+                push(module, in_function, true);
+            }
+            // `from package import module` imports a module too.
+            for item in words.collect::<Vec<_>>().join(" ").split(',') {
+                let item = item.trim_matches(|c: char| c == '(' || c == ')' || c.is_whitespace());
+                if let Some(name) = item.split_whitespace().next() {
+                    if module.is_empty() {
+                        push(name, in_function, true);
+                    } else {
+                        push(&format!("{module}.{name}"), in_function, true);
                     }
                 }
             }
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -278,8 +332,12 @@ mod tests {
         v
     }
 
+    fn names(imports: &[Import]) -> Vec<&str> {
+        imports.iter().map(|i| i.name.as_str()).collect()
+    }
+
     #[test]
-    fn compiled_modules_name_their_imports_in_short_strings() {
+    fn compiled_modules_of_an_unknown_version_name_their_imports_in_short_strings() {
         let mut pyc = vec![0xa7, 0x0d, 0x0d, 0x0a, 0, 0, 0, 0];
         pyc.extend(short("json"));
         pyc.push(b')');
@@ -289,8 +347,9 @@ mod tests {
         pyc.extend([b'Z', 4]);
         pyc.extend(b"json"); // a repeat
         pyc.extend([b'Z', 200, b'x']); // longer than the data
-        let names = imported_names(ModuleFile::Compiled, &pyc);
-        assert_eq!(names, ["json", "email.mime"]);
+        let imports = imported_names(ModuleFile::Compiled, &pyc);
+        assert_eq!(names(&imports), ["json", "email.mime"]);
+        assert!(imports.iter().all(|i| !i.in_function));
         // Anything at all: bounded, never a panic.
         let noise: Vec<u8> = (0..100_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -301,6 +360,84 @@ mod tests {
     }
 
     #[test]
+    fn compiled_modules_of_a_known_version_name_only_what_their_code_imports() {
+        let mut pyc = bytecode::tests::Pyc::new(3495);
+        let (name, from, _) = pyc.ops();
+        pyc.code(
+            false,
+            &[(name, 0), (name, 1), (from, 2), (1, 3)],
+            &["__future__", "json", "decoder", "copy"],
+            |pyc| {
+                pyc.code(
+                    true,
+                    &[(name, 0), (name, 1)],
+                    &["json", "subprocess"],
+                    |_| {},
+                );
+            },
+        );
+        let imports = imported_names(ModuleFile::Compiled, &pyc.bytes);
+        assert_eq!(
+            imports,
+            [
+                Import {
+                    name: "__future__".into(),
+                    in_function: false
+                },
+                Import {
+                    name: "json".into(),
+                    in_function: false
+                },
+                Import {
+                    name: "json.decoder".into(),
+                    in_function: false
+                },
+                Import {
+                    name: "subprocess".into(),
+                    in_function: true
+                },
+            ]
+        );
+    }
+
+    /// A real module compiled by CPython 3.11 (`testdata/imports.py`):
+    /// what the decoder finds is what `dis` shows.
+    #[test]
+    fn a_module_compiled_by_cpython_names_its_imports() {
+        let pyc = include_bytes!("../testdata/imports.cpython-311.pyc");
+        let imports = imported_names(ModuleFile::Compiled, pyc);
+        let at_import: Vec<&str> = imports
+            .iter()
+            .filter(|i| !i.in_function)
+            .map(|i| i.name.as_str())
+            .collect();
+        let in_functions: Vec<&str> = imports
+            .iter()
+            .filter(|i| i.in_function)
+            .map(|i| i.name.as_str())
+            .collect();
+        assert_eq!(
+            at_import,
+            [
+                "__future__",
+                "__future__.annotations",
+                "os",
+                "email.mime.text",
+                "collections",
+                "collections.abc",
+                "sibling",
+                "json.decoder",
+                "decimal",
+                "decimal.Decimal",
+            ]
+        );
+        assert_eq!(
+            in_functions,
+            ["subprocess", "xml.etree", "xml.etree.ElementTree"]
+        );
+    }
+
+    #[test]
     fn source_modules_name_their_imports_in_statements() {
         let src = b"import os, sys as system\n\
             from json import decoder\n\
@@ -308,9 +445,20 @@ mod tests {
             from .pkg import (a, b)\n\
             \tfrom xml.etree import ElementTree as ET\n\
             x = 'import nothing'\n\
-            from broken\n";
+            from broken\n\
+            class C:\n\
+            \x20   import csv\n\
+            \x20   def f(self):\n\
+            \x20       import subprocess\n\
+            \x20   import glob\n\
+            async def g():\n\
+            \x20   # a comment\n\
+            \n\
+            \x20   from email import parser\n\
+            import gzip\n";
+        let imports = imported_names(ModuleFile::Source, src);
         assert_eq!(
-            imported_names(ModuleFile::Source, src),
+            names(&imports),
             [
                 "os",
                 "sys",
@@ -321,16 +469,28 @@ mod tests {
                 "pkg.a",
                 "pkg.b",
                 "xml.etree",
-                "xml.etree.ElementTree"
+                "xml.etree.ElementTree",
+                "csv",
+                "subprocess",
+                "glob",
+                "email",
+                "email.parser",
+                "gzip",
             ]
         );
+        let in_function: Vec<&str> = imports
+            .iter()
+            .filter(|i| i.in_function)
+            .map(|i| i.name.as_str())
+            .collect();
+        assert_eq!(in_function, ["subprocess", "email", "email.parser"]);
     }
 
     #[test]
     fn start_up_modules_are_files_only_where_the_version_does_not_freeze_them() {
         let names = |v| imported_names(ModuleFile::Source, startup_imports(v).as_bytes());
         for v in VERSIONS {
-            let names = names(v);
+            let names: Vec<String> = names(v).into_iter().map(|i| i.name).collect();
             assert!(names.iter().any(|n| n == "encodings.utf_8"), "3.{v}");
             assert!(names.iter().any(|n| n == "sitecustomize"), "3.{v}");
             assert_eq!(names.iter().any(|n| n == "site"), v < 11, "3.{v}");

@@ -142,7 +142,12 @@ impl LibraryStack {
                 MAX_INCLUDE_DEPTH,
                 INCLUDE_SCAN_BYTES,
                 guess,
-                |file, data, last| self.included_headers(file, data, last),
+                |file, data, last| {
+                    self.included_headers(file, data, last)
+                        .into_iter()
+                        .map(|(found, file)| (found, Some(file)))
+                        .collect()
+                },
             )
             .await;
         tracing::debug!(

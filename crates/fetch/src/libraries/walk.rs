@@ -60,10 +60,10 @@ pub(super) struct Walked {
 impl LibraryStack {
     /// Walks from `root` (a file read, its kind `T` and first bytes) up to
     /// `max_depth` levels ahead: `names(item, bytes, last)` returns the files
-    /// a scanned file names, each with its own item, and marks them examined
-    /// (`last`: they are the deepest level, fetched and not scanned, and
-    /// should be left unmarked so their reader walks on). At most
-    /// `scan_bytes` of a file are scanned.
+    /// a scanned file names, each with its own item (`None`: fetch it, do not
+    /// scan it), and marks them examined (`last`: they are the deepest level,
+    /// fetched and not scanned, and should be left unmarked so their reader
+    /// walks on). At most `scan_bytes` of a file are scanned.
     pub(super) async fn walk<T, N>(
         self: &Arc<Self>,
         root: (T, Bytes),
@@ -73,7 +73,7 @@ impl LibraryStack {
         mut names: N,
     ) -> Walked
     where
-        N: FnMut(&T, &Bytes, bool) -> Vec<(Found, T)>,
+        N: FnMut(&T, &Bytes, bool) -> Vec<(Found, Option<T>)>,
     {
         let progress = Notify::new();
         let mut fetching = FuturesUnordered::new();
@@ -96,7 +96,11 @@ impl LibraryStack {
                 walked.fetched += named.len();
                 named_now.push(self.whole_files_by_layer(named.iter().map(|(f, _)| *f)));
                 if !last {
-                    waiting.extend(named.into_iter().map(|(f, item)| (f, item, depth + 1)));
+                    waiting.extend(
+                        named
+                            .into_iter()
+                            .filter_map(|(f, item)| Some((f, item?, depth + 1))),
+                    );
                 }
             }
             // Reversed: what the first file scanned named is popped first.
