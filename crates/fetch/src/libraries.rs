@@ -368,7 +368,7 @@ pub struct LibraryStack {
     include_spent: AtomicU64,
     named_spent: AtomicU64,
     search_path: std::sync::OnceLock<includes::SearchPath>,
-    names: std::sync::OnceLock<named::NameIndex>,
+    names: tokio::sync::OnceCell<Arc<named::NameIndex>>,
 }
 
 impl LibraryPrefetch {
@@ -440,7 +440,7 @@ impl LibraryStack {
             include_spent: AtomicU64::new(0),
             named_spent: AtomicU64::new(0),
             search_path: std::sync::OnceLock::new(),
-            names: std::sync::OnceLock::new(),
+            names: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -1078,11 +1078,9 @@ impl LibraryStack {
                 let text = &head[..head.len().min(MAX_SCRIPT_BYTES)];
                 words.script(&String::from_utf8_lossy(text));
                 script_programs = words.programs;
-                computed = words
-                    .computed
-                    .iter()
-                    .flat_map(|name| self.programs_named(name))
-                    .collect();
+                for name in &words.computed {
+                    computed.extend(self.programs_named(name).await);
+                }
             }
         }
         Err("too many #! interpreters")
@@ -1091,10 +1089,11 @@ impl LibraryStack {
     /// The programs named `name` anywhere in the stack (executable regular
     /// files, not hidden by an upper layer): none when more than
     /// [`MAX_PROGRAMS_NAMED`] are, as the name says too little then.
-    fn programs_named(&self, name: &str) -> Vec<Found> {
+    async fn programs_named(&self, name: &str) -> Vec<Found> {
         self.visible_files_named(name.as_bytes(), MAX_PROGRAMS_NAMED, |entry| {
             entry.mode() & 0o111 != 0
         })
+        .await
     }
 
     /// The regular file `execvp` runs for `program`: a name with a slash is

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use zest_format::elf::{file_names, ElfFile};
-use zest_format::{EntryKind, EntryRef};
+use zest_format::{EntryKind, EntryRef, LayerIndex};
 
 use super::{Found, LibraryStack};
 
@@ -37,8 +37,8 @@ const MAX_SCAN_BYTES: u64 = 4 << 20;
 const MAX_FILES_PER_NAME: usize = 2;
 
 /// Files of a stack indexed by name, at most: a bound on memory and on the
-/// time the index takes to build on a runtime thread (tens of
-/// milliseconds at this size); an image with more is left unindexed.
+/// time the index takes to build (tens of milliseconds at this size, on a
+/// blocking-pool thread); an image with more is left unindexed.
 const MAX_INDEXED_FILES: usize = 1 << 18;
 
 /// The regular files of a stack by file name (every layer's, visible or
@@ -79,7 +79,7 @@ impl LibraryStack {
                 continue;
             };
             for name in file_names(&data) {
-                for file in self.files_named(name) {
+                for file in self.files_named(name).await {
                     if self.small(file) && !found.contains(&file) {
                         found.push(file);
                     }
@@ -105,7 +105,7 @@ impl LibraryStack {
     /// The visible regular files `name` names: an absolute path's file, or
     /// the files of that file name anywhere in the stack (none when more
     /// than [`MAX_FILES_PER_NAME`] are).
-    fn files_named(&self, name: &[u8]) -> Vec<Found> {
+    async fn files_named(&self, name: &[u8]) -> Vec<Found> {
         if name.first() == Some(&b'/') {
             let Ok(path) = std::str::from_utf8(name) else {
                 return Vec::new();
@@ -113,17 +113,19 @@ impl LibraryStack {
             return self.resolve(path).into_iter().collect();
         }
         self.visible_files_named(name, MAX_FILES_PER_NAME, |_| true)
+            .await
     }
 
     /// The regular files of file name `name` in the stack that `keep` keeps
     /// and no upper layer hides: none when more than `max` are.
-    pub(super) fn visible_files_named(
+    pub(super) async fn visible_files_named(
         &self,
         name: &[u8],
         max: usize,
         keep: impl Fn(&EntryRef<'_>) -> bool,
     ) -> Vec<Found> {
-        let Some(files) = self.name_index().get(name) else {
+        let index = self.name_index().await;
+        let Some(files) = index.get(name) else {
             return Vec::new();
         };
         let mut found = Vec::new();
@@ -143,32 +145,52 @@ impl LibraryStack {
         found
     }
 
-    /// The stack's files by file name, built once.
-    fn name_index(&self) -> &NameIndex {
-        self.names.get_or_init(|| {
-            let mut index = NameIndex::new();
-            let mut files = 0usize;
-            for (pos, layer) in self.layers.iter().enumerate() {
-                let Some(fetcher) = layer.fetcher.upgrade() else {
-                    continue;
-                };
-                let layer_index = fetcher.index();
-                for id in layer_index.files_in_blob_order() {
-                    let entry = layer_index.entry(id);
-                    if entry.kind() != EntryKind::Reg {
-                        continue;
-                    }
-                    files += 1;
-                    if files > MAX_INDEXED_FILES {
-                        return NameIndex::new();
-                    }
-                    index
-                        .entry(entry.name().into())
-                        .or_default()
-                        .push((pos, id));
-                }
+    /// The stack's files by file name, built once, off the runtime's
+    /// threads (a walk over every file of every layer): callers wait for it
+    /// without holding up the reads the runtime serves.
+    async fn name_index(&self) -> Arc<NameIndex> {
+        let index = self
+            .names
+            .get_or_init(|| async {
+                let layers: Vec<(usize, Arc<LayerIndex>)> = self
+                    .layers
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(pos, layer)| {
+                        Some((pos, Arc::clone(layer.fetcher.upgrade()?.index())))
+                    })
+                    .collect();
+                tokio::task::spawn_blocking(move || build_name_index(&layers))
+                    .await
+                    .map(Arc::new)
+                    // The build panicked: no index, no lookups by name.
+                    .unwrap_or_default()
+            })
+            .await;
+        Arc::clone(index)
+    }
+}
+
+/// The regular files of `layers` (each with its position in the stack) by
+/// file name: empty when they hold more than [`MAX_INDEXED_FILES`].
+fn build_name_index(layers: &[(usize, Arc<LayerIndex>)]) -> NameIndex {
+    let mut index = NameIndex::new();
+    let mut files = 0usize;
+    for (pos, layer_index) in layers {
+        for id in layer_index.files_in_blob_order() {
+            let entry = layer_index.entry(id);
+            if entry.kind() != EntryKind::Reg {
+                continue;
+            }
+            files += 1;
+            if files > MAX_INDEXED_FILES {
+                return NameIndex::new();
             }
             index
-        })
+                .entry(entry.name().into())
+                .or_default()
+                .push((*pos, id));
+        }
     }
+    index
 }
