@@ -31,6 +31,10 @@ const FLAG_REF: u8 = 0x80;
 /// module's code and class bodies.
 const CO_NEWLOCALS: u32 = 0x2;
 
+/// Import instructions taken from one module, at most (a real module has a
+/// few hundred; the bound keeps hostile code from making millions of names).
+const MAX_IMPORTS: usize = 4096;
+
 /// One import a compiled module's code performs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct CodeImport {
@@ -117,6 +121,7 @@ pub(super) fn code_imports(data: &[u8]) -> Option<Vec<CodeImport>> {
         refs: Vec::new(),
         tuples: Vec::new(),
         codes: 0,
+        imports: 0,
         found: Vec::new(),
     };
     reader.object(0)?;
@@ -149,6 +154,8 @@ struct Reader<'a> {
     tuples: Vec<Vec<Option<Range<usize>>>>,
     /// Code objects begun so far.
     codes: usize,
+    /// Imports found so far.
+    imports: usize,
     /// Imports of each code object, with its pre-order number.
     found: Vec<(usize, Vec<CodeImport>)>,
 }
@@ -292,6 +299,7 @@ impl Reader<'_> {
         }
         let imports = self.decode(code, names, flags & CO_NEWLOCALS != 0);
         if !imports.is_empty() {
+            self.imports += imports.len();
             self.found.push((order, imports));
         }
         Some(Value::Other)
@@ -300,14 +308,21 @@ impl Reader<'_> {
     /// The imports of the instructions `code` (two bytes each: an opcode and
     /// its argument's low byte, `EXTENDED_ARG`s giving the higher ones).
     fn decode(&self, code: Range<usize>, names: usize, in_function: bool) -> Vec<CodeImport> {
+        // Longer names are no module's: never copied or joined.
         let name_at = |index: u32| -> Option<&str> {
             let range = self.tuples[names].get(index as usize)?.clone()?;
+            if range.len() > super::MAX_NAME_LEN {
+                return None;
+            }
             std::str::from_utf8(&self.data[range]).ok()
         };
         let mut imports = Vec::new();
         let mut package: Option<&str> = None;
         let mut extended = 0u32;
         for instruction in self.data[code].chunks_exact(2) {
+            if self.imports + imports.len() >= MAX_IMPORTS {
+                break;
+            }
             let (op, arg) = (instruction[0], u32::from(instruction[1]));
             if op == self.layout.extended_arg {
                 extended = (extended | arg) << 8;
@@ -508,6 +523,16 @@ pub(super) mod tests {
         let mut deep = pyc.bytes[..16].to_vec();
         deep.extend(std::iter::repeat_n([b')', 1], 10_000).flatten());
         assert_eq!(code_imports(&deep), None);
+        // A name longer than any module's is not taken; a flood of imports
+        // is cut at the bound.
+        let mut pyc = Pyc::new(3495);
+        let long = "a".repeat(200);
+        pyc.code(false, &[(name, 0), (name, 1)], &[&long, "os"], |_| {});
+        let imports = code_imports(&pyc.bytes).unwrap();
+        assert_eq!(names(&imports), [("os", false)]);
+        let mut pyc = Pyc::new(3495);
+        pyc.code(false, &vec![(name, 0); 10_000], &["os"], |_| {});
+        assert_eq!(code_imports(&pyc.bytes).unwrap().len(), MAX_IMPORTS);
         // An index past the names: nothing taken, no panic.
         let mut pyc = Pyc::new(3495);
         pyc.code(false, &[(name, 7)], &["os"], |_| {});
