@@ -105,8 +105,9 @@ impl Layout {
     }
 }
 
-/// The imports of the compiled module `data` (a whole pyc file), the module's
-/// own code and class bodies first, in the order they appear; `None` when the
+/// The imports of the compiled module `data` (a whole pyc file): the
+/// module's own code's first, then those of the code objects it holds
+/// (classes' bodies, functions) in the order they appear; `None` when the
 /// data is not a complete pyc of a known version.
 pub(super) fn code_imports(data: &[u8]) -> Option<Vec<CodeImport>> {
     let magic = u16::from_le_bytes([*data.first()?, *data.get(1)?]);
