@@ -516,15 +516,17 @@ impl LibraryStack {
             return;
         };
         let path = format!("/{}", fetcher.index().entry(found.1).path());
-        let context = match ImportContext::of(&path) {
-            Some(c) => c,
+        // A start script's functions are its program (`main()`): their
+        // imports happen, and are walked like the module's own.
+        let (context, script) = match ImportContext::of(&path) {
+            Some(c) => (c, false),
             None if kind == ModuleFile::Source => match self.script_context(&path) {
-                Some(c) => c,
+                Some(c) => (c, true),
                 None => return,
             },
             None => return,
         };
-        self.walk_imports(&path, kind, context, data).await;
+        self.walk_imports(&path, kind, context, script, data).await;
     }
 
     /// What the interpreter at `path` (a Python 3 program, by its name)
@@ -571,18 +573,20 @@ impl LibraryStack {
         let this = Arc::clone(self);
         let imports = Bytes::from(python::startup_imports(version));
         fetcher.spawn(async move {
-            this.walk_imports(&library, ModuleFile::Source, context, imports)
+            this.walk_imports(&library, ModuleFile::Source, context, false, imports)
                 .await;
         });
     }
 
     /// Walks the imports of module `data` (of `kind`, in `context`; shown
-    /// as `path`): see [`LibraryStack::examine_module`].
+    /// as `path`; its functions' imports walked too when it is a `script`):
+    /// see [`LibraryStack::examine_module`].
     async fn walk_imports(
         self: &Arc<Self>,
         path: &str,
         kind: ModuleFile,
         context: ImportContext,
+        script: bool,
         data: Bytes,
     ) {
         let mut views: HashMap<String, DirView> = HashMap::new();
@@ -593,12 +597,15 @@ impl LibraryStack {
         };
         let walked = self
             .walk(
-                ((kind, context), data),
+                ((kind, context, script), data),
                 MAX_PYTHON_DEPTH,
                 PYTHON_SCAN_BYTES,
                 guess,
-                |(kind, context), data, last| {
-                    self.imported_modules(&mut views, *kind, data, context, last)
+                |(kind, context, script), data, last| {
+                    self.imported_modules(&mut views, *kind, data, context, *script, last)
+                        .into_iter()
+                        .map(|(found, item)| (found, item.map(|(k, c)| (k, c, false))))
+                        .collect()
                 },
             )
             .await;
@@ -615,19 +622,25 @@ impl LibraryStack {
     /// examined unless `last`), with their own kind and context; those its
     /// module-level code imports first. A module only a function imports is
     /// fetched, not scanned or marked (the function may never run: what it
-    /// imports in turn is left to its own read). Directory views are kept in
-    /// `views` across a walk.
+    /// imports in turn is left to its own read), unless `functions_run` (a
+    /// start script's). Directory views are kept in `views` across a walk.
     fn imported_modules(
         self: &Arc<Self>,
         views: &mut HashMap<String, DirView>,
         kind: ModuleFile,
         data: &Bytes,
         context: &ImportContext,
+        functions_run: bool,
         last: bool,
     ) -> Vec<(Found, Option<(ModuleFile, ImportContext)>)> {
         // (module, found in the module's own package, imported by a function).
         let mut candidates: Vec<((Found, ModuleFile, ImportContext), bool, bool)> = Vec::new();
         let mut imports = python::imported_names(kind, data);
+        if functions_run {
+            for import in &mut imports {
+                import.in_function = false;
+            }
+        }
         // Stable: the module's own imports first, each group in its order.
         imports.sort_by_key(|i| i.in_function);
         for python::Import { name, in_function } in imports {
