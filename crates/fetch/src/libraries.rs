@@ -177,6 +177,10 @@ const MAX_PYTHON_BYTES: u64 = 16 << 20;
 /// fetching modules it never imports for half a second after it was done).
 const MAX_PYTHON_DEPTH: u32 = 3;
 
+/// A module an import walk scans: its kind, where its imports are looked
+/// for, and whether it is a start script (whose functions' imports run).
+type ModuleWalked = (ModuleFile, ImportContext, bool);
+
 /// Bytes of a Python module scanned for its imports.
 const PYTHON_SCAN_BYTES: u64 = 256 << 10;
 
@@ -603,9 +607,6 @@ impl LibraryStack {
                 guess,
                 |(kind, context, script), data, last| {
                     self.imported_modules(&mut views, *kind, data, context, *script, last)
-                        .into_iter()
-                        .map(|(found, item)| (found, item.map(|(k, c)| (k, c, false))))
-                        .collect()
                 },
             )
             .await;
@@ -632,7 +633,7 @@ impl LibraryStack {
         context: &ImportContext,
         functions_run: bool,
         last: bool,
-    ) -> Vec<(Found, Option<(ModuleFile, ImportContext)>)> {
+    ) -> Vec<(Found, Option<ModuleWalked>)> {
         // (module, found in the module's own package, imported by a function).
         let mut candidates: Vec<((Found, ModuleFile, ImportContext), bool, bool)> = Vec::new();
         let mut imports = python::imported_names(kind, data);
@@ -707,7 +708,8 @@ impl LibraryStack {
                 }
             })
             .map(|((found, kind, context), _, in_function)| {
-                (found, (!in_function).then_some((kind, context)))
+                // Only the walk's root is a start script.
+                (found, (!in_function).then_some((kind, context, false)))
             })
             .collect()
     }

@@ -110,7 +110,14 @@ impl LibraryStack {
             let Ok(path) = std::str::from_utf8(name) else {
                 return Vec::new();
             };
-            return self.resolve(path).into_iter().collect();
+            return self
+                .resolve(path)
+                .into_iter()
+                .filter(|&(pos, id)| {
+                    self.fetcher(pos)
+                        .is_some_and(|f| f.index().entry(id).kind() == EntryKind::Reg)
+                })
+                .collect();
         }
         self.visible_files_named(name, MAX_FILES_PER_NAME, |_| true)
             .await
