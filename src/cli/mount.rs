@@ -111,7 +111,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         })
         .with_context(|| format!("opening the chunk cache in {}", args.cache_dir.display()))?,
     );
-    let limits = FetchLimits::new(8, 2);
+    let limits = FetchLimits::default();
 
     let fetchers = open_image_layers(
         &store,

@@ -304,7 +304,7 @@ impl Default for FetchSection {
             request_timeout_secs: d.request_timeout.as_secs(),
             retry_backoff_ms: d.retry_backoff.as_millis() as u64,
             read_timeout_secs: d.read_timeout.as_secs(),
-            requests_per_registry: 8,
+            requests_per_registry: 16,
             background_requests_per_registry: 2,
         }
     }

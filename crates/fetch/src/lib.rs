@@ -404,8 +404,10 @@ impl FetchLimits {
 }
 
 impl Default for FetchLimits {
+    /// The daemon's defaults (`fetch.requests_per_registry`,
+    /// `fetch.background_requests_per_registry`).
     fn default() -> Self {
-        FetchLimits::new(8, 2)
+        FetchLimits::new(16, 2)
     }
 }
 
@@ -1161,6 +1163,7 @@ impl Fetcher {
             self.stats.add_range_requests(1);
             let expected = range.end - range.start;
             let sent = Instant::now();
+            tracing::trace!(blob = %self.describe(), start = range.start, len = expected, chunks = chunks.len(), ?priority, "range request sent");
 
             // The source hands pieces over as they arrive; this task assembles
             // them and decodes each chunk (off the async workers) once its last
@@ -1248,6 +1251,7 @@ impl Fetcher {
                     after: deadline,
                 }),
             };
+            tracing::trace!(blob = %blob, start = range.start, len = buf.len(), ms = sent.elapsed().as_millis() as u64, ok = source_err.is_none(), "range request done");
             self.stats.add_bytes_fetched(buf.len() as u64);
             if priority != Priority::OnDemand {
                 self.stats.add_prefetch_bytes(buf.len() as u64);

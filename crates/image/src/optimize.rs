@@ -266,7 +266,7 @@ pub async fn optimize(
         disk_root: scratch.path().join("cache"),
         ..CacheConfig::default()
     })?);
-    let limits = FetchLimits::new(8, 2);
+    let limits = FetchLimits::default();
     let fetchers = open_image_layers(
         src,
         manifest.layers.iter().enumerate(),
