@@ -270,6 +270,40 @@ async fn registry_client_works_through_the_link() {
 }
 
 #[tokio::test]
+async fn warmed_up_connections_carry_the_reads_that_follow() {
+    let Some((reg, repo, blob, digest)) = registry_with_blob(100_000).await else {
+        return;
+    };
+    let link = Link::start(&reg.host(), rtt(10)).await;
+    let client = RegistryClient::new(test_client_config(PlainHttp::Hosts(vec![link
+        .addr
+        .clone()])))
+    .unwrap();
+    let via = Repository::new(&link.addr, &repo.name).unwrap();
+    tokio::time::timeout(LIMIT, async {
+        client.warm_up(&via, 3).await;
+        let warmed = link.counters.snapshot();
+        assert_eq!(warmed.connections, 3, "{warmed:?}");
+        assert_eq!(warmed.requests, 3, "{warmed:?}");
+        // Three reads at once find three connections open: no handshake.
+        let reads = (0..3u64).map(|i| {
+            let (client, via, blob) = (&client, &via, &blob);
+            async move {
+                let range = i * 1000..i * 1000 + 500;
+                let got = client.get_range(via, &digest, range.clone()).await.unwrap();
+                assert_eq!(&got[..], &blob[range.start as usize..range.end as usize]);
+            }
+        });
+        futures::future::join_all(reads).await;
+    })
+    .await
+    .expect("bounded");
+    let counters = link.stop().await;
+    assert_eq!(counters.connections, 3, "{counters:?}");
+    assert_eq!(counters.requests, 6, "{counters:?}");
+}
+
+#[tokio::test]
 async fn shared_counters_are_readable_while_running() {
     let Some((reg, repo, _blob, digest)) = registry_with_blob(1000).await else {
         return;

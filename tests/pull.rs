@@ -29,7 +29,7 @@ use support::containerd::{
 use support::image::{build_image, busybox_layer_tar, data_layer_tar, push_image, TestImage};
 use support::{Auth, Registry};
 use zest_api::labels::{
-    LABEL_GC_REF_CONFIG, LABEL_GC_REF_LAYER, LABEL_GC_REF_SNAPSHOT, LABEL_REMOTE,
+    LABEL_GC_REF_CONFIG, LABEL_GC_REF_LAYER, LABEL_GC_REF_SNAPSHOT, LABEL_GC_REF_TOC, LABEL_REMOTE,
     LABEL_UNCOMPRESSED,
 };
 use zest_api::snapshots as pb;
@@ -223,6 +223,21 @@ fn outcome_counts(stdout: &str) -> TestResult<(usize, usize, usize)> {
 }
 
 /// The manifest of `reference` in `registry`.
+/// The digest of each layer's TOC, as its annotations give it.
+fn toc_digests(manifest: &ImageManifest) -> TestResult<Vec<Digest>> {
+    let mut digests = Vec::new();
+    for layer in &manifest.layers {
+        let location = TocLocation::from_annotations(&layer.annotations)?
+            .ok_or_else(|| fail(format!("layer {} has no TOC annotations", layer.digest)))?;
+        digests.push(
+            location
+                .toc_digest
+                .ok_or_else(|| fail(format!("layer {} has no TOC digest", layer.digest)))?,
+        );
+    }
+    Ok(digests)
+}
+
 async fn manifest(registry: &Registry, reference: &str) -> TestResult<ImageManifest> {
     let fetched = registry.client().get_manifest(&reference.parse()?).await?;
     Ok(ImageManifest::from_json(&fetched.bytes)?)
@@ -297,6 +312,36 @@ async fn converted_image_pull(version: ContainerdVersion) -> TestResult {
     let stats = env.lazy.stats();
     assert_eq!(stats.manifest_fetches_total, 0);
     assert!(stats.local_content_reads_total >= 1, "{stats:?}");
+    // The pull fetched the layers' TOCs while the config came and stored them,
+    // named by the manifest for the garbage collector; the snapshotter read
+    // them there and asked the registry for none.
+    assert_eq!(stats.toc_fetches_total, 0, "{stats:?}");
+    assert_eq!(
+        stats.toc_local_loads_total,
+        manifest.layers.len() as u64,
+        "{stats:?}"
+    );
+    let client = env.client().await?;
+    let target = client
+        .image_target(&image)
+        .await?
+        .ok_or_else(|| fail("no image record"))?;
+    let stored = client
+        .content_info(&target.digest.parse::<Digest>()?)
+        .await?
+        .ok_or_else(|| fail("the manifest is not in the content store"))?;
+    for (index, toc) in toc_digests(&manifest)?.iter().enumerate() {
+        assert!(
+            client.content_info(toc).await?.is_some(),
+            "TOC {toc} not stored"
+        );
+        assert_eq!(
+            stored.labels.get(&format!("{LABEL_GC_REF_TOC}{index}")),
+            Some(&toc.to_string()),
+            "{:?}",
+            stored.labels
+        );
+    }
 
     let out = env.ctr_run(&image, echo, &["/bin/echo", "hello"]).await?;
     assert_eq!(out.trim(), "hello");
@@ -576,6 +621,13 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
     let client = env.client().await?;
     assert!(client.list_images().await?.is_empty());
     assert!(client.list_leases().await?.is_empty());
+    // The TOCs the pulls stored went with their manifests.
+    for toc in toc_digests(&m1)?.iter().chain(&toc_digests(&m2)?) {
+        assert!(
+            client.content_info(toc).await?.is_none(),
+            "TOC {toc} left behind"
+        );
+    }
     Ok(())
 }
 

@@ -167,7 +167,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = "bench-results")]
     pub out: PathBuf,
 
-    /// Keep every sample's node logs (zest.log, containerd.log) under
+    /// Keep every sample's node logs (zest.log, containerd.log, and pull.log:
+    /// the steps of a lazy sample's `zest pull` with their times) under
     /// `<work dir>/logs/<sample>/`, not only those of failed samples; with
     /// `--log` or `RUST_LOG` (e.g. `zest_fetch=debug`: every blocking miss) they
     /// show where a start waits.

@@ -36,6 +36,10 @@ pub const LABEL_GC_REF_CONFIG: &str = "containerd.io/gc.ref.content.config";
 pub const LABEL_GC_REF_LAYER: &str = "containerd.io/gc.ref.content.l.";
 /// Prefix of the labels on an index naming its manifests (`...m.<index>`).
 pub const LABEL_GC_REF_MANIFEST: &str = "containerd.io/gc.ref.content.m.";
+/// Prefix of the labels on a manifest naming the zstd:chunked TOC of its layer
+/// `<index>` that `zest pull` stored in the content store (`...zest.toc.<index>`),
+/// so that the TOC lives as long as the manifest.
+pub const LABEL_GC_REF_TOC: &str = "containerd.io/gc.ref.content.zest.toc.";
 /// Prefix of the label on a config naming the image's top snapshot
 /// (`...snapshot.<snapshotter>`): it keeps the unpacked layers alive with the image.
 pub const LABEL_GC_REF_SNAPSHOT: &str = "containerd.io/gc.ref.snapshot.";

@@ -379,7 +379,7 @@ async fn measure(
 
         let before = Reading::take(&node, counters, mode).await;
         let started = Instant::now();
-        node.pull(mode, &image, &registry).await?;
+        node.pull(mode, &image, &registry, plan.keep_logs).await?;
         let pull = started.elapsed();
         let run = node
             .run_to_ready(plan, w, mode, &image, &format!("{}-{index}", w.name))
@@ -454,7 +454,7 @@ async fn teach(
     let node = Node::start(plan, &plan.work_dir.join("teacher"), link, Role::Teacher).await?;
     let result = async {
         let before = node.metric("zest_profiles_published_total").await;
-        node.pull(Mode::ThirdParty, image, &link.to_string())
+        node.pull(Mode::ThirdParty, image, &link.to_string(), plan.keep_logs)
             .await?;
         node.run_to_ready(
             plan,
@@ -804,7 +804,16 @@ impl Node {
         cmd
     }
 
-    async fn pull(&self, mode: Mode, image: &str, registry: &str) -> Result<(), BenchError> {
+    /// Pulls `image` the way `mode` does. With `log`, a `zest pull` logs its
+    /// steps with their times to `pull.log` in the node's directory (kept with
+    /// the node's other logs).
+    async fn pull(
+        &self,
+        mode: Mode,
+        image: &str,
+        registry: &str,
+        log: bool,
+    ) -> Result<(), BenchError> {
         let mut cmd = if mode == Mode::Full {
             let mut cmd = self.ctr();
             cmd.args(["images", "pull", "--plain-http", image]);
@@ -822,9 +831,20 @@ impl Node {
                 .arg(image)
                 .stdin(Stdio::null())
                 .kill_on_drop(true);
+            if log {
+                cmd.arg("--log").arg("info,zest_containerd=debug");
+            }
             cmd
         };
-        run_checked(&mut cmd, &format!("pulling {image} ({mode})"), PULL_TIMEOUT).await
+        let output =
+            run_checked(&mut cmd, &format!("pulling {image} ({mode})"), PULL_TIMEOUT).await?;
+        if log && mode != Mode::Full {
+            let path = self.dir.join("pull.log");
+            if let Err(e) = std::fs::write(&path, &output.stderr) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot keep the pull's log");
+            }
+        }
+        Ok(())
     }
 
     fn zest_binary(&self) -> PathBuf {
@@ -967,7 +987,7 @@ impl Node {
             tracing::warn!(dir = %dest.display(), error = %e, "cannot keep the node's logs");
             return;
         }
-        for log in ["zest.log", "containerd.log"] {
+        for log in ["zest.log", "containerd.log", "pull.log"] {
             let _ = std::fs::copy(self.dir.join(log), dest.join(log));
         }
         if kind == "failed" {
@@ -1046,7 +1066,13 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child, BenchError> {
         .map_err(|source| BenchError::Spawn { program, source })
 }
 
-async fn run_checked(cmd: &mut Command, what: &str, limit: Duration) -> Result<(), BenchError> {
+/// Runs `cmd` to its end within `limit`; its output on success, an error with
+/// the tail of its output otherwise.
+async fn run_checked(
+    cmd: &mut Command,
+    what: &str,
+    limit: Duration,
+) -> Result<std::process::Output, BenchError> {
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = cmd
@@ -1061,7 +1087,7 @@ async fn run_checked(cmd: &mut Command, what: &str, limit: Duration) -> Result<(
         })?
         .map_err(io_err(what.to_string()))?;
     if output.status.success() {
-        return Ok(());
+        return Ok(output);
     }
     let mut tail = Tail::default();
     for line in String::from_utf8_lossy(&output.stdout)

@@ -5,11 +5,15 @@
 //! image record) except that layers the snapshotter can serve remotely are never
 //! downloaded:
 //!
-//! 1. resolve the reference for the platform with zest's registry client and fetch
-//!    the config (all verified against their digests);
-//! 2. create a lease; everything below is made under it;
+//! 1. create a lease (everything below is made under it) while the reference is
+//!    resolved for the platform with zest's registry client, then fetch the config
+//!    (all verified against their digests);
+//! 2. meanwhile, fetch the zstd:chunked TOC of every layer whose manifest
+//!    annotations locate and authenticate it, and store it in the content store:
+//!    the snapshotter reads it there at the first prepare instead of asking the
+//!    registry for it then, on a connection of its own;
 //! 3. store config, manifest (and index) in the content store with the garbage
-//!    collector's reference labels;
+//!    collector's reference labels (the manifest's name the TOCs too);
 //! 4. for each layer in order, unless its chain is already unpacked: prepare the
 //!    snapshot `extract-<unique> <chainID>` on the previous chain ID with the
 //!    `containerd.io/snapshot/cri.*` labels. ALREADY_EXISTS means the snapshotter
@@ -36,22 +40,28 @@ use tokio::task::JoinHandle;
 use super::client::{ContainerdClient, ContainerdError};
 use zest_api::labels::{
     image_layers_label, label_fits, LABEL_DISTRIBUTION_SOURCE, LABEL_GC_REF_CONFIG,
-    LABEL_GC_REF_LAYER, LABEL_GC_REF_MANIFEST, LABEL_GC_REF_SNAPSHOT, LABEL_IMAGE_LAYERS,
-    LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_REMOTE, LABEL_SNAPSHOT_REF,
-    LABEL_UNCOMPRESSED,
+    LABEL_GC_REF_LAYER, LABEL_GC_REF_MANIFEST, LABEL_GC_REF_SNAPSHOT, LABEL_GC_REF_TOC,
+    LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_REMOTE,
+    LABEL_SNAPSHOT_REF, LABEL_UNCOMPRESSED,
 };
 use zest_oci::chain_ids;
 use zest_oci::digest::Digest;
 use zest_oci::{
     Descriptor, ImageConfig, LayerCompression, OciJsonError, Platform, Reference, Repository,
 };
-use zest_registry::{RegistryClient, RegistryError};
+use zest_registry::{RegistryClient, RegistryError, ResolvedImage};
 
 /// Label prefix whose layer annotations containerd passes on to the snapshotter.
 const SNAPSHOT_LABEL_PREFIX: &str = "containerd.io/snapshot/";
 
 /// Largest image config accepted.
 const MAX_CONFIG_SIZE: u64 = 32 << 20;
+/// Largest compressed TOC `zest pull` fetches for the snapshotter; a larger one
+/// is left to the snapshotter's own bounds.
+const MAX_TOC_SIZE: u64 = 64 << 20;
+/// Connections to the registry opened ahead while the manifest comes: the
+/// config and a few layers' TOCs are requested at once right after it.
+const WARM_UP_CONNECTIONS: usize = 4;
 /// Attempts at preparing a layer when its snapshot vanishes between ALREADY_EXISTS
 /// and the check that follows (a concurrent removal).
 const PREPARE_ATTEMPTS: usize = 3;
@@ -285,22 +295,52 @@ pub async fn pull(
     options: &PullOptions,
     progress: Arc<dyn PullProgress>,
 ) -> Result<PullReport, PullError> {
-    let (resolved, blobs) = resolve(registry, reference, options).await?;
-    progress.resolved(&resolved);
-
-    let lease = containerd.create_lease(options.lease_expiry).await?;
-    let puller = Puller {
-        downloader: Downloader {
+    // Connections for the config and TOC requests that follow the manifest,
+    // opened while it comes (each would otherwise wait for a handshake then).
+    {
+        let registry = registry.clone();
+        let repository = reference.repository.clone();
+        tokio::spawn(async move { registry.warm_up(&repository, WARM_UP_CONNECTIONS).await });
+    }
+    // The lease first (everything below is made under it), while the manifest
+    // comes.
+    let (lease, image) = tokio::join!(
+        containerd.create_lease(options.lease_expiry),
+        resolve_manifest(registry, reference, options)
+    );
+    let lease = lease?;
+    tracing::debug!(lease = %lease, "lease created");
+    let image = match image {
+        Ok(image) => image,
+        Err(e) => {
+            // Nothing was stored under the lease: no collection to wait for.
+            if let Err(e) = containerd.delete_lease(&lease, false).await {
+                tracing::warn!(lease = %lease, error = %e, "could not delete the pull's lease; containerd will expire it");
+            }
+            return Err(e);
+        }
+    };
+    let result = async {
+        let downloader = Downloader {
             registry: registry.clone(),
             containerd: containerd.with_lease(&lease)?,
             repository: reference.repository.clone(),
             lease: lease.clone(),
             progress: progress.clone(),
-        },
-        options: options.clone(),
-        resolved,
-    };
-    let result = puller.run(blobs).await;
+        };
+        // While the config comes: the layers' TOCs, which the snapshotter needs
+        // at the first prepare.
+        let tocs = TocFetches::start(&downloader, &image.image.layers);
+        let (resolved, blobs) = fetch_config(registry, reference, options, image).await?;
+        progress.resolved(&resolved);
+        let puller = Puller {
+            downloader,
+            options: options.clone(),
+            resolved,
+        };
+        puller.run(blobs, tocs).await
+    }
+    .await;
     // Deleting the lease hands what it protected over to the garbage collector:
     // after a success the image record keeps everything alive; after a failure the
     // partial pull is garbage, collected right away (containerd would otherwise
@@ -318,24 +358,35 @@ struct MetadataBlobs {
     config: bytes::Bytes,
 }
 
-/// Resolves the reference, fetches and checks the config.
-async fn resolve(
+/// Resolves the reference to the platform's image manifest.
+async fn resolve_manifest(
     registry: &RegistryClient,
     reference: &Reference,
     options: &PullOptions,
+) -> Result<ResolvedImage, PullError> {
+    let image = registry
+        .resolve_image(reference, &options.platform)
+        .await
+        .map_err(|source| PullError::Registry {
+            what: format!("resolving {reference} for {}", options.platform),
+            source,
+        })?;
+    tracing::debug!(manifest = %image.manifest.digest, "manifest resolved");
+    Ok(image)
+}
+
+/// Fetches and checks the config of the resolved `image`.
+async fn fetch_config(
+    registry: &RegistryClient,
+    reference: &Reference,
+    options: &PullOptions,
+    image: ResolvedImage,
 ) -> Result<(ResolvedPull, MetadataBlobs), PullError> {
     let reference_text = reference.to_string();
     let invalid = |detail: String| PullError::InvalidImage {
         reference: reference_text.clone(),
         detail,
     };
-    let image = registry
-        .resolve_image(reference, &options.platform)
-        .await
-        .map_err(|source| PullError::Registry {
-            what: format!("resolving {reference_text} for {}", options.platform),
-            source,
-        })?;
     let config_desc = image.image.config.clone();
     if config_desc.size > MAX_CONFIG_SIZE {
         return Err(invalid(format!(
@@ -357,6 +408,7 @@ async fn resolve(
             config_desc.size
         )));
     }
+    tracing::debug!(config = %config_desc.digest, "config fetched");
     let config_error = |source| PullError::Config {
         digest: config_desc.digest,
         source,
@@ -520,6 +572,101 @@ impl Downloader {
     }
 }
 
+/// The zstd:chunked TOCs `zest pull` fetches for the snapshotter while the
+/// config comes and stores in the content store (step 3 of [`pull`]): each
+/// layer's whose annotations locate it and give its digest. Best effort: a TOC
+/// not fetched, not matching its digest or not stored is left to the
+/// snapshotter, which fetches it as it would without this; one already stored
+/// (an earlier pull of an image sharing the layer) is not fetched again.
+struct TocFetches {
+    /// Layer index, TOC digest and the task fetching and storing it.
+    tasks: Vec<(usize, Digest, JoinHandle<()>)>,
+}
+
+impl TocFetches {
+    fn start(downloader: &Downloader, layers: &[Descriptor]) -> Self {
+        let mut tasks = Vec::new();
+        for (index, layer) in layers.iter().enumerate() {
+            let Ok(Some(location)) = zest_format::TocLocation::from_annotations(&layer.annotations)
+            else {
+                continue;
+            };
+            let Some(digest) = location.toc_digest else {
+                continue;
+            };
+            let range = location.toc_range();
+            if range.is_empty() || range.end - range.start > MAX_TOC_SIZE || range.end > layer.size
+            {
+                continue;
+            }
+            let downloader = downloader.clone();
+            let blob = layer.digest;
+            let task = tokio::spawn(async move {
+                match downloader.containerd.content_info(&digest).await {
+                    Ok(None) => {}
+                    Ok(Some(_)) => return,
+                    Err(e) => {
+                        tracing::debug!(layer = index, error = %e, "cannot look up the layer's TOC in the content store");
+                        return;
+                    }
+                }
+                let fetched = downloader
+                    .registry
+                    .get_range(&downloader.repository, &blob, range)
+                    .await;
+                let bytes = match fetched {
+                    Ok(bytes) if digest.verifies(&bytes) => bytes,
+                    Ok(_) => {
+                        tracing::warn!(layer = index, blob = %blob, toc = %digest, "the layer's TOC does not match the digest in its annotations; leaving it to the snapshotter");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(layer = index, error = %e, "could not fetch the layer's TOC; leaving it to the snapshotter");
+                        return;
+                    }
+                };
+                match downloader
+                    .store("toc", &digest, &bytes, BTreeMap::new())
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::debug!(layer = index, toc = %digest, bytes = bytes.len(), "layer TOC stored")
+                    }
+                    Err(e) => {
+                        tracing::debug!(layer = index, error = %e, "could not store the layer's TOC; leaving it to the snapshotter")
+                    }
+                }
+            });
+            tasks.push((index, digest, task));
+        }
+        TocFetches { tasks }
+    }
+
+    /// The manifest's garbage collection labels naming the TOCs.
+    fn labels(&self) -> impl Iterator<Item = (String, String)> + '_ {
+        self.tasks
+            .iter()
+            .map(|(index, digest, _)| (format!("{LABEL_GC_REF_TOC}{index}"), digest.to_string()))
+    }
+
+    /// Waits until every TOC is stored (or given up): the snapshotter looks at
+    /// the first prepare, and would otherwise fetch them too.
+    async fn finish(mut self) {
+        for (_, _, task) in &mut self.tasks {
+            let _ = task.await;
+        }
+        self.tasks.clear();
+    }
+}
+
+impl Drop for TocFetches {
+    fn drop(&mut self) {
+        for (_, _, task) in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 /// A layer's download in [`Downloads`].
 enum Slot {
     /// Not started.
@@ -634,8 +781,10 @@ impl Puller {
         &self.options.snapshotter
     }
 
-    async fn run(self, blobs: MetadataBlobs) -> Result<PullReport, PullError> {
-        self.store_metadata(&blobs).await?;
+    async fn run(self, blobs: MetadataBlobs, tocs: TocFetches) -> Result<PullReport, PullError> {
+        self.store_metadata(&blobs, &tocs).await?;
+        tracing::debug!("manifest and config stored in the content store");
+        tocs.finish().await;
         let layers = self.unpack_layers().await?;
         if let Some(top) = self.resolved.chain_ids.last() {
             // What containerd's unpacker does: the image's config keeps its
@@ -651,14 +800,20 @@ impl Puller {
         self.containerd()
             .create_or_update_image(&self.resolved.name, &self.resolved.target)
             .await?;
+        tracing::debug!(image = %self.resolved.name, "image record written");
         Ok(PullReport {
             resolved: self.resolved,
             layers,
         })
     }
 
-    /// Stores config, manifest and index, each with labels naming what it refers to.
-    async fn store_metadata(&self, blobs: &MetadataBlobs) -> Result<(), PullError> {
+    /// Stores config, manifest and index, each with labels naming what it refers to
+    /// (the manifest also the TOCs `tocs` stores).
+    async fn store_metadata(
+        &self,
+        blobs: &MetadataBlobs,
+        tocs: &TocFetches,
+    ) -> Result<(), PullError> {
         let r = &self.resolved;
         self.downloader
             .store("config", &r.config.digest, &blobs.config, BTreeMap::new())
@@ -668,6 +823,7 @@ impl Puller {
         for (i, layer) in r.layers.iter().enumerate() {
             labels.insert(format!("{LABEL_GC_REF_LAYER}{i}"), layer.digest.to_string());
         }
+        labels.extend(tocs.labels());
         self.downloader
             .store("manifest", &r.manifest.digest, &blobs.manifest, labels)
             .await?;

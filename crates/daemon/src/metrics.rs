@@ -185,7 +185,7 @@ impl Metrics {
             ),
             (
                 "zest_toc_local_loads_total",
-                "Layer TOCs read back from the local TOC directory.",
+                "Layer TOCs read locally: from the TOC directory, or from containerd's content store where zest pull stored them.",
                 s.toc_local_loads_total,
             ),
             (

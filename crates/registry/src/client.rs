@@ -642,6 +642,32 @@ impl RegistryClient {
         Err(last)
     }
 
+    /// Opens up to `connections` connections (at most 16) to the endpoint that
+    /// serves reads of `repo`, ahead of the reads: each new connection costs a
+    /// round trip (more with TLS) that a read waiting on it would pay. One
+    /// `GET /v2/` per connection, at once (the API check every registry
+    /// answers, 200 or 401, without a token); answers are read to their end so
+    /// that the connections stay pooled, failures are ignored: the reads that
+    /// follow open what they need as before. Bounded by [`WARM_UP_TIMEOUT`].
+    pub async fn warm_up(&self, repo: &Repository, connections: usize) {
+        let Ok(endpoints) = self.endpoints(repo) else {
+            return;
+        };
+        let Some(ep) = endpoints.iter().find(|e| Cap::Pull.allowed_by(&e.caps)) else {
+            return;
+        };
+        let url = format!("{}/", ep.api_root);
+        let requests = (0..connections.clamp(1, 16)).map(|_| {
+            let request = ep.client.get(&url).headers(ep.headers.clone());
+            async move {
+                if let Ok(resp) = request.send().await {
+                    read_capped(resp, 64 << 10, WARM_UP_TIMEOUT).await;
+                }
+            }
+        });
+        let _ = tokio::time::timeout(WARM_UP_TIMEOUT, futures::future::join_all(requests)).await;
+    }
+
     /// Repeats `attempt` while it fails transiently, up to `max_attempts` and, when
     /// given, until `deadline`: a retry whose wait would end past the deadline is not
     /// made (the last failure is returned at once). This is the only retry loop of a
@@ -1202,6 +1228,9 @@ pub(crate) async fn read_body(
         buf.extend_from_slice(&chunk);
     }
 }
+
+/// Longest [`RegistryClient::warm_up`] waits for its connections.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads at most `limit` bytes of an error or token body; failures give what arrived.
 /// Not counted in the statistics, which count payload.

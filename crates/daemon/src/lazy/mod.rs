@@ -67,6 +67,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use cancel::Cancel;
@@ -78,8 +79,9 @@ use restore::{mount_details, stored_descriptor};
 use tocs::TocStore;
 use zest_cache::ChunkCache;
 use zest_fetch::libraries::{LibraryPrefetch, LibraryStack, StackLayer, StartCommand};
-use zest_fetch::toc::{fetch_layer_index, FetchedIndex, TocFetchOptions};
+use zest_fetch::toc::{decode_index, fetch_layer_index, FetchedIndex, TocFetchOptions};
 use zest_fetch::{FetchError, FetchLimits, Fetcher};
+use zest_format::{LayerIndex, TocLocation};
 use zest_fs::{LayerMount, PassthroughStore};
 use zest_oci::digest::Digest;
 use zest_oci::{Descriptor, ImageConfig, ImageManifest, Reference, Repository, DEFAULT_PATH};
@@ -93,6 +95,15 @@ use zest_store::RegistryBlob;
 /// How long connections kept by the previous process wait to be claimed by a
 /// restore before they are dropped as orphans.
 const UNCLAIMED_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Connections [`Inner::warm_up`] opens: about as many as a container's first
+/// reads use at once.
+const WARM_UP_CONNECTIONS: usize = 4;
+/// Connections opened ahead are pooled for a while (idle ones close after 90 s);
+/// more warm-ups within this interval would only reuse them.
+const WARM_UP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Registries whose last warm-up is remembered; past this the memory starts over.
+const MAX_WARMED_REGISTRIES: usize = 1024;
 
 /// Mounts zstd:chunked layers lazily. Cheap to share (`Arc`); see the module docs.
 pub struct LazyLayerProvider {
@@ -129,6 +140,8 @@ struct Inner {
     profiles: Arc<profiles::Profiles>,
     /// Library prefetch (files examined, counters); `None` when off.
     libraries: Option<Arc<LibraryPrefetch>>,
+    /// When connections to each registry were last opened ahead of reads.
+    warmed: Mutex<HashMap<String, Instant>>,
 }
 
 #[derive(Default)]
@@ -227,6 +240,7 @@ impl LazyLayerProvider {
                 toc_work: Arc::new(Semaphore::new(config.toc_prefetch_parallelism.max(1))),
                 handover: handover.map(Arc::new),
                 left_mounted: AtomicBool::new(false),
+                warmed: Mutex::new(HashMap::new()),
                 config,
             }),
         });
@@ -420,13 +434,17 @@ impl Inner {
             desc,
         ));
         let local = match &source {
-            TocSource::Annotated(loc) => self.tocs.load(desc, *loc).await,
+            TocSource::Annotated(loc) => match self.tocs.load(desc, *loc).await {
+                Some(index) => Some((index, None)),
+                None => self.toc_from_content_store(desc, *loc).await,
+            },
             TocSource::Footer | TocSource::Estargz => None,
         };
         let (index, toc, authenticated) = match local {
-            Some(index) => {
+            Some((index, toc)) => {
                 self.counters.bump(&self.counters.toc_local, 1);
-                (index, None, true)
+                self.warm_up(repository);
+                (index, toc, true)
             }
             None => {
                 let fetched = self.fetch_toc(&blob, desc, &source).await?;
@@ -461,6 +479,58 @@ impl Inner {
             authenticated,
             toc: Mutex::new(toc),
         }))
+    }
+
+    /// Opens connections to `repository`'s registry in the background, at
+    /// most once per [`WARM_UP_INTERVAL`] per registry: a layer whose TOC was
+    /// read locally made no request, and the container's first reads would
+    /// otherwise each wait for a handshake.
+    fn warm_up(&self, repository: &Repository) {
+        let now = Instant::now();
+        {
+            let mut warmed = self.warmed.lock();
+            if warmed
+                .get(&repository.registry)
+                .is_some_and(|t| now.duration_since(*t) < WARM_UP_INTERVAL)
+            {
+                return;
+            }
+            if warmed.len() >= MAX_WARMED_REGISTRIES {
+                warmed.clear();
+            }
+            warmed.insert(repository.registry.clone(), now);
+        }
+        let client = self.client.clone();
+        let repository = repository.clone();
+        tokio::spawn(async move {
+            client.warm_up(&repository, WARM_UP_CONNECTIONS).await;
+        });
+    }
+
+    /// The TOC of layer `desc` from containerd's content store, where `zest
+    /// pull` stores it (fetched while the image config was), when present and
+    /// matching the manifest's TOC digest; with its bytes, to keep for restarts.
+    async fn toc_from_content_store(
+        &self,
+        desc: &Descriptor,
+        loc: TocLocation,
+    ) -> Option<(LayerIndex, Option<Bytes>)> {
+        let digest = loc.toc_digest?;
+        let bytes = self
+            .local_content
+            .read(&digest, loc.toc.compressed_len)
+            .await?;
+        let blob = format!("TOC {digest} of layer {}", desc.digest);
+        match decode_index(bytes.clone(), loc, desc.size, &blob).await {
+            Ok(index) => {
+                tracing::debug!(layer = %desc.digest, "TOC read from containerd's content store");
+                Some((index, Some(bytes)))
+            }
+            Err(e) => {
+                tracing::warn!(layer = %desc.digest, error = %e, "TOC in containerd's content store is not usable; fetching it from the registry");
+                None
+            }
+        }
     }
 
     /// The TOC from the registry through [`fetch_layer_index`]: one range request

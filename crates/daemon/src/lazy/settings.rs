@@ -173,7 +173,8 @@ pub struct LazyStats {
     pub toc_fetches_total: u64,
     /// Compressed TOC bytes fetched from registries.
     pub toc_bytes_total: u64,
-    /// TOCs read back from the local TOC directory (no request).
+    /// TOCs read locally, no request: the TOC directory, or containerd's
+    /// content store (stored there by `zest pull`).
     pub toc_local_loads_total: u64,
     /// TOCs fetched ahead of their prepare for an image's following layers.
     pub toc_prefetches_total: u64,
