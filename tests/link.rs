@@ -53,6 +53,16 @@ impl Link {
         }
     }
 
+    /// zest's registry client speaking to the registry through the link, and
+    /// `repo` as seen through it.
+    fn client(&self, repo: &Repository) -> (RegistryClient, Repository) {
+        let client = RegistryClient::new(test_client_config(PlainHttp::Hosts(vec![self
+            .addr
+            .clone()])))
+        .unwrap();
+        (client, Repository::new(&self.addr, &repo.name).unwrap())
+    }
+
     async fn stop(mut self) -> LinkCounters {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -210,11 +220,7 @@ async fn bandwidth_limits_a_blob_download_and_keeps_its_bytes() {
         },
     )
     .await;
-    let client = RegistryClient::new(test_client_config(PlainHttp::Hosts(vec![link
-        .addr
-        .clone()])))
-    .unwrap();
-    let via = Repository::new(&link.addr, &repo.name).unwrap();
+    let (client, via) = link.client(&repo);
     let t = Instant::now();
     let got = tokio::time::timeout(LIMIT, client.get_blob_bytes(&via, &digest, 8 << 20))
         .await
@@ -235,11 +241,7 @@ async fn registry_client_works_through_the_link() {
         return;
     };
     let link = Link::start(&reg.host(), rtt(10)).await;
-    let client = RegistryClient::new(test_client_config(PlainHttp::Hosts(vec![link
-        .addr
-        .clone()])))
-    .unwrap();
-    let via = Repository::new(&link.addr, &repo.name).unwrap();
+    let (client, via) = link.client(&repo);
     tokio::time::timeout(LIMIT, async {
         // Reads: size, a range, the whole blob.
         assert_eq!(
@@ -275,11 +277,7 @@ async fn warmed_up_connections_carry_the_reads_that_follow() {
         return;
     };
     let link = Link::start(&reg.host(), rtt(10)).await;
-    let client = RegistryClient::new(test_client_config(PlainHttp::Hosts(vec![link
-        .addr
-        .clone()])))
-    .unwrap();
-    let via = Repository::new(&link.addr, &repo.name).unwrap();
+    let (client, via) = link.client(&repo);
     tokio::time::timeout(LIMIT, async {
         client.warm_up(&via, 3).await;
         let warmed = link.counters.snapshot();
