@@ -3,9 +3,10 @@
 //!
 //! On a remote prepare it resolves the image manifest by its digest (verified; an
 //! index resolves to this host's platform; from containerd's content store when it
-//! holds it, else from the registry), finds the layer, reads the layer's TOC
-//! with one authenticated range request, and mounts a [`LayerMount`] on the snapshot
-//! directory. Anything else — gzip or plain layers, a TOC the manifest does not vouch
+//! holds it, else from the registry), finds the layer, reads the layer's TOC (from
+//! the TOC directory, else from containerd's content store where `zest pull` puts
+//! it, else with one authenticated range request), and mounts a [`LayerMount`] on
+//! the snapshot directory. Anything else — gzip or plain layers, a TOC the manifest does not vouch
 //! for, an unreachable registry — is a [`Fallback`] with a stable reason code, and
 //! containerd pulls the layer normally.
 //!
@@ -15,7 +16,7 @@
 //! |---|---|
 //! | `classify` | which layers can be mounted lazily, and why not |
 //! | `manifests` | image manifests by digest (content store, else the registry client), cached |
-//! | `local_content` | containerd's content store, read-only: blobs by digest, verified |
+//! | `local_content` | containerd's content store, read-only: blobs by digest, verified (manifests, configs, TOCs) |
 //! | `layers` | one fetcher per layer digest, leases, idle LRU |
 //! | `tocs` | the TOC directory: TOCs kept for restarts, re-verified when read back |
 //! | `restore` | details stored with a mount, taking a layer over or remounting it after a restart |
