@@ -595,6 +595,15 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
         .ctr_run(&two, "shared-again", &["/bin/cat", "/data/hello.txt"])
         .await?;
     assert_eq!(out.trim(), "hello from zest");
+    // The garbage collection that took the first image kept the TOCs of the
+    // second: its manifest names them.
+    let client = env.client().await?;
+    for toc in toc_digests(&m2)? {
+        assert!(
+            client.content_info(&toc).await?.is_some(),
+            "TOC {toc} of the remaining image was collected"
+        );
+    }
 
     // Removing the other leaves nothing of zest's: no snapshot, no directory, no
     // mount (lazy layers are FUSE mounts under the state dir).
@@ -618,7 +627,6 @@ async fn shared_base_layer_is_reused_and_gc_removes_everything() -> TestResult {
     assert_eq!(env.snapshot_dirs()?, Vec::<String>::new());
     let mounts = mounts_under(&env.service.state_dir);
     assert!(mounts.is_empty(), "{mounts:?}");
-    let client = env.client().await?;
     assert!(client.list_images().await?.is_empty());
     assert!(client.list_leases().await?.is_empty());
     // The TOCs the pulls stored went with their manifests.
