@@ -13,7 +13,7 @@
 //!    the snapshotter reads it there at the first prepare instead of asking the
 //!    registry for it then, on a connection of its own;
 //! 3. store config, manifest (and index) in the content store with the garbage
-//!    collector's reference labels (the manifest's name the TOCs too);
+//!    collector's reference labels (the manifest's labels name the TOCs too);
 //! 4. for each layer in order, unless its chain is already unpacked: prepare the
 //!    snapshot `extract-<unique> <chainID>` on the previous chain ID with the
 //!    `containerd.io/snapshot/cri.*` labels. ALREADY_EXISTS means the snapshotter
@@ -594,8 +594,11 @@ impl TocFetches {
             let Some(digest) = location.toc_digest else {
                 continue;
             };
+            // Where the snapshotter's decoder would refuse it, it is not fetched.
             let range = location.toc_range();
-            if range.is_empty() || range.end - range.start > MAX_TOC_SIZE || range.end > layer.size
+            if location.check_bounds(layer.size).is_err()
+                || range.is_empty()
+                || range.end - range.start > MAX_TOC_SIZE
             {
                 continue;
             }
