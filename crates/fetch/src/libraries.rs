@@ -37,7 +37,9 @@
 //! file, see `examine_module`) and C and C++ headers ([`includes`]) are found
 //! and fetched ahead of their reader, each scanned as soon as it arrives
 //! ([`walk`]), as guesses that stand down where a start-up profile guides the
-//! layer. So are the data files a starting program names in its read-only
+//! layer; a start script that imports many modules of one directory, or a
+//! small package, has the rest of it fetched in one stream
+//! (`fetch_module_dirs`). So are the data files a starting program names in its read-only
 //! data ([`named`]).
 //!
 //! Invariants: this is advice, never on a read's path: it runs in tasks of the
@@ -180,6 +182,24 @@ const MAX_PYTHON_DEPTH: u32 = 3;
 /// A module an import walk scans: its kind, where its imports are looked
 /// for, and whether it is a start script (whose functions' imports run).
 type ModuleWalked = (ModuleFile, ImportContext, bool);
+
+/// Modules of one directory a start script's import walk names before it
+/// fetches the rest of that directory's modules
+/// ([`LibraryStack::fetch_module_dirs`]).
+const DIR_MODULES_NAMED: usize = 8;
+
+/// Module directories one scan's fetches keep in flight at once, the first
+/// named first: all at once, they shared the link and the first arrived
+/// last.
+const MAX_DIR_FETCHES: usize = 2;
+
+/// What a module directory's fetch may take before the link is measured.
+const MIN_MODULE_DIR_BYTES: u64 = 1 << 20;
+
+/// What a package's fetch, when a start script's walk names its
+/// `__init__`, may take before the link is measured (then: one
+/// bandwidth-delay product).
+const MIN_PACKAGE_BYTES: u64 = 256 << 10;
 
 /// Bytes of a Python module scanned for its imports.
 const PYTHON_SCAN_BYTES: u64 = 256 << 10;
@@ -599,14 +619,27 @@ impl LibraryStack {
             max: MAX_PYTHON_BYTES,
             files: &self.shared.python_modules,
         };
+        // Modules a start script's walk named per directory.
+        let mut per_dir: HashMap<(usize, EntryId), usize> = HashMap::new();
         let walked = self
             .walk(
                 ((kind, context, script), data),
                 MAX_PYTHON_DEPTH,
                 PYTHON_SCAN_BYTES,
                 guess,
-                |(kind, context, script), data, last| {
-                    self.imported_modules(&mut views, *kind, data, context, *script, last)
+                |(kind, context, functions_run), data, last| {
+                    let named = self.imported_modules(
+                        &mut views,
+                        *kind,
+                        data,
+                        context,
+                        *functions_run,
+                        last,
+                    );
+                    if script {
+                        self.fetch_module_dirs(&mut per_dir, &named);
+                    }
+                    named
                 },
             )
             .await;
@@ -616,6 +649,127 @@ impl LibraryStack {
             fetched = walked.fetched,
             "Python imports prefetched"
         );
+    }
+
+    /// Counts the modules a start script's import walk `named` per
+    /// directory (in `per_dir`) and fetches whole directories of modules
+    /// (the other small module files of the named one's kind, in name
+    /// order): a directory once it reaches [`DIR_MODULES_NAMED`], up to
+    /// [`code_budget`]; a package at once when its `__init__` is named and
+    /// all of it fits one bandwidth-delay product (a larger one is imported
+    /// in part, and left to the walk). At most [`MAX_DIR_FETCHES`] at a
+    /// time, the directory named first first.
+    ///
+    /// Why: an interpreter goes depth first, and each level of an import
+    /// chain (`argparse` imports `re`, which imports `enum`, which imports
+    /// `types`, ...) is a round trip the walk cannot save, as the
+    /// interpreter reaches each module no later than the walk learns its
+    /// name. A script that names many modules of one library directory
+    /// imports much of it through such chains (python-imports: 80 of the
+    /// 171 modules of the standard library's top directory), and a package
+    /// imported is mostly imported whole (`re`, `json`, `email.mime`); the
+    /// whole directory in one stream costs less than the chains' round
+    /// trips. Only for start scripts: the interpreter's own start-up imports
+    /// (every Python start) stay as named.
+    fn fetch_module_dirs(
+        self: &Arc<Self>,
+        per_dir: &mut HashMap<(usize, EntryId), usize>,
+        named: &[(Found, Option<ModuleWalked>)],
+    ) {
+        let mut batches: Vec<(usize, Arc<Fetcher>, Vec<FilePart>)> = Vec::new();
+        for &((pos, id), _) in named {
+            let Some(fetcher) = self.fetcher(pos) else {
+                continue;
+            };
+            let index = fetcher.index();
+            let entry = index.entry(id);
+            let dir = entry.parent();
+            if per_dir.len() >= MAX_PYTHON_DIRS && !per_dir.contains_key(&(pos, dir)) {
+                continue;
+            }
+            let count = per_dir.entry((pos, dir)).or_insert(0);
+            *count += 1;
+            // A package's `__init__` names its submodules in turn; a small
+            // package is fetched whole at once.
+            let package = entry.name().starts_with(b"__init__.");
+            let link = fetcher.limits.estimate();
+            let budget = if *count == DIR_MODULES_NAMED {
+                code_budget(link).max(MIN_MODULE_DIR_BYTES)
+            } else if package && *count == 1 {
+                link.map_or(0, |l| l.link_bdp()).max(MIN_PACKAGE_BYTES)
+            } else {
+                continue;
+            };
+            // The same kind of module file: `.cpython-311.pyc` in a
+            // `__pycache__`, `.py` in a source directory.
+            let name = entry.name();
+            let Some(dot) = name.iter().position(|&b| b == b'.') else {
+                continue;
+            };
+            let suffix = &name[dot..];
+            let mut taken = 0u64;
+            let mut over = false;
+            let mut parts: Vec<FilePart> = Vec::new();
+            for child in index.children(dir).take(MAX_DIR_ENTRIES) {
+                let e = index.entry(child.id);
+                if e.kind() != EntryKind::Reg
+                    || !child.name.ends_with(suffix)
+                    || named.iter().any(|(f, _)| *f == (pos, child.id))
+                {
+                    continue;
+                }
+                let size = compressed_size(&fetcher, child.id);
+                if size > WHOLE_FILE_BYTES || taken.saturating_add(size) > budget {
+                    over = true;
+                    continue;
+                }
+                taken += size;
+                parts.push((child.id, 0..e.size()));
+            }
+            // A large package is imported in part: left to the walk.
+            if over && *count == 1 {
+                continue;
+            }
+            if parts.is_empty() {
+                continue;
+            }
+            tracing::debug!(
+                dir = %index.entry(dir).path(),
+                files = parts.len(),
+                bytes = taken,
+                "Python module directory fetched"
+            );
+            // Ranked by the directory's first module named here: the
+            // interpreter imports in that order.
+            let rank = named
+                .iter()
+                .position(|&((p, i), _)| p == pos && index.entry(i).parent() == dir)
+                .unwrap_or(0);
+            batches.push((rank, Arc::clone(&fetcher), parts));
+        }
+        if batches.is_empty() {
+            return;
+        }
+        batches.sort_by_key(|(rank, ..)| *rank);
+        let this = Arc::clone(self);
+        let spawner = Arc::clone(&batches[0].1);
+        spawner.spawn(async move {
+            // Counted as bytes, not as modules named by an import (the walk
+            // may name some of them later).
+            let unnamed = AtomicU64::new(0);
+            let guess = Guess {
+                spent: &this.python_spent,
+                max: MAX_PYTHON_BYTES,
+                files: &unnamed,
+            };
+            use futures::stream::StreamExt;
+            futures::stream::iter(batches)
+                .for_each_concurrent(MAX_DIR_FETCHES, |(_, layer, parts)| {
+                    let (this, guess) = (&this, &guess);
+                    async move { this.fetch_guessed(&layer, &parts, guess, None).await }
+                })
+                .await;
+        });
     }
 
     /// The modules Python module `data` (of `kind`, in `context`) imports

@@ -2073,6 +2073,91 @@ async fn each_module_is_scanned_as_it_arrives_not_with_the_slowest_of_its_level(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_importing_many_modules_of_a_directory_has_the_rest_of_it_fetched() {
+    use crate::libraries::LibraryPrefetch;
+
+    let lib = "usr/lib/python3.11";
+    let compiled = |name: &str| format!("{lib}/__pycache__/{name}.cpython-311.pyc");
+    let script = |imports: &[&str]| {
+        let mut s: String = imports.iter().map(|m| format!("import {m}\n")).collect();
+        s.push_str("import small\n");
+        ("app/main.py".to_string(), s.into_bytes())
+    };
+    let modules = ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "x1", "x2"];
+    let mut files = vec![(format!("{lib}/os.py"), b"import sys\n".to_vec())];
+    for name in modules {
+        files.push((format!("{lib}/{name}.py"), name.as_bytes().to_vec()));
+        files.push((compiled(name), pyc(&[], &[])));
+    }
+    // Another interpreter's compiled module, and a package of two modules
+    // whose `__init__` imports nothing.
+    files.push((
+        format!("{lib}/__pycache__/x3.cpython-312.pyc"),
+        pyc(&[], &[]),
+    ));
+    for (name, data) in [
+        ("small/__init__.py", b"\n".to_vec()),
+        ("small/__pycache__/__init__.cpython-311.pyc", pyc(&[], &[])),
+        ("small/sub.py", b"\n\n".to_vec()),
+        ("small/__pycache__/sub.cpython-311.pyc", pyc(&[], &[])),
+        ("other/__init__.py", b"\n\n\n".to_vec()),
+        ("other/__pycache__/__init__.cpython-311.pyc", pyc(&[], &[])),
+        ("other/__pycache__/sub.cpython-311.pyc", pyc(&[], &[])),
+    ] {
+        files.push((format!("{lib}/{name}"), data));
+    }
+    let cached = |f: &Fetcher, path: &str| f.has_cached(id_of(f, path), 0, 1);
+    // A node of its own each time (what it examined is remembered).
+    let start = |files: Vec<(String, Vec<u8>)>| {
+        let files = distinct_files(files);
+        async move {
+            let (f, _) = fetcher_for(&test_files(&files), exact_config());
+            let shared = LibraryPrefetch::new(64 << 20);
+            let stack = single_layer_stack(&shared, b"python script", &f);
+            let main = id_of(&f, "app/main.py");
+            let head = f.read(main, 0, 4096).await.unwrap();
+            stack.file_start(main, &head);
+            f
+        }
+    };
+
+    // Eight modules of the standard library's top directory: the other
+    // compiled modules there come too, and the small package's.
+    let mut all = files.clone();
+    all.push(script(&modules[..8]));
+    let f = start(all).await;
+    wait_until(|| cached(&f, &compiled("x1")) && cached(&f, &compiled("x2"))).await;
+    wait_until(|| cached(&f, &format!("{lib}/small/__pycache__/sub.cpython-311.pyc"))).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for name in modules {
+        assert!(cached(&f, &compiled(name)), "{name} fetched");
+    }
+    assert!(cached(
+        &f,
+        &format!("{lib}/small/__pycache__/sub.cpython-311.pyc")
+    ));
+    // Not another interpreter's modules, not the sources, not a package
+    // nothing imports.
+    for path in [
+        format!("{lib}/__pycache__/x3.cpython-312.pyc"),
+        format!("{lib}/x1.py"),
+        format!("{lib}/other/__pycache__/sub.cpython-311.pyc"),
+    ] {
+        assert!(!cached(&f, &path), "{path} not fetched");
+    }
+
+    // Seven: only what the script imports.
+    let mut fewer = files;
+    fewer.push(script(&modules[..7]));
+    let f = start(fewer).await;
+    wait_until(|| cached(&f, &compiled("m6"))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for name in ["m7", "x1", "x2"] {
+        assert!(!cached(&f, &compiled(name)), "{name} not fetched");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_interpreter_read_from_its_start_fetches_its_start_up_modules() {
     use crate::libraries::LibraryPrefetch;
 
