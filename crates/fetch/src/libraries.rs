@@ -1023,17 +1023,21 @@ impl LibraryStack {
         let compressed_of = |r: &Range<u64>| {
             compressed_bytes(index.chunk_range_for(id, r.start, r.end.saturating_sub(r.start)))
         };
-        let parts: Vec<(EntryId, Range<u64>)> = loader_parts(
+        let parts = loader_parts(
             &elf,
             size,
             compressed_size(&fetcher, id),
             code_budget,
             compressed_of,
-        )
-        .into_iter()
-        .map(|r| (id, r))
-        .collect();
-        {
+        );
+        // The writable segments in a request of their own (see
+        // `writable_apart`).
+        let (writable, rest) = writable_apart(&elf, parts);
+        for parts in [writable, rest] {
+            if parts.is_empty() {
+                continue;
+            }
+            let parts: Vec<(EntryId, Range<u64>)> = parts.into_iter().map(|r| (id, r)).collect();
             let this = Arc::clone(self);
             let f = Arc::clone(&fetcher);
             fetcher.spawn(async move {
@@ -1776,10 +1780,50 @@ pub(crate) fn loader_parts(
     parts
 }
 
+/// Splits the loader's `parts` of an ELF file into those of its writable
+/// segments (the dynamic section is in one) and the rest, to be fetched in
+/// requests of their own. The loader relocates the writable segments (and
+/// the kernel clears a program's) before any code runs; in one stream with
+/// the code before them in the file they arrived last, and python's and
+/// libcrypto's faulted meanwhile, a blocking miss each.
+fn writable_apart(elf: &ElfFile, parts: Vec<Range<u64>>) -> (Vec<Range<u64>>, Vec<Range<u64>>) {
+    parts.into_iter().partition(|r| {
+        elf.segments
+            .iter()
+            .any(|s| s.writable && r.start < s.file.end && s.file.start < r.end)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use zest_format::elf::Segment;
+
+    #[test]
+    fn writable_segments_are_fetched_apart_from_the_code_before_them() {
+        let segment = |file: Range<u64>, executable, writable| Segment {
+            vaddr: file.start,
+            file,
+            executable,
+            writable,
+        };
+        let e = elf(vec![
+            segment(0..4096, false, false),
+            segment(4096..3_000_000, true, false),
+            segment(3_000_000..3_500_000, false, false),
+            segment(3_500_000..3_900_000, false, true),
+        ]);
+        let parts = loader_parts(&e, 3_900_000, 2_000_000, 4_000_000, |_| 0);
+        let (writable, rest) = writable_apart(&e, parts.clone());
+        assert_eq!(writable.len() + rest.len(), parts.len());
+        assert!(writable.contains(&(3_500_000..3_900_000)), "{writable:?}");
+        for code in [0..4096, 4096..3_000_000, 3_000_000..3_500_000] {
+            assert!(rest.contains(&code), "{code:?} in {rest:?}");
+        }
+        // A small file is one part, the whole file, fetched in one request.
+        let small = loader_parts(&e, 3_900_000, 100_000, 4_000_000, |_| 0);
+        assert_eq!(writable_apart(&e, small).0, vec![0..3_900_000]);
+    }
 
     fn elf(segments: Vec<Segment>) -> ElfFile {
         ElfFile {
