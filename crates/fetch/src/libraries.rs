@@ -16,10 +16,15 @@
 //! layers), and fetches, for every library at once, the parts the loader
 //! touches first: the headers and read-only metadata segment, the writable
 //! (relocated) segments and the dynamic section, or the whole file when it is
-//! small. Each library is then examined the same way, so a dependency tree is
-//! fetched in as many round trips as it is deep, not as it has libraries. The
-//! program interpreter (`PT_INTERP`, the loader itself) is fetched the same
-//! way.
+//! small, the writable segments in a request of their own (the loader
+//! relocates them before any code runs). Each library is then examined the
+//! same way, so a dependency tree is fetched in as many round trips as it is
+//! deep, not as it has libraries. The names of the libraries are taken from
+//! the start of the file when its dynamic string table is there (most
+//! programs'), so the next level does not wait for the dynamic section, a
+//! round trip later; the dynamic section then confirms them and adds the
+//! rest. The program interpreter (`PT_INTERP`, the loader itself) is fetched
+//! the same way.
 //!
 //! The image's own start command is known before it runs: when the image's
 //! top layer is mounted, the daemon hands the config's Entrypoint and Cmd to
@@ -82,6 +87,14 @@ pub const MAX_DEPTH: u32 = 8;
 
 /// Bytes read at the head of a library before its program headers are known.
 const HEAD_BYTES: u64 = 4096;
+
+/// Bytes at the start of an ELF file looked at for library names before
+/// its dynamic section is read ([`LibraryStack::early_needed`]): the
+/// dynamic string table of most programs lies there.
+const EARLY_NAMES_BYTES: u64 = 128 << 10;
+
+/// Library names taken from one file's start, at most.
+const MAX_EARLY_NAMES: usize = 64;
 
 /// Largest program-header table read (a real one is under 1 KiB).
 const MAX_HEADERS_BYTES: u64 = 64 << 10;
@@ -1053,6 +1066,28 @@ impl LibraryStack {
             return Ok(());
         }
 
+        // The libraries its string table names, when the start of the file
+        // in hand holds it: examined now, a round trip before the dynamic
+        // section says which they are.
+        for name in self.early_needed(&fetcher, id).await {
+            let Some(lib) = standard_dirs(&elf)
+                .iter()
+                .find_map(|d| self.resolve(&format!("{d}/{name}")))
+            else {
+                continue;
+            };
+            let Some(layer) = self.layers.get(lib.0) else {
+                continue;
+            };
+            if !self.shared.first_time(layer.digest, lib.1) {
+                continue;
+            }
+            if let Some(f) = self.fetcher(lib.0) {
+                let this = Arc::clone(self);
+                f.spawn(this.examine(lib, None, depth + 1));
+            }
+        }
+
         // The libraries it needs, looked up like the loader does.
         let libraries = self.needed(&fetcher, id, &elf).await;
         let origin = format!("/{}", path.rsplit_once('/').map_or("", |(d, _)| d));
@@ -1100,14 +1135,16 @@ impl LibraryStack {
 
     /// The first bytes of file `id`, fetched together with what the loader
     /// reads next if it is a program: the whole file when it is small, else
-    /// its end (the writable segment and dynamic section, in most binaries).
+    /// its start (the headers and, in most binaries, the dynamic string
+    /// table: [`LibraryStack::early_needed`]) and its end (the writable
+    /// segment and dynamic section, in most binaries).
     async fn head(&self, fetcher: &Arc<Fetcher>, id: EntryId) -> Result<Bytes, &'static str> {
         let size = fetcher.index().entry(id).size();
         let first = if compressed_size(fetcher, id) <= WHOLE_FILE_BYTES {
             vec![(id, 0..size)]
         } else {
             vec![
-                (id, 0..HEAD_BYTES.min(size)),
+                (id, 0..EARLY_NAMES_BYTES.min(size)),
                 (id, size.saturating_sub(PROGRAM_TAIL_BYTES)..size),
             ]
         };
@@ -1332,6 +1369,27 @@ impl LibraryStack {
             out.search_path = name(off).await;
         }
         out
+    }
+
+    /// The shared library names (`libm.so.6`) in the start of ELF file `id`
+    /// already cached, up to [`EARLY_NAMES_BYTES`]: there lies the dynamic
+    /// string table of most programs, whose library names are those the
+    /// dynamic section needs (and the file's own soname, examined already).
+    /// Found before the dynamic section is read, which lies in the writable
+    /// segment near the end of the file, a round trip later.
+    async fn early_needed(&self, fetcher: &Arc<Fetcher>, id: EntryId) -> Vec<String> {
+        let size = fetcher.index().entry(id).size();
+        let mut len = EARLY_NAMES_BYTES.min(size);
+        let head = loop {
+            if len < HEAD_BYTES {
+                return Vec::new();
+            }
+            if let Some(b) = fetcher.read_cached(id, 0, len as u32).await {
+                break b;
+            }
+            len /= 2;
+        };
+        library_names(&head)
     }
 
     /// Bytes `range` of file `id`, fetched (as a start-up prefetch) if needed.
@@ -1780,6 +1838,39 @@ pub(crate) fn loader_parts(
     parts
 }
 
+/// The distinct shared library file names (`lib*.so*`, `ld-*.so*`) among
+/// the NUL-terminated strings of `bytes`, at most [`MAX_EARLY_NAMES`].
+fn library_names(bytes: &[u8]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for s in bytes.split(|&b| b == 0) {
+        if names.len() >= MAX_EARLY_NAMES {
+            break;
+        }
+        if !(s.starts_with(b"lib") || s.starts_with(b"ld-")) || s.len() > 64 {
+            continue;
+        }
+        let Ok(name) = std::str::from_utf8(s) else {
+            continue;
+        };
+        let Some((stem, version)) = name.split_once(".so") else {
+            continue;
+        };
+        let plausible = stem.len() > 3
+            && stem
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_+-.".contains(&b))
+            && (version.is_empty()
+                || (version.starts_with('.')
+                    && version[1..]
+                        .split('.')
+                        .all(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))));
+        if plausible && !names.iter().any(|n| n == name) {
+            names.push(name.to_owned());
+        }
+    }
+    names
+}
+
 /// Splits the loader's `parts` of an ELF file into those of its writable
 /// segments (the dynamic section is in one) and the rest, to be fetched in
 /// requests of their own. The loader relocates the writable segments (and
@@ -1798,6 +1889,30 @@ fn writable_apart(elf: &ElfFile, parts: Vec<Range<u64>>) -> (Vec<Range<u64>>, Ve
 mod tests {
     use super::*;
     use zest_format::elf::Segment;
+
+    #[test]
+    fn library_names_are_taken_from_a_string_table() {
+        let table = b"\0libm.so.6\0libz.so.1\0__gmon_start__\0libc.so.6\0GLIBC_2.2.5\0\
+            ld-linux-x86-64.so.2\0libfoo.so\0libc.so.6\0liberty.sort\0lib.so.1\0\
+            libx.so.1a\0libbar.so.\0/usr/lib/libabs.so.1\0libpython3.11.so.1.0\0";
+        assert_eq!(
+            library_names(table),
+            [
+                "libm.so.6",
+                "libz.so.1",
+                "libc.so.6",
+                "ld-linux-x86-64.so.2",
+                "libfoo.so",
+                "libpython3.11.so.1.0"
+            ]
+        );
+        // Bounded however many a hostile file holds.
+        let many: Vec<u8> = (0..1000)
+            .flat_map(|i| format!("lib{i}.so\0").into_bytes())
+            .collect();
+        assert_eq!(library_names(&many).len(), MAX_EARLY_NAMES);
+        assert!(library_names(&[0xff; 100]).is_empty());
+    }
 
     #[test]
     fn writable_segments_are_fetched_apart_from_the_code_before_them() {

@@ -1537,6 +1537,77 @@ async fn a_program_read_from_its_start_fetches_its_libraries_from_the_layers_bel
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_programs_libraries_are_examined_before_its_dynamic_section_arrives() {
+    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+    use zest_format::elf::ElfFile;
+
+    let HostProgram {
+        prog,
+        libc,
+        triplet,
+        ..
+    } = host_program();
+    let libc_name = format!("usr/lib/{triplet}/libc.so.6");
+    let (lower, _) = fetcher_for(
+        &[TestFile {
+            name: &libc_name,
+            data: &libc,
+            chunk: 64 << 10,
+        }],
+        FetchConfig::default(),
+    );
+    let (upper, upper_src) = fetcher_for(
+        &[TestFile {
+            name: "usr/bin/prog",
+            data: &prog,
+            chunk: 16 << 10,
+        }],
+        FetchConfig::default(),
+    );
+    // Everything of the program from its dynamic section on takes seconds.
+    let elf = ElfFile::parse(&prog[..ElfFile::headers_end(&prog).unwrap() as usize]).unwrap();
+    let dynamic = elf
+        .dynamic
+        .clone()
+        .expect("a dynamically linked test binary");
+    let prog_id = id_of(&upper, "usr/bin/prog");
+    let slow_from = upper.index().chunk_range_for(prog_id, dynamic.start, 1)[0]
+        .compressed_range()
+        .start;
+    assert!(slow_from > 0);
+    upper_src.slow_from.store(slow_from, Ordering::SeqCst);
+    upper_src.slow_ms.store(3000, Ordering::SeqCst);
+    let shared = LibraryPrefetch::new(64 << 20);
+    let stack = LibraryStack::new(
+        Arc::clone(&shared),
+        vec![
+            StackLayer {
+                digest: Digest::of(b"upper"),
+                fetcher: Arc::downgrade(&upper),
+            },
+            StackLayer {
+                digest: Digest::of(b"lower"),
+                fetcher: Arc::downgrade(&lower),
+            },
+        ],
+    );
+    let head = upper.read(prog_id, 0, 4096).await.unwrap();
+    // The start of the program (its read-ahead) is in.
+    wait_until(|| upper.has_cached(prog_id, 0, 128 << 10)).await;
+    assert!(upper.has_cached(prog_id, 0, 128 << 10));
+    let started = std::time::Instant::now();
+    stack.file_start(prog_id, &head);
+    let libc_id = id_of(&lower, &libc_name);
+    wait_until(|| lower.has_cached(libc_id, 0, 64)).await;
+    assert!(
+        lower.has_cached(libc_id, 0, 64) && started.elapsed() < Duration::from_secs(2),
+        "the C library examined from the program's string table, not after its \
+         dynamic section ({:?})",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn library_prefetch_stays_within_its_budget() {
     use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
     let prog = std::fs::read(std::env::current_exe().unwrap()).unwrap();
