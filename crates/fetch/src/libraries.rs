@@ -1076,16 +1076,7 @@ impl LibraryStack {
             else {
                 continue;
             };
-            let Some(layer) = self.layers.get(lib.0) else {
-                continue;
-            };
-            if !self.shared.first_time(layer.digest, lib.1) {
-                continue;
-            }
-            if let Some(f) = self.fetcher(lib.0) {
-                let this = Arc::clone(self);
-                f.spawn(this.examine(lib, None, depth + 1));
-            }
+            self.examine_library(lib, depth + 1);
         }
 
         // The libraries it needs, looked up like the loader does.
@@ -1118,19 +1109,25 @@ impl LibraryStack {
             };
             found += 1;
             self.shared.libraries.fetch_add(1, Ordering::Relaxed);
-            let Some(layer) = self.layers.get(lib.0) else {
-                continue;
-            };
-            if !self.shared.first_time(layer.digest, lib.1) {
-                continue;
-            }
-            if let Some(f) = self.fetcher(lib.0) {
-                let this = Arc::clone(self);
-                f.spawn(this.examine(lib, None, depth + 1));
-            }
+            self.examine_library(lib, depth + 1);
         }
         tracing::debug!(file = %path, depth, wanted, found, code_budget, "ELF file examined");
         Ok(())
+    }
+
+    /// Examines library `lib` (at `depth` of the tree) in a task of its own,
+    /// unless it was examined already.
+    fn examine_library(self: &Arc<Self>, lib: Found, depth: u32) {
+        let Some(layer) = self.layers.get(lib.0) else {
+            return;
+        };
+        if !self.shared.first_time(layer.digest, lib.1) {
+            return;
+        }
+        if let Some(f) = self.fetcher(lib.0) {
+            let this = Arc::clone(self);
+            f.spawn(this.examine(lib, None, depth));
+        }
     }
 
     /// The first bytes of file `id`, fetched together with what the loader

@@ -176,6 +176,24 @@ fn single_layer_stack(
     )
 }
 
+/// A stack of two layers, `upper` over `lower`.
+fn two_layer_stack(
+    shared: &Arc<crate::libraries::LibraryPrefetch>,
+    upper: &Arc<Fetcher>,
+    lower: &Arc<Fetcher>,
+) -> Arc<crate::libraries::LibraryStack> {
+    crate::libraries::LibraryStack::new(
+        Arc::clone(shared),
+        [(b"upper", upper), (b"lower", lower)]
+            .into_iter()
+            .map(|(name, f)| crate::libraries::StackLayer {
+                digest: Digest::of(name),
+                fetcher: Arc::downgrade(f),
+            })
+            .collect(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_verified_bytes_and_merges_chunks() {
     let a = pattern(10_000, 1);
@@ -1413,7 +1431,7 @@ fn host_program() -> HostProgram {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_program_read_from_its_start_fetches_its_libraries_from_the_layers_below() {
-    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+    use crate::libraries::LibraryPrefetch;
     use zest_format::elf::ElfFile;
 
     let HostProgram {
@@ -1463,19 +1481,7 @@ async fn a_program_read_from_its_start_fetches_its_libraries_from_the_layers_bel
         FetchConfig::default(),
     );
     let shared = LibraryPrefetch::new(64 << 20);
-    let stack = LibraryStack::new(
-        Arc::clone(&shared),
-        vec![
-            StackLayer {
-                digest: Digest::of(b"upper"),
-                fetcher: Arc::downgrade(&upper),
-            },
-            StackLayer {
-                digest: Digest::of(b"lower"),
-                fetcher: Arc::downgrade(&lower),
-            },
-        ],
-    );
+    let stack = two_layer_stack(&shared, &upper, &lower);
     let prog_id = id_of(&upper, "usr/bin/prog");
     let head = upper.read(prog_id, 0, 4096).await.unwrap();
     stack.file_start(prog_id, &head);
@@ -1538,7 +1544,7 @@ async fn a_program_read_from_its_start_fetches_its_libraries_from_the_layers_bel
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_programs_libraries_are_examined_before_its_dynamic_section_arrives() {
-    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+    use crate::libraries::LibraryPrefetch;
     use zest_format::elf::ElfFile;
 
     let HostProgram {
@@ -1578,19 +1584,7 @@ async fn a_programs_libraries_are_examined_before_its_dynamic_section_arrives() 
     upper_src.slow_from.store(slow_from, Ordering::SeqCst);
     upper_src.slow_ms.store(3000, Ordering::SeqCst);
     let shared = LibraryPrefetch::new(64 << 20);
-    let stack = LibraryStack::new(
-        Arc::clone(&shared),
-        vec![
-            StackLayer {
-                digest: Digest::of(b"upper"),
-                fetcher: Arc::downgrade(&upper),
-            },
-            StackLayer {
-                digest: Digest::of(b"lower"),
-                fetcher: Arc::downgrade(&lower),
-            },
-        ],
-    );
+    let stack = two_layer_stack(&shared, &upper, &lower);
     let head = upper.read(prog_id, 0, 4096).await.unwrap();
     // The start of the program (its read-ahead) is in.
     wait_until(|| upper.has_cached(prog_id, 0, 128 << 10)).await;
@@ -1609,7 +1603,7 @@ async fn a_programs_libraries_are_examined_before_its_dynamic_section_arrives() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn library_prefetch_stays_within_its_budget() {
-    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer};
+    use crate::libraries::LibraryPrefetch;
     let prog = std::fs::read(std::env::current_exe().unwrap()).unwrap();
     let (f, src) = fetcher_for(
         &[TestFile {
@@ -1619,13 +1613,7 @@ async fn library_prefetch_stays_within_its_budget() {
         }],
         FetchConfig::default(),
     );
-    let stack = LibraryStack::new(
-        LibraryPrefetch::new(1),
-        vec![StackLayer {
-            digest: Digest::of(b"l"),
-            fetcher: Arc::downgrade(&f),
-        }],
-    );
+    let stack = single_layer_stack(&LibraryPrefetch::new(1), b"l", &f);
     let id = id_of(&f, "usr/bin/prog");
     let head = f.read(id, 0, 4096).await.unwrap();
     let before = src.requests.load(Ordering::SeqCst);
@@ -1642,7 +1630,7 @@ async fn library_prefetch_stays_within_its_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_start_command_is_prefetched_through_its_script_before_it_runs() {
-    use crate::libraries::{LibraryPrefetch, LibraryStack, StackLayer, StartCommand};
+    use crate::libraries::{LibraryPrefetch, StartCommand};
 
     let HostProgram {
         prog,
@@ -1701,19 +1689,7 @@ async fn the_start_command_is_prefetched_through_its_script_before_it_runs() {
         FetchConfig::default(),
     );
     let shared = LibraryPrefetch::new(64 << 20);
-    let stack = LibraryStack::new(
-        Arc::clone(&shared),
-        vec![
-            StackLayer {
-                digest: Digest::of(b"upper"),
-                fetcher: Arc::downgrade(&upper),
-            },
-            StackLayer {
-                digest: Digest::of(b"lower"),
-                fetcher: Arc::downgrade(&lower),
-            },
-        ],
-    );
+    let stack = two_layer_stack(&shared, &upper, &lower);
     stack.prefetch_start(StartCommand {
         argv: vec!["./start.sh".into(), "serve".into()],
         path: "/nowhere:/usr/bin".into(),
