@@ -44,8 +44,8 @@
 //! ([`walk`]), as guesses that stand down where a start-up profile guides the
 //! layer; a start script that imports many modules of one directory, or a
 //! small package, has the rest of it fetched in one stream
-//! (`fetch_module_dirs`). So are the data files a starting program names in its read-only
-//! data ([`named`]).
+//! (`fetch_module_dirs`). So are the data files a starting program names in
+//! its read-only data ([`named`]).
 //!
 //! Invariants: this is advice, never on a read's path: it runs in tasks of the
 //! fetcher's runtime, and every byte it causes to be fetched is verified like
@@ -1068,7 +1068,10 @@ impl LibraryStack {
 
         // The libraries its string table names, when the start of the file
         // in hand holds it: examined now, a round trip before the dynamic
-        // section says which they are.
+        // section says which they are. Looked up in the standard directories
+        // only (the run path is in the dynamic section): a library the run
+        // path finds elsewhere is examined again below, one fetched for
+        // nothing at worst.
         for name in self.early_needed(&fetcher, id).await {
             let Some(lib) = standard_dirs(&elf)
                 .iter()
