@@ -206,13 +206,21 @@ const DIR_MODULES_NAMED: usize = 8;
 /// last.
 const MAX_DIR_FETCHES: usize = 2;
 
-/// What a module directory's fetch may take before the link is measured.
+/// What a module directory's fetch may take at least, however slow (or
+/// unmeasured) the link.
 const MIN_MODULE_DIR_BYTES: u64 = 1 << 20;
 
 /// What a package's fetch, when a start script's walk names its
-/// `__init__`, may take before the link is measured (then: one
-/// bandwidth-delay product).
+/// `__init__`, may take at least (else: one bandwidth-delay product).
 const MIN_PACKAGE_BYTES: u64 = 256 << 10;
+
+/// What a start script's walk knows of one directory: modules named so far,
+/// and whether the directory was fetched whole.
+#[derive(Default)]
+struct DirNamed {
+    count: usize,
+    fetched: bool,
+}
 
 /// Bytes of a Python module scanned for its imports.
 const PYTHON_SCAN_BYTES: u64 = 256 << 10;
@@ -633,7 +641,7 @@ impl LibraryStack {
             files: &self.shared.python_modules,
         };
         // Modules a start script's walk named per directory.
-        let mut per_dir: HashMap<(usize, EntryId), usize> = HashMap::new();
+        let mut per_dir: HashMap<(usize, EntryId), DirNamed> = HashMap::new();
         let walked = self
             .walk(
                 ((kind, context, script), data),
@@ -686,7 +694,7 @@ impl LibraryStack {
     /// (every Python start) stay as named.
     fn fetch_module_dirs(
         self: &Arc<Self>,
-        per_dir: &mut HashMap<(usize, EntryId), usize>,
+        per_dir: &mut HashMap<(usize, EntryId), DirNamed>,
         named: &[(Found, Option<ModuleWalked>)],
     ) {
         let mut batches: Vec<(usize, Arc<Fetcher>, Vec<FilePart>)> = Vec::new();
@@ -700,15 +708,18 @@ impl LibraryStack {
             if per_dir.len() >= MAX_PYTHON_DIRS && !per_dir.contains_key(&(pos, dir)) {
                 continue;
             }
-            let count = per_dir.entry((pos, dir)).or_insert(0);
-            *count += 1;
+            let known = per_dir.entry((pos, dir)).or_default();
+            known.count += 1;
+            if known.fetched {
+                continue;
+            }
             // A package's `__init__` names its submodules in turn; a small
             // package is fetched whole at once.
             let package = entry.name().starts_with(b"__init__.");
             let link = fetcher.limits.estimate();
-            let budget = if *count == DIR_MODULES_NAMED {
+            let budget = if known.count == DIR_MODULES_NAMED {
                 code_budget(link).max(MIN_MODULE_DIR_BYTES)
-            } else if package && *count == 1 {
+            } else if package {
                 link.map_or(0, |l| l.link_bdp()).max(MIN_PACKAGE_BYTES)
             } else {
                 continue;
@@ -739,10 +750,12 @@ impl LibraryStack {
                 taken += size;
                 parts.push((child.id, 0..e.size()));
             }
-            // A large package is imported in part: left to the walk.
-            if over && *count == 1 {
+            // A large package is imported in part: left to the walk (until
+            // eight of its modules are named).
+            if over && known.count < DIR_MODULES_NAMED {
                 continue;
             }
+            known.fetched = true;
             if parts.is_empty() {
                 continue;
             }
