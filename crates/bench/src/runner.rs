@@ -832,7 +832,8 @@ impl Node {
                 .stdin(Stdio::null())
                 .kill_on_drop(true);
             if log {
-                cmd.arg("--log").arg("info,zest_containerd=debug");
+                cmd.arg("--log")
+                    .arg("info,zest_containerd=debug,zest_registry=trace");
             }
             cmd
         };

@@ -295,6 +295,7 @@ pub async fn pull(
     options: &PullOptions,
     progress: Arc<dyn PullProgress>,
 ) -> Result<PullReport, PullError> {
+    tracing::debug!(reference = %reference, "pull started");
     // Connections for the config and TOC requests that follow the manifest,
     // opened while it comes (each would otherwise wait for a handshake then).
     {

@@ -763,6 +763,7 @@ impl RegistryClient {
             self.inner.stats.request(req.kind);
             // Sending a body takes time of its own: allow it at least 1 MiB/s.
             let timeout = req.timeout + Duration::from_secs(req.body.len() >> 20);
+            let sent = std::time::Instant::now();
             let resp = match tokio::time::timeout(timeout, rb.send()).await {
                 Err(_) => return Err(Failure::Transient(req.ctx.timeout(timeout), None)),
                 Ok(Err(e)) if e.is_timeout() => {
@@ -775,6 +776,7 @@ impl RegistryClient {
                 Ok(Ok(r)) => r,
             };
             let status = resp.status().as_u16();
+            tracing::trace!(method = %req.method, kind = ?req.kind, status, ms = sent.elapsed().as_millis() as u64, "registry answered");
             if status == 401 && !reauthenticated {
                 reauthenticated = true;
                 if self
