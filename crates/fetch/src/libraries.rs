@@ -74,6 +74,7 @@ use zest_format::python::{self, ImportContext, ModuleFile};
 
 mod includes;
 mod named;
+pub mod process;
 mod walk;
 use walk::Guess;
 use zest_format::{Chunk, EntryId, EntryKind};
@@ -375,6 +376,9 @@ pub struct LibraryPrefetch {
     bytes: AtomicU64,
     python_modules: AtomicU64,
     headers: AtomicU64,
+    /// The stacks of the mounted layers, by mount directory.
+    pub mounts: process::MountStacks,
+    processes: process::ProcessWatch,
 }
 
 /// Counters of a [`LibraryPrefetch`].
@@ -414,6 +418,7 @@ pub struct LibraryStack {
     named_spent: AtomicU64,
     search_path: std::sync::OnceLock<includes::SearchPath>,
     names: tokio::sync::OnceCell<Arc<named::NameIndex>>,
+    handled: process::Handled,
 }
 
 impl LibraryPrefetch {
@@ -428,6 +433,8 @@ impl LibraryPrefetch {
             bytes: AtomicU64::new(0),
             python_modules: AtomicU64::new(0),
             headers: AtomicU64::new(0),
+            mounts: process::MountStacks::default(),
+            processes: process::ProcessWatch::default(),
         })
     }
 
@@ -486,6 +493,7 @@ impl LibraryStack {
             named_spent: AtomicU64::new(0),
             search_path: std::sync::OnceLock::new(),
             names: tokio::sync::OnceCell::new(),
+            handled: process::Handled::default(),
         })
     }
 
@@ -1173,6 +1181,8 @@ impl LibraryStack {
         let Some(top) = self.fetcher(0) else {
             return;
         };
+        // A process running this command later needs no prefetch of its own.
+        self.handled.first_time(&command.argv);
         let files = start_files(&command.env)
             .into_iter()
             .filter_map(|path| self.resolve(&path))

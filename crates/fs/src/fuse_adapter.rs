@@ -474,8 +474,9 @@ impl Filesystem for FuseLayer {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.fs.count_request(RequestKind::Lookup);
+        self.fs.saw_process(req.pid());
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&self.fs.entry_ttl(), &file_attr(&a), Generation(0)),
             // A layer never changes: a name that is absent stays absent, so the
@@ -587,7 +588,7 @@ impl Filesystem for FuseLayer {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -596,6 +597,7 @@ impl Filesystem for FuseLayer {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.fs.saw_process(req.pid());
         self.fs.read(ino.0, offset, size, reply);
     }
 

@@ -694,6 +694,16 @@ impl LayerFs {
         }
     }
 
+    /// A request of process `pid` came (the kernel's ID of the process, in
+    /// the pid namespace of whoever mounted the layer): with library
+    /// prefetch, the command a container's process runs is prefetched like
+    /// the image's own start command ([`LibraryStack::process_seen`]).
+    pub fn saw_process(&self, pid: u32) {
+        if let Some(l) = &self.options.libraries {
+            l.process_seen(pid);
+        }
+    }
+
     /// Reads `size` bytes at `offset` of file `ino` and answers `reply`: at once
     /// when every chunk is in the memory cache, otherwise from a task on the
     /// fetcher's runtime, so the calling (FUSE worker) thread never waits for

@@ -1,5 +1,7 @@
 //! The mount system calls and the mount table: the only code of zest that calls
-//! `mount(2)` or `umount2(2)` or reads `/proc/self/mountinfo`.
+//! `mount(2)` or `umount2(2)` or reads a mount table (`/proc/self/mountinfo`,
+//! and a container process's, for the top layer of its root:
+//! [`root_overlay_top_layer`]).
 //!
 //! Every function takes typed arguments (paths, [`MountFlags`], an [`Overlay`]
 //! description), converts them to C strings itself and reports failures as
@@ -483,6 +485,67 @@ fn parse_mountinfo_line(line: &[u8]) -> Option<MountEntry> {
     })
 }
 
+/// Bytes of another process's mount table read (a container has a few
+/// dozen mounts).
+const MAX_PROCESS_MOUNTINFO: u64 = 256 << 10;
+
+/// The first lower directory of the overlay that is process `pid`'s root,
+/// from its mount table (`/proc/PID/mountinfo`): the top image layer of a
+/// container's root file system, as the overlay was given it (absolute, or
+/// relative where containerd shortened long options). `None` when the
+/// process is gone or its root is not an overlay. Blocking (the read can
+/// wait for the process's mount namespace); bounded.
+pub fn root_overlay_top_layer(pid: u32) -> Option<PathBuf> {
+    use std::io::Read;
+    let mut table = Vec::new();
+    fs::File::open(format!("/proc/{pid}/mountinfo"))
+        .ok()?
+        .take(MAX_PROCESS_MOUNTINFO)
+        .read_to_end(&mut table)
+        .ok()?;
+    overlay_top_layer(&table)
+}
+
+/// [`root_overlay_top_layer`] of mount table `table`: the last mount on `/`
+/// (the one on top), when it is an overlay, its `lowerdir` (or the new mount
+/// API's first `lowerdir+`) up to the first colon overlayfs did not escape.
+fn overlay_top_layer(table: &[u8]) -> Option<PathBuf> {
+    let line = table
+        .split(|&b| b == b'\n')
+        .rfind(|l| l.split(|&b| b == b' ').nth(4) == Some(b"/"))?;
+    let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+    let separator = fields.iter().position(|f| *f == b"-")?;
+    if *fields.get(separator + 1)? != b"overlay" {
+        return None;
+    }
+    let lower = fields
+        .get(separator + 3)?
+        .split(|&b| b == b',')
+        .find_map(|o| {
+            o.strip_prefix(b"lowerdir=")
+                .or_else(|| o.strip_prefix(b"lowerdir+="))
+        })?;
+    // Up to the first colon not escaped by a backslash (`\:` is overlayfs's
+    // escape of a colon in a path).
+    let mut first = Vec::new();
+    let mut bytes = lower.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'\\' => {
+                let &next = bytes.next()?;
+                if next != b':' {
+                    first.push(b);
+                }
+                first.push(next);
+            }
+            b':' => break,
+            b => first.push(b),
+        }
+    }
+    let dir = unescape_mountinfo(&first);
+    (!dir.as_os_str().is_empty()).then_some(dir)
+}
+
 /// Every mount point of this process's mount namespace, in table order.
 fn mount_points() -> Result<Vec<PathBuf>, SysError> {
     Ok(mount_table()?.into_iter().map(|m| m.mount_point).collect())
@@ -632,6 +695,57 @@ mod tests {
         );
         assert_eq!(parse_mountinfo_line(b"36 35 98:0 / /x rw"), None);
         assert_eq!(parse_mountinfo_line(b""), None);
+    }
+
+    #[test]
+    fn the_root_overlays_first_lower_directory_is_found() {
+        let table = b"\
+1 0 0:5 / / rw - ext4 /dev/vda1 rw
+600 550 0:77 / / rw,relatime - overlay overlay rw,lowerdir=/var/lib/zest/snapshots/9/fs:/var/lib/zest/snapshots/8/fs,upperdir=/u,workdir=/w
+601 600 0:78 / /proc rw - proc proc rw
+";
+        assert_eq!(
+            overlay_top_layer(table),
+            Some(PathBuf::from("/var/lib/zest/snapshots/9/fs"))
+        );
+        // Escapes in the path (octal, an escaped colon), a relative
+        // directory, the new mount API's form.
+        let escaped = br"7 1 0:9 / / rw - overlay overlay rw,lowerdir=/a\040b\:c:/d,upperdir=/u";
+        assert_eq!(overlay_top_layer(escaped), Some(PathBuf::from("/a b:c")));
+        let relative = b"7 1 0:9 / / rw - overlay overlay rw,lowerdir=12/fs:11/fs\n";
+        assert_eq!(overlay_top_layer(relative), Some(PathBuf::from("12/fs")));
+        let plus = b"7 1 0:9 / / rw - overlay overlay rw,lowerdir+=/x,lowerdir+=/y\n";
+        assert_eq!(overlay_top_layer(plus), Some(PathBuf::from("/x")));
+        // Not an overlay, not on the root, garbage: nothing.
+        assert_eq!(
+            overlay_top_layer(b"1 0 0:5 / / rw - ext4 /dev/vda1 rw\n"),
+            None
+        );
+        assert_eq!(
+            overlay_top_layer(b"1 0 0:5 / /mnt rw - overlay o lowerdir=/x\n"),
+            None
+        );
+        assert_eq!(overlay_top_layer(b"/ / / / / /"), None);
+        assert_eq!(overlay_top_layer(b""), None);
+        assert_eq!(
+            overlay_top_layer(b"1 0 0:5 / / rw - overlay o lowerdir=\n"),
+            None
+        );
+        assert_eq!(
+            overlay_top_layer(br"1 0 0:5 / / rw - overlay o lowerdir=\"),
+            None
+        );
+        assert_eq!(overlay_top_layer(b"1 0 0:5 / / rw - overlay o\n"), None);
+    }
+
+    #[test]
+    fn a_process_whose_root_is_no_overlay_has_no_top_layer() {
+        // This test's root is not an overlay of layers, and no process has
+        // the largest ID.
+        if mount_type(Path::new("/")).ok().flatten().as_deref() != Some("overlay") {
+            assert_eq!(root_overlay_top_layer(std::process::id()), None);
+        }
+        assert_eq!(root_overlay_top_layer(u32::MAX), None);
     }
 
     #[test]

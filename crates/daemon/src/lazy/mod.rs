@@ -852,7 +852,10 @@ impl RemoteLayerProvider for LazyLayerProvider {
             None => None,
         };
         let libraries = inner.library_stack(manifest, layer_digest, &lease);
-        if let Some(stack) = &libraries {
+        if let (Some(stack), Some(shared)) = (&libraries, &inner.libraries) {
+            // A container's process is prefetched with the stack of its
+            // root's top layer, found by this directory.
+            shared.mounts.insert(target_dir, stack);
             // The image's top layer: its rootfs is complete, the container
             // (usually running the image's own command) comes next.
             if manifest.layers.last().map(|l| l.digest) == Some(layer_digest) {
