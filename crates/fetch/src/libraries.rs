@@ -34,8 +34,10 @@
 //! fetches the few files nearly every start reads before the program's own
 //! (the runtime's user and group lookup, the loader's cache, and what the C
 //! library reads for the locale and time zone the config's environment names:
-//! each a blocking round trip otherwise, one after another). A container
-//! started with another command costs only those few fetches.
+//! each a blocking round trip otherwise, one after another). The command a
+//! container's process actually runs (another than the image's, or one a
+//! start script runs) is prefetched the same way when the process first
+//! asks a layer for something ([`process`]).
 //!
 //! Interpreters and compilers read files whose names come from other files the
 //! same way: Python modules ([`LibraryStack::file_start`] on a `.py` or `.pyc`
