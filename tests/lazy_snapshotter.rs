@@ -25,7 +25,7 @@ use support::containerd::{
     require_tools, unmount, wait_for, Containerd, ContainerdVersion, KillMentioningOnDrop,
     TestCache, TestDir, TestResult, ZestService,
 };
-use support::image::{build_image, busybox_layer_tar, data_layer_tar, gzip};
+use support::image::{build_image, busybox_layer_tar, data_layer_tar, gzip, TarBuilder};
 use support::{Auth, Registry};
 use tonic::Code;
 use zest_api::labels::{
@@ -847,6 +847,81 @@ async fn the_start_command_is_fetched_while_the_image_is_unpacked() -> TestResul
     unmount(&rootfs)?;
     snapshots.remove("ctr-start").await?;
 
+    drop(containerd);
+    service.stop().await?;
+    Ok(())
+}
+
+/// A process in a container that runs another command than the image's (its
+/// Cmd is `/bin/sh`): its command is read from `/proc` when the process first
+/// reaches a layer, and the script it names is fetched before it reads it
+/// (this one never does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_containers_own_command_is_fetched_when_its_process_starts() -> TestResult {
+    if !require_containerd(ContainerdVersion::V1)
+        || !require_tools(&["docker-registry", "busybox", "fusermount3", "chroot"])
+    {
+        return Ok(());
+    }
+    let Some(busybox_tar) = busybox_layer_tar() else {
+        return Ok(());
+    };
+    let script = b"#!/bin/sh\necho run\n".to_vec();
+    let mut app = TarBuilder::new();
+    app.dir("app/", 0o755).file("app/run.sh", 0o755, &script);
+    let dir = TestDir::new()?;
+    let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
+    let client = registry.client();
+    let reference: Reference = format!("{}/zest/process:a", registry.host()).parse()?;
+    let a = convert_image(
+        &client,
+        dir.path(),
+        &reference,
+        vec![busybox_tar, app.finish()],
+    )
+    .await?;
+    let app_layer = a.layers[1].digest.to_string();
+
+    let state = dir.path().join("state");
+    let lazy = lazy_provider(&registry, &state, TestCache::Memory).await?;
+    let service = ZestService::start(dir.path(), lazy.clone()).await?;
+    let containerd =
+        Containerd::start_version(dir.path(), &service.socket, ContainerdVersion::V1).await?;
+    containerd
+        .ctr_ok(&["leases", "create", "--id", LEASE, "--expires", "0"])
+        .await?;
+    let mut snapshots = containerd_snapshots(&containerd).await?;
+    assert_eq!(unpack(&mut snapshots, &a).await?, vec![Unpacked::Remote; 2]);
+    let rootfs = container_rootfs(&mut snapshots, dir.path(), "ctr-process", &a.top()?).await?;
+    let gets_before = registry.range_gets(&app_layer);
+    assert_eq!(lazy.stats().library_prefetch.processes, 0);
+
+    // `chroot` gives the process a root of its own, as a container's.
+    let mut process = std::process::Command::new("chroot")
+        .arg(&rootfs)
+        .args(["/bin/sh", "-c", "sleep 30", "/app/run.sh"])
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let prefetched = wait_for(
+        "the process's command to be prefetched",
+        Duration::from_secs(20),
+        || {
+            let s = lazy.stats();
+            let gets = registry.range_gets(&app_layer);
+            async move { (s.library_prefetch.processes >= 1 && gets > gets_before).then_some(()) }
+        },
+    )
+    .await;
+    let _ = process.kill();
+    let _ = tokio::task::spawn_blocking(move || process.wait()).await?;
+    prefetched?;
+    // The script was fetched: reading it now waits for nothing.
+    let misses = lazy.stats().fetch.blocking_misses;
+    assert_eq!(read(rootfs.join("app/run.sh")).await?, script);
+    assert_eq!(lazy.stats().fetch.blocking_misses, misses);
+
+    unmount(&rootfs)?;
+    snapshots.remove("ctr-process").await?;
     drop(containerd);
     service.stop().await?;
     Ok(())

@@ -219,6 +219,11 @@ impl Metrics {
                 s.library_prefetch.headers,
             ),
             (
+                "zest_process_command_prefetches_total",
+                "Commands of processes in containers prefetched when they started (other than images' own start commands).",
+                s.library_prefetch.processes,
+            ),
+            (
                 "zest_manifest_fetches_total",
                 "Image manifests fetched for lazy mounts.",
                 s.manifest_fetches_total,

@@ -378,6 +378,7 @@ pub struct LibraryPrefetch {
     bytes: AtomicU64,
     python_modules: AtomicU64,
     headers: AtomicU64,
+    process_commands: AtomicU64,
     /// The stacks of the mounted layers, by mount directory.
     pub mounts: process::MountStacks,
     processes: process::ProcessWatch,
@@ -397,6 +398,10 @@ pub struct LibraryPrefetchStats {
     pub python_modules: u64,
     /// C and C++ headers fetched ahead of the compiler's read.
     pub headers: u64,
+    /// Commands of processes in containers prefetched when they started
+    /// (each command once per image; the image's own start command not
+    /// counted).
+    pub processes: u64,
 }
 
 /// One layer a stack looks in.
@@ -435,6 +440,7 @@ impl LibraryPrefetch {
             bytes: AtomicU64::new(0),
             python_modules: AtomicU64::new(0),
             headers: AtomicU64::new(0),
+            process_commands: AtomicU64::new(0),
             mounts: process::MountStacks::default(),
             processes: process::ProcessWatch::default(),
         })
@@ -448,6 +454,7 @@ impl LibraryPrefetch {
             bytes: self.bytes.load(Ordering::Relaxed),
             python_modules: self.python_modules.load(Ordering::Relaxed),
             headers: self.headers.load(Ordering::Relaxed),
+            processes: self.process_commands.load(Ordering::Relaxed),
         }
     }
 

@@ -219,6 +219,10 @@ impl LibraryStack {
             let found = look.await;
             drop(slot);
             if let Ok(Some((stack, command))) = found {
+                stack
+                    .shared
+                    .process_commands
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(pid, argv = ?command.argv, "prefetching what a container's process starts");
                 stack.prefetch_start(command);
             }
