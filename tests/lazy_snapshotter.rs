@@ -35,7 +35,7 @@ use zest_api::labels::{
 use zest_api::snapshots as pb;
 use zest_api::snapshots::snapshots_client::SnapshotsClient;
 use zest_api::types::Mount as PbMount;
-use zest_daemon::Metrics;
+use zest_daemon::{LazyLayerProvider, Metrics};
 use zest_format::WriteOptions;
 use zest_image::convert::{convert, ConvertOptions, NoProgress, PlatformChoice};
 use zest_oci::digest::Digest;
@@ -782,6 +782,48 @@ async fn lazy_pull(version: ContainerdVersion) -> TestResult {
     Ok(())
 }
 
+/// A registry holding a busybox image with `top` as its second layer
+/// (converted to zstd:chunked, named `zest/NAME`), a lazy layer provider with
+/// its state under `dir`, zest's snapshotter service and containerd (1.x) on
+/// it, and the image unpacked, every layer mounted from the registry. `None`
+/// without busybox (a loud skip outside CI).
+struct LazyNode {
+    registry: Registry,
+    image: Image,
+    lazy: Arc<LazyLayerProvider>,
+    service: ZestService,
+    containerd: Containerd,
+    snapshots: Snapshots,
+}
+
+async fn busybox_node(dir: &Path, name: &str, top: Vec<u8>) -> TestResult<Option<LazyNode>> {
+    let Some(busybox_tar) = busybox_layer_tar() else {
+        return Ok(None);
+    };
+    let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
+    let reference: Reference = format!("{}/zest/{name}", registry.host()).parse()?;
+    let image = convert_image(&registry.client(), dir, &reference, vec![busybox_tar, top]).await?;
+    let lazy = lazy_provider(&registry, &dir.join("state"), TestCache::Memory).await?;
+    let service = ZestService::start(dir, lazy.clone()).await?;
+    let containerd = Containerd::start_version(dir, &service.socket, ContainerdVersion::V1).await?;
+    containerd
+        .ctr_ok(&["leases", "create", "--id", LEASE, "--expires", "0"])
+        .await?;
+    let mut snapshots = containerd_snapshots(&containerd).await?;
+    assert_eq!(
+        unpack(&mut snapshots, &image).await?,
+        vec![Unpacked::Remote; 2]
+    );
+    Ok(Some(LazyNode {
+        registry,
+        image,
+        lazy,
+        service,
+        containerd,
+        snapshots,
+    }))
+}
+
 /// `zest serve` as a process: the configuration file wires the registry options,
 /// the cache and the metrics endpoint; a lazy layer serves reads; SIGTERM stops it
 /// and leaves the layer mounted (its connection kept by the fd holder), the next
@@ -796,33 +838,20 @@ async fn the_start_command_is_fetched_while_the_image_is_unpacked() -> TestResul
     {
         return Ok(());
     }
-    let Some(busybox_tar) = busybox_layer_tar() else {
-        return Ok(());
-    };
     let busybox_bin = std::fs::read("/usr/bin/busybox")?;
     let dir = TestDir::new()?;
-    let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
-    let client = registry.client();
-    let reference: Reference = format!("{}/zest/start:a", registry.host()).parse()?;
-    let a = convert_image(
-        &client,
-        dir.path(),
-        &reference,
-        vec![busybox_tar, data_layer_tar(1)],
-    )
-    .await?;
+    let Some(LazyNode {
+        registry,
+        image: a,
+        lazy,
+        service,
+        containerd,
+        mut snapshots,
+    }) = busybox_node(dir.path(), "start:a", data_layer_tar(1)).await?
+    else {
+        return Ok(());
+    };
     let base = a.layers[0].digest.to_string();
-
-    let state = dir.path().join("state");
-    let lazy = lazy_provider(&registry, &state, TestCache::Memory).await?;
-    let service = ZestService::start(dir.path(), lazy.clone()).await?;
-    let containerd =
-        Containerd::start_version(dir.path(), &service.socket, ContainerdVersion::V1).await?;
-    containerd
-        .ctr_ok(&["leases", "create", "--id", LEASE, "--expires", "0"])
-        .await?;
-    let mut snapshots = containerd_snapshots(&containerd).await?;
-    assert_eq!(unpack(&mut snapshots, &a).await?, vec![Unpacked::Remote; 2]);
     let gets_after_unpack = registry.range_gets(&base);
 
     wait_for(
@@ -863,36 +892,22 @@ async fn a_containers_own_command_is_fetched_when_its_process_starts() -> TestRe
     {
         return Ok(());
     }
-    let Some(busybox_tar) = busybox_layer_tar() else {
-        return Ok(());
-    };
     let script = b"#!/bin/sh\necho run\n".to_vec();
     let mut app = TarBuilder::new();
     app.dir("app/", 0o755).file("app/run.sh", 0o755, &script);
     let dir = TestDir::new()?;
-    let registry = tokio::task::spawn_blocking(|| Registry::start(Auth::None)).await?;
-    let client = registry.client();
-    let reference: Reference = format!("{}/zest/process:a", registry.host()).parse()?;
-    let a = convert_image(
-        &client,
+    let Some(mut node) = busybox_node(dir.path(), "process:a", app.finish()).await? else {
+        return Ok(());
+    };
+    let (registry, lazy) = (&node.registry, &node.lazy);
+    let app_layer = node.image.layers[1].digest.to_string();
+    let rootfs = container_rootfs(
+        &mut node.snapshots,
         dir.path(),
-        &reference,
-        vec![busybox_tar, app.finish()],
+        "ctr-process",
+        &node.image.top()?,
     )
     .await?;
-    let app_layer = a.layers[1].digest.to_string();
-
-    let state = dir.path().join("state");
-    let lazy = lazy_provider(&registry, &state, TestCache::Memory).await?;
-    let service = ZestService::start(dir.path(), lazy.clone()).await?;
-    let containerd =
-        Containerd::start_version(dir.path(), &service.socket, ContainerdVersion::V1).await?;
-    containerd
-        .ctr_ok(&["leases", "create", "--id", LEASE, "--expires", "0"])
-        .await?;
-    let mut snapshots = containerd_snapshots(&containerd).await?;
-    assert_eq!(unpack(&mut snapshots, &a).await?, vec![Unpacked::Remote; 2]);
-    let rootfs = container_rootfs(&mut snapshots, dir.path(), "ctr-process", &a.top()?).await?;
     let gets_before = registry.range_gets(&app_layer);
     assert_eq!(lazy.stats().library_prefetch.processes, 0);
 
@@ -921,9 +936,9 @@ async fn a_containers_own_command_is_fetched_when_its_process_starts() -> TestRe
     assert_eq!(lazy.stats().fetch.blocking_misses, misses);
 
     unmount(&rootfs)?;
-    snapshots.remove("ctr-process").await?;
-    drop(containerd);
-    service.stop().await?;
+    node.snapshots.remove("ctr-process").await?;
+    drop(node.containerd);
+    node.service.stop().await?;
     Ok(())
 }
 
