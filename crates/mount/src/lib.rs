@@ -467,21 +467,39 @@ fn mount_table() -> Result<Vec<MountEntry>, SysError> {
         .collect())
 }
 
-/// A mountinfo line (proc(5)): field 5 is the mount point; after the `-`
-/// separator come the type and the source.
-fn parse_mountinfo_line(line: &[u8]) -> Option<MountEntry> {
+/// The fields of a mountinfo line (proc(5)) zest reads, still escaped.
+struct MountinfoFields<'a> {
+    /// Field 5.
+    mount_point: &'a [u8],
+    /// The first field after the `-` separator.
+    fstype: &'a [u8],
+    /// The second; absent in some kernels' lines for some types.
+    source: Option<&'a [u8]>,
+    /// The third: the file system's own options.
+    super_options: Option<&'a [u8]>,
+}
+
+fn mountinfo_fields(line: &[u8]) -> Option<MountinfoFields<'_>> {
     let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-    let mount_point = unescape_mountinfo(fields.get(4)?);
     let separator = fields.iter().position(|f| *f == b"-")?;
-    let fstype = String::from_utf8_lossy(fields.get(separator + 1)?).into_owned();
-    let source = fields
-        .get(separator + 2)
-        .map(|s| unescape_mountinfo(s).to_string_lossy().into_owned())
-        .unwrap_or_default();
+    Some(MountinfoFields {
+        mount_point: fields.get(4)?,
+        fstype: fields.get(separator + 1)?,
+        source: fields.get(separator + 2).copied(),
+        super_options: fields.get(separator + 3).copied(),
+    })
+}
+
+/// A mountinfo line: where, what type, from which source.
+fn parse_mountinfo_line(line: &[u8]) -> Option<MountEntry> {
+    let f = mountinfo_fields(line)?;
     Some(MountEntry {
-        mount_point,
-        fstype,
-        source,
+        mount_point: unescape_mountinfo(f.mount_point),
+        fstype: String::from_utf8_lossy(f.fstype).into_owned(),
+        source: f
+            .source
+            .map(|s| unescape_mountinfo(s).to_string_lossy().into_owned())
+            .unwrap_or_default(),
     })
 }
 
@@ -510,21 +528,17 @@ pub fn root_overlay_top_layer(pid: u32) -> Option<PathBuf> {
 /// (the one on top), when it is an overlay, its `lowerdir` (or the new mount
 /// API's first `lowerdir+`) up to the first colon overlayfs did not escape.
 fn overlay_top_layer(table: &[u8]) -> Option<PathBuf> {
-    let line = table
+    let root = table
         .split(|&b| b == b'\n')
-        .rfind(|l| l.split(|&b| b == b' ').nth(4) == Some(b"/"))?;
-    let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-    let separator = fields.iter().position(|f| *f == b"-")?;
-    if *fields.get(separator + 1)? != b"overlay" {
+        .filter_map(mountinfo_fields)
+        .rfind(|f| f.mount_point == b"/")?;
+    if root.fstype != b"overlay" {
         return None;
     }
-    let lower = fields
-        .get(separator + 3)?
-        .split(|&b| b == b',')
-        .find_map(|o| {
-            o.strip_prefix(b"lowerdir=")
-                .or_else(|| o.strip_prefix(b"lowerdir+="))
-        })?;
+    let lower = root.super_options?.split(|&b| b == b',').find_map(|o| {
+        o.strip_prefix(b"lowerdir=")
+            .or_else(|| o.strip_prefix(b"lowerdir+="))
+    })?;
     // Up to the first colon not escaped by a backslash (`\:` is overlayfs's
     // escape of a colon in a path).
     let mut first = Vec::new();

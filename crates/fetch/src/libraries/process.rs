@@ -257,9 +257,11 @@ impl LibraryStack {
 /// when the process is gone, has none (a kernel thread, a zombie), or shares
 /// this process's root directory (it is not in a container).
 fn read_argv(dir: &Path) -> Option<Vec<String>> {
+    // The daemon's own root, looked at once.
+    static OWN_ROOT: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    let own = (*OWN_ROOT.get_or_init(|| std::fs::metadata("/").ok().map(|m| (m.dev(), m.ino()))))?;
     let root = std::fs::metadata(dir.join("root")).ok()?;
-    let own = std::fs::metadata("/").ok()?;
-    if (root.dev(), root.ino()) == (own.dev(), own.ino()) {
+    if (root.dev(), root.ino()) == own {
         return None;
     }
     let argv = nul_separated(&read_bounded(&dir.join("cmdline"), MAX_CMDLINE_BYTES)?);
